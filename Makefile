@@ -1,0 +1,23 @@
+# The two commands of the README. Both set up .venv themselves (idempotent).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test test-slow test-all compare
+
+setup:
+	@bash tools/setup_env.sh
+
+demo: setup
+	@bash examples/tiny_cpu/run_demo.sh
+
+test: setup
+	@$(PY) -m pytest -q -m "not slow and not slurm and not gpu"
+
+test-slow: setup
+	@$(PY) -m pytest -q -m "slow"
+
+test-all: setup
+	@$(PY) -m pytest -q -m "not gpu"
+
+compare: setup
+	@$(PY) examples/tiny_cpu/compare.py
