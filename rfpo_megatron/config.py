@@ -1,0 +1,403 @@
+"""Typed configuration: dataclass sections loaded from YAML with `key=value` overrides, validated with clear errors.
+
+Usage::
+
+    cfg = load_config("examples/tiny_cpu/config.yaml", ["algo.adv_estimator=grpo", "rfpo.enabled=false"])
+
+Names follow verl/slime where one exists (`adv_estimator`, `loss_agg_mode`, `clip_ratio_low/high/c`,
+`kl_loss_type`, `tensor_model_parallel_size`, `mem_fraction_static`). Every error a user can cause names
+the field, the bad value and what is allowed (with a "did you mean" hint for misspelt keys and choices).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration error (one line: field, bad value, fix)."""
+
+
+ADV_ESTIMATOR_NAMES = (
+    "grpo", "dr_grpo", "rloo", "reinforce", "reinforce_pp", "reinforce_pp_baseline",
+    "remax", "gae", "reinforce_rej", "raft",
+)
+POLICY_LOSS_NAMES = ("ppo", "gspo", "cispo", "gppo", "aspo", "ecpo", "bapo", "reinforce_loss", "raft_pp")
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+KL_TYPES = ("k1", "k2", "k3")
+FIX_VARIANTS = ("rewrite", "reward", "error_info", "reference")
+
+
+@dataclass
+class AlgoConfig:
+    """Advantage estimator, policy loss and add-ons (see docs/algorithms.md)."""
+
+    adv_estimator: str = "grpo"
+    policy_loss: str = "ppo"
+    norm_adv_by_std: bool = True
+    loss_agg_mode: str = "token-mean"
+    loss_agg_max_len: Optional[int] = None  # L_max for seq-mean-token-sum-norm (defaults to max_response_len)
+    clip_ratio_low: float = 0.2
+    clip_ratio_high: float = 0.2  # clip-higher (DAPO): e.g. 0.28
+    clip_ratio_c: Optional[float] = None  # dual-clip constant c > 1 (e.g. 3.0); None = off
+    entropy_coeff: float = 0.0
+    use_kl_loss: bool = False
+    kl_loss_coef: float = 0.001
+    kl_loss_type: str = "k3"
+    use_kl_in_reward: bool = False
+    kl_in_reward_coef: float = 0.001
+    gamma: float = 1.0  # GAE / REINFORCE++ discount
+    lam: float = 1.0  # GAE lambda
+    ecpo_delta: float = 0.1
+    bapo_rho0: float = 0.4
+    bapo_a_low: float = 0.9
+    bapo_a_high: float = 1.2
+    bapo_b_low: float = 0.6
+    bapo_b_high: float = 3.0
+    bapo_delta_high: float = 0.05
+    bapo_delta_low: float = 0.02
+    pos_nll_coef: float = 0.0  # VAPO positive-example NLL
+    chord_mu: float = 0.0  # CHORD weight on fixed/expert tokens
+    tis_cap: Optional[float] = None  # truncated importance sampling cap C; None = off
+    overlong_buffer_len: int = 0  # DAPO L_cache; 0 = off
+    overlong_penalty_factor: float = 1.0
+    max_response_len: int = 64
+    dynamic_sampling: bool = False  # DAPO: drop all-equal groups and refill
+    max_gen_batches: int = 3
+
+
+@dataclass
+class FixConfig:
+    """The RFPO fix stage (rollout side)."""
+
+    variant: str = "reference"  # rewrite | reward | error_info | reference
+    trigger: str = "all_wrong"  # all_wrong | any_wrong
+    threshold: float = 0.0  # a group is "all wrong" when every reward <= threshold
+    max_per_group: int = 2
+    attempts: int = 1
+    success_threshold: float = 1.0
+    placement: str = "replace"  # replace | append
+    max_new_tokens: Optional[int] = None  # defaults to rollout.max_new_tokens
+    temperature: Optional[float] = None  # defaults to rollout.temperature
+    templates: dict = field(default_factory=dict)  # variant -> template string overriding the default
+
+
+@dataclass
+class RFPOConfig:
+    """R_off and the RFPO loss form (algorithms.md, RFPO)."""
+
+    enabled: bool = True
+    gamma: float = 1.0
+    roff_mode: str = "seq_mean"  # seq_sum (the blog's form) | seq_mean (length-normalised)
+    roff_clip: float = 2.0
+    loss_form: str = "faithful"  # faithful | corrected
+    fix: FixConfig = field(default_factory=FixConfig)
+
+
+@dataclass
+class ActorConfig:
+    """The Megatron-core actor: model, parallel layout, batching and optimizer."""
+
+    hf_model_path: str = ""  # HF-format directory (config.json + weights + tokenizer)
+    load: Optional[str] = None  # Megatron checkpoint to start from (else the HF weights)
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    context_parallel_size: int = 1
+    sequence_parallel: bool = False
+    micro_batch_size: int = 4
+    max_tokens_per_gpu: Optional[int] = None  # dynamic micro-batching by token budget
+    global_batch_size: Optional[int] = None  # samples per optimizer step; None = the whole rollout batch
+    ppo_epochs: int = 1
+    recompute: str = "none"  # none | selective | full
+    bf16: bool = False
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    lr_warmup_steps: int = 0
+    lr_decay_style: str = "constant"  # constant | linear | cosine
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    use_distributed_optimizer: bool = True
+    optimizer_cpu_offload: bool = False
+    use_fused_kernels: bool = True  # Triton log-prob/loss kernels on CUDA
+    use_reference: bool = False  # keep a reference model for KL (auto-on when a KL term is used)
+
+
+@dataclass
+class RolloutConfig:
+    """The rollout engine (embedded CPU engine or SGLang servers) and sampling."""
+
+    engine: str = "embedded"  # embedded | sglang
+    n_samples: int = 8  # responses per prompt (G)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_new_tokens: int = 64
+    num_servers: int = 1
+    sglang_tp: int = 1
+    mem_fraction_static: float = 0.7
+    colocate: bool = True  # release SGLang memory during training
+    server_args: dict = field(default_factory=dict)  # extra `sglang.launch_server` args
+    server_urls: list = field(default_factory=list)  # use already-running servers instead of launching
+    request_timeout_s: float = 600.0
+    startup_timeout_s: float = 600.0
+    watchdog_s: float = 300.0
+    weight_sync: str = "auto"  # auto | tensor | distributed | disk
+    weight_sync_bucket_mb: int = 512
+
+
+@dataclass
+class DataConfig:
+    """Prompt sets and the reward function."""
+
+    train_files: list = field(default_factory=list)
+    eval_files: list = field(default_factory=list)
+    prompt_key: str = "prompt"
+    answer_key: str = "answer"
+    reward_fn: str = "math"  # math | exact_match | arithmetic (synthetic task)
+    prompts_per_step: int = 8
+    max_prompt_len: int = 512
+    chat_template: bool = True
+    skip_bad_records: bool = False
+    shuffle: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    """W&B, the JSONL metrics file and the console."""
+
+    project: str = "rfpo_megatron"
+    run_name: Optional[str] = None
+    wandb_mode: str = "auto"  # auto (online with an API key, else offline) | online | offline | disabled
+    log_dir: str = "outputs/run"
+    console: bool = True
+
+
+@dataclass
+class TrainerConfig:
+    """The loop: steps, evaluation, checkpointing, seeds."""
+
+    steps: int = 10
+    seed: int = 1
+    eval_interval: int = 0  # 0 = no periodic eval
+    eval_n_samples: int = 4  # k for avg@k / pass@k
+    save_interval: int = 0  # 0 = only at the end
+    save_dir: str = "outputs/run/checkpoints"
+    resume: bool = False
+    keep_last: int = 2
+    heartbeat_file: Optional[str] = None  # touched every step (for the Slurm watchdog)
+
+
+@dataclass
+class Config:
+    """The whole run."""
+
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    rfpo: RFPOConfig = field(default_factory=RFPOConfig)
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+def _closest(name: str, options) -> str:
+    close = difflib.get_close_matches(str(name), [str(o) for o in options], n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _coerce(path: str, value: Any, ftype: Any) -> Any:
+    """Convert a YAML/override value to the field's declared type, or raise a ConfigError."""
+    t = ftype if isinstance(ftype, str) else getattr(ftype, "__name__", str(ftype))
+    optional = t.startswith("Optional[")
+    base = t[len("Optional["):-1] if optional else t
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"config field '{path}' may not be null (expected {base})")
+    if optional and isinstance(value, str) and value.lower() in ("null", "none", "~"):
+        return None
+    try:
+        if base == "bool":
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
+            if isinstance(value, int) and value in (0, 1):
+                return bool(value)
+            raise ValueError
+        if base == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if base == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if base == "str":
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return str(value)
+        if base == "dict":
+            if not isinstance(value, dict):
+                raise ValueError
+            return dict(value)
+        if base == "list":
+            if isinstance(value, str):
+                value = [v for v in value.split(",") if v]
+            if not isinstance(value, (list, tuple)):
+                raise ValueError
+            return list(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config field '{path}': expected {t}, got {value!r}") from None
+    return value
+
+
+def _build(cls, data: dict, prefix: str):
+    """Instantiate dataclass `cls` from a nested dict, naming unknown keys with a hint."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix or '<root>'}' must be a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            raise ConfigError(f"unknown config key '{path}'{_closest(key, fields)}")
+        f = fields[key]
+        sub = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        if sub is not None and dataclasses.is_dataclass(sub):
+            kwargs[key] = _build(sub, value or {}, path)
+        else:
+            kwargs[key] = _coerce(path, value, f.type)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{p}' is not a section")
+    node[parts[-1]] = value
+
+
+def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` overrides (values parsed as YAML scalars/lists) to a nested dict."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.key=value (e.g. algo.adv_estimator=grpo)")
+        key, raw = item.split("=", 1)
+        key = key.strip().lstrip("+")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key, value)
+    return tree
+
+
+def validate(cfg: Config) -> Config:
+    """Check choices and ranges; raise ConfigError naming the field, the value and what is allowed."""
+
+    def choice(path: str, value: str, options) -> None:
+        if value not in options:
+            raise ConfigError(f"config field '{path}': '{value}' is not one of {list(options)}{_closest(value, options)}")
+
+    def rng(path: str, value, lo=None, hi=None, lo_open=False) -> None:
+        if value is None:
+            return
+        bad = (lo is not None and (value <= lo if lo_open else value < lo)) or (hi is not None and value > hi)
+        if bad:
+            lo_s = "-inf" if lo is None else lo
+            hi_s = "inf" if hi is None else hi
+            bracket = "(" if lo_open else "["
+            raise ConfigError(f"config field '{path}': {value} is outside the allowed range {bracket}{lo_s}, {hi_s}]")
+
+    a, r, f = cfg.algo, cfg.rfpo, cfg.rfpo.fix
+    choice("algo.adv_estimator", a.adv_estimator, ADV_ESTIMATOR_NAMES)
+    choice("algo.policy_loss", a.policy_loss, POLICY_LOSS_NAMES)
+    choice("algo.loss_agg_mode", a.loss_agg_mode, LOSS_AGG_MODES)
+    choice("algo.kl_loss_type", a.kl_loss_type, KL_TYPES)
+    rng("algo.clip_ratio_low", a.clip_ratio_low, 0, 1)
+    rng("algo.clip_ratio_high", a.clip_ratio_high, 0, None)
+    if a.clip_ratio_c is not None and a.clip_ratio_c <= 1:
+        raise ConfigError(f"config field 'algo.clip_ratio_c': {a.clip_ratio_c} must be > 1 (dual-clip constant) or null")
+    rng("algo.tis_cap", a.tis_cap, 0, None, lo_open=True)
+    rng("algo.gamma", a.gamma, 0, 1)
+    rng("algo.lam", a.lam, 0, 1)
+    rng("algo.max_response_len", a.max_response_len, 1)
+    rng("algo.overlong_buffer_len", a.overlong_buffer_len, 0, a.max_response_len)
+    rng("algo.max_gen_batches", a.max_gen_batches, 1)
+    choice("rfpo.roff_mode", r.roff_mode, ("seq_sum", "seq_mean"))
+    choice("rfpo.loss_form", r.loss_form, ("faithful", "corrected"))
+    rng("rfpo.roff_clip", r.roff_clip, 0, None)
+    choice("rfpo.fix.variant", f.variant, FIX_VARIANTS)
+    for name in f.templates:
+        choice("rfpo.fix.templates", name, FIX_VARIANTS)
+    choice("rfpo.fix.trigger", f.trigger, ("all_wrong", "any_wrong"))
+    choice("rfpo.fix.placement", f.placement, ("replace", "append"))
+    rng("rfpo.fix.max_per_group", f.max_per_group, 1)
+    rng("rfpo.fix.attempts", f.attempts, 1)
+    c = cfg.actor
+    for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
+                 "micro_batch_size", "ppo_epochs"):
+        rng(f"actor.{name}", getattr(c, name), 1)
+    choice("actor.recompute", c.recompute, ("none", "selective", "full"))
+    choice("actor.lr_decay_style", c.lr_decay_style, ("constant", "linear", "cosine"))
+    rng("actor.lr", c.lr, 0, None)
+    rng("actor.clip_grad", c.clip_grad, 0, None)
+    o = cfg.rollout
+    choice("rollout.engine", o.engine, ("embedded", "sglang"))
+    choice("rollout.weight_sync", o.weight_sync, ("auto", "tensor", "distributed", "disk"))
+    rng("rollout.n_samples", o.n_samples, 1)
+    rng("rollout.temperature", o.temperature, 0, None)
+    rng("rollout.top_p", o.top_p, 0, 1, lo_open=True)
+    rng("rollout.max_new_tokens", o.max_new_tokens, 1)
+    rng("rollout.mem_fraction_static", o.mem_fraction_static, 0, 1, lo_open=True)
+    rng("data.prompts_per_step", cfg.data.prompts_per_step, 1)
+    choice("logging.wandb_mode", cfg.logging.wandb_mode, ("auto", "online", "offline", "disabled"))
+    rng("trainer.steps", cfg.trainer.steps, 0)
+    return cfg
+
+
+def config_from_dict(tree: dict) -> Config:
+    """Build and validate a Config from a nested dict (YAML content after overrides)."""
+    return validate(_build(Config, tree or {}, ""))
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Load YAML `path` (optional), apply `key=value` overrides, validate. Relative paths in the YAML stay as
+    written (resolved by the caller against the working directory)."""
+    tree: dict = {}
+    if path:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file '{path}' not found (pass a YAML file, e.g. examples/tiny_cpu/config.yaml)")
+        with open(path) as fh:
+            try:
+                tree = yaml.safe_load(fh) or {}
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file '{path}' must hold a mapping of sections (algo, rfpo, actor, ...)")
+    apply_overrides(tree, overrides or [])
+    return config_from_dict(tree)
+
+
+def to_dict(cfg: Config) -> dict:
+    """Plain nested dict (for W&B config, checkpoints and YAML dumps)."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str) -> None:
+    with open(path, "w") as fh:
+        yaml.safe_dump(to_dict(cfg), fh, sort_keys=False)
