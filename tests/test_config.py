@@ -1,0 +1,62 @@
+"""Config loading, overrides and the one-line errors a user sees."""
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from rfpo_megatron.config import ConfigError, load_config, save_config, to_dict
+
+
+def test_defaults_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"algo": {"adv_estimator": "rloo"}, "rfpo": {"fix": {"attempts": 3}}}))
+    cfg = load_config(str(path), ["algo.clip_ratio_high=0.28", "rfpo.enabled=false", "data.train_files=[a.jsonl,b.jsonl]",
+                                  "algo.clip_ratio_c=3", "algo.tis_cap=null"])
+    assert cfg.algo.adv_estimator == "rloo"
+    assert cfg.rfpo.fix.attempts == 3
+    assert cfg.algo.clip_ratio_high == pytest.approx(0.28)
+    assert cfg.rfpo.enabled is False
+    assert cfg.data.train_files == ["a.jsonl", "b.jsonl"]
+    assert cfg.algo.clip_ratio_c == 3.0 and isinstance(cfg.algo.clip_ratio_c, float)
+    assert cfg.algo.tis_cap is None
+    # round trip through YAML
+    out = tmp_path / "dump.yaml"
+    save_config(cfg, str(out))
+    assert to_dict(load_config(str(out))) == to_dict(cfg)
+
+
+@pytest.mark.parametrize(
+    "override, must_contain",
+    [
+        ("algo.adv_estimator=grpoo", ["algo.adv_estimator", "grpoo", "did you mean 'grpo'"]),
+        ("algo.policy_loss=cipso", ["algo.policy_loss", "did you mean 'cispo'"]),
+        ("algo.clip_ratio_lwo=0.1", ["unknown config key 'algo.clip_ratio_lwo'", "clip_ratio_low"]),
+        ("rfpo.fix.variant=referense", ["rfpo.fix.variant", "did you mean 'reference'"]),
+        ("actor.lr=fast", ["actor.lr", "expected float", "fast"]),
+        ("algo.clip_ratio_c=0.9", ["algo.clip_ratio_c", "> 1"]),
+        ("rollout.n_samples=0", ["rollout.n_samples", "allowed range"]),
+        ("trainer.stepz=3", ["trainer.stepz", "did you mean 'steps'"]),
+        ("noequals", ["section.key=value"]),
+    ],
+)
+def test_bad_values_name_the_field(override, must_contain):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    msg = str(info.value)
+    assert "\n" not in msg
+    for part in must_contain:
+        assert part in msg, (part, msg)
+
+
+def test_missing_file_message(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(str(tmp_path / "nope.yaml"))
+
+
+def test_cli_unknown_command_hint():
+    out = subprocess.run([sys.executable, "-m", "rfpo_megatron.cli", "trian"], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "did you mean 'train'" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "rfpo_megatron.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "convert" in out.stdout and "train" in out.stdout
