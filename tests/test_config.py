@@ -60,3 +60,11 @@ def test_cli_unknown_command_hint():
     assert "did you mean 'train'" in out.stderr
     out = subprocess.run([sys.executable, "-m", "rfpo_megatron.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "convert" in out.stdout and "train" in out.stdout
+
+
+def test_config_docs_are_current():
+    import pathlib
+
+    tool = pathlib.Path(__file__).resolve().parent.parent / "tools" / "gen_config_docs.py"
+    out = subprocess.run([sys.executable, str(tool), "--check"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
