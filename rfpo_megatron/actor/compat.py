@@ -1,0 +1,186 @@
+"""CPU compat layer: makes megatron-core run on a CUDA-less machine over gloo.
+
+Active only when ``torch.cuda.is_available()`` is False; on a GPU machine
+``enable_cpu_compat()`` is a no-op and returns False.
+
+What it does (process-wide, idempotent):
+
+1. Device redirect. megatron-core asks for CUDA in ~175 places
+   (``torch.cuda.current_device()``, ``device="cuda"``, ``tensor.cuda()``: rotary
+   ``inv_freq``, the global memory buffer of dot-product attention, the pipeline
+   schedule's token counters, ...). A ``TorchFunctionMode`` rewrites every
+   ``device=`` argument that names CUDA (a ``"cuda[:i]"`` string, a CUDA
+   ``torch.device`` or a bare int ordinal) to ``"cpu"``, turns ``Tensor.cuda()``
+   into a no-op, and rewrites CUDA targets of ``Tensor.to(...)``.
+   ``torch.cuda.current_device`` returns 0 and a few CUDA-only helpers
+   (``synchronize``, ``empty_cache``, memory queries, ``manual_seed``) become
+   harmless no-ops.
+2. RNG tracker. megatron's ``get_cuda_rng_tracker()`` forks CUDA generator
+   states (attention dropout, TP weight init). It is replaced by
+   :class:`CpuRNGStatesTracker`, which keeps named CPU generator states and
+   swaps them into torch's default CPU generator inside ``fork()``.
+
+The mode is pushed once and never popped; it costs a Python call per torch
+function, which is fine for the tiny CPU models this path exists for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_ENABLED = False
+_LOCK = threading.Lock()
+_MODE: "_CudaToCpuMode | None" = None
+
+
+def _is_cuda_device(dev: Any) -> bool:
+    """True when ``dev`` names a CUDA device (str, torch.device or int ordinal)."""
+    if isinstance(dev, bool):
+        return False
+    if isinstance(dev, int):
+        return True
+    if isinstance(dev, str):
+        return dev.startswith("cuda")
+    if isinstance(dev, torch.device):
+        return dev.type == "cuda"
+    return False
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Torch function mode that maps every CUDA device request to the CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        return func(*args, **kwargs)
+
+
+class CpuRNGStatesTracker:
+    """Named CPU RNG states standing in for megatron's CudaRNGStatesTracker.
+
+    Same interface (``reset/get_states/set_states/add/fork/is_initialized``);
+    ``fork(name)`` swaps the named state into torch's default CPU generator and
+    restores the caller's state afterwards.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.use_cudagraphable_rng = False
+        self.is_inference_rng_tracker = False
+        self.reset()
+
+    def is_initialized(self) -> bool:
+        return self._is_initialized
+
+    def reset(self) -> None:
+        self._is_initialized = False
+        self.states_: dict[str, torch.Tensor] = {}
+        self.seeds_: set[int] = set()
+        self._current_state_name = "default-rng"
+
+    def get_states(self) -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in self.states_.items()}
+
+    def set_states(self, states: dict[str, torch.Tensor]) -> None:
+        self._is_initialized = True
+        self.states_ = {k: v.clone() for k, v in states.items()}
+
+    def add(self, name: str, seed: int) -> None:
+        self._is_initialized = True
+        if seed in self.seeds_:
+            raise RuntimeError(f"rng seed {seed} already exists")
+        if name in self.states_:
+            raise RuntimeError(f"rng state {name} already exists")
+        self.seeds_.add(seed)
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(seed)
+        self.states_[name] = gen.get_state()
+
+    @contextlib.contextmanager
+    def fork(self, name: str = "model-parallel-rng"):
+        if name not in self.states_:
+            raise RuntimeError(f"rng state {name} is not added")
+        orig = torch.get_rng_state()
+        orig_name = self._current_state_name
+        torch.set_rng_state(self.states_[name])
+        self._current_state_name = name
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(orig)
+            self._current_state_name = orig_name
+
+
+def _install_rng_tracker() -> None:
+    """Make megatron's global RNG tracker a CpuRNGStatesTracker."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    if not isinstance(mrandom._CUDA_RNG_STATE_TRACKER, CpuRNGStatesTracker):
+        mrandom._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
+    mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+
+def _patch_torch_cuda() -> None:
+    """Replace CUDA-only helpers that megatron calls unconditionally."""
+    def _make(name: str, value: Any):
+        # one distinct function per attribute: torch._dynamo refuses a function
+        # object registered under two torch names
+        def _replacement(*args: Any, **kwargs: Any) -> Any:
+            return value
+
+        _replacement.__name__ = name
+        _replacement.__qualname__ = f"rfpo_cpu_compat.{name}"
+        return _replacement
+
+    for name, value in (
+        ("current_device", 0),
+        ("synchronize", None),
+        ("empty_cache", None),
+        ("manual_seed", None),
+        ("manual_seed_all", None),
+        ("set_device", None),
+        ("memory_allocated", 0),
+        ("max_memory_allocated", 0),
+        ("memory_reserved", 0),
+        ("max_memory_reserved", 0),
+        ("reset_peak_memory_stats", None),
+    ):
+        setattr(torch.cuda, name, _make(name, value))
+
+
+def enable_cpu_compat() -> bool:
+    """Enable the CPU redirect + RNG tracker once per process.
+
+    Returns True when the compat layer is (now) active, False on CUDA machines
+    where nothing is changed. Safe to call any number of times; call it before
+    building megatron models. ``reinstall_rng_tracker()`` is called again by
+    ``init_parallel`` after megatron may have reset the tracker.
+    """
+    global _ENABLED, _MODE
+    if torch.cuda.is_available():
+        return False
+    with _LOCK:
+        if _ENABLED:
+            _install_rng_tracker()
+            return True
+        _patch_torch_cuda()
+        _MODE = _CudaToCpuMode()
+        _MODE.__enter__()
+        _install_rng_tracker()
+        _ENABLED = True
+    return True
+
+
+def cpu_compat_enabled() -> bool:
+    """True once enable_cpu_compat() has activated the layer in this process."""
+    return _ENABLED

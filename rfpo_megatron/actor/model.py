@@ -1,0 +1,224 @@
+"""Megatron-core GPTModel construction from a Hugging Face config (Qwen2/2.5, Llama-3, Qwen3 dense).
+
+``transformer_config_from_hf`` maps the HF fields to a ``TransformerConfig``;
+``build_model`` builds this rank's pipeline stage(s) with the TransformerEngine
+layer spec on GPU when TE imports, and the local (pure megatron-core) spec
+otherwise. These names are relied on by ``rfpo_megatron.convert``: keep them stable.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from rfpo_megatron.actor.compat import enable_cpu_compat
+
+SUPPORTED_MODEL_TYPES = ("qwen2", "llama", "qwen3")
+
+
+def _get(cfg: Any, name: str, default: Any = None) -> Any:
+    if isinstance(cfg, Mapping):
+        return cfg.get(name, default)
+    return getattr(cfg, name, default)
+
+
+def _check_supported(hf_config: Any) -> str:
+    mt = _get(hf_config, "model_type")
+    if mt not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"unsupported HF model_type={mt!r}; the actor supports {', '.join(SUPPORTED_MODEL_TYPES)} "
+            "(dense Qwen2/2.5, Llama-3, Qwen3)"
+        )
+    if _get(hf_config, "num_experts", 0) or _get(hf_config, "num_local_experts", 0):
+        raise ValueError(f"model_type={mt!r} with experts (MoE) is not supported by the actor")
+    act = _get(hf_config, "hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"model_type={mt!r}: hidden_act={act!r} is not supported (only silu/SwiGLU)")
+    return mt
+
+
+def padded_vocab_size(vocab: int, tp: int, multiple: int = 128) -> int:
+    """Smallest size >= vocab divisible by ``multiple * tp`` (megatron's vocab padding)."""
+    step = multiple * tp
+    return ((vocab + step - 1) // step) * step
+
+
+def _rope_scaling(hf_config: Any) -> tuple[bool, float]:
+    rs = _get(hf_config, "rope_scaling") or None
+    if not rs:
+        return False, 8.0
+    kind = rs.get("rope_type", rs.get("type"))
+    if kind in (None, "default"):
+        return False, 8.0
+    if kind != "llama3":
+        raise ValueError(f"rope_scaling.rope_type={kind!r} is not supported (only 'llama3' or none)")
+    expect = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    for k, v in expect.items():
+        if k in rs and float(rs[k]) != float(v):
+            raise ValueError(f"rope_scaling.{k}={rs[k]} unsupported (megatron-core fixes it at {v})")
+    return True, float(rs.get("factor", 8.0))
+
+
+def _rope_theta(hf_config: Any) -> float:
+    theta = _get(hf_config, "rope_theta")
+    if theta is None:  # transformers >= 5 keeps it in rope_parameters
+        rp = _get(hf_config, "rope_parameters") or {}
+        theta = rp.get("rope_theta", 10000.0)
+    return float(theta)
+
+
+def transformer_config_from_hf(
+    hf_config: Any,
+    *,
+    tp: int,
+    pp: int,
+    params_dtype: torch.dtype = torch.float32,
+    **overrides: Any,
+):
+    """TransformerConfig for an HF Qwen2/2.5, Llama-3 or Qwen3 dense config.
+
+    Maps: num_attention_heads, num_key_value_heads -> num_query_groups (GQA),
+    head_dim -> kv_channels, intermediate_size -> ffn_hidden_size (SwiGLU:
+    gated_linear_unit + silu), rms_norm_eps -> layernorm_epsilon (RMSNorm),
+    qkv bias (Qwen2 always; Llama ``attention_bias``), q/k RMSNorm (Qwen3).
+    ``overrides`` are passed to TransformerConfig last (e.g. ``attention_dropout``).
+    On CPU, ``use_cpu_initialization`` is forced on.
+    """
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    mt = _check_supported(hf_config)
+    hidden = int(_get(hf_config, "hidden_size"))
+    heads = int(_get(hf_config, "num_attention_heads"))
+    kv_heads = int(_get(hf_config, "num_key_value_heads") or heads)
+    head_dim = _get(hf_config, "head_dim") or hidden // heads
+    layers = int(_get(hf_config, "num_hidden_layers"))
+    if layers % pp != 0:
+        raise ValueError(f"num_hidden_layers={layers} is not divisible by actor.pp={pp}; choose pp dividing it")
+    if heads % tp != 0:
+        raise ValueError(f"num_attention_heads={heads} is not divisible by actor.tp={tp}")
+    if kv_heads % tp != 0 and tp % kv_heads != 0:
+        raise ValueError(f"num_key_value_heads={kv_heads} must divide or be a multiple of actor.tp={tp}")
+    if mt == "qwen2":
+        qkv_bias = True
+    else:
+        qkv_bias = bool(_get(hf_config, "attention_bias", False))
+    if _get(hf_config, "mlp_bias", False):
+        raise ValueError(f"model_type={mt!r} with mlp_bias=True is not supported")
+    on_gpu = torch.cuda.is_available()
+    kw: dict[str, Any] = dict(
+        num_layers=layers,
+        hidden_size=hidden,
+        ffn_hidden_size=int(_get(hf_config, "intermediate_size")),
+        num_attention_heads=heads,
+        num_query_groups=kv_heads,
+        kv_channels=int(head_dim),
+        layernorm_epsilon=float(_get(hf_config, "rms_norm_eps", 1e-6)),
+        normalization="RMSNorm",
+        qk_layernorm=(mt == "qwen3"),
+        add_bias_linear=False,
+        add_qkv_bias=qkv_bias,
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        hidden_dropout=0.0,
+        attention_dropout=float(_get(hf_config, "attention_dropout", 0.0) or 0.0),
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        sequence_parallel=False,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        pipeline_dtype=params_dtype,
+        use_cpu_initialization=not on_gpu,
+        perform_initialization=True,
+        init_method_std=float(_get(hf_config, "initializer_range", 0.02)),
+        bias_activation_fusion=on_gpu,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        deallocate_pipeline_outputs=False,
+        variable_seq_lengths=True,
+        moe_token_dispatcher_type="alltoall",  # megatron requires it with variable_seq_lengths
+    )
+    kw.update(overrides)
+    return TransformerConfig(**kw)
+
+
+def _use_te(spec: str) -> bool:
+    if spec == "local":
+        return False
+    if spec not in ("auto", "te"):
+        raise ValueError(f"actor.spec={spec!r} must be 'auto', 'te' or 'local'")
+    try:
+        import transformer_engine  # noqa: F401
+
+        have_te = True
+    except Exception:
+        have_te = False
+    if spec == "te":
+        if not (have_te and torch.cuda.is_available()):
+            raise ValueError("actor.spec='te' needs transformer_engine and a CUDA GPU; use spec='local'")
+        return True
+    return have_te and torch.cuda.is_available()
+
+
+def layer_spec(config, spec: str = "auto"):
+    """ModuleSpec for one transformer layer: TE on GPU when importable, else local."""
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+
+    if _use_te(spec):
+        return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
+    return specs.get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization=config.normalization)
+
+
+def build_model(
+    hf_config: Any,
+    *,
+    params_dtype: torch.dtype = torch.float32,
+    spec: str = "auto",
+    **overrides: Any,
+) -> list:
+    """This rank's model chunks (one GPTModel per pipeline stage; no virtual PP).
+
+    Requires ``init_parallel``. Vocab is padded with ``padded_vocab_size``; the
+    padded logit columns are masked by the log-prob pass. ``pre_process`` /
+    ``post_process`` follow the pipeline stage; tied embeddings follow
+    ``tie_word_embeddings``. Returns ``[GPTModel]`` on the current device.
+    """
+    from megatron.core import parallel_state as mpu
+    from megatron.core.models.gpt import GPTModel
+
+    if not torch.cuda.is_available():
+        enable_cpu_compat()
+    tp = mpu.get_tensor_model_parallel_world_size()
+    pp = mpu.get_pipeline_model_parallel_world_size()
+    config = transformer_config_from_hf(hf_config, tp=tp, pp=pp, params_dtype=params_dtype, **overrides)
+    use_rs, rs_factor = _rope_scaling(hf_config)
+    vocab = int(_get(hf_config, "vocab_size"))
+    tie = bool(_get(hf_config, "tie_word_embeddings", False))
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(config, spec),
+        vocab_size=padded_vocab_size(vocab, tp),
+        max_sequence_length=int(_get(hf_config, "max_position_embeddings", 4096)),
+        pre_process=mpu.is_pipeline_first_stage(),
+        post_process=mpu.is_pipeline_last_stage(),
+        parallel_output=True,
+        share_embeddings_and_output_weights=tie,
+        position_embedding_type="rope",
+        rotary_base=int(_rope_theta(hf_config)) if float(_rope_theta(hf_config)).is_integer() else _rope_theta(hf_config),
+        rope_scaling=use_rs,
+        rope_scaling_factor=rs_factor,
+    )
+    model.vocab_size_unpadded = vocab  # type: ignore[attr-defined]
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    for p in model.parameters():
+        # megatron's optimizer/grad-clip helpers expect this attribute on every param
+        if not hasattr(p, "tensor_model_parallel"):
+            from megatron.core.tensor_parallel import set_defaults_if_not_set_tensor_model_parallel_attributes
+
+            set_defaults_if_not_set_tensor_model_parallel_attributes(p)
+    return [model]
