@@ -1,0 +1,178 @@
+"""Synthetic task: multi-digit addition written step by step (digit by digit with carries).
+
+Difficulty knob: number of digits per operand (and, optionally, a minimum number of carries). A tiny
+model trained on 1-2 digit sums solves them, but not 3+ digit sums, which is the RFPO demo's setup.
+
+Format (prompt "347+285"), right-to-left columns "a+b+carry=sum", then the answer:
+    7+5+0=12 4+8+1=13 3+2+1=6 ans=632
+The verifier checks the final `ans=` and locates the first wrong step.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+from typing import Any
+
+from rfpo_megatron.rewards.base import RewardResult
+
+_STEP = re.compile(r"(\d)\+(\d)\+(\d)=(\d+)")
+_ANS = re.compile(r"ans\s*=\s*(-?\d+)")
+_OPS = re.compile(r"(\d+)\s*\+\s*(\d+)")
+
+
+def addition_steps(a: int, b: int) -> list[str]:
+    """Column steps "da+db+c=s" from the least significant digit; one step per digit of max(a, b)."""
+    sa, sb = str(a)[::-1], str(b)[::-1]
+    steps, carry = [], 0
+    for i in range(max(len(sa), len(sb))):
+        da = int(sa[i]) if i < len(sa) else 0
+        db = int(sb[i]) if i < len(sb) else 0
+        s = da + db + carry
+        steps.append(f"{da}+{db}+{carry}={s}")
+        carry = s // 10
+    return steps
+
+
+def addition_solution(a: int, b: int) -> str:
+    """Full reference response: steps then "ans=<a+b>"."""
+    return " ".join(addition_steps(a, b) + [f"ans={a + b}"])
+
+
+def count_carries(a: int, b: int) -> int:
+    """Number of columns that produce a carry."""
+    return sum(1 for st in addition_steps(a, b) if int(st.split("=")[1]) >= 10)
+
+
+def make_problem(rng: random.Random, digits: int, min_carries: int = 0, pid: str = "") -> dict[str, Any]:
+    """One record {id, prompt, answer, solution, digits, carries, a, b} with `digits`-digit operands."""
+    lo, hi = (0 if digits == 1 else 10 ** (digits - 1)), 10 ** digits - 1
+    for _ in range(10_000):
+        a, b = rng.randint(lo, hi), rng.randint(lo, hi)
+        if count_carries(a, b) >= min_carries:
+            break
+    else:
+        raise ValueError(f"no {digits}-digit problem with >= {min_carries} carries")
+    return {"id": pid or f"add{digits}-{a}+{b}", "prompt": f"{a}+{b}", "answer": str(a + b),
+            "solution": addition_solution(a, b), "digits": digits, "carries": count_carries(a, b),
+            "a": a, "b": b}
+
+
+def make_split(n: int, digits: list[int], seed: int, min_carries: int = 0, prefix: str = "",
+               exclude: set[str] | None = None) -> list[dict]:
+    """`n` distinct problems, digit counts cycling through `digits`, deterministic in `seed`.
+
+    Prompts in `exclude` (e.g. the train split's) are skipped while distinct ones can still be found.
+    """
+    rng, out, seen = random.Random(seed), [], set(exclude or ())
+    tries = 0
+    while len(out) < n:
+        d = digits[len(out) % len(digits)]
+        rec = make_problem(rng, d, min_carries)
+        tries += 1
+        if rec["prompt"] in seen and tries < 50 * n:
+            continue
+        seen.add(rec["prompt"])
+        rec["id"] = f"{prefix}{len(out)}"
+        out.append(rec)
+    return out
+
+
+def _operands(record: dict[str, Any]) -> tuple[int, int] | None:
+    if "a" in record and "b" in record:
+        return int(record["a"]), int(record["b"])
+    m = _OPS.search(str(record.get("prompt", "")))
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+class AdditionVerifier:
+    """reward 1.0 iff the final `ans=` equals the answer (and, with require_steps, every step is right).
+
+    The message names the extracted vs expected answer and the first wrong (or missing) step.
+    """
+
+    def __init__(self, require_steps: bool = False):
+        self.require_steps = require_steps
+
+    def score(self, response_text: str, answer: str, record: dict[str, Any]) -> RewardResult:
+        finals = _ANS.findall(response_text)
+        ops = _operands(record or {})
+        step_msg = ""
+        if ops is not None:
+            want = addition_steps(*ops)
+            got = ["{}+{}+{}={}".format(*m) for m in _STEP.findall(response_text)]
+            for i, step in enumerate(want):
+                if i >= len(got):
+                    step_msg = f"step {i + 1} missing"
+                    break
+                if got[i] != step:
+                    step_msg = f"first wrong step {i + 1}: '{got[i]}'"
+                    break
+            else:
+                if len(got) > len(want):
+                    step_msg = f"extra step {len(want) + 1}: '{got[len(want)]}'"
+        if not finals:
+            return RewardResult(0.0, "unparsable: no 'ans=<number>'" + (f"; {step_msg}" if step_msg else ""))
+        final = finals[-1]
+        ok = final.lstrip("0") == str(answer).strip().lstrip("0")
+        if ok and not (self.require_steps and step_msg):
+            return RewardResult(1.0, "")
+        parts = [f"extracted answer {final}, expected {answer}" if not ok else "answer right but steps wrong"]
+        if step_msg:
+            parts.append(step_msg)
+        return RewardResult(0.0, "; ".join(parts))
+
+
+def write_jsonl(path: str, records: list[dict]) -> None:
+    """Write records as one JSON object per line (creates the directory)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+
+
+def _digits_arg(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: write train/eval jsonl splits (easy and hard) for the addition task."""
+    p = argparse.ArgumentParser(description="generate addition-task jsonl splits")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--easy-digits", type=_digits_arg, default=[1, 2])
+    p.add_argument("--hard-digits", type=_digits_arg, default=[3])
+    p.add_argument("--n-train-easy", type=int, default=256)
+    p.add_argument("--n-train-hard", type=int, default=256)
+    p.add_argument("--n-eval", type=int, default=128)
+    p.add_argument("--min-carries-hard", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    splits = write_splits(a.out, a.easy_digits, a.hard_digits, a.n_train_easy, a.n_train_hard,
+                          a.n_eval, a.min_carries_hard, a.seed)
+    for name, recs in splits.items():
+        print(f"wrote {len(recs):5d} records -> {os.path.join(a.out, name + '.jsonl')}")
+    return 0
+
+
+def write_splits(out: str, easy_digits: list[int], hard_digits: list[int], n_train_easy: int,
+                 n_train_hard: int, n_eval: int, min_carries_hard: int = 0, seed: int = 0) -> dict:
+    """Write train_easy/train_hard/eval_easy/eval_hard.jsonl into `out`; eval avoids train prompts."""
+    tr_e = make_split(n_train_easy, easy_digits, seed + 1, prefix="te")
+    tr_h = make_split(n_train_hard, hard_digits, seed + 2, min_carries_hard, "th")
+    splits = {
+        "train_easy": tr_e,
+        "train_hard": tr_h,
+        "eval_easy": make_split(n_eval, easy_digits, seed + 3, prefix="ee",
+                                exclude={r["prompt"] for r in tr_e}),
+        "eval_hard": make_split(n_eval, hard_digits, seed + 4, min_carries_hard, "eh",
+                                exclude={r["prompt"] for r in tr_h}),
+    }
+    for name, recs in splits.items():
+        write_jsonl(os.path.join(out, f"{name}.jsonl"), recs)
+    return splits
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,50 @@
+"""Registry of reward functions by name: `get_reward_fn("math" | "exact_match" | "addition", **kwargs)`."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+_REGISTRY: dict[str, Callable[..., Any]] = {}
+
+
+def register_reward(name: str) -> Callable:
+    """Decorator: register a verifier factory under `name` (factory(**kwargs) -> Verifier)."""
+
+    def deco(factory: Callable[..., Any]) -> Callable[..., Any]:
+        _REGISTRY[name] = factory
+        return factory
+
+    return deco
+
+
+def available_rewards() -> list[str]:
+    """Sorted registered names."""
+    return sorted(_REGISTRY)
+
+
+def get_reward_fn(name: str, **kwargs: Any) -> Any:
+    """Build the verifier registered as `name`; unknown names raise with the list of valid ones."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown reward function '{name}' (reward fn name); "
+                         f"choose one of: {', '.join(available_rewards())}")
+    return _REGISTRY[name](**kwargs)
+
+
+@register_reward("math")
+def _math(**kw: Any) -> Any:
+    from rfpo_megatron.rewards.math_verifier import MathVerifier
+
+    return MathVerifier(**kw)
+
+
+@register_reward("exact_match")
+def _exact(**kw: Any) -> Any:
+    from rfpo_megatron.rewards.exact_match import ExactMatchVerifier
+
+    return ExactMatchVerifier(**kw)
+
+
+@register_reward("addition")
+def _addition(**kw: Any) -> Any:
+    from rfpo_megatron.rewards.addition import AdditionVerifier
+
+    return AdditionVerifier(**kw)
