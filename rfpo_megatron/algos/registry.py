@@ -1,0 +1,69 @@
+"""Name -> function registries for advantage estimators and policy losses, with "did you mean" lookup.
+
+`ADV_ESTIMATORS[name]` is a function `fn(*, rewards [B], group_ids [B] long, response_mask [B, T], **kw)
+-> (advantages [B, T], returns [B, T])` (see advantages.py).
+`POLICY_LOSSES[name]` is a function `fn(logp [B, T], old_logp [B, T], advantages [B, T],
+response_mask [B, T], *, log_roff [B] | None, loss_form, clip_ratio_low, clip_ratio_high, clip_ratio_c, ...)
+-> (loss [B, T] per token (0 on padding), metrics dict[str, 0-dim tensor])` (see policy_loss.py).
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Callable, TypeVar
+
+F = TypeVar("F", bound=Callable)
+
+ADV_ESTIMATORS: dict[str, Callable] = {}
+POLICY_LOSSES: dict[str, Callable] = {}
+
+
+def _register(table: dict[str, Callable], kind: str, name: str) -> Callable[[F], F]:
+    def deco(fn: F) -> F:
+        if name in table and table[name] is not fn:
+            raise ValueError(f"{kind} {name!r} is already registered (by {table[name].__module__}.{table[name].__name__})")
+        table[name] = fn
+        return fn
+
+    return deco
+
+
+def register_adv_estimator(name: str) -> Callable[[F], F]:
+    """Decorator: register `fn` under `name` in ADV_ESTIMATORS."""
+    return _register(ADV_ESTIMATORS, "adv_estimator", name)
+
+
+def register_policy_loss(name: str) -> Callable[[F], F]:
+    """Decorator: register `fn` under `name` in POLICY_LOSSES."""
+    return _register(POLICY_LOSSES, "policy_loss", name)
+
+
+def unknown_name_message(field: str, value: str, choices) -> str:
+    """One-line error text: `field: 'x' is unknown; did you mean 'y'? (choices: a, b, c)`."""
+    choices = sorted(choices)
+    close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"{field}: {value!r} is unknown{hint} (choices: {', '.join(choices)})"
+
+
+def _lookup(table: dict[str, Callable], field: str, name: str) -> Callable:
+    _ensure_loaded()
+    try:
+        return table[name]
+    except KeyError:
+        raise ValueError(unknown_name_message(field, name, table)) from None
+
+
+def get_adv_estimator(name: str) -> Callable:
+    """The registered advantage estimator `name`; ValueError with a "did you mean" hint otherwise."""
+    return _lookup(ADV_ESTIMATORS, "adv_estimator", name)
+
+
+def get_policy_loss(name: str) -> Callable:
+    """The registered policy loss `name`; ValueError with a "did you mean" hint otherwise."""
+    return _lookup(POLICY_LOSSES, "policy_loss", name)
+
+
+def _ensure_loaded() -> None:
+    # the modules that fill the tables register on import
+    from rfpo_megatron.algos import advantages, policy_loss  # noqa: F401
