@@ -1,5 +1,6 @@
 """The RFPO fix stage: select wrong responses, prompt the policy to fix them, re-score, place fixes.
 
+Successful fixes are placed into the given groups IN PLACE (placement replace/append).
 Engine boundary is a plain callable
     generate(prompts_token_ids: list[list[int]], n: int, sampling: dict)
         -> list (one per prompt) of n tuples (response_ids, logprobs, finish_reason)
@@ -10,7 +11,6 @@ use_tis = False (its rollout log-probs are under the fix prompt).
 """
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -54,6 +54,11 @@ class FixStageConfig:
             kw = {}
             for name in cls.__dataclass_fields__:
                 val = get(name, None)
+                if name == "sampling":  # the run config's fix.temperature / fix.max_new_tokens
+                    val = dict(val or {})
+                    for k in ("temperature", "max_new_tokens", "top_p"):
+                        if get(k, None) is not None:
+                            val[k] = get(k, None)
                 if val is None and name == "variant":
                     val = get("variants", None)
                 if val is not None:
@@ -130,27 +135,59 @@ def _decode(tokenizer: Any, ids: Sequence[int]) -> str:
     return tokenizer.decode(list(ids), skip_special_tokens=True)
 
 
-def run_fix_stage(groups: Sequence[RolloutGroup], generate: GenerateFn, reward_fn: Any, cfg: Any,
-                  tokenizer: Any, sampling: Optional[dict] = None) -> FixStageResult:
-    """Run the fix stage over `groups` (not modified; the result holds modified copies).
+def _as_output(o: Any) -> tuple[list[int], list[float], str]:
+    """Accept a (ids, logprobs, finish_reason) tuple or an engine result with those attributes."""
+    if isinstance(o, (tuple, list)):
+        ids, logps, finish = o
+    else:
+        ids, logps, finish = o.output_ids, o.logprobs, o.finish_reason
+    return list(ids), list(logps or []), str(finish)
 
-    generate: the engine callable (see module doc). reward_fn: a Verifier or callable (score_many).
-    cfg: FixStageConfig / dict / config object. tokenizer: HF tokenizer (encode fix prompts, decode).
-    sampling: the rollout's sampling dict; `cfg.sampling` entries override it for fixes.
+
+def _split_config(cfg: Any) -> tuple[Any, Optional[PromptFormat]]:
+    """The fix section and a prompt format from a full run Config (cfg.rfpo.fix, cfg.data), or cfg itself."""
+    rfpo = getattr(cfg, "rfpo", None)
+    if rfpo is not None and hasattr(rfpo, "fix"):
+        data = getattr(cfg, "data", None)
+        chat = getattr(data, "chat_template", True)
+        mode = chat if isinstance(chat, str) else ("auto" if chat else "plain")
+        return rfpo.fix, PromptFormat(mode=mode)
+    return cfg, None
+
+
+def run_fix_stage(groups: list[RolloutGroup], generate: GenerateFn, reward_fn: Any = None,
+                  cfg: Any = None, tokenizer: Any = None, *, sampling: Optional[dict] = None,
+                  seed: Optional[int] = None,
+                  score: Optional[Callable[[list[Sample]], None]] = None) -> FixStageResult:
+    """Run the fix stage over `groups`, placing successful fixes IN PLACE (and returning them).
+
+    generate: `generate(prompts_token_ids, n, sampling) -> [[(ids, logprobs, finish_reason)] * n]`
+        (engine result objects with .output_ids/.logprobs/.finish_reason are accepted too).
+    reward_fn: a Verifier or callable (see rewards.score_many), scored on the ORIGINAL record.
+    score: alternative to reward_fn, `score(samples)` fills `reward`/`reward_message` in place (lets
+        the trainer add reward shaping); one of the two is required.
+    cfg: FixStageConfig, dict, the config's `rfpo.fix` section, or the whole run Config (then
+        `rfpo.fix` is used and `data.chat_template` picks the prompt format).
+    tokenizer: HF tokenizer (encodes the fix prompt through the chat template, decodes responses).
+    sampling: rollout sampling dict; fix temperature/max_new_tokens/`cfg.sampling` override it;
+        `seed` (if given) is added as sampling["seed"].
     """
     t0 = time.perf_counter()
-    cfg = FixStageConfig.from_any(cfg)
+    fix_cfg, fmt = _split_config(cfg)
+    cfg = FixStageConfig.from_any(fix_cfg)
+    if cfg.prompt_format is None and fmt is not None:
+        cfg.prompt_format = fmt
+    if reward_fn is None and score is None:
+        raise ValueError("run_fix_stage needs reward_fn or score")
     templates = resolve_templates(cfg.templates)
     variants = cfg.variants
-    out_groups = [copy.copy(g) for g in groups]
-    for g in out_groups:
-        g.samples = list(g.samples)
-    targets = select_targets(out_groups, cfg)
+    before = [(list(g.rewards), g.num_fixed, len(g.samples)) for g in groups]
+    targets = select_targets(groups, cfg)
 
-    # 1) fix prompts
+    # 1) fix prompts (plain text -> chat template -> ids)
     fix_ids, fix_texts, target_variant = [], [], []
     for k, (gi, si) in enumerate(targets):
-        g, s = out_groups[gi], out_groups[gi].samples[si]
+        g, s = groups[gi], groups[gi].samples[si]
         variant = variants[k % len(variants)]
         resp = s.response_text or _decode(tokenizer, s.response_ids)
         resp = resp[: cfg.max_response_chars]
@@ -159,88 +196,91 @@ def run_fix_stage(groups: Sequence[RolloutGroup], generate: GenerateFn, reward_f
         fix_ids.append(encode_prompt(tokenizer, text, cfg.prompt_format))
         target_variant.append(variant)
 
-    # 2) generate and score on the ORIGINAL prompt
+    # 2) generate, then score each fix on the ORIGINAL prompt/record
     n = int(cfg.attempts)
     gens: list = []
     if targets:
         samp = dict(sampling or {})
         samp.update(cfg.sampling or {})
-        gens = generate(fix_ids, n, samp)
-        if len(gens) != len(fix_ids) or any(len(x) != n for x in gens):
-            raise RuntimeError(f"fix stage: generate returned {[len(x) for x in gens]} outputs for "
+        if seed is not None:
+            samp["seed"] = int(seed)
+        raw = generate(fix_ids, n, samp)
+        if len(raw) != len(fix_ids) or any(len(x) != n for x in raw):
+            raise RuntimeError(f"fix stage: generate returned {[len(x) for x in raw]} outputs for "
                                f"{len(fix_ids)} prompts x n={n}")
-    items, texts = [], []
-    for (gi, si), outs in zip(targets, gens):
-        rec = out_groups[gi].record or out_groups[gi].samples[si].record
-        for ids, _, _ in outs:
-            texts.append(_decode(tokenizer, ids))
-            items.append((texts[-1], str(rec.get("answer", "")), rec))
-    scores = score_many(reward_fn, items) if items else []
+        gens = [[_as_output(o) for o in outs] for outs in raw]
+    cands: list[Sample] = []
+    for k, ((gi, si), outs) in enumerate(zip(targets, gens)):
+        g, orig = groups[gi], groups[gi].samples[si]
+        for ids, logps, finish in outs:
+            cands.append(Sample(prompt_ids=list(g.prompt_ids), response_ids=ids, rollout_logprobs=logps,
+                                is_fixed=True, fixed_from=list(orig.response_ids),
+                                fixed_from_logprobs=list(orig.rollout_logprobs),
+                                fix_variant=target_variant[k], finish_reason=finish, use_tis=False,
+                                record=g.record or orig.record, response_text=_decode(tokenizer, ids)))
+    if cands:
+        if score is not None:
+            score(cands)
+        else:
+            answers = [(c.response_text, str(c.record.get("answer", "")), c.record) for c in cands]
+            for c, res in zip(cands, score_many(reward_fn, answers)):
+                c.reward, c.reward_message = float(res.reward), res.message
 
     # 3) place the first successful attempt of each target
     attempts: list[FixAttempt] = []
     fixed: list[Sample] = []
-    per_var_tries = {v: 0 for v in variants}
-    per_var_ok = {v: 0 for v in variants}
+    tries = {v: 0 for v in variants}
+    oks = {v: 0 for v in variants}
     appended: dict[int, list[Sample]] = {}
-    j = 0
-    for k, ((gi, si), outs) in enumerate(zip(targets, gens)):
-        g, orig, variant = out_groups[gi], out_groups[gi].samples[si], target_variant[k]
+    for k, (gi, si) in enumerate(targets):
         chosen = None
-        for ids, logps, finish in outs:
-            res, text = scores[j], texts[j]
-            j += 1
-            ok = res.reward >= cfg.success_threshold
-            per_var_tries[variant] += 1
-            per_var_ok[variant] += int(ok)
-            attempts.append(FixAttempt(gi, si, variant, fix_texts[k], text, res.reward, res.message, ok))
+        for c in cands[k * n:(k + 1) * n]:
+            ok = c.reward >= cfg.success_threshold
+            tries[c.fix_variant] += 1
+            oks[c.fix_variant] += int(ok)
+            attempts.append(FixAttempt(gi, si, c.fix_variant, fix_texts[k], c.response_text, c.reward,
+                                       c.reward_message, ok))
             if ok and chosen is None:
-                chosen = Sample(prompt_ids=list(g.prompt_ids), response_ids=list(ids),
-                                rollout_logprobs=list(logps), reward=float(res.reward),
-                                reward_message=res.message, is_fixed=True,
-                                fixed_from=list(orig.response_ids),
-                                fixed_from_logprobs=list(orig.rollout_logprobs), fix_variant=variant,
-                                finish_reason=finish, use_tis=False, record=orig.record or g.record,
-                                response_text=text)
+                chosen = c
         if chosen is None:
             continue
         fixed.append(chosen)
         if cfg.placement == "replace":
-            g.samples[si] = chosen
+            groups[gi].samples[si] = chosen
         else:
             appended.setdefault(gi, []).append(chosen)
     for gi, extra in appended.items():
-        out_groups[gi].samples.extend(extra)
+        groups[gi].samples.extend(extra)
 
-    metrics = fix_metrics(groups, out_groups, targets, per_var_tries, per_var_ok, cfg)
+    metrics = fix_metrics(before, groups, targets, tries, oks, cfg)
     metrics["perf/fix_time_s"] = time.perf_counter() - t0
-    return FixStageResult(out_groups, fixed, attempts, metrics)
+    return FixStageResult(list(groups), fixed, attempts, metrics)
 
 
-def fix_metrics(before: Sequence[RolloutGroup], after: Sequence[RolloutGroup],
+def fix_metrics(before: Sequence[tuple[list[float], int, int]], after: Sequence[RolloutGroup],
                 targets: Sequence[tuple[int, int]], tries: dict[str, int], oks: dict[str, int],
                 cfg: FixStageConfig) -> dict[str, float]:
-    """`rfpo/*` fix metrics (zero denominators give 0.0)."""
+    """`rfpo/*` fix metrics from the pre-stage snapshot `before` = [(rewards, num_fixed, size)] and
+    the groups `after` placement (zero denominators give 0.0)."""
     def frac(a: float, b: float) -> float:
         return float(a) / float(b) if b else 0.0
 
     n_groups = len(before)
-    zero = sum(1 for g in before if g.samples and all(is_wrong(r, cfg.threshold) for r in g.rewards))
-    full = sum(1 for g in before if g.samples and not any(is_wrong(r, cfg.threshold) for r in g.rewards))
+    zero = sum(1 for r, _, _ in before if r and all(is_wrong(x, cfg.threshold) for x in r))
+    full = sum(1 for r, _, _ in before if r and not any(is_wrong(x, cfg.threshold) for x in r))
     n_try, n_ok = sum(tries.values()), sum(oks.values())
+    new_fixed = [after[gi].num_fixed - before[gi][1] for gi in range(n_groups)]
     n_fixed = sum(g.num_fixed for g in after)
     n_samples = sum(len(g.samples) for g in after)
-    targeted_groups = {gi for gi, _ in targets}
-    fixed_groups = sum(1 for gi in targeted_groups if after[gi].num_fixed > before[gi].num_fixed)
     m = {
         "rfpo/zero_group_frac": frac(zero, n_groups),
         "rfpo/full_group_frac": frac(full, n_groups),
-        "rfpo/fix_groups": float(len(targeted_groups)),
+        "rfpo/fix_groups": float(len({gi for gi, _ in targets})),
         "rfpo/fix_targets": float(len(targets)),
         "rfpo/fix_attempts": float(n_try),
         "rfpo/fix_success_rate": frac(n_ok, n_try),
-        "rfpo/fix_target_success_rate": frac(n_fixed - sum(g.num_fixed for g in before), len(targets)),
-        "rfpo/fixed_group_frac": frac(fixed_groups, n_groups),
+        "rfpo/fix_target_success_rate": frac(sum(new_fixed), len(targets)),
+        "rfpo/fixed_group_frac": frac(sum(1 for x in new_fixed if x > 0), n_groups),
         "rfpo/fixed_seq_frac": frac(n_fixed, n_samples),
     }
     for v in tries:

@@ -43,6 +43,7 @@ def _exact(**kw: Any) -> Any:
     return ExactMatchVerifier(**kw)
 
 
+@register_reward("arithmetic")  # alias used by config.py
 @register_reward("addition")
 def _addition(**kw: Any) -> Any:
     from rfpo_megatron.rewards.addition import AdditionVerifier
