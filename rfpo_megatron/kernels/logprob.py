@@ -54,87 +54,88 @@ def _check_inputs(logits: torch.Tensor, labels: torch.Tensor, temperature: float
     return vocab
 
 
-def _combine(m: torch.Tensor, s: torch.Tensor, a: torch.Tensor | None, zt: torch.Tensor, tp_group, world: int):
-    """Merge per-shard (m, s, a, zt) [N] into global (lse, entropy|None, target logit) with 2 all-reduces."""
+def _combine(m, s, a, xt, inv_temp: float, tp_group, world: int):
+    """Merge per-shard stats [N] (raw-logit max m, sum-exp s, entropy term a, target logit xt) across the TP
+    group with one all-reduce(MAX) and one packed all-reduce(SUM); returns global (m, log S, entropy|None, xt)."""
     if world > 1:
         gm = m.clone()
         dist.all_reduce(gm, op=dist.ReduceOp.MAX, group=tp_group)
-        scale = torch.exp(m - gm)  # shards with no valid column have m = -inf, s = 0 -> scale 0
-        cols = [s * scale, zt]
+        has = s > 0  # shards with no valid column have m = -inf, s = 0
+        shift = torch.where(has, (m - gm) * inv_temp, torch.zeros_like(s))
+        scale = torch.where(has, torch.exp(shift), torch.zeros_like(s))
+        cols = [s * scale, xt]
         if a is not None:
-            shift = torch.where(s > 0, (m - gm) * s, torch.zeros_like(s))
-            cols.append(torch.where(s > 0, scale * (a + shift), torch.zeros_like(s)))
+            cols.append(scale * (a + shift * s))
         packed = torch.stack(cols, dim=1)
         dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=tp_group)
-        s, zt = packed[:, 0], packed[:, 1]
+        s, xt = packed[:, 0], packed[:, 1]
         a = packed[:, 2] if a is not None else None
         m = gm
     log_s = torch.log(s)
-    lse = m + log_s
     ent = (log_s - a / s) if a is not None else None
-    return lse, ent, zt
+    return m, log_s, ent, xt
 
 
 # ----------------------------------------------------------------------------------------- torch twin kernels
 def _torch_shard_stats(logits, labels, n_valid, vocab_start, inv_temp, compute_entropy):
+    """Torch twin of the forward kernel: (m, s, a|None, xt) [N] fp32, rows upcast in chunks."""
     n = logits.shape[0]
     dev = logits.device
     m = torch.full((n,), float("-inf"), dtype=torch.float32, device=dev)
     s = torch.zeros(n, dtype=torch.float32, device=dev)
     a = torch.zeros(n, dtype=torch.float32, device=dev) if compute_entropy else None
-    zt = torch.zeros(n, dtype=torch.float32, device=dev)
+    xt = torch.zeros(n, dtype=torch.float32, device=dev)
     local = labels.long() - vocab_start
     in_shard = (local >= 0) & (local < n_valid)
     rows = max(1, TORCH_CHUNK_ELEMS // max(1, n_valid))
     for r0 in range(0, n if n_valid > 0 else 0, rows):
         r1 = min(n, r0 + rows)
-        z = logits[r0:r1, :n_valid].to(torch.float32, copy=True)
+        d = logits[r0:r1, :n_valid].to(torch.float32, copy=True)
+        mc = d.max(dim=1).values
+        d.sub_(mc[:, None])  # x - max x: exact in fp32
         if inv_temp != 1.0:
-            z.mul_(inv_temp)
-        mc = z.max(dim=1).values
-        z.sub_(mc[:, None])  # z - max, in place
-        e = torch.exp(z)
+            d.mul_(inv_temp)
+        e = torch.exp(d)
         s[r0:r1] = e.sum(dim=1)
         if compute_entropy:
-            a[r0:r1] = (e * z).sum(dim=1)
+            a[r0:r1] = (e.mul_(d)).sum(dim=1)
         m[r0:r1] = mc
-        del z, e
-    idx = torch.where(in_shard, local, torch.zeros_like(local))
+        del d, e
     if n_valid > 0 and n > 0:
-        picked = logits.gather(1, idx[:, None].clamp_max(logits.shape[1] - 1))[:, 0].float() * inv_temp
-        zt = torch.where(in_shard, picked, zt)
-    return m, s, a, zt
+        idx = torch.where(in_shard, local, torch.zeros_like(local))
+        picked = logits.gather(1, idx[:, None])[:, 0].float()
+        xt = torch.where(in_shard, picked, xt)
+    return m, s, a, xt
 
 
-def _torch_logits_grad(logits, out, labels, lse, entropy, g_logp, g_ent, n_valid, vocab_start, inv_temp):
+def _torch_logits_grad(logits, out, labels, m, log_s, entropy, g_logp, g_ent, n_valid, vocab_start, inv_temp):
+    """Torch twin of the backward kernel: writes d/dlogits [N, V/tp] into `out` chunk by chunk."""
     n, n_cols = logits.shape
     local = labels.long() - vocab_start
     in_shard = (local >= 0) & (local < n_valid)
     rows = max(1, TORCH_CHUNK_ELEMS // max(1, n_cols))
-    for r0 in range(0, n, rows):
+    for r0 in range(0, n if n_valid > 0 else 0, rows):
         r1 = min(n, r0 + rows)
         z = logits[r0:r1, :n_valid].to(torch.float32, copy=True)
+        z.sub_(m[r0:r1, None])
         if inv_temp != 1.0:
             z.mul_(inv_temp)
-        z.sub_(lse[r0:r1, None])  # log p
+        z.sub_(log_s[r0:r1, None])  # log p
         p = torch.exp(z)
         if g_ent is not None:
             z.add_(entropy[r0:r1, None]).mul_(p).mul_(g_ent[r0:r1, None])  # g_ent * p * (log p + H)
-            dz = z.add_(p * g_logp[r0:r1, None]).neg_()
+            dz = z.add_(p.mul_(g_logp[r0:r1, None])).neg_()
         else:
             dz = p.mul_(g_logp[r0:r1, None]).neg_()
-        hit = in_shard[r0:r1]
-        if bool(hit.any()):
-            rr = torch.nonzero(hit)[:, 0]
-            dz[rr, local[r0:r1][rr]] += g_logp[r0:r1][rr]
+        hit = torch.nonzero(in_shard[r0:r1])[:, 0]
+        if hit.numel():
+            dz[hit, local[r0:r1][hit]] += g_logp[r0:r1][hit]
         if inv_temp != 1.0:
             dz.mul_(inv_temp)
-        out[r0:r1, :n_valid] = dz.to(out.dtype)
-        if n_valid < n_cols:
-            out[r0:r1, n_valid:] = 0
+        out[r0:r1, :n_valid] = dz
         del z, p, dz
-    if n_valid == 0:
-        out.zero_()
+    if n_valid < n_cols:
+        out[:, n_valid:] = 0
     return out
 
 
@@ -154,17 +155,17 @@ class _VocabParallelLogprobs(torch.autograd.Function):
             from .logprob_triton import shard_stats
         else:
             shard_stats = _torch_shard_stats
-        m, s, a, zt = shard_stats(logits, labels, n_valid, vocab_start, inv_temp, compute_entropy)
-        lse, ent, zt = _combine(m, s, a, zt, tp_group, world)
+        m, s, a, xt = shard_stats(logits, labels, n_valid, vocab_start, inv_temp, compute_entropy)
+        m, log_s, ent, xt = _combine(m, s, a, xt, inv_temp, tp_group, world)
         keep = labels >= 0
-        logp = torch.where(keep, zt - lse, torch.zeros_like(lse))
-        ctx.save_for_backward(logits, labels, lse, ent if ent is not None else lse)
+        logp = torch.where(keep, (xt - m) * inv_temp - log_s, torch.zeros_like(log_s))
+        ctx.save_for_backward(logits, labels, m, log_s, ent if ent is not None else m)
         ctx.meta = (n_valid, vocab_start, inv_temp, compute_entropy, inplace_backward, triton_path)
         return logp, ent
 
     @staticmethod
     def backward(ctx, g_logp, g_ent):
-        logits, labels, lse, ent = ctx.saved_tensors
+        logits, labels, m, log_s, ent = ctx.saved_tensors
         n_valid, vocab_start, inv_temp, compute_entropy, inplace, triton_path = ctx.meta
         n = logits.shape[0]
         g_logp = torch.zeros(n, dtype=torch.float32, device=logits.device) if g_logp is None else g_logp.float()
@@ -178,7 +179,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
             from .logprob_triton import logits_grad
         else:
             logits_grad = _torch_logits_grad
-        logits_grad(logits, out, labels, lse, ent, g_logp, g_ent, n_valid, vocab_start, inv_temp)
+        logits_grad(logits, out, labels, m, log_s, ent, g_logp, g_ent, n_valid, vocab_start, inv_temp)
         return out, None, None, None, None, None, None, None
 
 

@@ -4,11 +4,12 @@ Both kernels run one program per row and stream the row's vocab shard in BLOCK_V
 larger than a [BLOCK_V] fp32 tile ever exists. Only columns `< n_valid` are read: the padded tail of the
 vocabulary (global id >= true vocab size) is treated as -inf (probability 0, gradient 0).
 
-Forward outputs, per row and relative to the shard's own max m (z = logit / T):
-  m = max_j z_j,  s = sum_j exp(z_j - m),  a = sum_j exp(z_j - m) * (z_j - m),  zt = z_label (0 off-shard).
-The caller combines ranks (all-reduce MAX on m, SUM on the rescaled s, a, zt) and forms
-  lse = M + log S,  logp = zt - lse,  entropy = log S - A / S.
-Backward: with log p_j = z_j - lse, p_j = exp(log p_j),
+Forward outputs, per row, with x the raw logits, z = x / T and m = max_j x_j (raw units, so that every
+difference x_j - m is exact in fp32 even for logits of magnitude 1e4):
+  m,  s = sum_j exp((x_j - m)/T),  a = sum_j exp((x_j - m)/T) * (x_j - m)/T,  xt = x_label (0 off-shard).
+The caller combines ranks (all-reduce MAX on m, SUM on the rescaled s, a, xt) and forms
+  logp = (xt - M)/T - log S,  entropy = log S - A / S.
+Backward: with log p_j = (x_j - M)/T - log S, p_j = exp(log p_j),
   dz_j = g_logp * (1[j = label] - p_j) - g_ent * p_j * (log p_j + H),  dlogits = dz / T.
 """
 from __future__ import annotations
@@ -17,55 +18,56 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import jit
+from .dispatch import interpret_mode, jit
 
 
 def _fwd_kernel(
-    logits_ptr, stride_row, labels_ptr, m_ptr, s_ptr, a_ptr, zt_ptr,
+    logits_ptr, stride_row, labels_ptr, m_ptr, s_ptr, a_ptr, xt_ptr,
     n_valid, vocab_start, inv_temp,
     BLOCK_V: tl.constexpr, COMPUTE_ENTROPY: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * stride_row
     offs = tl.arange(0, BLOCK_V)
-    m = tl.full((), float("-inf"), tl.float32)
+    m = tl.full((), float("-inf"), tl.float32)  # running max of the raw logits x
     s = tl.zeros((), tl.float32)
     a = tl.zeros((), tl.float32)
     for start in range(0, n_valid, BLOCK_V):
         cols = start + offs
         valid = cols < n_valid
-        z = tl.load(base + cols, mask=valid, other=float("-inf")).to(tl.float32) * inv_temp
-        m_new = tl.maximum(m, tl.max(z, axis=0))
-        scale = tl.exp(m - m_new)  # m = -inf only before the first tile; then s = a = 0
-        e = tl.exp(z - m_new)
+        x = tl.load(base + cols, mask=valid, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        scale = tl.exp((m - m_new) * inv_temp)  # m = -inf only before the first tile; then s = a = 0
+        d = tl.where(valid, (x - m_new) * inv_temp, 0.0)  # z - max z, exact difference then scaled
+        e = tl.where(valid, tl.exp(d), 0.0)
         if COMPUTE_ENTROPY:
-            d = tl.where(valid, z - m_new, 0.0)
-            shift = tl.where(s > 0, m - m_new, 0.0)  # avoids (-inf) * 0 before the first tile
+            shift = tl.where(s > 0, (m - m_new) * inv_temp, 0.0)  # avoids (-inf) * 0 before the first tile
             a = scale * (a + shift * s) + tl.sum(e * d, axis=0)
         s = s * scale + tl.sum(e, axis=0)
         m = m_new
     label = tl.load(labels_ptr + row).to(tl.int64) - vocab_start
     in_shard = (label >= 0) & (label < n_valid)
     safe = tl.where(in_shard, label, 0)
-    zt = tl.load(base + safe, mask=in_shard, other=0.0).to(tl.float32) * inv_temp
-    zt = tl.where(in_shard, zt, 0.0)
+    xt = tl.load(base + safe, mask=in_shard, other=0.0).to(tl.float32)
+    xt = tl.where(in_shard, xt, 0.0)
     tl.store(m_ptr + row, m)
     tl.store(s_ptr + row, s)
-    tl.store(zt_ptr + row, zt)
+    tl.store(xt_ptr + row, xt)
     if COMPUTE_ENTROPY:
         tl.store(a_ptr + row, a)
 
 
 def _bwd_kernel(
-    logits_ptr, stride_row, grad_ptr, stride_grad_row, labels_ptr, lse_ptr, ent_ptr, glogp_ptr, gent_ptr,
+    logits_ptr, stride_row, grad_ptr, stride_grad_row, labels_ptr, m_ptr, logs_ptr, ent_ptr, glogp_ptr, gent_ptr,
     n_valid, n_cols, vocab_start, inv_temp,
-    BLOCK_V: tl.constexpr, HAS_ENT_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr, HAS_ENT_GRAD: tl.constexpr, MANUAL_RTNE_BF16: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * stride_row
     gbase = grad_ptr + row * stride_grad_row
     offs = tl.arange(0, BLOCK_V)
-    lse = tl.load(lse_ptr + row)
+    m = tl.load(m_ptr + row)
+    log_s = tl.load(logs_ptr + row)
     gl = tl.load(glogp_ptr + row)
     label = tl.load(labels_ptr + row).to(tl.int64) - vocab_start
     if HAS_ENT_GRAD:
@@ -75,14 +77,20 @@ def _bwd_kernel(
         cols = start + offs
         valid = cols < n_valid
         inside = cols < n_cols
-        z = tl.load(base + cols, mask=valid, other=0.0).to(tl.float32) * inv_temp
-        logp = z - lse
+        x = tl.load(base + cols, mask=valid, other=0.0).to(tl.float32)
+        logp = tl.where(valid, (x - m) * inv_temp - log_s, 0.0)
         p = tl.where(valid, tl.exp(logp), 0.0)
         dz = tl.where(cols == label, gl, 0.0) - gl * p
         if HAS_ENT_GRAD:
-            dz = dz - gh * p * (tl.where(valid, logp, 0.0) + h)
+            dz = dz - gh * p * (logp + h)
         dz = dz * inv_temp
-        tl.store(gbase + cols, dz.to(grad_ptr.dtype.element_ty), mask=inside)
+        if MANUAL_RTNE_BF16:
+            # the interpreter's fp32 -> bf16 cast truncates; round to nearest even by hand (what GPUs do)
+            b = dz.to(tl.uint32, bitcast=True)
+            b = b + 0x7FFF + ((b >> 16) & 1)
+            tl.store(gbase + cols, (b >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=inside)
+        else:
+            tl.store(gbase + cols, dz.to(grad_ptr.dtype.element_ty), mask=inside)
 
 
 def _block_v(n_cols: int, on_cpu: bool) -> int:
@@ -93,33 +101,35 @@ def _block_v(n_cols: int, on_cpu: bool) -> int:
 
 def shard_stats(logits: torch.Tensor, labels: torch.Tensor, n_valid: int, vocab_start: int, inv_temp: float,
                 compute_entropy: bool) -> tuple[torch.Tensor, ...]:
-    """Per-row shard statistics (m, s, a, zt), each [N] fp32, for logits [N, V/tp] and global labels [N]."""
+    """Per-row shard statistics (m, s, a, xt), each [N] fp32, for logits [N, V/tp] and global labels [N]."""
     n = logits.shape[0]
     dev = logits.device
     m = torch.empty(n, dtype=torch.float32, device=dev)
     s = torch.empty_like(m)
-    zt = torch.empty_like(m)
+    xt = torch.empty_like(m)
     a = torch.zeros_like(m) if compute_entropy else m  # dummy pointer when unused
     if n > 0:
         jit(_fwd_kernel)[(n,)](
-            logits, logits.stride(0), labels, m, s, a, zt,
+            logits, logits.stride(0), labels, m, s, a, xt,
             n_valid, vocab_start, inv_temp,
             BLOCK_V=_block_v(logits.shape[1], not logits.is_cuda), COMPUTE_ENTROPY=compute_entropy,
         )
-    return m, s, (a if compute_entropy else None), zt
+    return m, s, (a if compute_entropy else None), xt
 
 
-def logits_grad(logits: torch.Tensor, out: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
+def logits_grad(logits: torch.Tensor, out: torch.Tensor, labels: torch.Tensor, m: torch.Tensor, log_s: torch.Tensor,
                 entropy: torch.Tensor | None, g_logp: torch.Tensor, g_ent: torch.Tensor | None,
                 n_valid: int, vocab_start: int, inv_temp: float) -> torch.Tensor:
-    """Write d(loss)/d(logits) [N, V/tp] into `out` (may alias `logits`) from [N] fp32 lse, entropy, grads."""
+    """Write d(loss)/d(logits) [N, V/tp] into `out` (may alias `logits`) from [N] fp32 global max m (raw units),
+    log S, entropy and the incoming grads."""
     n = logits.shape[0]
     has_ent = g_ent is not None
     if n > 0:
         jit(_bwd_kernel)[(n,)](
-            logits, logits.stride(0), out, out.stride(0), labels, lse,
-            entropy if has_ent else lse, g_logp, g_ent if has_ent else g_logp,
+            logits, logits.stride(0), out, out.stride(0), labels, m, log_s,
+            entropy if has_ent else m, g_logp, g_ent if has_ent else g_logp,
             n_valid, logits.shape[1], vocab_start, inv_temp,
             BLOCK_V=_block_v(logits.shape[1], not logits.is_cuda), HAS_ENT_GRAD=has_ent,
+            MANUAL_RTNE_BF16=out.dtype == torch.bfloat16 and interpret_mode(),
         )
     return out
