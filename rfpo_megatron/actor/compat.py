@@ -15,7 +15,9 @@ What it does (process-wide, idempotent):
    ``torch.cuda.current_device`` returns 0 and a few CUDA-only helpers
    (``synchronize``, ``empty_cache``, memory queries, ``manual_seed``) become
    harmless no-ops.
-2. RNG tracker. megatron's ``get_cuda_rng_tracker()`` forks CUDA generator
+2. Megatron's ``clip_grad_by_total_norm_fp32`` asserts ``torch.cuda.FloatTensor``
+   grads; it is swapped for a CPU twin with the same formula.
+3. RNG tracker. megatron's ``get_cuda_rng_tracker()`` forks CUDA generator
    states (attention dropout, TP weight init). It is replaced by
    :class:`CpuRNGStatesTracker`, which keeps named CPU generator states and
    swaps them into torch's default CPU generator inside ``fork()``.
@@ -158,6 +160,26 @@ def _patch_torch_cuda() -> None:
         setattr(torch.cuda, name, _make(name, value))
 
 
+def _cpu_clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """CPU twin of megatron's clip_grad_by_total_norm_fp32 (which asserts torch.cuda.FloatTensor grads)."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr).detach() for p in parameters if getattr(p, attr, None) is not None]
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0:
+        for g in grads:
+            g.mul_(clip_coeff)
+
+
+def _patch_megatron() -> None:
+    """Swap megatron functions that assert CUDA tensor types for CPU twins."""
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    clip_grads.clip_grad_by_total_norm_fp32 = _cpu_clip_grad_by_total_norm_fp32
+    optimizer.clip_grad_by_total_norm_fp32 = _cpu_clip_grad_by_total_norm_fp32
+
+
 def enable_cpu_compat() -> bool:
     """Enable the CPU redirect + RNG tracker once per process.
 
@@ -177,6 +199,7 @@ def enable_cpu_compat() -> bool:
         _MODE = _CudaToCpuMode()
         _MODE.__enter__()
         _install_rng_tracker()
+        _patch_megatron()
         _ENABLED = True
     return True
 

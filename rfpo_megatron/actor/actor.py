@@ -1,0 +1,348 @@
+"""Actor: megatron-core policy with a log-prob pass and a train step (registry loss, megatron optimizer, LR schedule).
+
+Usage (every rank of the job, after ``init_parallel``)::
+
+    actor = Actor(hf_config, actor_cfg, total_steps=100)
+    logp, ent = actor.compute_logprobs(batch, compute_entropy=True)   # B x [R_i]
+    batch.old_logp = logp
+    metrics = actor.train_step(batch, algo_cfg)                        # train/* floats
+
+Every rank passes the same whole ActorBatch. The actor splits it over
+data-parallel ranks (balanced by tokens), packs micro-batches by
+``max_tokens_per_gpu`` (or ``micro_batch_size``), and normalises the loss by the
+whole step's token / sequence counts, so the update does not depend on the
+split. The DP gradient reduction therefore SUMS (``calculate_per_token_loss``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Optional
+
+import torch
+
+from rfpo_megatron.actor.batch import ActorBatch, pad_tokens
+from rfpo_megatron.actor.forward import dp_sum, pp_broadcast_from_last, run_schedule
+from rfpo_megatron.actor.model import build_model
+from rfpo_megatron.actor.packing import PackedMicroBatch, make_microbatches, pack_microbatch, split_for_dp
+from rfpo_megatron.algos.aggregation import aggregate
+from rfpo_megatron.algos.kl import kl_loss
+from rfpo_megatron.algos.registry import get_policy_loss
+from rfpo_megatron.config import ActorConfig
+
+METRIC_KEYS = (
+    "train/loss",
+    "train/pg_loss",
+    "train/pg_clipfrac",
+    "train/ppo_kl",
+    "train/entropy",
+    "train/kl_loss",
+    "train/grad_norm",
+    "train/lr",
+)
+
+
+def _cfg(obj: Any, name: str, default: Any = None) -> Any:
+    return getattr(obj, name, default) if obj is not None else default
+
+
+class Actor:
+    """This rank's model chunks (DDP-wrapped), optimizer and LR scheduler.
+
+    hf_config: HF config object or dict (see ``model.transformer_config_from_hf``).
+    cfg: ``rfpo_megatron.config.ActorConfig`` (tp/pp must match ``init_parallel``).
+    total_steps: optimizer steps of the run (LR decay horizon).
+    temperature: sampling temperature; logits are divided by it before log-softmax.
+    """
+
+    def __init__(
+        self,
+        hf_config: Any,
+        cfg: Optional[ActorConfig] = None,
+        *,
+        total_steps: int = 1,
+        temperature: float = 1.0,
+        spec: str = "auto",
+        with_optimizer: bool = True,
+        **model_overrides: Any,
+    ) -> None:
+        from megatron.core import parallel_state as mpu
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+
+        self.cfg = cfg or ActorConfig()
+        tp = mpu.get_tensor_model_parallel_world_size()
+        pp = mpu.get_pipeline_model_parallel_world_size()
+        if (self.cfg.tensor_model_parallel_size, self.cfg.pipeline_model_parallel_size) != (tp, pp):
+            raise ValueError(
+                f"actor.tensor_model_parallel_size={self.cfg.tensor_model_parallel_size}, "
+                f"pipeline_model_parallel_size={self.cfg.pipeline_model_parallel_size} differ from "
+                f"init_parallel(tp={tp}, pp={pp}); pass the same values"
+            )
+        self.hf_config = hf_config
+        self.on_gpu = torch.cuda.is_available()
+        self.layout = "thd" if (self.on_gpu and spec != "local") else "pad"
+        self.temperature = float(temperature)
+        dtype = torch.bfloat16 if self.cfg.bf16 else torch.float32
+        overrides = dict(model_overrides)
+        overrides.setdefault("calculate_per_token_loss", True)
+        if self.cfg.recompute in ("selective", "full"):
+            overrides.setdefault("recompute_granularity", self.cfg.recompute)
+            if self.cfg.recompute == "full":
+                overrides.setdefault("recompute_method", "uniform")
+                overrides.setdefault("recompute_num_layers", 1)
+        elif self.cfg.recompute != "none":
+            raise ValueError(f"actor.recompute={self.cfg.recompute!r} must be none, selective or full")
+        chunks = build_model(hf_config, params_dtype=dtype, spec=spec, **overrides)
+        self.vocab_size = int(chunks[0].vocab_size_unpadded)
+        self.use_dist_opt = bool(self.cfg.use_distributed_optimizer and self.on_gpu)
+        ddp_cfg = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=self.use_dist_opt,
+            check_for_nan_in_grad=False,
+            average_in_collective=False,
+        )
+        self.model = [
+            DistributedDataParallel(config=c.config, ddp_config=ddp_cfg, module=c) for c in chunks
+        ]
+        config = chunks[0].config
+        config.finalize_model_grads_func = finalize_model_grads
+        config.no_sync_func = None
+        self.step = 0
+        self.total_steps = max(1, int(total_steps))
+        self.optimizer = None
+        self.scheduler = None
+        if with_optimizer:
+            self._build_optimizer(dtype)
+
+    # ------------------------------------------------------------------ setup
+    def _build_optimizer(self, dtype: torch.dtype) -> None:
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        c = self.cfg
+        if c.lr_decay_style not in ("constant", "linear", "cosine"):
+            raise ValueError(f"actor.lr_decay_style={c.lr_decay_style!r} must be constant, linear or cosine")
+        ocfg = OptimizerConfig(
+            optimizer="adam",
+            lr=c.lr,
+            min_lr=c.min_lr,
+            weight_decay=c.weight_decay,
+            adam_beta1=c.adam_beta1,
+            adam_beta2=c.adam_beta2,
+            adam_eps=c.adam_eps,
+            clip_grad=c.clip_grad,
+            bf16=dtype == torch.bfloat16,
+            params_dtype=dtype,
+            use_distributed_optimizer=self.use_dist_opt,
+            optimizer_cpu_offload=bool(c.optimizer_cpu_offload and self.on_gpu),
+        )
+        self.optimizer = get_megatron_optimizer(ocfg, self.model, use_gloo_process_groups=False)
+        warm = int(c.lr_warmup_steps)
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer,
+            init_lr=0.0 if warm > 0 else c.lr,
+            max_lr=c.lr,
+            min_lr=c.min_lr,
+            lr_warmup_steps=warm,
+            lr_decay_steps=max(self.total_steps, warm + 1),
+            lr_decay_style=c.lr_decay_style,
+            start_wd=c.weight_decay,
+            end_wd=c.weight_decay,
+            wd_incr_steps=self.total_steps,
+            wd_incr_style="constant",
+        )
+
+    @property
+    def modules(self) -> list:
+        """Unwrapped GPTModel chunks of this rank."""
+        return [m.module for m in self.model]
+
+    def _my_microbatches(self, batch: ActorBatch) -> tuple[list[int], list[PackedMicroBatch]]:
+        """(this DP rank's sample ids, its packed micro-batches)."""
+        from megatron.core import parallel_state as mpu
+
+        lengths = batch.lengths
+        dp = mpu.get_data_parallel_world_size()
+        mine = split_for_dp(lengths, dp)[mpu.get_data_parallel_rank()]
+        groups = make_microbatches(
+            [lengths[i] for i in mine],
+            max_tokens=self.cfg.max_tokens_per_gpu,
+            micro_batch_size=self.cfg.micro_batch_size,
+            layout=self.layout,
+        )
+        dev = torch.device("cuda", torch.cuda.current_device()) if self.on_gpu else torch.device("cpu")
+        mbs = [
+            pack_microbatch(batch.input_ids, batch.prompt_lens, [mine[j] for j in g], layout=self.layout, device=dev)
+            for g in groups
+        ]
+        return mine, mbs
+
+    # --------------------------------------------------------------- logprobs
+    @torch.no_grad()
+    def compute_logprobs(
+        self, batch: ActorBatch, *, compute_entropy: bool = False
+    ) -> tuple[list[torch.Tensor], Optional[list[torch.Tensor]]]:
+        """Forward-only pipeline pass; per-sample response-token log-probs (and entropies).
+
+        Returns (logp, entropy): B CPU float32 tensors [R_i] each (entropy None
+        unless ``compute_entropy``), identical on every rank.
+        """
+        R = batch.response_lens
+        offsets = [0]
+        for r in R:
+            offsets.append(offsets[-1] + r)
+        total = offsets[-1]
+        _, mbs = self._my_microbatches(batch)
+        dev = mbs[0].labels.device if mbs else torch.device("cpu")
+        buf = torch.zeros(2 if compute_entropy else 1, total, dtype=torch.float32, device=dev)
+
+        def token_fn(mb: PackedMicroBatch, logp: torch.Tensor, ent: torch.Tensor):
+            return logp.sum() * 0.0, {"logp": logp.detach(), "entropy": ent.detach()}
+
+        for m in self.model:
+            m.eval()
+        stats = run_schedule(
+            self.model, mbs, token_fn, forward_only=True, temperature=self.temperature,
+            vocab_size=self.vocab_size, compute_entropy=compute_entropy,
+        )
+        for m in self.model:
+            m.train()
+        for mb, st in zip(mbs, stats):
+            pieces = torch.split(st["logp"].float(), mb.resp_lens)
+            epieces = torch.split(st["entropy"].float(), mb.resp_lens) if compute_entropy else None
+            for k, i in enumerate(mb.sample_ids):
+                buf[0, offsets[i]: offsets[i + 1]] = pieces[k]
+                if compute_entropy:
+                    buf[1, offsets[i]: offsets[i + 1]] = epieces[k]
+        # non-last stages and other DP ranks hold zeros: sums are exact copies
+        pp_broadcast_from_last(buf)
+        dp_sum(buf)
+        buf = buf.cpu()
+        logp = [buf[0, offsets[i]: offsets[i + 1]].clone() for i in range(len(R))]
+        ent = [buf[1, offsets[i]: offsets[i + 1]].clone() for i in range(len(R))] if compute_entropy else None
+        return logp, ent
+
+    # ------------------------------------------------------------- train step
+    def train_step(self, batch: ActorBatch, loss_cfg: Any, rfpo_cfg: Any = None) -> dict[str, float]:
+        """One optimizer step on the whole batch; returns ``train/*`` metrics (floats, same on every rank).
+
+        loss_cfg: ``AlgoConfig``-like (policy_loss, loss_agg_mode, loss_agg_max_len,
+        clip_ratio_low/high/c, entropy_coeff, use_kl_loss, kl_loss_coef, kl_loss_type, ...).
+        rfpo_cfg: ``RFPOConfig``-like (loss_form) or None.
+        Requires batch.advantages and batch.old_logp (batch.ref_logp with use_kl_loss).
+        """
+        if self.optimizer is None:
+            raise RuntimeError("Actor was built with with_optimizer=False; train_step needs the optimizer")
+        if batch.advantages is None or batch.old_logp is None:
+            raise ValueError("train_step needs batch.advantages and batch.old_logp (run compute_logprobs first)")
+        use_kl = bool(_cfg(loss_cfg, "use_kl_loss", False))
+        if use_kl and batch.ref_logp is None:
+            raise ValueError("algorithm.use_kl_loss=true needs batch.ref_logp")
+        mode = _cfg(loss_cfg, "loss_agg_mode", "token-mean")
+        max_len = _cfg(loss_cfg, "loss_agg_max_len", None)
+        if mode == "seq-mean-token-sum-norm" and not max_len:
+            max_len = max(batch.response_lens)
+        masks = [batch.mask_of(i) for i in range(len(batch))]
+        n_tok = int(sum(int(m.sum()) for m in masks))
+        n_seq = int(sum(1 for m in masks if bool(m.any())))
+        if n_tok == 0:
+            raise ValueError("train_step: the batch has no response tokens in the loss mask")
+        pl_fn = get_policy_loss(_cfg(loss_cfg, "policy_loss", "ppo"))
+        pl_kwargs = self._policy_loss_kwargs(pl_fn, loss_cfg, rfpo_cfg)
+        ent_coef = float(_cfg(loss_cfg, "entropy_coeff", 0.0) or 0.0)
+        kl_coef = float(_cfg(loss_cfg, "kl_loss_coef", 0.0) or 0.0)
+        kl_type = _cfg(loss_cfg, "kl_loss_type", "k3")
+        agg = dict(global_num_tokens=n_tok, global_num_seqs=n_seq, max_len=max_len)
+
+        def per_sample(values, ids, dev, fill=0.0):
+            return pad_tokens([values[i] for i in ids], fill=fill).to(dev)
+
+        def token_fn(mb: PackedMicroBatch, logp: torch.Tensor, ent: torch.Tensor):
+            dev = logp.device
+            ids = mb.sample_ids
+            lp = pad_tokens(list(torch.split(logp, mb.resp_lens)))
+            en = pad_tokens(list(torch.split(ent, mb.resp_lens)))
+            mask = pad_tokens([masks[i] for i in ids], fill=False, dtype=torch.bool).to(dev)
+            old = per_sample(batch.old_logp, ids, dev)
+            adv = per_sample(batch.advantages, ids, dev)
+            log_roff = batch.log_roff[ids].to(dev) if batch.log_roff is not None else None
+            tok_loss, pl_metrics = pl_fn(lp, old, adv, mask, log_roff=log_roff, **pl_kwargs)
+            if batch.tis_weights is not None:
+                tok_loss = tok_loss * per_sample(batch.tis_weights, ids, dev, fill=1.0)
+            pg_loss = aggregate(tok_loss, mask, mode, **agg)
+            ent_agg = aggregate(en, mask, mode, **agg)
+            loss = pg_loss - ent_coef * ent_agg
+            klv = torch.zeros((), device=dev)
+            if use_kl:
+                klv = aggregate(kl_loss(lp, per_sample(batch.ref_logp, ids, dev), mask, kl_type), mask, mode, **agg)
+                loss = loss + kl_coef * klv
+            # token-mean style metrics, summed over micro-batches / DP ranks
+            frac = mask.sum().float() / n_tok
+            mf = mask.float()
+            stats = {
+                "train/loss": loss.detach(),
+                "train/pg_loss": pg_loss.detach(),
+                "train/kl_loss": klv.detach(),
+                "train/entropy": (en.detach() * mf).sum() / n_tok,
+                "train/ppo_kl": ((old - lp.detach()) * mf).sum() / n_tok,
+            }
+            clip = None
+            for key in ("pg_clipfrac", "clipfrac", "clip_frac"):
+                if key in pl_metrics:
+                    clip = pl_metrics[key]
+                    break
+            stats["train/pg_clipfrac"] = (clip.detach().float() * frac) if clip is not None else torch.zeros((), device=dev)
+            return loss, stats
+
+        self.optimizer.zero_grad()
+        for m in self.model:
+            m.zero_grad_buffer()
+        _, mbs = self._my_microbatches(batch)
+        stats = run_schedule(
+            self.model, mbs, token_fn, forward_only=False, temperature=self.temperature,
+            vocab_size=self.vocab_size, compute_entropy=True,
+        )
+        dev = next(self.model[0].parameters()).device
+        keys = ("train/loss", "train/pg_loss", "train/kl_loss", "train/entropy", "train/ppo_kl", "train/pg_clipfrac")
+        acc = torch.zeros(len(keys), dtype=torch.float64, device=dev)
+        for st in stats:
+            acc += torch.stack([st[k].double().reshape(()) for k in keys]).to(dev)
+        pp_broadcast_from_last(acc)
+        dp_sum(acc)
+        ok, grad_norm, _ = self.optimizer.step()
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        if ok:
+            self.scheduler.step(increment=1)
+        self.step += 1
+        out = {k: float(v) for k, v in zip(keys, acc.tolist())}
+        out["train/grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        out["train/lr"] = lr
+        out["train/update_skipped"] = 0.0 if ok else 1.0
+        return out
+
+    @staticmethod
+    def _policy_loss_kwargs(fn, loss_cfg: Any, rfpo_cfg: Any) -> dict:
+        """Keyword arguments of the registry policy loss, filled from the configs by name."""
+        params = inspect.signature(fn).parameters
+        has_var_kw = any(p.kind == p.VAR_KEYWORD for p in params.values())
+        kw: dict[str, Any] = {}
+        sources = [loss_cfg, rfpo_cfg]
+        for name, p in params.items():
+            if p.kind not in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) or name in (
+                "logp", "old_logp", "advantages", "response_mask", "log_roff",
+            ):
+                continue
+            for src in sources:
+                if src is not None and hasattr(src, name):
+                    kw[name] = getattr(src, name)
+                    break
+        if rfpo_cfg is not None and "loss_form" in params and hasattr(rfpo_cfg, "loss_form"):
+            kw["loss_form"] = rfpo_cfg.loss_form
+        del has_var_kw
+        return kw
+
+    def lr(self) -> float:
+        """Current learning rate."""
+        return float(self.optimizer.param_groups[0]["lr"]) if self.optimizer else 0.0

@@ -1,0 +1,120 @@
+"""ActorBatch: the per-sample token data the actor scores and trains on.
+
+Every rank of the job receives the SAME whole batch (the actor splits it over
+data-parallel ranks itself, balanced by tokens, and packs micro-batches by the
+token budget). Sample i is ``input_ids[i]`` = prompt + response, the response
+being ``input_ids[i][prompt_lens[i]:]`` of length ``R_i``. Per-response-token
+fields are lists of ``[R_i]`` tensors aligned with those response tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+
+@dataclass
+class ActorBatch:
+    """One step's samples.
+
+    input_ids:    B tensors [L_i] int64, prompt + response token ids.
+    prompt_lens:  B ints, the prompt length P_i (1 <= P_i <= L_i); R_i = L_i - P_i.
+    advantages:   B tensors [R_i] float (train_step).
+    old_logp:     B tensors [R_i] float, log-probs of the policy that produced the batch
+                  (from compute_logprobs; train_step).
+    ref_logp:     B tensors [R_i] float, reference policy log-probs (KL loss only).
+    rollout_logp: B tensors [R_i] float, log-probs reported by the rollout engine (informational;
+                  TIS weights are passed precomputed in ``tis_weights``).
+    tis_weights:  B tensors [R_i] float, truncated importance-sampling weights multiplied into the
+                  per-token loss (1 for fixed samples); None = no TIS.
+    response_mask: B tensors [R_i] bool, tokens that count in the loss; None = all response tokens.
+    log_roff:     [B] float, RFPO log R_off per sequence (0 for unfixed); None = all 0.
+    is_fixed:     [B] bool, the sample is an RFPO fix o_f.
+    """
+
+    input_ids: list[torch.Tensor]
+    prompt_lens: list[int]
+    advantages: Optional[list[torch.Tensor]] = None
+    old_logp: Optional[list[torch.Tensor]] = None
+    ref_logp: Optional[list[torch.Tensor]] = None
+    rollout_logp: Optional[list[torch.Tensor]] = None
+    tis_weights: Optional[list[torch.Tensor]] = None
+    response_mask: Optional[list[torch.Tensor]] = None
+    log_roff: Optional[torch.Tensor] = None
+    is_fixed: Optional[torch.Tensor] = None
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        B = len(self.input_ids)
+        if len(self.prompt_lens) != B:
+            raise ValueError(f"ActorBatch.prompt_lens has {len(self.prompt_lens)} entries, input_ids has {B}")
+        self.input_ids = [torch.as_tensor(x, dtype=torch.long).reshape(-1) for x in self.input_ids]
+        self.prompt_lens = [int(p) for p in self.prompt_lens]
+        for i, (x, p) in enumerate(zip(self.input_ids, self.prompt_lens)):
+            if not 1 <= p <= x.numel():
+                raise ValueError(
+                    f"ActorBatch.prompt_lens[{i}]={p} must be in [1, len(input_ids[{i}])={x.numel()}]"
+                )
+        R = self.response_lens
+        for name in ("advantages", "old_logp", "ref_logp", "rollout_logp", "tis_weights", "response_mask"):
+            v = getattr(self, name)
+            if v is None:
+                continue
+            if len(v) != B:
+                raise ValueError(f"ActorBatch.{name} has {len(v)} entries, expected {B} (one per sample)")
+            conv = []
+            for i, t in enumerate(v):
+                t = torch.as_tensor(t).reshape(-1)
+                if t.numel() != R[i]:
+                    raise ValueError(
+                        f"ActorBatch.{name}[{i}] has {t.numel()} values, expected the response length {R[i]}"
+                    )
+                conv.append(t.bool() if name == "response_mask" else t.float())
+            setattr(self, name, conv)
+        for name in ("log_roff", "is_fixed"):
+            v = getattr(self, name)
+            if v is None:
+                continue
+            v = torch.as_tensor(v).reshape(-1)
+            if v.numel() != B:
+                raise ValueError(f"ActorBatch.{name} has {v.numel()} values, expected {B}")
+            setattr(self, name, v.bool() if name == "is_fixed" else v.float())
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def lengths(self) -> list[int]:
+        """[B] total lengths L_i."""
+        return [int(x.numel()) for x in self.input_ids]
+
+    @property
+    def response_lens(self) -> list[int]:
+        """[B] response lengths R_i."""
+        return [int(x.numel()) - p for x, p in zip(self.input_ids, self.prompt_lens)]
+
+    def mask_of(self, i: int) -> torch.Tensor:
+        """[R_i] bool loss mask of sample i."""
+        if self.response_mask is not None:
+            return self.response_mask[i]
+        return torch.ones(self.response_lens[i], dtype=torch.bool)
+
+    @staticmethod
+    def from_prompt_response(
+        prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], **kw
+    ) -> "ActorBatch":
+        """Build from separate prompt and response id lists (prompt_lens = len(prompt))."""
+        ids = [torch.tensor(list(p) + list(r), dtype=torch.long) for p, r in zip(prompts, responses)]
+        return ActorBatch(input_ids=ids, prompt_lens=[len(p) for p in prompts], **kw)
+
+
+def pad_tokens(values: Sequence[torch.Tensor], fill: float = 0.0, dtype=None) -> torch.Tensor:
+    """B tensors [R_i] -> [B, R_max] right-padded with ``fill`` (on the first tensor's device; autograd-safe)."""
+    R = max((int(v.numel()) for v in values), default=0)
+    dev = values[0].device if values else torch.device("cpu")
+    out = torch.full((len(values), R), fill, dtype=dtype or (values[0].dtype if values else torch.float32), device=dev)
+    for i, v in enumerate(values):
+        out[i, : v.numel()] = v
+    return out
