@@ -1,0 +1,420 @@
+"""Embedded CPU rollout engine on HF transformers: batched KV-cache sampling with SGLang's semantics.
+
+Sampling follows SGLang 0.5.x (python/sglang/srt/layers/sampler.py, torch fallback):
+* temperature < 1e-6 is greedy: temperature := 1, top_k := 1;
+* probs = softmax(logits / T); keep tokens whose sorted cumulative mass *before* them is <= top_p,
+  the top_k most likely, and those with p >= min_p * p_max; sample from what is left;
+* reported log-prob of the sampled token = log softmax(logits / T)[token] — temperature-scaled,
+  NOT renormalised after top-p/top-k (SGLang's default). With `return_original_logprob=True`
+  (SGLang: env SGLANG_RETURN_ORIGINAL_LOGPROB=1) it is log softmax(logits)[token].
+* a stop token (stop_token_ids, or the model's EOS unless ignore_eos) ends the sample and is kept as
+  its last output token: finish_reason {"type": "stop", "matched": id}; otherwise
+  {"type": "length", "length": n_generated}; aborted samples {"type": "abort", ...}.
+* `sampling_seed` seeds a per-sample torch.Generator, so a seeded sample does not depend on the
+  other samples in the batch.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from . import weights as W
+
+GREEDY_EPS = 1e-6  # SGLang's _SAMPLING_EPS
+SUPPORTED_SAMPLING_KEYS = {
+    "max_new_tokens", "stop_token_ids", "temperature", "top_p", "top_k", "min_p", "n", "ignore_eos",
+    "sampling_seed", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim",
+    # accepted only at their neutral value:
+    "stop", "stop_regex", "frequency_penalty", "presence_penalty", "repetition_penalty", "min_new_tokens",
+    "json_schema", "regex", "ebnf", "structural_tag", "custom_params", "logit_bias", "stream_interval",
+}
+_NEUTRAL = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0, "min_new_tokens": 0}
+
+
+class RequestError(ValueError):
+    """A malformed or unsupported request (the HTTP server answers 400 with this message)."""
+
+
+@dataclass
+class GenItem:
+    """One sample to generate: prompt token ids [T] and its normalised sampling params."""
+
+    rid: str
+    input_ids: list[int]
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    seed: int | None = None
+    return_logprob: bool = False
+
+
+def _num(sp: dict, key: str, default, kind):
+    v = sp.get(key, default)
+    if v is None:
+        return default
+    if isinstance(v, bool) and kind is not bool:
+        raise RequestError(f"sampling_params.{key} must be a number, got {v!r}")
+    try:
+        return kind(v)
+    except (TypeError, ValueError):
+        raise RequestError(f"sampling_params.{key} must be {kind.__name__}, got {v!r}") from None
+
+
+def parse_sampling_params(sp: Any, vocab_size: int) -> dict:
+    """Validate one SGLang sampling_params dict; returns normalised fields (raises RequestError)."""
+    if sp is None:
+        sp = {}
+    if not isinstance(sp, dict):
+        raise RequestError(f"sampling_params must be an object, got {type(sp).__name__}")
+    unknown = sorted(set(sp) - SUPPORTED_SAMPLING_KEYS)
+    if unknown:
+        raise RequestError(f"unknown sampling_params {unknown}; supported: {sorted(SUPPORTED_SAMPLING_KEYS)}")
+    for key in ("stop", "stop_regex", "json_schema", "regex", "ebnf", "structural_tag", "custom_params", "logit_bias"):
+        if sp.get(key):
+            raise RequestError(f"sampling_params.{key} is not supported by the embedded engine (token ids only)")
+    for key, neutral in _NEUTRAL.items():
+        if key in sp and sp[key] is not None and float(sp[key]) != neutral:
+            raise RequestError(f"sampling_params.{key}={sp[key]} is not supported by the embedded engine (use {neutral})")
+    out = {
+        "max_new_tokens": _num(sp, "max_new_tokens", 128, int),
+        "temperature": _num(sp, "temperature", 1.0, float),
+        "top_p": _num(sp, "top_p", 1.0, float),
+        "top_k": _num(sp, "top_k", -1, int),
+        "min_p": _num(sp, "min_p", 0.0, float),
+        "n": _num(sp, "n", 1, int),
+        "ignore_eos": bool(sp.get("ignore_eos") or False),
+        "seed": None if sp.get("sampling_seed") is None else _num(sp, "sampling_seed", 0, int),
+    }
+    stops = sp.get("stop_token_ids") or []
+    if not isinstance(stops, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in stops):
+        raise RequestError(f"sampling_params.stop_token_ids must be a list of ints, got {stops!r}")
+    out["stop_token_ids"] = list(stops)
+    t = out["temperature"]
+    if not (t >= 0.0) or t == float("inf"):
+        raise RequestError(f"temperature must be a non-negative finite number, got {t}")
+    if not 0.0 < out["top_p"] <= 1.0:
+        raise RequestError(f"top_p must be in (0, 1], got {out['top_p']}")
+    if not (out["top_k"] == -1 or out["top_k"] >= 1):
+        raise RequestError(f"top_k must be -1 (disable) or at least 1, got {out['top_k']}")
+    if not 0.0 <= out["min_p"] <= 1.0:
+        raise RequestError(f"min_p must be in [0, 1], got {out['min_p']}")
+    if out["max_new_tokens"] < 0:
+        raise RequestError(f"max_new_tokens must be at least 0, got {out['max_new_tokens']}")
+    if out["n"] < 1:
+        raise RequestError(f"n must be at least 1, got {out['n']}")
+    bad = [s for s in out["stop_token_ids"] if not 0 <= s < vocab_size]
+    if bad:
+        raise RequestError(f"stop_token_ids {bad} outside the vocabulary [0, {vocab_size})")
+    return out
+
+
+class EmbeddedEngine:
+    """An HF causal LM in one process, serving SGLang-style generate and weight-update calls.
+
+    Thread-safe: generation and weight updates take one lock, so updates wait for running batches.
+    """
+
+    def __init__(self, model_path: str, dtype: str = "float32", attn_implementation: str = "eager",
+                 max_batch_size: int = 64, return_original_logprob: bool = False,
+                 weights_cpu_backup: bool = False, log_every_s: float = 2.0, device: str = "cpu"):
+        from transformers import AutoModelForCausalLM
+
+        path = Path(model_path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model_path '{model_path}' has no config.json: pass an HF model directory")
+        self.model_path = str(path)
+        self.dtype = W.dtype_from_name(dtype)
+        self.device = torch.device(device)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            self.model_path, dtype=self.dtype, attn_implementation=attn_implementation
+        ).to(self.device).eval()
+        cfg = self.model.config
+        self.vocab_size = int(cfg.vocab_size)
+        self.max_context = int(getattr(cfg, "max_position_embeddings", 0) or 1 << 30)
+        eos = getattr(self.model.generation_config, "eos_token_id", None)
+        if eos is None:
+            eos = getattr(cfg, "eos_token_id", None)
+        self.eos_ids: list[int] = [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
+        pad = getattr(cfg, "pad_token_id", None)
+        self.pad_id = int(pad) if pad is not None else (self.eos_ids[0] if self.eos_ids else 0)
+        self.max_batch_size = int(max_batch_size)
+        self.return_original_logprob = bool(return_original_logprob)
+        self.weights_cpu_backup = bool(weights_cpu_backup)
+        self.log_every_s = float(log_every_s)
+        self.weight_version = "default"
+        self.lock = threading.Lock()
+        self.progress = 0  # decode steps done since start
+        self.last_progress = time.time()
+        self.busy = False
+        self.released: set[str] = set()
+        self._shapes: dict[str, tuple[torch.Size, torch.dtype]] = {}
+        self._backup: dict[str, torch.Tensor] = {}
+        self._abort_rids: set[str] = set()
+        self._abort_epoch = 0
+        self._abort_lock = threading.Lock()
+        self.groups: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ generation
+    def _log(self, msg: str) -> None:
+        print(f"[rfpo-embedded {time.strftime('%H:%M:%S')}] {msg}", file=sys.stdout, flush=True)
+
+    def abort(self, rid: str | None = None, abort_all: bool = False) -> None:
+        with self._abort_lock:
+            if abort_all:
+                self._abort_epoch += 1
+            elif rid:
+                self._abort_rids.add(rid)
+
+    def generate(self, items: list[GenItem]) -> list[dict]:
+        """Run all items (micro-batches of max_batch_size); one SGLang-style output dict per item."""
+        for it in items:
+            if not it.input_ids:
+                raise RequestError(f"request {it.rid}: input_ids is empty")
+            bad = [t for t in it.input_ids if not (isinstance(t, int) and 0 <= t < self.vocab_size)]
+            if bad:
+                raise RequestError(f"request {it.rid}: token ids {bad[:5]} outside the vocabulary [0, {self.vocab_size})")
+            if len(it.input_ids) >= self.max_context:
+                raise RequestError(f"request {it.rid}: prompt of {len(it.input_ids)} tokens >= context length {self.max_context}")
+        with self._abort_lock:  # abort_all also cancels requests still waiting for the lock
+            epoch = self._abort_epoch
+        with self.lock:
+            if "weights" in self.released:
+                raise RequestError("weights are released (/release_memory_occupation); call /resume_memory_occupation and push weights first")
+            self.busy = True
+            try:
+                out: list[dict] = []
+                for s in range(0, len(items), self.max_batch_size):
+                    out.extend(self._generate_batch(items[s:s + self.max_batch_size], epoch))
+                return out
+            finally:
+                self.busy = False
+                with self._abort_lock:
+                    for it in items:
+                        self._abort_rids.discard(it.rid)
+
+    def _aborted(self, rid: str, epoch: int) -> bool:
+        with self._abort_lock:
+            return self._abort_epoch != epoch or rid in self._abort_rids
+
+    @torch.no_grad()
+    def _generate_batch(self, items: list[GenItem], epoch: int) -> list[dict]:
+        from transformers import DynamicCache
+
+        t0 = time.time()
+        B = len(items)
+        lens = [len(it.input_ids) for it in items]
+        T = max(lens)
+        ids = torch.full((B, T), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((B, T), dtype=torch.long)
+        for b, it in enumerate(items):  # left padding: the last column is every prompt's last token
+            ids[b, T - lens[b]:] = torch.tensor(it.input_ids, dtype=torch.long)
+            mask[b, T - lens[b]:] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        temps = torch.tensor([1.0 if it.temperature < GREEDY_EPS else it.temperature for it in items], dtype=torch.float32)
+        top_ks = torch.tensor([1 if it.temperature < GREEDY_EPS else (it.top_k if it.top_k > 0 else self.vocab_size) for it in items])
+        top_ps = torch.tensor([it.top_p for it in items], dtype=torch.float32)
+        min_ps = torch.tensor([it.min_p for it in items], dtype=torch.float32)
+        gens = []
+        for it in items:
+            g = torch.Generator()
+            g.manual_seed(it.seed if it.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
+            gens.append(g)
+        stops = [set(it.stop_token_ids) | (set() if it.ignore_eos else set(self.eos_ids)) for it in items]
+        limits = [min(it.max_new_tokens, self.max_context - lens[b]) for b, it in enumerate(items)]
+        out_ids: list[list[int]] = [[] for _ in items]
+        out_lp: list[list[float]] = [[] for _ in items]
+        finish: list[dict | None] = [None] * B
+        for b in range(B):
+            if limits[b] <= 0:
+                finish[b] = {"type": "length", "length": 0}
+
+        cache = DynamicCache()
+        steps, last_log = 0, time.time()
+        logits = None
+        if any(f is None for f in finish):
+            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                position_ids=pos.to(self.device), past_key_values=cache, use_cache=True).logits[:, -1, :]
+        while any(f is None for f in finish):
+            active = [b for b in range(B) if finish[b] is None]
+            for b in active:
+                if self._aborted(items[b].rid, epoch):
+                    finish[b] = {"type": "abort", "message": "Abort in waiting queue" if not out_ids[b] else "Abort request",
+                                 "status_code": 400}
+            active = [b for b in range(B) if finish[b] is None]
+            if not active:
+                break
+            tok, lp = self._sample(logits.float(), temps, top_ks, top_ps, min_ps, gens, active)
+            nxt = torch.full((B, 1), self.pad_id, dtype=torch.long)
+            for b in active:
+                t = int(tok[b])
+                out_ids[b].append(t)
+                out_lp[b].append(float(lp[b]))
+                nxt[b, 0] = t
+                if t in stops[b]:
+                    finish[b] = {"type": "stop", "matched": t}
+                elif len(out_ids[b]) >= limits[b]:
+                    finish[b] = {"type": "length", "length": len(out_ids[b])}
+            steps += 1
+            self.progress += 1
+            self.last_progress = time.time()
+            if self.last_progress - last_log >= self.log_every_s:
+                last_log = self.last_progress
+                self._log(f"decode batch={B} step={steps} running={sum(f is None for f in finish)}")
+            if all(f is not None for f in finish):
+                break
+            mask = torch.cat([mask, torch.ones((B, 1), dtype=torch.long)], dim=1)
+            pos = pos[:, -1:] + 1
+            logits = self.model(input_ids=nxt.to(self.device), attention_mask=mask.to(self.device),
+                                position_ids=pos.to(self.device), past_key_values=cache, use_cache=True).logits[:, -1, :]
+        dt = time.time() - t0
+        results = []
+        for b, it in enumerate(items):
+            meta = {
+                "id": it.rid,
+                "finish_reason": finish[b],
+                "prompt_tokens": lens[b],
+                "completion_tokens": len(out_ids[b]),
+                "cached_tokens": 0,
+                "weight_version": self.weight_version,
+                "e2e_latency": dt,
+            }
+            if it.return_logprob:
+                meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(out_lp[b], out_ids[b])]
+            results.append({"output_ids": out_ids[b], "meta_info": meta})
+        self._log(f"generated batch={B} new_tokens={sum(map(len, out_ids))} in {dt:.2f}s")
+        return results
+
+    def _sample(self, logits: torch.Tensor, temps, top_ks, top_ps, min_ps, gens, active: list[int]):
+        """logits [B, V] fp32 -> (token [B], reported log-prob [B]) for the active rows."""
+        scaled = logits / temps[:, None]
+        logp = torch.log_softmax(scaled, dim=-1)
+        report = torch.log_softmax(logits, dim=-1) if self.return_original_logprob else logp
+        probs = logp.exp()
+        p_sort, idx = probs.sort(dim=-1, descending=True)
+        cum = p_sort.cumsum(dim=-1)
+        ranks = torch.arange(p_sort.shape[-1])[None, :]
+        keep = ((cum - p_sort) <= top_ps[:, None]) & (ranks < top_ks[:, None]) & (p_sort >= p_sort[:, :1] * min_ps[:, None])
+        keep[:, 0] = True
+        p_sort = torch.where(keep, p_sort, torch.zeros_like(p_sort))
+        tok = torch.zeros(logits.shape[0], dtype=torch.long)
+        for b in active:
+            if int(top_ks[b]) == 1:
+                tok[b] = idx[b, 0]
+            else:
+                j = torch.multinomial(p_sort[b], 1, generator=gens[b])
+                tok[b] = idx[b, j[0]]
+        lp = report.gather(1, tok[:, None])[:, 0]
+        return tok, lp
+
+    # ------------------------------------------------------------------ weights
+    def _state(self) -> dict[str, torch.Tensor]:
+        return self.model.state_dict(keep_vars=True)
+
+    def load_named_tensors(self, named: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Copy HF-named tensors into the model (all validated before any is copied). Returns the count."""
+        named = list(named)
+        if not named:
+            raise RequestError("no tensors in the weight update")
+        state = self._state()
+        unknown = [n for n, _ in named if n not in state]
+        if unknown:
+            raise RequestError(f"unknown weight names {unknown[:5]}{'...' if len(unknown) > 5 else ''} "
+                               f"(expected HF names such as {next(iter(state))!r})")
+        bad = [(n, tuple(t.shape), tuple(state[n].shape)) for n, t in named if tuple(t.shape) != tuple(state[n].shape)]
+        if bad:
+            raise RequestError(f"shape mismatch (name, got, expected): {bad[:5]}")
+        with self.lock:
+            if "weights" in self.released:
+                raise RequestError("weights are released; call /resume_memory_occupation before updating them")
+            state = self._state()
+            with torch.no_grad():
+                for n, t in named:
+                    state[n].copy_(t.to(device=state[n].device, dtype=state[n].dtype))
+        return len(named)
+
+    def update_weights_from_disk(self, model_path: str) -> int:
+        from safetensors.torch import load_file
+
+        p = Path(model_path)
+        files = [p] if p.is_file() else sorted(p.glob("*.safetensors")) if p.is_dir() else []
+        if not files:
+            raise RequestError(f"model_path '{model_path}' has no *.safetensors files")
+        named: list[tuple[str, torch.Tensor]] = []
+        for f in files:
+            named.extend(load_file(str(f)).items())
+        return self.load_named_tensors([(n, t) for n, t in named if not n.endswith("rotary_emb.inv_freq")])
+
+    def update_weights_from_tensor(self, serialized: list[str], load_format: str | None) -> int:
+        if load_format != W.SAFETENSORS_B64:
+            raise RequestError(
+                f"load_format={load_format!r}: the embedded engine takes load_format='{W.SAFETENSORS_B64}' "
+                "(base64 safetensors bytes; pickled SGLang payloads are refused); EngineClient picks it automatically"
+            )
+        if not isinstance(serialized, list) or not serialized:
+            raise RequestError("serialized_named_tensors must be a non-empty list of base64 strings")
+        try:
+            named = W.decode_safetensors_b64(serialized[0])  # one entry per TP rank; tp=1 here
+        except ValueError as e:
+            raise RequestError(str(e)) from None
+        return self.load_named_tensors(named)
+
+    def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int,
+                                  world_size: int, group_name: str, backend: str) -> None:
+        if backend == "nccl" and not torch.cuda.is_available():
+            raise RequestError("backend='nccl' needs CUDA; the embedded CPU engine joins with backend='gloo'")
+        if group_name in self.groups:
+            raise RequestError(f"weight update group '{group_name}' already exists")
+        self.groups[group_name] = W.init_weights_update_group(master_address, master_port, rank_offset,
+                                                              world_size, group_name, backend)
+
+    def update_weights_from_distributed(self, names, dtypes, shapes, group_name: str) -> int:
+        if group_name not in self.groups:
+            raise RequestError(f"no weight update group '{group_name}': call /init_weights_update_group first")
+        try:
+            named = W.receive_named_tensors(self.groups[group_name], names, dtypes, shapes)
+        except ValueError as e:
+            raise RequestError(str(e)) from None
+        return self.load_named_tensors(named)
+
+    def destroy_weights_update_group(self, group_name: str) -> None:
+        if group_name not in self.groups:
+            raise RequestError(f"no weight update group '{group_name}'")
+        W.destroy_group(self.groups.pop(group_name))
+
+    # ------------------------------------------------------------------ memory
+    def release_memory(self, tags: list[str] | None) -> None:
+        """Free the weights ("weights" tag; content lost unless weights_cpu_backup). KV cache is per call."""
+        tags = ["weights", "kv_cache"] if not tags else list(tags)
+        with self.lock:
+            if "weights" in tags and "weights" not in self.released:
+                for n, p in self.model.named_parameters():
+                    self._shapes[n] = (p.shape, p.dtype)
+                    if self.weights_cpu_backup:
+                        self._backup[n] = p.detach().clone()
+                    p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+            self.released.update(tags)
+
+    def resume_memory(self, tags: list[str] | None) -> None:
+        tags = ["weights", "kv_cache"] if not tags else list(tags)
+        with self.lock:
+            if "weights" in tags and "weights" in self.released:
+                for n, p in self.model.named_parameters():
+                    shape, dt = self._shapes[n]
+                    p.data = self._backup.pop(n) if n in self._backup else torch.zeros(shape, dtype=dt, device=p.device)
+            self.released.difference_update(tags)
+
+
+def new_rid() -> str:
+    return uuid.uuid4().hex

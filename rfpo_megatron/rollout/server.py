@@ -1,0 +1,414 @@
+"""`rfpo-megatron serve`: the embedded engine behind SGLang's HTTP endpoints (the subset the trainer uses).
+
+Endpoints (same paths, fields and answers as SGLang 0.5.x's http_server.py):
+  GET  /health, /health_generate          200 when the engine can generate (or is busy making progress)
+  GET  /get_server_info, /get_model_info  JSON; get_server_info has "version" and "engine": "rfpo-embedded"
+  POST /generate                          GenerateReqInput subset: input_ids, sampling_params, rid, return_logprob
+  GET|POST /flush_cache                   no prefix cache here: always succeeds
+  POST /update_weights_from_tensor        serialized_named_tensors (load_format "rfpo_safetensors_b64"), flush_cache
+  POST /update_weights_from_disk          model_path, load_format
+  POST /init_weights_update_group         master_address, master_port, rank_offset, world_size, group_name, backend
+  POST /update_weights_from_distributed   names, dtypes, shapes, group_name, flush_cache
+  POST /destroy_weights_update_group      group_name
+  GET|POST /release_memory_occupation, /resume_memory_occupation   tags
+  POST /abort_request                     rid, abort_all
+  POST /shutdown                          (embedded only) stop the server
+Malformed requests get HTTP 400 with {"object": "error", "message": ..., "code": 400}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+import traceback
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable
+
+from .embedded import EmbeddedEngine, GenItem, RequestError, new_rid, parse_sampling_params
+
+ENGINE_NAME = "rfpo-embedded"
+
+# GenerateReqInput fields accepted (those outside the supported subset must keep their default value).
+_GEN_FIELDS = {
+    "input_ids", "text", "sampling_params", "rid", "return_logprob", "logprob_start_len", "top_logprobs_num",
+    "token_ids_logprob", "return_text_in_logprobs", "stream", "log_metrics", "return_hidden_states", "modalities",
+    "lora_path", "lora_id", "custom_logit_processor", "session_params", "data_parallel_rank", "routed_dp_rank",
+    "priority", "input_embeds", "image_data", "video_data", "audio_data", "bootstrap_host", "bootstrap_port",
+    "bootstrap_room", "no_logs", "background", "extra_key", "conversation_id",
+}
+_GEN_DEFAULT_ONLY = {"text", "input_embeds", "image_data", "video_data", "audio_data", "lora_path",
+                     "custom_logit_processor", "session_params", "token_ids_logprob", "return_hidden_states"}
+
+
+def parse_generate_request(body: Any, vocab_size: int) -> tuple[list[GenItem], bool]:
+    """SGLang /generate JSON -> (items, is_single). n > 1 is expanded prompt-major like SGLang."""
+    if not isinstance(body, dict):
+        raise RequestError("request body must be a JSON object")
+    unknown = sorted(set(body) - _GEN_FIELDS)
+    if unknown:
+        raise RequestError(f"unknown /generate fields {unknown}")
+    for key in _GEN_DEFAULT_ONLY:
+        if body.get(key):
+            raise RequestError(f"/generate field '{key}' is not supported by the embedded engine (send input_ids)")
+    if body.get("stream"):
+        raise RequestError("stream=true is not supported by the embedded engine")
+    if body.get("top_logprobs_num"):
+        raise RequestError("top_logprobs_num > 0 is not supported by the embedded engine")
+    if body.get("logprob_start_len") not in (None, -1):
+        raise RequestError("logprob_start_len other than -1 (output tokens only) is not supported")
+    ids = body.get("input_ids")
+    if ids is None:
+        raise RequestError("input_ids is required (the embedded engine takes token ids, not text)")
+    if not isinstance(ids, list) or not ids:
+        raise RequestError("input_ids must be a non-empty list of ints or a list of such lists")
+    single = not isinstance(ids[0], list)
+    prompts = [ids] if single else ids
+    for i, p in enumerate(prompts):
+        if not isinstance(p, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+            raise RequestError(f"input_ids[{i}] must be a list of ints")
+    B = len(prompts)
+
+    def per_item(key: str, value: Any, kind) -> list:
+        if isinstance(value, list) and not single:
+            if len(value) != B:
+                raise RequestError(f"{key} has {len(value)} entries for {B} prompts")
+            return value
+        if isinstance(value, list) and single and kind is not list:
+            raise RequestError(f"{key} must not be a list for a single prompt")
+        return [value] * B
+
+    sps = per_item("sampling_params", body.get("sampling_params"), dict)
+    rids = body.get("rid")
+    if rids is not None:
+        rids = per_item("rid", rids, str)
+        if not single and not isinstance(body.get("rid"), list):
+            rids = [f"{body['rid']}-{i}" for i in range(B)]
+        if any(not isinstance(r, str) for r in rids):
+            raise RequestError("rid must be a string (or a list of strings for a batch)")
+        if len(set(rids)) != len(rids):
+            raise RequestError("duplicate rids in one request")
+    rlp = per_item("return_logprob", body.get("return_logprob"), bool)
+    items: list[GenItem] = []
+    for i, p in enumerate(prompts):
+        sp = parse_sampling_params(sps[i], vocab_size)
+        n = sp.pop("n")
+        for j in range(n):
+            rid = rids[i] if (rids is not None and n == 1) else new_rid()
+            items.append(GenItem(rid=rid, input_ids=list(p), return_logprob=bool(rlp[i]), **sp))
+    return items, single and len(items) == 1
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server_version = "rfpo-embedded"
+    routes: dict[tuple[str, str], Callable] = {}
+
+    def log_message(self, fmt, *args):  # quiet access log; errors are logged explicitly
+        pass
+
+    def _reply(self, status: int, payload: Any = None, text: str | None = None) -> None:
+        data = text.encode() if text is not None else json.dumps(payload).encode()
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "text/plain" if text is not None else "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def _error(self, status: int, message: str) -> None:
+        phrase = {400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 500: "Internal Server Error", 503: "Service Unavailable"}
+        self._reply(status, {"object": "error", "message": message, "type": phrase.get(status, str(status)),
+                             "param": None, "code": status})
+
+    def _body(self) -> Any:
+        n = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(n) if n else b""
+        if not raw:
+            return {}
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise RequestError(f"request body is not valid JSON: {e}") from None
+
+    def _dispatch(self, method: str) -> None:
+        path = self.path.split("?", 1)[0]
+        fn = self.routes.get((method, path))
+        if fn is None:
+            if any(p == path for _, p in self.routes):
+                self._error(405, f"{method} is not allowed on {path}")
+            else:
+                self._error(404, f"no endpoint {path} on the embedded engine")
+            return
+        try:
+            body = self._body() if method in ("POST", "PUT") else {}
+            fn(self, body)
+        except RequestError as e:
+            self._error(400, str(e))
+        except Exception as e:  # a server bug: answer 500 and log the stack
+            traceback.print_exc()
+            self._error(500, f"{type(e).__name__}: {e}")
+
+    def do_GET(self):
+        self._dispatch("GET")
+
+    def do_POST(self):
+        self._dispatch("POST")
+
+    def do_PUT(self):
+        self._dispatch("PUT")
+
+
+def _route(methods: str, path: str):
+    def deco(fn):
+        for m in methods.split("|"):
+            _Handler.routes[(m, path)] = fn
+        return fn
+    return deco
+
+
+def _engine(h: _Handler) -> EmbeddedEngine:
+    return h.server.engine  # type: ignore[attr-defined]
+
+
+def _dict_body(body: Any) -> dict:
+    if not isinstance(body, dict):
+        raise RequestError("request body must be a JSON object")
+    return body
+
+
+def _require(body: dict, key: str, kind):
+    if key not in body or body[key] is None:
+        raise RequestError(f"field '{key}' is required")
+    v = body[key]
+    if kind is int and (isinstance(v, bool) or not isinstance(v, int)):
+        raise RequestError(f"field '{key}' must be an integer, got {v!r}")
+    if kind is not int and not isinstance(v, kind):
+        raise RequestError(f"field '{key}' must be {kind.__name__}, got {type(v).__name__}")
+    return v
+
+
+@_route("GET|POST", "/health")
+@_route("GET|POST", "/health_generate")
+def _health(h: _Handler, body: Any) -> None:
+    eng = _engine(h)
+    if "weights" in eng.released:
+        return h._reply(200, text="")
+    if eng.lock.acquire(blocking=False):
+        eng.lock.release()
+        eng.generate([GenItem(rid="HEALTH_CHECK_" + new_rid(), input_ids=[0], max_new_tokens=1, temperature=0.0)])
+        return h._reply(200, text="")
+    if time.time() - eng.last_progress < h.server.health_stall_s:  # type: ignore[attr-defined]
+        return h._reply(200, text="")
+    return h._reply(503, text="engine busy without progress")
+
+
+@_route("GET", "/get_server_info")
+def _server_info(h: _Handler, body: Any) -> None:
+    from rfpo_megatron import __version__
+
+    eng = _engine(h)
+    h._reply(200, {
+        "engine": ENGINE_NAME, "version": __version__, "model_path": eng.model_path, "tp_size": 1, "dp_size": 1,
+        "dtype": str(eng.dtype).removeprefix("torch."), "vocab_size": eng.vocab_size, "context_length": eng.max_context,
+        "max_batch_size": eng.max_batch_size, "return_original_logprob": eng.return_original_logprob,
+        "weight_version": eng.weight_version, "progress": eng.progress, "last_progress_time": eng.last_progress,
+        "busy": eng.busy, "released": sorted(eng.released), "eos_token_ids": eng.eos_ids,
+        "weight_update_load_format": "rfpo_safetensors_b64", "internal_states": [],
+    })
+
+
+@_route("GET", "/get_model_info")
+def _model_info(h: _Handler, body: Any) -> None:
+    eng = _engine(h)
+    h._reply(200, {"model_path": eng.model_path, "tokenizer_path": eng.model_path, "is_generation": True,
+                   "weight_version": eng.weight_version})
+
+
+@_route("GET", "/get_weight_version")
+def _weight_version(h: _Handler, body: Any) -> None:
+    h._reply(200, {"weight_version": _engine(h).weight_version})
+
+
+@_route("POST|PUT", "/generate")
+def _generate(h: _Handler, body: Any) -> None:
+    eng = _engine(h)
+    items, single = parse_generate_request(body, eng.vocab_size)
+    outs = eng.generate(items)
+    h._reply(200, outs[0] if single else outs)
+
+
+@_route("GET|POST", "/flush_cache")
+def _flush(h: _Handler, body: Any) -> None:
+    h._reply(200, text="Cache flushed.\n")
+
+
+def _weight_reply(h: _Handler, body: dict, fn: Callable[[], int], what: str) -> None:
+    n = fn()
+    eng = _engine(h)
+    msg = f"Succeeded to update model weights ({n} tensors, {what})."
+    if body.get("weight_version") is not None:
+        eng.weight_version = str(body["weight_version"])
+        msg += f" Weight version updated to {eng.weight_version}."
+    h._reply(200, {"success": True, "message": msg})
+
+
+@_route("POST", "/update_weights_from_tensor")
+def _update_tensor(h: _Handler, body: Any) -> None:
+    body = _dict_body(body)
+    ser = _require(body, "serialized_named_tensors", list)
+    _weight_reply(h, body, lambda: _engine(h).update_weights_from_tensor(ser, body.get("load_format")), "tensor")
+
+
+@_route("POST", "/update_weights_from_disk")
+def _update_disk(h: _Handler, body: Any) -> None:
+    body = _dict_body(body)
+    path = _require(body, "model_path", str)
+    if body.get("load_format") not in (None, "auto", "safetensors"):
+        raise RequestError(f"load_format={body['load_format']!r} not supported (use 'auto' or 'safetensors')")
+    eng = _engine(h)
+
+    def run() -> int:
+        n = eng.update_weights_from_disk(path)
+        eng.model_path = path
+        return n
+
+    n = run()
+    msg = f"Succeeded to update model weights ({n} tensors, disk)."
+    if body.get("weight_version") is not None:
+        eng.weight_version = str(body["weight_version"])
+    h._reply(200, {"success": True, "message": msg, "num_paused_requests": 0})
+
+
+@_route("POST", "/init_weights_update_group")
+def _init_group(h: _Handler, body: Any) -> None:
+    body = _dict_body(body)
+    _engine(h).init_weights_update_group(
+        _require(body, "master_address", str), _require(body, "master_port", int), _require(body, "rank_offset", int),
+        _require(body, "world_size", int), body.get("group_name") or "weight_update_group", body.get("backend") or "nccl")
+    h._reply(200, {"success": True, "message": "Succeeded to initialize custom process group."})
+
+
+@_route("POST", "/update_weights_from_distributed")
+def _update_dist(h: _Handler, body: Any) -> None:
+    body = _dict_body(body)
+    names, dtypes, shapes = (_require(body, k, list) for k in ("names", "dtypes", "shapes"))
+    group = body.get("group_name") or "weight_update_group"
+    _weight_reply(h, body, lambda: _engine(h).update_weights_from_distributed(names, dtypes, shapes, group), "distributed")
+
+
+@_route("POST", "/destroy_weights_update_group")
+def _destroy_group(h: _Handler, body: Any) -> None:
+    body = _dict_body(body)
+    _engine(h).destroy_weights_update_group(body.get("group_name") or "weight_update_group")
+    h._reply(200, {"success": True, "message": "Succeeded to destroy custom process group."})
+
+
+def _tags(body: Any) -> list[str] | None:
+    tags = body.get("tags") if isinstance(body, dict) else None
+    if tags is not None and (not isinstance(tags, list) or not set(tags) <= {"weights", "kv_cache", "cuda_graph"}):
+        raise RequestError(f"tags must be a list drawn from ['weights', 'kv_cache', 'cuda_graph'], got {tags!r}")
+    return tags
+
+
+@_route("GET|POST", "/release_memory_occupation")
+def _release(h: _Handler, body: Any) -> None:
+    _engine(h).release_memory(_tags(body))
+    h._reply(200, None)
+
+
+@_route("GET|POST", "/resume_memory_occupation")
+def _resume(h: _Handler, body: Any) -> None:
+    _engine(h).resume_memory(_tags(body))
+    h._reply(200, None)
+
+
+@_route("POST", "/abort_request")
+def _abort(h: _Handler, body: Any) -> None:
+    body = _dict_body(body)
+    rid = body.get("rid") or ""
+    if not isinstance(rid, str):
+        raise RequestError("rid must be a string")
+    _engine(h).abort(rid=rid, abort_all=bool(body.get("abort_all")))
+    h._reply(200, text="")
+
+
+@_route("POST", "/shutdown")
+def _shutdown(h: _Handler, body: Any) -> None:
+    h._reply(200, {"success": True, "message": "shutting down"})
+    threading.Thread(target=h.server.shutdown, daemon=True).start()
+
+
+def make_server(engine: EmbeddedEngine, host: str = "127.0.0.1", port: int = 0,
+                health_stall_s: float = 300.0) -> ThreadingHTTPServer:
+    """Bind the HTTP server (port 0 = any free port; read it back from server.server_address)."""
+    srv = ThreadingHTTPServer((host, port), _Handler)
+    srv.daemon_threads = True
+    srv.engine = engine  # type: ignore[attr-defined]
+    srv.health_stall_s = health_stall_s  # type: ignore[attr-defined]
+    return srv
+
+
+def _watch_parent(pid: int) -> None:
+    """Exit when the launching process is gone (belt and braces next to the launcher's cleanup)."""
+    while True:
+        time.sleep(1.0)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            print(f"[rfpo-embedded] parent pid {pid} is gone; exiting", flush=True)
+            os._exit(0)
+        except PermissionError:
+            pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rfpo-megatron serve", description=__doc__.splitlines()[0])
+    p.add_argument("--model-path", required=True, help="HF model directory (config.json + *.safetensors)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=30000, help="0 = pick a free port (printed at startup)")
+    p.add_argument("--dtype", default="float32", help="torch dtype of the served model")
+    p.add_argument("--attn-implementation", default="eager", help="HF attention implementation (eager|sdpa)")
+    p.add_argument("--max-batch-size", type=int, default=64, help="samples decoded together")
+    p.add_argument("--return-original-logprob", action="store_true",
+                   default=os.environ.get("SGLANG_RETURN_ORIGINAL_LOGPROB", "").lower() in ("1", "true"),
+                   help="report log softmax(logits) instead of log softmax(logits / T) (SGLang env of the same name)")
+    p.add_argument("--enable-weights-cpu-backup", action="store_true", help="keep weights across release/resume")
+    p.add_argument("--log-every-s", type=float, default=2.0, help="progress log interval while decoding")
+    p.add_argument("--health-stall-s", type=float, default=300.0, help="/health_generate fails after this long busy without progress")
+    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1") or 1), help="torch CPU threads")
+    p.add_argument("--parent-pid", type=int, default=None, help="exit when this process is gone")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import torch
+
+    torch.set_num_threads(max(1, args.threads))
+    try:
+        engine = EmbeddedEngine(args.model_path, dtype=args.dtype, attn_implementation=args.attn_implementation,
+                                max_batch_size=args.max_batch_size, return_original_logprob=args.return_original_logprob,
+                                weights_cpu_backup=args.enable_weights_cpu_backup, log_every_s=args.log_every_s)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"rfpo-megatron serve: {e}", file=sys.stderr)
+        return 2
+    srv = make_server(engine, args.host, args.port, args.health_stall_s)
+    host, port = srv.server_address[:2]
+    if args.parent_pid:
+        threading.Thread(target=_watch_parent, args=(args.parent_pid,), daemon=True).start()
+    print(f"[rfpo-embedded] serving {args.model_path} on http://{host}:{port} (pid {os.getpid()})", flush=True)
+    try:
+        srv.serve_forever(poll_interval=0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        srv.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
