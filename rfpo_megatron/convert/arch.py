@@ -1,0 +1,199 @@
+"""The architecture of a dense decoder read from an HF config: one validated record per model family.
+
+`Arch` is what every conversion step checks shapes against. It is derived only from the HF
+`config.json` (a dict or a `transformers.PretrainedConfig`), and every attribute remembers the
+config field it came from, so that a mismatch names the field to fix.
+
+Supported families (HF `model_type`): `qwen2` (Qwen2 / Qwen2.5), `llama` (Llama-3), `qwen3` (dense).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping
+
+SUPPORTED_MODEL_TYPES = ("qwen2", "llama", "qwen3")
+
+# Arch attribute -> HF config field (for error messages).
+FIELD_OF = {
+    "num_layers": "num_hidden_layers",
+    "hidden_size": "hidden_size",
+    "ffn_hidden_size": "intermediate_size",
+    "num_heads": "num_attention_heads",
+    "num_kv_heads": "num_key_value_heads",
+    "head_dim": "head_dim",
+    "vocab_size": "vocab_size",
+    "tie_embeddings": "tie_word_embeddings",
+    "qkv_bias": "attention_bias",
+    "o_bias": "attention_bias",
+    "mlp_bias": "mlp_bias",
+    "qk_norm": "model_type",
+    "rms_norm_eps": "rms_norm_eps",
+    "rope_theta": "rope_theta",
+}
+
+
+class ConversionError(ValueError):
+    """A user-fixable conversion problem (config, tensor names/shapes, paths); the message names it."""
+
+
+@dataclass(frozen=True)
+class Arch:
+    """Shapes and switches of a dense GPT-style decoder (all sizes unpadded, TP = 1)."""
+
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    tie_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    qk_norm: bool
+    rms_norm_eps: float
+    rope_theta: float
+
+    @property
+    def q_rows(self) -> int:
+        """Rows of q_proj: num_heads * head_dim."""
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_rows(self) -> int:
+        """Rows of k_proj (= v_proj): num_kv_heads * head_dim."""
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def qkv_rows(self) -> int:
+        """Rows of megatron's fused linear_qkv: ng * (nq/ng + 2) * head_dim."""
+        return self.q_rows + 2 * self.kv_rows
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _cfg_dict(hf_config: Any) -> dict[str, Any]:
+    if isinstance(hf_config, Mapping):
+        return dict(hf_config)
+    if hasattr(hf_config, "to_dict"):
+        return hf_config.to_dict()
+    raise ConversionError(f"hf_config must be a dict or a transformers config, got {type(hf_config).__name__}")
+
+
+def rope_theta_of(cfg: Mapping[str, Any]) -> float:
+    """rope θ from `rope_theta` (transformers 4.x) or `rope_parameters.rope_theta` (5.x); default 10000."""
+    if cfg.get("rope_theta") is not None:
+        return float(cfg["rope_theta"])
+    params = cfg.get("rope_parameters") or {}
+    if isinstance(params, Mapping) and params.get("rope_theta") is not None:
+        return float(params["rope_theta"])
+    return 10000.0
+
+
+def _int_field(cfg: Mapping[str, Any], name: str, where: str) -> int:
+    value = cfg.get(name)
+    if value is None:
+        raise ConversionError(f"{where}: field '{name}' is missing; add it to config.json")
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConversionError(f"{where}: field '{name}' must be a positive integer, got {value!r}")
+    return value
+
+
+def arch_from_hf_config(hf_config: Any, *, where: str = "config.json") -> Arch:
+    """Validate an HF config of a supported family and return its `Arch`.
+
+    Raises ConversionError naming the field for unsupported families, missing/invalid fields,
+    head counts that do not divide, and bias combinations megatron-core cannot express.
+    """
+    cfg = _cfg_dict(hf_config)
+    model_type = cfg.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConversionError(
+            f"{where}: field 'model_type' is {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    n_layers = _int_field(cfg, "num_hidden_layers", where)
+    hidden = _int_field(cfg, "hidden_size", where)
+    ffn = _int_field(cfg, "intermediate_size", where)
+    nq = _int_field(cfg, "num_attention_heads", where)
+    vocab = _int_field(cfg, "vocab_size", where)
+    nkv = cfg.get("num_key_value_heads")
+    nkv = nq if nkv is None else _int_field(cfg, "num_key_value_heads", where)
+    if nq % nkv:
+        raise ConversionError(
+            f"{where}: field 'num_key_value_heads'={nkv} must divide 'num_attention_heads'={nq}"
+        )
+    head_dim = cfg.get("head_dim")
+    if head_dim is None:
+        if hidden % nq:
+            raise ConversionError(
+                f"{where}: 'hidden_size'={hidden} is not divisible by 'num_attention_heads'={nq}; set 'head_dim'"
+            )
+        head_dim = hidden // nq
+    else:
+        head_dim = _int_field(cfg, "head_dim", where)
+    act = cfg.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise ConversionError(f"{where}: field 'hidden_act' is {act!r}; only SwiGLU ('silu') is supported")
+    if model_type == "qwen2":
+        qkv_bias, o_bias, mlp_bias, qk_norm = True, False, False, False
+    else:
+        attn_bias = bool(cfg.get("attention_bias", False))
+        mlp_bias = bool(cfg.get("mlp_bias", False))
+        if attn_bias != mlp_bias:
+            raise ConversionError(
+                f"{where}: 'attention_bias'={attn_bias} with 'mlp_bias'={mlp_bias} is not expressible in "
+                "megatron-core (add_bias_linear puts biases on all linear layers or none)"
+            )
+        qkv_bias = o_bias = attn_bias
+        qk_norm = model_type == "qwen3"
+    eps = cfg.get("rms_norm_eps", 1e-6)
+    return Arch(
+        model_type=model_type,
+        num_layers=n_layers,
+        hidden_size=hidden,
+        ffn_hidden_size=ffn,
+        num_heads=nq,
+        num_kv_heads=nkv,
+        head_dim=head_dim,
+        vocab_size=vocab,
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        qkv_bias=qkv_bias,
+        o_bias=o_bias,
+        mlp_bias=mlp_bias,
+        qk_norm=qk_norm,
+        rms_norm_eps=float(eps),
+        rope_theta=rope_theta_of(cfg),
+    )
+
+
+def compare_archs(expected: Arch, got: Arch, *, expected_name: str, got_name: str) -> list[str]:
+    """Field-by-field differences between two archs, each naming the HF config field.
+
+    Returns e.g. ["num_key_value_heads: checkpoint has 2, model has 1"]; empty when equal.
+    """
+    diffs = []
+    for attr, field in FIELD_OF.items():
+        a, b = getattr(expected, attr), getattr(got, attr)
+        if a != b:
+            diffs.append(f"{field} ({attr}): {expected_name} has {a!r}, {got_name} has {b!r}")
+    if expected.model_type != got.model_type:
+        diffs.append(f"model_type: {expected_name} has {expected.model_type!r}, {got_name} has {got.model_type!r}")
+    return diffs
+
+
+def padded_vocab(vocab_size: int, tp: int, multiple: int = 128) -> int:
+    """Vocab rows in megatron: vocab_size rounded up to a multiple of `multiple * tp`.
+
+    Prefers the actor's `padded_vocab_size` (single definition) when it is importable.
+    """
+    try:
+        from rfpo_megatron.actor.model import padded_vocab_size  # type: ignore[attr-defined]
+    except ImportError:  # the actor may be absent in pure-conversion use
+        padded_vocab_size = None
+    if padded_vocab_size is not None:
+        return int(padded_vocab_size(vocab_size, tp, multiple=multiple))
+    step = multiple * tp
+    return ((vocab_size + step - 1) // step) * step

@@ -1,0 +1,52 @@
+"""HF-named full weights out of a live (TP/PP-sharded) megatron model, in buckets: the rollout weight-sync source.
+
+`iter_hf_weights` is collective over the TP group (every TP rank of a stage must iterate it in
+lockstep and gets the same tensors); each PP stage yields only its own layers (stage 0 also the
+embedding, the last stage the final norm and lm_head). It uses the same mapping as the to-HF tool
+(`mapping.mcore_to_hf_tensors`), so the union over PP stages equals the tool's output tensor for
+tensor. A tied model's last-stage copy of the embedding is not yielded (HF has no lm_head then).
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from rfpo_megatron.convert.arch import arch_from_hf_config
+from rfpo_megatron.convert.mapping import _rule_or_tied_head, mcore_to_hf_tensors
+from rfpo_megatron.convert.sharding import iter_full_params
+
+
+def iter_hf_tensors(model_chunks: Sequence[torch.nn.Module], hf_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF name, full tensor) for this PP stage, one megatron parameter gathered at a time.
+
+    Tensors are on the parameters' device in their dtype; vocab rows are cut to vocab_size ([V, h]).
+    """
+    arch = arch_from_hf_config(hf_config)
+    for name, full in iter_full_params(model_chunks, vocab_size=arch.vocab_size):
+        rule = _rule_or_tied_head(arch, name)
+        if rule is None:
+            continue
+        yield from mcore_to_hf_tensors(arch, rule, full)
+
+
+def iter_hf_weights(
+    model_chunks: Sequence[torch.nn.Module], hf_config: Any, bucket_bytes: int = 512 * 1024**2
+) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Buckets of (HF name, full tensor) of at most ~bucket_bytes each (a larger tensor gets its own bucket).
+
+    Collective over TP (see module docstring). Memory: one bucket plus one gathered parameter.
+    """
+    if bucket_bytes <= 0:
+        raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
+    bucket: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    for name, tensor in iter_hf_tensors(model_chunks, hf_config):
+        nbytes = tensor.numel() * tensor.element_size()
+        if bucket and size + nbytes > bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, tensor))
+        size += nbytes
+    if bucket:
+        yield bucket

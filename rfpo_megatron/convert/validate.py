@@ -1,0 +1,60 @@
+"""Compare an HF-config `Arch` with the megatron-core architecture actually built; every mismatch names the field.
+
+Used by the conversion tools (against `actor.model.transformer_config_from_hf`) and when weights are
+loaded into a live model (against the model's own TransformerConfig and vocab).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from rfpo_megatron.convert.arch import Arch, ConversionError
+
+
+def config_diffs(arch: Arch, tconfig: Any) -> list[str]:
+    """Mismatches between `arch` (from config.json) and a megatron TransformerConfig.
+
+    Each entry reads "<hf field>=<value> but megatron <attr>=<value>".
+    """
+    nqg = tconfig.num_query_groups or tconfig.num_attention_heads
+    kv_channels = tconfig.kv_channels or tconfig.hidden_size // tconfig.num_attention_heads
+    act = getattr(tconfig.activation_func, "__name__", str(tconfig.activation_func))
+    checks = [
+        ("num_hidden_layers", arch.num_layers, "num_layers", tconfig.num_layers),
+        ("hidden_size", arch.hidden_size, "hidden_size", tconfig.hidden_size),
+        ("intermediate_size", arch.ffn_hidden_size, "ffn_hidden_size", tconfig.ffn_hidden_size),
+        ("num_attention_heads", arch.num_heads, "num_attention_heads", tconfig.num_attention_heads),
+        ("num_key_value_heads", arch.num_kv_heads, "num_query_groups", nqg),
+        ("head_dim", arch.head_dim, "kv_channels", kv_channels),
+        ("attention_bias (q/k/v bias)", arch.qkv_bias, "add_qkv_bias", bool(tconfig.add_qkv_bias or tconfig.add_bias_linear)),
+        ("attention_bias (o_proj bias)", arch.o_bias, "add_bias_linear", bool(tconfig.add_bias_linear)),
+        ("mlp_bias", arch.mlp_bias, "add_bias_linear", bool(tconfig.add_bias_linear)),
+        ("model_type (q/k norm)", arch.qk_norm, "qk_layernorm", bool(tconfig.qk_layernorm)),
+        ("rms_norm_eps", arch.rms_norm_eps, "layernorm_epsilon", tconfig.layernorm_epsilon),
+        ("hidden_act (SwiGLU)", True, "gated_linear_unit", bool(tconfig.gated_linear_unit)),
+        ("hidden_act", "silu", "activation_func", act),
+        ("(RMSNorm)", "RMSNorm", "normalization", tconfig.normalization),
+    ]
+    return [f"{hf}={a!r} but megatron {mc}={b!r}" for hf, a, mc, b in checks if a != b]
+
+
+def model_diffs(arch: Arch, chunk: Any) -> list[str]:
+    """`config_diffs` plus vocab size and embedding tying of a live GPTModel chunk."""
+    from rfpo_megatron.convert.sharding import unwrap
+
+    model = unwrap(chunk)
+    diffs = config_diffs(arch, model.config)
+    vocab = getattr(model, "vocab_size_unpadded", None)
+    if vocab is not None and vocab != arch.vocab_size:
+        diffs.append(f"vocab_size={arch.vocab_size} but the model was built with vocab_size={vocab}")
+    if vocab is None and getattr(model, "vocab_size", arch.vocab_size) < arch.vocab_size:
+        diffs.append(f"vocab_size={arch.vocab_size} exceeds the model's padded vocab {model.vocab_size}")
+    tie = bool(getattr(model, "share_embeddings_and_output_weights", arch.tie_embeddings))
+    if tie != arch.tie_embeddings:
+        diffs.append(f"tie_word_embeddings={arch.tie_embeddings} but megatron share_embeddings_and_output_weights={tie}")
+    return diffs
+
+
+def require_no_diffs(diffs: list[str], *, what: str) -> None:
+    """Raise ConversionError listing `diffs` (each names a field) unless empty."""
+    if diffs:
+        raise ConversionError(f"{what}:\n  - " + "\n  - ".join(diffs))
