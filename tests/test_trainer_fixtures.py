@@ -1,0 +1,75 @@
+"""Shared fixtures for the trainer tests: a tiny random Qwen2 + char tokenizer + addition data in a temp dir.
+
+Imported by tests/test_trainer_*.py (`from test_trainer_fixtures import tiny_run`); its own test checks
+that the assets load with transformers.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "examples", "tiny_cpu"))
+
+
+def build_assets(root: str, hidden: int = 32, layers: int = 2, n_train: int = 16, n_eval: int = 4) -> dict:
+    """Tiny HF model dir + data files under `root` (cached: rebuilt only when missing)."""
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    from rfpo_megatron.rewards.addition import make_split, write_jsonl
+    from tiny_assets import build_tokenizer, tiny_qwen2_config
+
+    model_dir = os.path.join(root, "model")
+    data_dir = os.path.join(root, "data")
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        tok = build_tokenizer(model_dir)
+        torch.manual_seed(0)
+        cfg = tiny_qwen2_config(tok, hidden=hidden, layers=layers, heads=4, kv_heads=2, max_pos=256)
+        cfg.intermediate_size = hidden * 2
+        Qwen2ForCausalLM(cfg).save_pretrained(model_dir)
+    if not os.path.isfile(os.path.join(data_dir, "train.jsonl")):
+        os.makedirs(data_dir, exist_ok=True)
+        write_jsonl(os.path.join(data_dir, "train.jsonl"), make_split(n_train, [1], seed=1, prefix="tr"))
+        write_jsonl(os.path.join(data_dir, "eval_easy.jsonl"), make_split(n_eval, [1], seed=2, prefix="ev"))
+    return {"model": model_dir, "train": os.path.join(data_dir, "train.jsonl"),
+            "eval": os.path.join(data_dir, "eval_easy.jsonl")}
+
+
+def tiny_overrides(assets: dict, out: str, **extra) -> list[str]:
+    """key=value overrides of a tiny, fast CPU run writing under `out`."""
+    kv = {
+        "actor.hf_model_path": assets["model"], "actor.micro_batch_size": 16, "actor.lr": 1e-3,
+        "actor.use_distributed_optimizer": False,
+        "rollout.n_samples": 4, "rollout.max_new_tokens": 8, "rollout.temperature": 1.0,
+        "data.train_files": f"[{assets['train']}]", "data.eval_files": "[]", "data.reward_fn": "arithmetic",
+        "data.prompts_per_step": 2, "data.max_prompt_len": 256,
+        "rfpo.fix.variant": "reference", "rfpo.fix.attempts": 1, "rfpo.fix.max_per_group": 1,
+        "logging.log_dir": os.path.join(out, "logs"), "logging.wandb_mode": "offline",
+        "logging.console": True,
+        "trainer.steps": 2, "trainer.seed": 3, "trainer.save_interval": 1,
+        "trainer.save_dir": os.path.join(out, "ckpt"), "trainer.heartbeat_file": os.path.join(out, "heartbeat"),
+        "algo.max_response_len": 8,
+    }
+    kv.update(extra)
+    return [f"{k}={v}" for k, v in kv.items()]
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory):
+    return build_assets(str(tmp_path_factory.mktemp("tiny_assets")))
+
+
+def test_tiny_assets_load(tiny_assets):
+    from transformers import AutoConfig, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_assets["model"])
+    cfg = AutoConfig.from_pretrained(tiny_assets["model"])
+    assert cfg.model_type == "qwen2" and cfg.hidden_size == 32
+    assert tok.decode(tok("12+34", add_special_tokens=False)["input_ids"]) == "12+34"
+    with open(tiny_assets["train"]) as fh:
+        rec = json.loads(fh.readline())
+    assert int(rec["answer"]) == rec["a"] + rec["b"]
