@@ -45,8 +45,10 @@ def ref_logprob_grads(logits: torch.Tensor, labels: torch.Tensor, vocab_size: in
 def ref_rfpo_loss_loops(logp, old_logp, adv, cu_seqlens, log_roff, clip_low, clip_high, clip_c, form):
     """(loss [N], dloss/dlogp [N]) in float64 by a plain loop over sequences and tokens (algorithms.md, RFPO 5).
 
-    Gradient by hand: d r/d logp = r; the unclipped branch gives −A·r; the clipped branch gives −R'·A·r inside
-    [1−ε_low, 1+ε_high] and 0 outside; the dual clip −c·A is constant. (Ties have measure zero here.)
+    R' = R (faithful) or 1 (corrected); the dual-clip bound is −c·R'·A (clipped-branch advantage); the log-ratio
+    is clamped to ±20 before exp. Gradient by hand: d r/d logp = r; the unclipped branch gives −A·r; the clipped
+    branch gives −R'·A·r inside [1−ε_low, 1+ε_high] and 0 outside; the dual clip is constant; a clamped
+    log-ratio gives 0. (Ties have measure zero here.)
     """
     lp, old, A = logp.double().tolist(), old_logp.double().tolist(), adv.double().tolist()
     cu, lr = cu_seqlens.tolist(), log_roff.double().tolist()
@@ -56,7 +58,8 @@ def ref_rfpo_loss_loops(logp, old_logp, adv, cu_seqlens, log_roff, clip_low, cli
         R = math.exp(lr[s])
         Rp = R if form == "faithful" else 1.0
         for t in range(cu[s], cu[s + 1]):
-            r = math.exp(lp[t] - old[t]) * R
+            d = lp[t] - old[t]
+            r = math.exp(min(max(d, -20.0), 20.0)) * R  # log-ratio clamp ±20 (registry convention)
             l1 = -A[t] * r
             rc = min(max(r, lo), hi)
             l2 = -rc * Rp * A[t]
@@ -64,8 +67,10 @@ def ref_rfpo_loss_loops(logp, old_logp, adv, cu_seqlens, log_roff, clip_low, cli
                 L, g = l1, -A[t] * r
             else:
                 L, g = l2, (-Rp * A[t] * r if lo <= r <= hi else 0.0)
-            if clip_c is not None and A[t] < 0 and -clip_c * A[t] < L:
-                L, g = -clip_c * A[t], 0.0
+            if clip_c is not None and A[t] < 0 and -clip_c * Rp * A[t] < L:
+                L, g = -clip_c * Rp * A[t], 0.0
+            if abs(d) > 20.0:
+                g = 0.0
             loss[t], grad[t] = L, g
     return torch.tensor(loss, dtype=torch.float64), torch.tensor(grad, dtype=torch.float64)
 

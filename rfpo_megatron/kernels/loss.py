@@ -2,13 +2,14 @@
 
 `fused_rfpo_token_loss(logp [N], old_logp [N], advantages [N], cu_seqlens [S+1], log_roff [S], clip_low,
 clip_high, clip_c=None, form="faithful") -> (loss [N] fp32, stats)`: per token t of sequence s, with
-ρ = exp(logp − old_logp), R = exp(log_roff[s]) (R_off; 0 → unfixed sequence), r = ρ·R:
+ρ = exp(clamp(logp − old_logp, ±20)), R = exp(log_roff[s]) (R_off; log_roff 0 → unfixed), r = ρ·R, and
+R' = R (faithful) or 1 (corrected):
 
-  faithful:  L = −min(r·A, clip(r, 1−ε_low, 1+ε_high)·R·A)
-  corrected: L = −min(r·A, clip(r, 1−ε_low, 1+ε_high)·A)
-  dual clip (clip_c = c > 1): for A < 0, L = min(L, −c·A)
+  L = −min(r·A, clip(r, 1−ε_low, 1+ε_high)·R'·A)
+  dual clip (clip_c = c > 1): for A < 0, L = min(L, −c·R'·A)
 
-(algorithms.md, RFPO step 5; with log_roff ≡ 0 both forms are the vanilla `ppo` loss.) Only `logp` gets a
+(algorithms.md, RFPO step 5, with the conventions of the algos registry's `ppo`: the dual-clip bound uses the
+clipped branch's advantage; with log_roff ≡ 0 both forms are the vanilla `ppo` loss.) Only `logp` gets a
 gradient; old_logp, advantages and log_roff are treated as constants (R_off is detached by definition).
 The result is the unaggregated per-token loss: masking and `loss_agg_mode` are the caller's.
 
@@ -24,6 +25,18 @@ import torch
 from .dispatch import use_triton
 
 FORMS = ("faithful", "corrected")
+LOG_RATIO_CLAMP = 20.0  # same constant as loss_triton and the algos registry
+
+
+def _check_cu(cu_seqlens: torch.Tensor, n: int) -> None:
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1 or cu_seqlens.dtype.is_floating_point:
+        raise ValueError(f"cu_seqlens must be an int [S+1] tensor of cumulative lengths starting at 0, got "
+                         f"{cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+    if not cu_seqlens.is_cuda:  # a device sync on GPU: checked on CPU only
+        c = cu_seqlens
+        if int(c[0]) != 0 or int(c[-1]) != n or bool((c[1:] < c[:-1]).any()):
+            raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at N={n}; got "
+                             f"{c.tolist()[:8]}{'...' if c.numel() > 8 else ''}")
 
 
 def _check(logp, old_logp, advantages, cu_seqlens, log_roff, clip_low, clip_high, clip_c, form):
@@ -34,12 +47,9 @@ def _check(logp, old_logp, advantages, cu_seqlens, log_roff, clip_low, clip_high
     if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1 or cu_seqlens.dtype.is_floating_point:
         raise ValueError(f"cu_seqlens must be an int [S+1] tensor of cumulative lengths starting at 0, got "
                          f"{cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+    _check_cu(cu_seqlens, n)
     if log_roff.shape != (cu_seqlens.shape[0] - 1,):
         raise ValueError(f"log_roff must be [S]={cu_seqlens.shape[0] - 1} (one per sequence), got {tuple(log_roff.shape)}")
-    if not cu_seqlens.is_cuda:
-        c = cu_seqlens
-        if int(c[0]) != 0 or int(c[-1]) != n or bool((c[1:] < c[:-1]).any()):
-            raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at N={n}; got {c.tolist()[:8]}...")
     if form not in FORMS:
         raise ValueError(f"form={form!r} must be one of {FORMS} (config: rfpo_loss_form)")
     if not (0 <= clip_low < 1 and clip_high >= 0):
@@ -51,10 +61,12 @@ def _check(logp, old_logp, advantages, cu_seqlens, log_roff, clip_low, clip_high
 def _torch_token_loss(logp, old_logp, adv, cu, log_roff, lo, hi, clip_c, faithful):
     """Torch twin of the loss kernel: same outputs (loss, coef, ratio fp32 [N], flags int8 [N])."""
     lens = (cu[1:] - cu[:-1]).long()
-    lr_tok = torch.repeat_interleave(log_roff.float(), lens, output_size=logp.shape[0])
+    cdt = torch.float64 if logp.dtype == torch.float64 else torch.float32
+    lr_tok = torch.repeat_interleave(log_roff.to(cdt), lens, output_size=logp.shape[0])
     R = torch.exp(lr_tok)
-    A = adv.float()
-    r = torch.exp(logp.float() - old_logp.float()) * R
+    A = adv.to(cdt)
+    log_ratio = logp.to(cdt) - old_logp.to(cdt)
+    r = torch.exp(log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)) * R
     Rp = R if faithful else torch.ones_like(R)
     l1 = -A * r
     l2 = -r.clamp(lo, hi) * Rp * A
@@ -64,11 +76,12 @@ def _torch_token_loss(logp, old_logp, adv, cu, log_roff, lo, hi, clip_c, faithfu
     coef = torch.where(l1 > l2, g1, torch.where(l2 > l1, g2, 0.5 * (g1 + g2)))
     flags = (l2 > l1).to(torch.int8) + 2 * (r < lo).to(torch.int8) + 4 * (r > hi).to(torch.int8)
     if clip_c is not None:
-        l3 = -clip_c * A
+        l3 = -clip_c * Rp * A
         neg = A < 0
         coef = torch.where(neg & (l3 < loss), torch.zeros_like(coef), torch.where(neg & (l3 == loss), 0.5 * coef, coef))
         flags = flags + 8 * (neg & (l3 < loss)).to(torch.int8)
         loss = torch.where(neg, torch.minimum(loss, l3), loss)
+    coef = torch.where(log_ratio.abs() <= LOG_RATIO_CLAMP, coef, torch.zeros_like(coef))
     return loss, coef, r, flags
 
 
@@ -76,7 +89,8 @@ def _torch_segment_sum(x, cu):
     n_seg = cu.shape[0] - 1
     lens = (cu[1:] - cu[:-1]).long()
     seg_id = torch.repeat_interleave(torch.arange(n_seg, device=x.device), lens, output_size=x.shape[0])
-    return torch.zeros(n_seg, dtype=torch.float32, device=x.device).index_add_(0, seg_id, x.float())
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return torch.zeros(n_seg, dtype=cdt, device=x.device).index_add_(0, seg_id, x.to(cdt))
 
 
 class _TokenLoss(torch.autograd.Function):
@@ -96,7 +110,7 @@ class _TokenLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_loss, _g_ratio, _g_flags):
         (coef,) = ctx.saved_tensors
-        g = None if g_loss is None else (g_loss.float() * coef).to(ctx.logp_dtype)
+        g = None if g_loss is None else (g_loss.to(coef.dtype) * coef).to(ctx.logp_dtype)
         return g, None, None, None, None, None, None, None, None, None
 
 
@@ -154,8 +168,8 @@ def fused_rfpo_token_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages
         clip_c: dual-clip constant c > 1, or None for no dual clip.
         form: "faithful" or "corrected" (algorithms.md, RFPO step 5).
     Returns:
-        loss [N] fp32 and stats: ratio [N] fp32 (ρ·R_off) and bool [N] masks clipped, clipped_low,
-        clipped_high, dual_clipped.
+        loss [N] and stats: ratio [N] (ρ·R_off) and bool [N] masks clipped, clipped_low, clipped_high,
+        dual_clipped. Math and outputs are fp32, or fp64 when logp is fp64.
     """
     return _loss_impl(logp, old_logp, advantages, cu_seqlens, log_roff, clip_low, clip_high, clip_c, form,
                       use_triton(logp))
@@ -173,16 +187,23 @@ def fused_rfpo_token_loss_triton(logp, old_logp, advantages, cu_seqlens, log_rof
     return _loss_impl(logp, old_logp, advantages, cu_seqlens, log_roff, clip_low, clip_high, clip_c, form, True)
 
 
+def _segsum_impl(x, cu_seqlens, triton_path):
+    if x.dim() != 1:
+        raise ValueError(f"segment_sum: x must be 1-D [N], got shape {tuple(x.shape)}")
+    _check_cu(cu_seqlens, x.shape[0])
+    return _SegmentSum.apply(x, cu_seqlens, triton_path)
+
+
 def segment_sum(x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """Σ of x [N] over each packed sequence of cu_seqlens [S+1] -> [S] fp32; differentiable in x."""
-    return _SegmentSum.apply(x, cu_seqlens, use_triton(x))
+    """Σ of x [N] over each packed sequence of cu_seqlens [S+1] -> [S] (fp32; fp64 for fp64 x); differentiable."""
+    return _segsum_impl(x, cu_seqlens, use_triton(x))
 
 
 def segment_sum_torch(x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
     """Torch twin of `segment_sum`."""
-    return _SegmentSum.apply(x, cu_seqlens, False)
+    return _segsum_impl(x, cu_seqlens, False)
 
 
 def segment_sum_triton(x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
     """Triton path of `segment_sum`, forced (CPU needs TRITON_INTERPRET=1)."""
-    return _SegmentSum.apply(x, cu_seqlens, True)
+    return _segsum_impl(x, cu_seqlens, True)

@@ -1,9 +1,10 @@
 """Triton kernels for the RFPO token loss over packed sequences and for per-sequence segment sums.
 
-One program per sequence s streams its tokens [cu[s], cu[s+1]) in BLOCK tiles. Per token (all fp32):
-  r  = exp(logp - old_logp + log_roff[s]),  R = exp(log_roff[s]),  R' = R (faithful) or 1 (corrected)
+One program per sequence s streams its tokens [cu[s], cu[s+1]) in BLOCK tiles. Per token (fp32; fp64 when
+logp is fp64; clip bounds are compile-time constants):
+  R = exp(log_roff[s]),  r = exp(clamp(logp - old_logp, ±20))·R,  R' = R (faithful) or 1 (corrected)
   L1 = -A·r,  L2 = -clip(r, 1-eps_low, 1+eps_high)·R'·A,  L = max(L1, L2)
-  dual clip (c > 0 and A < 0): L = min(L, -c·A)
+  dual clip (c set and A < 0): L = min(L, -c·R'·A)  (bound on the clipped branch's advantage R'·A)
 The kernel also writes dL/dlogp (ties split equally, like torch.maximum/minimum; the clamp passes the
 gradient on its closed interval, like torch.clamp) and a bit field of clip flags:
   1 = clipped branch strictly larger (L2 > L1), 2 = r < 1-eps_low, 4 = r > 1+eps_high, 8 = dual clip active.
@@ -16,27 +17,30 @@ import triton.language as tl
 from .dispatch import jit
 
 BLOCK = 128
+LOG_RATIO_CLAMP = 20.0  # logp - old_logp is clamped to ±20 before exp (as the algos registry does)
 
 
 def _loss_kernel(
     logp_ptr, old_ptr, adv_ptr, cu_ptr, lroff_ptr,
     loss_ptr, coef_ptr, ratio_ptr, flag_ptr,
-    lo, hi, clip_c,
-    FAITHFUL: tl.constexpr, DUAL: tl.constexpr, BLOCK: tl.constexpr,
+    lo: tl.constexpr, hi: tl.constexpr, clip_c: tl.constexpr, CDT: tl.constexpr,
+    FAITHFUL: tl.constexpr, DUAL: tl.constexpr, BLOCK: tl.constexpr, LOG_RATIO_CLAMP: tl.constexpr,
 ):
     seg = tl.program_id(0)
     start = tl.load(cu_ptr + seg).to(tl.int64)
     end = tl.load(cu_ptr + seg + 1).to(tl.int64)
-    lr = tl.load(lroff_ptr + seg).to(tl.float32)
+    lr = tl.load(lroff_ptr + seg).to(CDT)
     R = tl.exp(lr)
     offs = tl.arange(0, BLOCK)
     for t0 in range(start, end, BLOCK):
         idx = t0 + offs
         msk = idx < end
-        lp = tl.load(logp_ptr + idx, mask=msk, other=0.0).to(tl.float32)
-        old = tl.load(old_ptr + idx, mask=msk, other=0.0).to(tl.float32)
-        A = tl.load(adv_ptr + idx, mask=msk, other=0.0).to(tl.float32)
-        r = tl.exp(lp - old) * R
+        lp = tl.load(logp_ptr + idx, mask=msk, other=0.0).to(CDT)
+        old = tl.load(old_ptr + idx, mask=msk, other=0.0).to(CDT)
+        A = tl.load(adv_ptr + idx, mask=msk, other=0.0).to(CDT)
+        lr_tok = lp - old
+        lr_in = (lr_tok >= -LOG_RATIO_CLAMP) & (lr_tok <= LOG_RATIO_CLAMP)
+        r = tl.exp(tl.minimum(tl.maximum(lr_tok, -LOG_RATIO_CLAMP), LOG_RATIO_CLAMP)) * R
         if FAITHFUL:
             Rp = R
         else:
@@ -51,49 +55,52 @@ def _loss_kernel(
         coef = tl.where(l1 > l2, g1, tl.where(l2 > l1, g2, 0.5 * (g1 + g2)))
         flags = tl.where(l2 > l1, 1, 0) + tl.where(r < lo, 2, 0) + tl.where(r > hi, 4, 0)
         if DUAL:
-            l3 = -clip_c * A
+            l3 = -clip_c * Rp * A
             neg = A < 0
             coef = tl.where(neg & (l3 < loss), 0.0, tl.where(neg & (l3 == loss), 0.5 * coef, coef))
             flags = flags + tl.where(neg & (l3 < loss), 8, 0)
             loss = tl.where(neg, tl.minimum(loss, l3), loss)
+        coef = tl.where(lr_in, coef, 0.0)
         tl.store(loss_ptr + idx, loss, mask=msk)
         tl.store(coef_ptr + idx, coef, mask=msk)
         tl.store(ratio_ptr + idx, r, mask=msk)
         tl.store(flag_ptr + idx, flags.to(tl.int8), mask=msk)
 
 
-def _segsum_kernel(x_ptr, cu_ptr, out_ptr, BLOCK: tl.constexpr):
+def _segsum_kernel(x_ptr, cu_ptr, out_ptr, CDT: tl.constexpr, BLOCK: tl.constexpr):
     seg = tl.program_id(0)
     start = tl.load(cu_ptr + seg).to(tl.int64)
     end = tl.load(cu_ptr + seg + 1).to(tl.int64)
     offs = tl.arange(0, BLOCK)
-    acc = tl.zeros((BLOCK,), tl.float32)
+    acc = tl.zeros((BLOCK,), CDT)
     for t0 in range(start, end, BLOCK):
         idx = t0 + offs
-        acc += tl.load(x_ptr + idx, mask=idx < end, other=0.0).to(tl.float32)
+        acc += tl.load(x_ptr + idx, mask=idx < end, other=0.0).to(CDT)
     tl.store(out_ptr + seg, tl.sum(acc, axis=0))
 
 
 def token_loss(logp, old_logp, adv, cu, log_roff, lo, hi, clip_c, faithful):
-    """Launch the loss kernel; returns (loss, coef, ratio) [N] fp32 and flags [N] int8."""
+    """Launch the loss kernel; returns (loss, coef, ratio) [N] (fp64 if logp is fp64, else fp32), flags [N] int8."""
     n = logp.shape[0]
-    loss = torch.empty(n, dtype=torch.float32, device=logp.device)
+    cdt = torch.float64 if logp.dtype == torch.float64 else torch.float32
+    loss = torch.empty(n, dtype=cdt, device=logp.device)
     coef, ratio = torch.empty_like(loss), torch.empty_like(loss)
     flags = torch.zeros(n, dtype=torch.int8, device=logp.device)
     n_seg = cu.shape[0] - 1
     if n > 0 and n_seg > 0:
         jit(_loss_kernel)[(n_seg,)](
             logp, old_logp, adv, cu, log_roff, loss, coef, ratio, flags,
-            float(lo), float(hi), float(clip_c or 0.0),
-            FAITHFUL=bool(faithful), DUAL=clip_c is not None, BLOCK=BLOCK,
+            lo=float(lo), hi=float(hi), clip_c=float(clip_c or 0.0),
+            CDT=tl.float64 if cdt == torch.float64 else tl.float32, FAITHFUL=bool(faithful), DUAL=clip_c is not None, BLOCK=BLOCK, LOG_RATIO_CLAMP=LOG_RATIO_CLAMP,
         )
     return loss, coef, ratio, flags
 
 
 def segment_sum(x: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
-    """Sum of x [N] over each segment of cu [S+1] -> [S] fp32."""
+    """Sum of x [N] over each segment of cu [S+1] -> [S] (fp64 for fp64 x, else fp32)."""
     n_seg = cu.shape[0] - 1
-    out = torch.zeros(max(n_seg, 0), dtype=torch.float32, device=x.device)
+    f64 = x.dtype == torch.float64
+    out = torch.zeros(max(n_seg, 0), dtype=torch.float64 if f64 else torch.float32, device=x.device)
     if n_seg > 0 and x.shape[0] > 0:
-        jit(_segsum_kernel)[(n_seg,)](x, cu, out, BLOCK=BLOCK)
+        jit(_segsum_kernel)[(n_seg,)](x, cu, out, CDT=tl.float64 if f64 else tl.float32, BLOCK=BLOCK)
     return out
