@@ -381,11 +381,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--health-stall-s", type=float, default=300.0, help="/health_generate fails after this long busy without progress")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1") or 1), help="torch CPU threads")
     p.add_argument("--parent-pid", type=int, default=None, help="exit when this process is gone")
+    p.add_argument("--tp-size", type=int, default=1, help="accepted for SGLang command-line compatibility; must be 1")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.tp_size != 1:
+        print(f"rfpo-megatron serve: --tp-size {args.tp_size}: the embedded engine runs one process (use 1)", file=sys.stderr)
+        return 2
     import torch
 
     torch.set_num_threads(max(1, args.threads))

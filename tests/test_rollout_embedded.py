@@ -1,0 +1,307 @@
+"""Embedded rollout server over real loopback HTTP: log-probs vs teacher forcing, sampling rules,
+seeds, weight updates (tensor / disk / distributed gloo), release/resume, abort, malformed requests."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+import requests
+import torch
+
+from rfpo_megatron.rollout import EngineRequestError, SamplingParams, derive_seed, launch_embedded_server
+from rfpo_megatron.rollout import weights as W
+from rfpo_megatron.rollout.embedded import EmbeddedEngine, GenItem
+from rfpo_megatron.rollout.procs import free_port
+from rfpo_megatron.rollout.testing import make_tiny_hf_model
+
+torch.set_num_threads(1)
+PROMPTS = [[1, 5, 9, 33], [7, 8], [100, 101, 102, 103, 104, 105, 106], [42]]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rollout_models")
+    return make_tiny_hf_model(root / "m1", seed=1), make_tiny_hf_model(root / "m2", seed=2)
+
+
+@pytest.fixture(scope="module")
+def client(models, tmp_path_factory):
+    c = launch_embedded_server(str(models[0]), log_dir=tmp_path_factory.mktemp("logs"), retries=2, backoff_s=0.1)
+    yield c
+    c.shutdown()
+    assert not c.processes[0].alive()
+
+
+def load_ref(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, attn_implementation="eager").eval()
+
+
+@pytest.fixture(scope="module")
+def refs(models):
+    return load_ref(models[0]), load_ref(models[1])
+
+
+@torch.no_grad()
+def teacher_forced(model, prompt, out_ids, temperature, original=False):
+    """float64 log-softmax of one unpadded, cache-free forward over prompt+output: [L] log-probs, [L, V] rows."""
+    ids = torch.tensor([list(prompt) + list(out_ids)])
+    logits = model(input_ids=ids).logits[0].double()
+    rows = logits[len(prompt) - 1: len(prompt) - 1 + len(out_ids)]
+    t = 1.0 if (temperature < 1e-6 or original) else temperature
+    lp = torch.log_softmax(rows / t, dim=-1)
+    return [float(lp[k, tok]) for k, tok in enumerate(out_ids)], rows
+
+
+def state_of(path):
+    from safetensors.torch import load_file
+
+    return sorted(load_file(str(path / "model.safetensors")).items())
+
+
+@pytest.mark.parametrize("temperature,top_p,top_k", [(1.0, 1.0, -1), (0.7, 0.9, 50), (1.3, 1.0, 20), (0.0, 1.0, -1)])
+def test_logprobs_match_teacher_forced_forward(client, refs, temperature, top_p, top_k):
+    params = SamplingParams(n=3, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=12, seed=11)
+    out = client.generate(PROMPTS, params)
+    assert len(out) == len(PROMPTS) and all(len(row) == 3 for row in out)
+    worst = 0.0
+    for prompt, row in zip(PROMPTS, out):
+        for res in row:
+            assert len(res.output_ids) == len(res.logprobs) >= 1
+            if res.finish_reason == "stop":
+                assert res.output_ids[-1] == 2 and 2 not in res.output_ids[:-1]
+            else:
+                assert res.finish_reason == "length" and len(res.output_ids) == 12
+            ref_lp, rows = teacher_forced(refs[0], prompt, res.output_ids, temperature)
+            worst = max(worst, max(abs(a - b) for a, b in zip(res.logprobs, ref_lp)))
+            sorted_rows = rows.sort(dim=-1, descending=True)
+            for k, tok in enumerate(res.output_ids):
+                rank = int((sorted_rows.indices[k] == tok).nonzero())
+                if temperature == 0.0:
+                    assert rank == 0  # greedy = argmax of the reference logits
+                if top_k > 0:
+                    assert rank < top_k
+                if top_p < 1.0:  # nucleus: mass strictly before the token <= top_p
+                    p = torch.softmax(sorted_rows.values[k] / temperature, -1)
+                    assert float(p[:rank].sum()) <= top_p + 1e-6
+    assert worst <= 1e-4, worst
+
+
+def test_original_logprob_convention_in_process(models, refs):
+    """return_original_logprob=True reports log softmax(logits), SGLANG_RETURN_ORIGINAL_LOGPROB's convention."""
+    eng = EmbeddedEngine(str(models[0]), return_original_logprob=True)
+    [res] = eng.generate([GenItem(rid="a", input_ids=PROMPTS[0], max_new_tokens=6, temperature=0.5, seed=3,
+                                  return_logprob=True, ignore_eos=True)])
+    olp = res["meta_info"]["output_token_logprobs"]
+    ids = [x[1] for x in olp]
+    ref, _ = teacher_forced(refs[0], PROMPTS[0], ids, 0.5, original=True)
+    assert max(abs(x[0] - r) for x, r in zip(olp, ref)) <= 1e-4
+    scaled, _ = teacher_forced(refs[0], PROMPTS[0], ids, 0.5)
+    assert max(abs(x[0] - r) for x, r in zip(olp, scaled)) > 1e-2  # the two conventions really differ
+
+
+def test_seed_reproducible_and_independent_of_batch(client):
+    p = SamplingParams(n=2, temperature=1.0, max_new_tokens=10, seed=123, ignore_eos=True)
+    a = client.generate(PROMPTS, p)
+    b = client.generate(PROMPTS, p)
+    assert [[r.output_ids for r in row] for row in a] == [[r.output_ids for r in row] for row in b]
+    alone = client.generate(PROMPTS[:1], p)  # prompt 0 alone gets the same derived seeds
+    assert [r.output_ids for r in alone[0]] == [r.output_ids for r in a[0]]
+    assert a[0][0].output_ids != a[0][1].output_ids  # the n samples differ
+    c = client.generate(PROMPTS, SamplingParams(n=2, temperature=1.0, max_new_tokens=10, seed=124, ignore_eos=True))
+    assert [r.output_ids for r in c[0]] != [r.output_ids for r in a[0]]
+
+
+def test_stop_tokens_and_length(client, refs):
+    # greedy continuation of prompt 1, then stop at its 3rd token
+    g = client.generate([PROMPTS[1]], SamplingParams(temperature=0.0, max_new_tokens=8, ignore_eos=True))[0][0]
+    assert g.finish_reason == "length" and len(g.output_ids) == 8
+    stop = g.output_ids[2]
+    first = g.output_ids.index(stop)
+    s = client.generate([PROMPTS[1]], SamplingParams(temperature=0.0, max_new_tokens=8, stop_token_ids=[stop],
+                                                     ignore_eos=True))[0][0]
+    assert s.finish_reason == "stop" and s.output_ids == g.output_ids[:first + 1]
+    assert s.meta["finish_reason"] == {"type": "stop", "matched": stop}
+    z = client.generate([PROMPTS[1]], SamplingParams(max_new_tokens=0))[0][0]
+    assert z.output_ids == [] and z.finish_reason == "length"
+
+
+def _fresh_reference(path, prompts, params):
+    """Outputs of a freshly loaded in-process engine with the same derived seeds as the client."""
+    eng = EmbeddedEngine(str(path))
+    items = [GenItem(rid=f"{i}-{j}", input_ids=p, max_new_tokens=params.max_new_tokens, temperature=params.temperature,
+                     top_p=params.top_p, top_k=params.top_k, ignore_eos=params.ignore_eos,
+                     seed=derive_seed(params.seed, i, j), return_logprob=True)
+             for i, p in enumerate(prompts) for j in range(params.n)]
+    outs = eng.generate(items)
+    return [([x[1] for x in o["meta_info"]["output_token_logprobs"]], [x[0] for x in o["meta_info"]["output_token_logprobs"]])
+            for o in outs]
+
+
+def _flat(out):
+    return [(r.output_ids, r.logprobs) for row in out for r in row]
+
+
+P_CMP = SamplingParams(n=2, temperature=0.9, top_p=0.95, max_new_tokens=10, seed=7, ignore_eos=True)
+
+
+def test_weight_update_from_tensors_equals_fresh_engine(client, models):
+    before = _flat(client.generate(PROMPTS, P_CMP))
+    assert before == _fresh_reference(models[0], PROMPTS, P_CMP)
+    new = state_of(models[1])
+    half = len(new) // 2
+    client.update_weights_from_tensors(new[:half], weight_version="v1")  # two buckets
+    client.update_weights_from_tensors(new[half:], weight_version="v2")
+    after = client.generate(PROMPTS, P_CMP)
+    assert _flat(after) == _fresh_reference(models[1], PROMPTS, P_CMP)
+    assert _flat(after) != before
+    assert after[0][0].meta["weight_version"] == "v2"
+    client.update_weights_from_disk(str(models[0]))  # back to m1 from disk
+    assert _flat(client.generate(PROMPTS, P_CMP)) == before
+
+
+def test_weight_update_distributed_gloo_equals_fresh_engine(client, models):
+    import torch.distributed as dist
+
+    port = free_port()
+    group = client.connect_weights_update_group("127.0.0.1", port, group_name="wu_test", backend="gloo", timeout_s=60)
+    try:
+        assert group.size() == 2 and group.rank() == 0
+        new = state_of(models[1])
+        client.push_weights_distributed(group, new[:5], group_name="wu_test")
+        client.push_weights_distributed(group, new[5:], group_name="wu_test")
+        assert _flat(client.generate(PROMPTS, P_CMP)) == _fresh_reference(models[1], PROMPTS, P_CMP)
+    finally:
+        client.destroy_weights_update_group(group, group_name="wu_test")
+        client.update_weights_from_disk(str(models[0]))
+
+
+def test_release_resume_then_push(client, models):
+    before = _flat(client.generate(PROMPTS, P_CMP))
+    client.release_memory()
+    with pytest.raises(EngineRequestError, match="resume_memory_occupation") as e:
+        client.generate(PROMPTS, P_CMP)
+    assert e.value.status == 400
+    assert client.health()
+    client.resume_memory()
+    client.flush_cache()
+    client.update_weights_from_tensors(state_of(models[0]))
+    assert _flat(client.generate(PROMPTS, P_CMP)) == before
+
+
+def test_abort_all_ends_running_request(client):
+    box = {}
+
+    def run():
+        box["out"] = client.generate([[3, 4, 5]] * 4, SamplingParams(max_new_tokens=900, ignore_eos=True, seed=1))
+
+    start = client.server_info()["progress"]
+    th = threading.Thread(target=run)
+    th.start()
+    deadline = time.time() + 30
+    while client.server_info()["progress"] < start + 5 and time.time() < deadline:
+        time.sleep(0.02)
+    client.abort()
+    th.join(60)
+    res = [r for row in box["out"] for r in row]
+    assert all(r.finish_reason == "abort" for r in res)
+    assert all(0 < len(r.output_ids) < 900 and len(r.logprobs) == len(r.output_ids) for r in res)
+    # the server still works afterwards
+    assert client.generate([[3]], SamplingParams(max_new_tokens=2, ignore_eos=True))[0][0].finish_reason == "length"
+
+
+def test_raw_sglang_response_shapes(client):
+    url = client.url
+    single = requests.post(url + "/generate", json={"input_ids": [1, 2, 3], "return_logprob": True,
+                                                    "sampling_params": {"max_new_tokens": 3, "temperature": 0}}).json()
+    assert isinstance(single, dict) and len(single["meta_info"]["output_token_logprobs"]) == 3
+    lp, tok, text = single["meta_info"]["output_token_logprobs"][0]
+    assert isinstance(lp, float) and tok == single["output_ids"][0] and text is None
+    batch = requests.post(url + "/generate", json={"input_ids": [[1, 2], [3]], "rid": ["a", "b"],
+                                                   "sampling_params": {"max_new_tokens": 2, "n": 2, "temperature": 0}}).json()
+    # n is expanded prompt-major like SGLang: [p0s0, p0s1, p1s0, p1s1]; greedy -> equal within a prompt
+    assert len(batch) == 4 and batch[0]["output_ids"] == batch[1]["output_ids"]
+    assert "output_token_logprobs" not in batch[0]["meta_info"]
+    info = requests.get(url + "/get_server_info").json()
+    assert info["engine"] == "rfpo-embedded" and "version" in info
+    assert requests.get(url + "/health_generate").status_code == 200
+
+
+MALFORMED = [
+    ("/generate", b"{not json", "not valid JSON"),
+    ("/generate", {"sampling_params": {}}, "input_ids is required"),
+    ("/generate", {"text": "hello"}, "text"),
+    ("/generate", {"input_ids": []}, "non-empty"),
+    ("/generate", {"input_ids": [1, "x"]}, "list of ints"),
+    ("/generate", {"input_ids": [1, 99999]}, "outside the vocabulary"),
+    ("/generate", {"input_ids": [1], "sampling_params": {"top_p": 0}}, "top_p"),
+    ("/generate", {"input_ids": [1], "sampling_params": {"temperature": -1}}, "temperature"),
+    ("/generate", {"input_ids": [1], "sampling_params": {"bogus": 1}}, "unknown sampling_params"),
+    ("/generate", {"input_ids": [1], "sampling_params": {"frequency_penalty": 0.5}}, "frequency_penalty"),
+    ("/generate", {"input_ids": [[1], [2]], "sampling_params": [{}]}, "1 entries for 2 prompts"),
+    ("/generate", {"input_ids": [1], "nonsense_field": 1}, "unknown /generate fields"),
+    ("/update_weights_from_tensor", {"serialized_named_tensors": ["AAAA"], "load_format": "rfpo_safetensors_b64"}, "safetensors"),
+    ("/update_weights_from_tensor", {"load_format": "rfpo_safetensors_b64"}, "serialized_named_tensors"),
+    ("/update_weights_from_disk", {"model_path": "/nonexistent/dir"}, "no *.safetensors"),
+    ("/init_weights_update_group", {"master_address": "127.0.0.1", "master_port": "x", "rank_offset": 1,
+                                    "world_size": 2}, "master_port"),
+    ("/update_weights_from_distributed", {"names": ["a"], "dtypes": ["float32"], "shapes": [[1]],
+                                          "group_name": "nope"}, "init_weights_update_group"),
+    ("/release_memory_occupation", {"tags": ["gpu"]}, "tags"),
+]
+
+
+@pytest.mark.parametrize("path,body,needle", MALFORMED)
+def test_malformed_requests_get_400(client, path, body, needle):
+    if isinstance(body, bytes):
+        r = requests.post(client.url + path, data=body, headers={"Content-Type": "application/json"})
+    else:
+        r = requests.post(client.url + path, json=body)
+    assert r.status_code == 400, r.text
+    msg = r.json()["message"]
+    assert needle in msg and r.json()["code"] == 400
+
+
+def test_bad_weight_names_and_shapes_rejected_without_partial_update(client, models):
+    before = _flat(client.generate(PROMPTS, P_CMP))
+    good = state_of(models[1])[:2]
+    with pytest.raises(EngineRequestError, match="unknown weight names"):
+        client.update_weights_from_tensors(good + [("model.not_a_weight", torch.zeros(2))])
+    with pytest.raises(EngineRequestError, match="shape mismatch"):
+        client.update_weights_from_tensors(good[1:] + [(good[0][0], torch.zeros(3, 3))])
+    assert _flat(client.generate(PROMPTS, P_CMP)) == before  # nothing was applied
+    r = requests.get(client.url + "/generate")
+    assert r.status_code == 405
+    assert requests.post(client.url + "/no_such_endpoint", json={}).status_code == 404
+
+
+def test_sglang_tensor_payload_refused_by_embedded_with_clear_message(client, models):
+    payload = {"serialized_named_tensors": W.encode_sglang_named_tensors(state_of(models[1])[:1]), "load_format": None,
+               "flush_cache": True}
+    r = requests.post(client.url + "/update_weights_from_tensor", json=payload)
+    assert r.status_code == 400 and "rfpo_safetensors_b64" in r.json()["message"]
+
+
+def test_cli_serve_rejects_missing_model_dir(tmp_path):
+    from rfpo_megatron.rollout.server import main
+
+    assert main(["--model-path", str(tmp_path / "missing"), "--port", "0"]) == 2
+
+
+def test_request_payload_fields_match_sglang_generate_req_input(client):
+    """Field names the client sends exist in SGLang 0.5.x GenerateReqInput / SamplingParams (from its source)."""
+    generate_req_fields = {"rid", "text", "input_ids", "sampling_params", "return_logprob", "logprob_start_len",
+                           "top_logprobs_num", "stream"}
+    sampling_fields = {"max_new_tokens", "stop", "stop_token_ids", "temperature", "top_p", "top_k", "min_p", "n",
+                       "ignore_eos", "skip_special_tokens", "no_stop_trim", "sampling_seed"}
+    [(payload, index)] = client.build_generate_payloads(PROMPTS, SamplingParams(n=2, seed=5, stop_token_ids=[9]))
+    assert set(payload) <= generate_req_fields
+    assert all(set(sp) <= sampling_fields for sp in payload["sampling_params"])
+    assert index == [(i, j) for i in range(4) for j in range(2)]
+    assert len(set(payload["rid"])) == 8 and payload["input_ids"][2] == PROMPTS[1]
+    seeds = [sp["sampling_seed"] for sp in payload["sampling_params"]]
+    assert seeds[3] == derive_seed(5, 1, 1) and len(set(seeds)) == 8
+    json.dumps(payload)
