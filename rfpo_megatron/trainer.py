@@ -696,6 +696,11 @@ def setup(cfg: Config) -> Runtime:
     from rfpo_megatron.rewards import get_reward_fn
 
     check_paths(cfg)
+    single = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")) or 1) == 1
+    if single and "MASTER_PORT" not in os.environ:  # a lone process: never collide on the default port
+        from rfpo_megatron.rollout.procs import free_port
+
+        os.environ["MASTER_PORT"] = str(free_port())
     info = init_parallel(cfg.actor.tensor_model_parallel_size, cfg.actor.pipeline_model_parallel_size,
                          seed=cfg.trainer.seed)
     rt = Runtime(cfg, rank=info.rank, world_size=info.world_size)
