@@ -191,6 +191,17 @@ def _run_layout(root, tp, pp, rank, check_save):
             saved_meta = read_meta(out)
             assert (saved_meta.stages, saved_meta.padded_vocab_size) == (meta.stages, meta.padded_vocab_size), tag
         dist.barrier()
+    if (tp, pp) == (1, 1):  # a model built from a different config refuses the checkpoint, naming the field
+        from rfpo_megatron.convert.arch import ConversionError
+
+        cfg = dict(read_hf_config(root / "llama" / "hf"), num_key_value_heads=2)
+        chunks = build_model(cfg, params_dtype=torch.float32, spec="local")
+        try:
+            load_weights(chunks, root / "llama" / "mc_tp2_pp1")
+        except ConversionError as err:
+            assert "num_key_value_heads=1 but megatron num_query_groups=2" in str(err), str(err)
+        else:
+            raise AssertionError("loading a checkpoint with num_key_value_heads=1 into a 2-group model did not fail")
 
 
 def _worker(rank, world, port, root, layouts, check_save):
