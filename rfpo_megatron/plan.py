@@ -1,0 +1,640 @@
+"""Per-GPU memory planner for the Megatron actor + colocated SGLang rollout, and a layout recommender.
+
+Everything is in bytes per GPU (printed in GiB). Two phases are checked:
+
+* **train**: bf16 weights + grad buffer + Adam state (fp32 main params, exp_avg, exp_avg_sq; sharded over
+  DP with the distributed optimizer, or on the host with ``optimizer_cpu_offload``) + activations of the
+  micro-batches in flight + the logits of one micro-batch + a fixed overhead (CUDA context, NCCL, allocator).
+* **rollout** (colocated only): the actor state that stays resident (``actor_in_rollout``) + SGLang's static
+  pool ``mem_fraction_static * capacity`` (weights / sglang_tp + KV cache) + overhead.
+
+A layout fits when both phases are <= ``usable_frac`` (default 0.95: allocator fragmentation margin) of the
+GPU's capacity. Parameter, gradient and optimizer numbers replay megatron-core's own rules (vocab padding
+to 128*tp, the DDP buffer's 64-element param alignment and lcm(dp, 128) bucket padding, the distributed
+optimizer's per-DP-rank bucket shards) and are exact; activations follow Korthikanti et al. 2022
+("Reducing Activation Recomputation in Large Transformer Models") adapted to GQA + SwiGLU + flash attention,
+see ``activation_bytes_per_token`` and docs/scaling.md.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+GiB = 1024**3
+# usable bytes reported by nvidia-smi: H100 SXM 80 GB = 81559 MiB, H200 141 GB = 143771 MiB
+GPU_CAPACITY = {"h100": 81559 * 2**20, "h200": 143771 * 2**20}
+RECOMPUTE_MODES = ("none", "selective", "full")
+ACTOR_IN_ROLLOUT = ("resident", "weights", "offloaded")
+
+# Built-in HF config.json shapes so nothing needs a model hub.
+PRESETS: dict[str, dict[str, Any]] = {
+    "qwen2.5-7b": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                       num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                       tie_word_embeddings=False, max_position_embeddings=32768),
+    "qwen2.5-32b": dict(model_type="qwen2", vocab_size=152064, hidden_size=5120, intermediate_size=27648,
+                        num_hidden_layers=64, num_attention_heads=40, num_key_value_heads=8,
+                        tie_word_embeddings=False, max_position_embeddings=32768),
+    "qwen2.5-72b": dict(model_type="qwen2", vocab_size=152064, hidden_size=8192, intermediate_size=29568,
+                        num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+                        tie_word_embeddings=False, max_position_embeddings=32768),
+    "qwen3-32b": dict(model_type="qwen3", vocab_size=151936, hidden_size=5120, intermediate_size=25600,
+                      num_hidden_layers=64, num_attention_heads=64, num_key_value_heads=8, head_dim=128,
+                      tie_word_embeddings=False, max_position_embeddings=40960),
+}
+
+
+class PlanError(ValueError):
+    """A user-facing planner error (one line naming the field and the fix)."""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The shape facts of a dense decoder (Qwen2/2.5, Qwen3, Llama) that memory depends on."""
+
+    name: str
+    vocab_size: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    tie_embeddings: bool
+    qkv_bias: bool
+    qk_norm: bool
+
+
+def shape_from_hf(cfg: "Mapping[str, Any] | str | os.PathLike", name: Optional[str] = None) -> ModelShape:
+    """ModelShape from an HF config dict, a config.json path, a model directory or a preset name."""
+    if isinstance(cfg, (str, os.PathLike)):
+        key = str(cfg).lower()
+        if key in PRESETS:
+            return shape_from_hf(PRESETS[key], name=key)
+        path = os.path.join(cfg, "config.json") if os.path.isdir(cfg) else str(cfg)
+        if not os.path.isfile(path):
+            raise PlanError(f"--model {cfg!s}: not a preset ({', '.join(PRESETS)}) nor an HF config.json/dir")
+        with open(path) as f:
+            return shape_from_hf(json.load(f), name=name or str(cfg))
+    try:
+        hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+        mt = cfg.get("model_type", "qwen2")
+        return ModelShape(
+            name=name or str(cfg.get("_name_or_path", mt)),
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=hidden,
+            ffn_hidden_size=int(cfg["intermediate_size"]),
+            num_layers=int(cfg["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or hidden // heads),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qkv_bias=True if mt == "qwen2" else bool(cfg.get("attention_bias", False)),
+            qk_norm=mt == "qwen3",
+        )
+    except KeyError as e:
+        raise PlanError(f"HF config {name or ''} lacks field {e.args[0]!r} (need a decoder config.json)") from None
+
+
+def padded_vocab(vocab: int, tp: int, multiple: int = 128) -> int:
+    """Megatron's vocab padding: smallest size >= vocab divisible by ``multiple * tp``."""
+    step = multiple * tp
+    return -(-vocab // step) * step
+
+
+def total_params(m: ModelShape, vocab_multiple: int = 128) -> int:
+    """Unsharded parameter count (tp=1 padding), i.e. what SGLang holds across its TP group."""
+    return sum(n for _, n, _ in stage_params(m, tp=1, pp=1, stage=0, vocab_multiple=vocab_multiple))
+
+
+def stage_params(m: ModelShape, tp: int, pp: int, stage: int, vocab_multiple: int = 128) -> list[tuple[str, int, bool]]:
+    """This (tp rank, pp stage)'s parameters in GPTModel.named_parameters() order (local spec).
+
+    Returns [(name, numel_on_this_rank, shared_embedding)]. Column/row-parallel weights and the
+    vocab-parallel embedding/output are divided by tp; norms (and row-parallel biases) are replicated.
+    Layers are split evenly over pp; the first stage holds the embedding, the last the final norm and the
+    output layer (with tied embeddings and pp > 1 the last stage holds a copy of the embedding).
+    """
+    if m.num_layers % pp:
+        raise PlanError(f"pp={pp} must divide num_layers={m.num_layers}")
+    if m.num_heads % tp or (m.num_kv_heads % tp and tp % m.num_kv_heads):
+        raise PlanError(f"tp={tp} must divide num_attention_heads={m.num_heads} (and fit {m.num_kv_heads} kv heads)")
+    h, d = m.hidden_size, m.head_dim
+    kv_local = max(m.num_kv_heads // tp, 1)  # kv heads are replicated when tp > num_kv_heads
+    q_local = m.num_heads // tp
+    v = padded_vocab(m.vocab_size, tp, vocab_multiple) // tp
+    first, last = stage == 0, stage == pp - 1
+    out: list[tuple[str, int, bool]] = []
+    if first:
+        out.append(("embedding.word_embeddings.weight", v * h, m.tie_embeddings and pp > 1))
+    per = m.num_layers // pp
+    qkv_out = (q_local + 2 * kv_local) * d
+    for i in range(per):
+        p = f"decoder.layers.{i}."
+        out.append((p + "input_layernorm.weight", h, False))
+        out.append((p + "self_attention.linear_proj.weight", h * q_local * d, False))
+        out.append((p + "self_attention.linear_qkv.weight", qkv_out * h, False))
+        if m.qkv_bias:
+            out.append((p + "self_attention.linear_qkv.bias", qkv_out, False))
+        if m.qk_norm:
+            out.append((p + "self_attention.q_layernorm.weight", d, False))
+            out.append((p + "self_attention.k_layernorm.weight", d, False))
+        out.append((p + "pre_mlp_layernorm.weight", h, False))
+        out.append((p + "mlp.linear_fc1.weight", 2 * (m.ffn_hidden_size // tp) * h, False))
+        out.append((p + "mlp.linear_fc2.weight", h * (m.ffn_hidden_size // tp), False))
+    if last:
+        out.append(("decoder.final_layernorm.weight", h, False))
+        if not m.tie_embeddings:
+            out.append(("output_layer.weight", v * h, False))
+        elif pp > 1:
+            out.append(("output_layer.weight", v * h, True))
+    return out
+
+
+@dataclass
+class BufferLayout:
+    """Megatron DDP param/grad buffer of one rank: padded size and the optimizer's owned elements."""
+
+    numel: int  # buffer elements incl. padding (= grad buffer; = bf16 param buffer with the dist. optimizer)
+    numel_params: int  # real parameter elements (no padding)
+    optimizer_numel: list[int]  # per DP rank: real (non-padding) elements whose Adam state that rank owns
+
+
+def buffer_layout(numels: list[int], shared: list[bool], dp: int, distributed_optimizer: bool,
+                  bucket_size: Optional[int] = None) -> BufferLayout:
+    """Replay megatron-core's _ParamAndGradBuffer layout (params in reverse order, 64-element param
+    alignment and lcm(dp, 128) bucket-end padding with the distributed optimizer, shared embeddings in
+    their own bucket) and DistributedOptimizer's shard ranges (rank r owns [r, r+1) * size/dp of each bucket).
+    ``bucket_size`` is megatron's (None unless overlap_grad_reduce)."""
+    def pad(x: int, div: int) -> int:
+        return -(-x // div) * div
+
+    div = math.lcm(dp, 128)
+    ranges: list[tuple[int, int]] = []
+    buckets: list[tuple[int, int]] = []
+    start = bstart = 0
+    nparams_in_bucket = 0
+    end = 0
+    for n, sh in zip(numels[::-1], shared[::-1]):
+        if distributed_optimizer:
+            start = pad(start, 64)
+        needs_own = sh and distributed_optimizer
+        if needs_own and nparams_in_bucket:
+            bend = pad(start, div) if distributed_optimizer else start
+            buckets.append((bstart, bend)); bstart = start = bend; nparams_in_bucket = 0
+        end = start + n
+        ranges.append((start, end)); nparams_in_bucket += 1
+        if (bucket_size is not None and end - bstart >= bucket_size) or needs_own:
+            bend = pad(end, div) if distributed_optimizer else end
+            buckets.append((bstart, bend)); bstart = start = bend; nparams_in_bucket = 0
+        else:
+            start = end
+    if nparams_in_bucket:
+        bend = pad(end, div) if distributed_optimizer else end
+        buckets.append((bstart, bend))
+    total = buckets[-1][1] if buckets else 0
+    owned = [0] * dp
+    if distributed_optimizer:
+        for b0, b1 in buckets:
+            shard = (b1 - b0) // dp
+            for r in range(dp):
+                s0, s1 = b0 + r * shard, b0 + (r + 1) * shard
+                owned[r] += sum(max(0, min(e, s1) - max(s, s0)) for s, e in ranges)
+    else:
+        owned = [sum(numels)] * dp
+    return BufferLayout(numel=total, numel_params=sum(numels), optimizer_numel=owned)
+
+
+@dataclass
+class Layout:
+    """Parallel layout. tp/pp/cp/dp are the actor's; sglang_tp and mem_fraction_static the rollout's."""
+
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    cp: int = 1
+    sequence_parallel: bool = True  # megatron SP (only meaningful with tp > 1)
+    sglang_tp: int = 1
+    mem_fraction_static: float = 0.7
+    colocate: bool = True
+
+    @property
+    def gpus(self) -> int:
+        return self.tp * self.pp * self.dp * self.cp
+
+
+@dataclass
+class TrainSettings:
+    """Batch/sequence and optimizer settings that change memory."""
+
+    tokens_per_microbatch: int = 8192  # packed tokens of one micro-batch before CP split (max_tokens_per_gpu*cp)
+    seq_len: int = 8192  # longest sequence (prompt + response); unfused attention scores and KV sizing use it
+    num_microbatches: Optional[int] = None  # per step per DP rank; None = pp (the 1F1B steady state)
+    recompute: str = "none"
+    use_distributed_optimizer: bool = True
+    optimizer_cpu_offload: bool = False
+    grad_fp32: bool = True  # grad buffer dtype (megatron grad_reduce_in_fp32 / accumulate-allreduce-grads-in-fp32)
+    param_dtype: str = "bf16"  # bf16 (GPU) | fp32 (the CPU/tiny path: Adam keeps no separate main copy)
+    norms_fp32: bool = False  # megatron's local spec creates norm weights in fp32 (own DDP buffer)
+    fused_logits: bool = True
+    flash_attention: bool = True
+    overlap_grad_reduce: bool = False
+    actor_in_rollout: str = "resident"  # resident | weights (grads+optimizer freed/offloaded) | offloaded
+    overhead_gib: float = 4.0  # CUDA context + NCCL buffers + allocator slack, per phase
+    kv_min_seqs: int = 16  # a SGLang engine must hold at least this many full-length sequences
+
+
+def activation_bytes_per_token(m: ModelShape, tp: int, sp: bool, seq_len: int, recompute: str,
+                               flash: bool = True) -> tuple[float, float]:
+    """(stored bytes per token per layer, transient working set per token) for one transformer layer.
+
+    Per token in bf16 (Korthikanti et al. 2022 Sec. 4, with dropout 0, GQA, SwiGLU, RMSNorm):
+      norm inputs + linear inputs: input_norm in, qkv in, pre_mlp_norm in, fc1 in   = 4 * 2h   (/tp with SP)
+      q, k, v (attention core inputs)                                                = 2 (nq + 2 nkv) d / tp
+      attention output (core out = linear_proj in)                                   = 2 nq d / tp
+      flash-attention softmax stats (fp32 logsumexp)                                 = 4 nq / tp
+      [unfused attention instead: softmax probabilities                               = 2 nq s / tp]
+      fc1 output (gate, up) + SwiGLU output (fc2 in)                                  = (2*2f + 2f) / tp
+    selective recompute drops the attention-core internals (stats / probabilities); full recompute keeps only
+    the layer input 2h (/tp with SP) and re-runs one layer at a time (the 'none' amount, transient).
+    """
+    h, d, f = m.hidden_size, m.head_dim, m.ffn_hidden_size
+    nq, nkv = m.num_heads, max(m.num_kv_heads, 1)
+    spdiv = tp if (sp and tp > 1) else 1
+    core_internal = (4 * nq if flash else 2 * nq * seq_len) / tp
+    none = 8 * h / spdiv + (2 * (nq + 2 * nkv) * d + 2 * nq * d + 6 * f) / tp + core_internal
+    if recompute == "none":
+        return none, 0.0
+    if recompute == "selective":
+        return none - core_internal, 0.0
+    if recompute == "full":
+        return 2 * h / spdiv, none
+    raise PlanError(f"actor.recompute={recompute!r} must be one of {RECOMPUTE_MODES}")
+
+
+def logits_bytes_per_token(m: ModelShape, tp: int, fused: bool, vocab_multiple: int = 128) -> int:
+    """Peak logits memory per token on the last stage, [N, V/tp]:
+    naive: bf16 logits (2) + fp32 upcast (4) + fp32 softmax kept for backward (4) + fp32 grad (4) = 14 B/elem;
+    fused (vocab-parallel Triton kernel, never upcast): bf16 logits (2) + bf16 grad (2) = 4 B/elem."""
+    return padded_vocab(m.vocab_size, tp, vocab_multiple) // tp * (4 if fused else 14)
+
+
+@dataclass
+class MemoryPlan:
+    """Per-GPU bytes of the worst pipeline stage in each phase, and the verdicts."""
+
+    model: str
+    layout: Layout
+    settings: TrainSettings
+    worst_stage: int
+    params: int  # parameters on this rank (unpadded)
+    weights: int
+    grads: int
+    optimizer_gpu: int
+    optimizer_cpu: int  # host bytes per GPU (x gpus_per_node for a node's RAM)
+    activations: int
+    logits: int
+    logits_naive: int
+    logits_fused: int
+    overhead: int
+    train_peak: int
+    sglang_weights: int
+    kv_pool: int
+    kv_tokens: int
+    actor_resident: int
+    rollout_peak: int
+    fits: dict[str, bool] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def kv_bytes_per_token(m: ModelShape, sglang_tp: int) -> int:
+    """KV cache bytes per token on one SGLang GPU (bf16 K and V, kv heads replicated when tp > nkv)."""
+    return 2 * 2 * m.num_layers * max(m.num_kv_heads // sglang_tp, 1) * m.head_dim
+
+
+@dataclass
+class RankState:
+    """Persistent training state of one rank (bytes), replaying megatron's buffers and optimizer shards."""
+
+    params: int  # parameters on this rank (no padding)
+    weights: int  # model params (the DDP param buffer incl. padding with the distributed optimizer)
+    grads: int  # DDP grad buffer(s) incl. padding
+    optimizer: int  # Adam state of the elements this DP rank owns (+ fp32 main copy for bf16 params)
+    optimizer_fp32_grad: int  # fp32 grad copy an offloaded (host) optimizer keeps
+    buffers: list[BufferLayout]
+
+
+def rank_state_bytes(m: ModelShape, tp: int, pp: int, stage: int, dp: int, s: TrainSettings,
+                     vocab_multiple: int = 128, dp_rank: Optional[int] = None) -> RankState:
+    """Weights/grads/Adam bytes on one (tp, pp=stage, dp) rank; dp_rank=None takes the largest DP shard.
+
+    DDP groups params by dtype into one buffer each (bf16, and fp32 norms with ``norms_fp32``).
+    bf16 params: weights 2 B, grads 4 B (grad_fp32) or 2 B, Adam 12 B/owned element (fp32 main + 2 moments).
+    fp32 params: weights 4 B, grads 4 B, Adam 8 B/owned element (the fp32 param is its own main copy).
+    """
+    if s.param_dtype not in ("bf16", "fp32"):
+        raise PlanError(f"param_dtype={s.param_dtype!r} must be 'bf16' or 'fp32'")
+    ps = stage_params(m, tp, pp, stage, vocab_multiple)
+    low = s.param_dtype == "bf16"
+    groups: dict[bool, list[tuple[str, int, bool]]] = {}
+    for name, n, sh in ps:
+        is_fp32 = (not low) or (s.norms_fp32 and "layernorm" in name)
+        groups.setdefault(is_fp32, []).append((name, n, sh))
+    bucket = max(40_000_000, 1_000_000 * dp) if s.overlap_grad_reduce else None
+    weights = grads = opt = fp32g = params = 0
+    bufs = []
+    for is_fp32, items in groups.items():
+        buf = buffer_layout([n for _, n, _ in items], [sh for _, _, sh in items], dp, s.use_distributed_optimizer,
+                            bucket)
+        bufs.append(buf)
+        owned = buf.optimizer_numel[dp_rank] if dp_rank is not None else max(buf.optimizer_numel)
+        n_real = sum(n for _, n, _ in items)
+        params += n_real
+        pbytes = 4 if is_fp32 else 2
+        weights += pbytes * (buf.numel if s.use_distributed_optimizer else n_real)
+        grads += (4 if (is_fp32 or s.grad_fp32) else 2) * buf.numel
+        opt += (8 if is_fp32 else 12) * owned
+        fp32g += 4 * owned
+    return RankState(params, weights, grads, opt, fp32g, bufs)
+
+
+def plan_memory(m: ModelShape, lay: Layout, s: TrainSettings, gpu_capacity: Optional[dict[str, int]] = None,
+                usable_frac: float = 0.95, vocab_multiple: int = 128) -> MemoryPlan:
+    """Memory plan of ``m`` under layout ``lay`` and settings ``s`` (see the module docstring)."""
+    caps = gpu_capacity or GPU_CAPACITY
+    if s.recompute not in RECOMPUTE_MODES:
+        raise PlanError(f"actor.recompute={s.recompute!r} must be one of {RECOMPUTE_MODES}")
+    if s.actor_in_rollout not in ACTOR_IN_ROLLOUT:
+        raise PlanError(f"actor_in_rollout={s.actor_in_rollout!r} must be one of {ACTOR_IN_ROLLOUT}")
+    if not 0.0 < lay.mem_fraction_static < 1.0:
+        raise PlanError(f"rollout.mem_fraction_static={lay.mem_fraction_static} must be in (0, 1)")
+    sp = lay.sequence_parallel and lay.tp > 1
+    tokens = s.tokens_per_microbatch / lay.cp
+    n_mb = s.num_microbatches or lay.pp
+    act_store, act_transient = activation_bytes_per_token(m, lay.tp, sp, s.seq_len, s.recompute, s.flash_attention)
+    best: Optional[MemoryPlan] = None
+    max_resident = 0
+    for stage in range(lay.pp):
+        st = rank_state_bytes(m, lay.tp, lay.pp, stage, lay.dp, s, vocab_multiple)
+        n_params, weights, grads, opt = st.params, st.weights, st.grads, st.optimizer
+        opt_gpu, opt_cpu = (0, opt + st.optimizer_fp32_grad) if s.optimizer_cpu_offload else (opt, 0)
+        in_flight = min(lay.pp - stage, n_mb)
+        layers = m.num_layers // lay.pp
+        act = int(in_flight * layers * act_store * tokens + act_transient * tokens)
+        last = stage == lay.pp - 1
+        l_naive = int(tokens * logits_bytes_per_token(m, lay.tp, False, vocab_multiple)) if last else 0
+        l_fused = int(tokens * logits_bytes_per_token(m, lay.tp, True, vocab_multiple)) if last else 0
+        logits = l_fused if s.fused_logits else l_naive
+        overhead = int(s.overhead_gib * GiB)
+        train_peak = weights + grads + opt_gpu + act + logits + overhead
+        resident = {"resident": weights + grads + opt_gpu, "weights": weights, "offloaded": 0}[s.actor_in_rollout]
+        p = MemoryPlan(m.name, lay, s, stage, n_params, weights, grads, opt_gpu, opt_cpu, act, logits, l_naive,
+                       l_fused, overhead, train_peak, 0, 0, 0, resident, 0)
+        max_resident = max(max_resident, resident)
+        if best is None or p.train_peak > best.train_peak:
+            best = p
+    assert best is not None
+    best.actor_resident = max_resident  # the rollout phase is decided by the stage with most resident state
+    # SGLang holds the unpadded HF weights, sharded over sglang_tp; its KV pool is the static pool minus them.
+    sg_w = 2 * total_params(m, 1) // lay.sglang_tp
+    kv_tok = kv_bytes_per_token(m, lay.sglang_tp)
+    best.sglang_weights = sg_w
+    best.fits = {}
+    for gpu, cap in caps.items():
+        pool = int(lay.mem_fraction_static * cap)
+        kv_pool = pool - sg_w
+        rollout_peak = (best.actor_resident + pool + best.overhead) if lay.colocate else (pool + best.overhead)
+        ok_kv = kv_pool // kv_tok >= s.kv_min_seqs * s.seq_len
+        best.fits[gpu] = best.train_peak <= usable_frac * cap and rollout_peak <= usable_frac * cap and ok_kv
+        if gpu == "h100":
+            best.kv_pool, best.kv_tokens, best.rollout_peak = kv_pool, max(kv_pool // kv_tok, 0), rollout_peak
+    if best.kv_pool <= 0:
+        best.notes.append("SGLang weights exceed mem_fraction_static: raise sglang_tp or the fraction")
+    return best
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def recommend(m: ModelShape, n_gpus: int, s: TrainSettings, gpu: str = "h100", gpus_per_node: int = 8,
+              mem_fraction_static: float = 0.7, sglang_tp: Optional[int] = None, colocate: bool = True,
+              min_hidden_per_tp: int = 1024, top: int = 5) -> list[MemoryPlan]:
+    """Feasible layouts for ``n_gpus``, best first. Search: tp | gpus_per_node, pp | num_layers, cp = 1,
+    dp = n_gpus/(tp*pp), recompute none -> selective -> full (the first that fits), Adam on GPU, then offloaded.
+
+    Ranking (documented in docs/scaling.md):
+      1. Adam on the GPU before CPU offload (offload costs host<->device traffic every step);
+      2. memory-bound regime (offload needed): largest TP inside a node, then smallest PP -- the least
+         GPU-resident state per rank (slime's Qwen3-32B on 8 GPUs: TP=8 + offloaded Adam);
+         otherwise: TP with hidden/tp >= min_hidden_per_tp (GEMM efficiency) preferred, then the smallest PP
+         that fits both phases, then the lightest recompute, then the smallest TP (NeMo-RL's Qwen3-32B on
+         32 GPUs: TP=4, PP=4).
+    """
+    cap = GPU_CAPACITY[gpu]
+    plans: list[tuple[tuple, MemoryPlan]] = []
+    for offload in (False, True):
+        for tp in _divisors(gpus_per_node):
+            if m.num_heads % tp or tp > n_gpus:
+                continue
+            for pp in _divisors(m.num_layers):
+                if n_gpus % (tp * pp):
+                    continue
+                dp = n_gpus // (tp * pp)
+                sg_tp = sglang_tp or min(gpus_per_node, n_gpus, max(tp, _min_sglang_tp(m, mem_fraction_static, cap)))
+                lay = Layout(tp=tp, pp=pp, dp=dp, sglang_tp=sg_tp, mem_fraction_static=mem_fraction_static,
+                             colocate=colocate)
+                for rc in RECOMPUTE_MODES:
+                    st = dataclasses.replace(s, recompute=rc, optimizer_cpu_offload=offload)
+                    try:
+                        p = plan_memory(m, lay, st)
+                    except PlanError:
+                        break
+                    if p.fits[gpu]:
+                        eff = 0 if m.hidden_size // tp >= min_hidden_per_tp or tp == 1 else 1
+                        key = ((1, -tp, pp, RECOMPUTE_MODES.index(rc)) if offload
+                               else (0, eff, pp, RECOMPUTE_MODES.index(rc), tp))
+                        plans.append((key, p))
+                        break
+        if plans:
+            break
+    plans.sort(key=lambda kp: kp[0])
+    return [p for _, p in plans[:top]]
+
+
+def _min_sglang_tp(m: ModelShape, frac: float, cap: int) -> int:
+    """Smallest power-of-two SGLang TP whose weights take at most half the static pool."""
+    tp = 1
+    while 2 * total_params(m, 1) // tp > 0.5 * frac * cap and tp < 64:
+        tp *= 2
+    return tp
+
+
+def _g(x: float) -> str:
+    return f"{x / GiB:8.2f}"
+
+
+def format_plan(p: MemoryPlan, usable_frac: float = 0.95) -> str:
+    """Human-readable table of one plan (GiB per GPU)."""
+    lay, s = p.layout, p.settings
+    cap = GPU_CAPACITY["h100"]
+    sp = "on" if lay.sequence_parallel and lay.tp > 1 else "off"
+    mode = "colocated" if lay.colocate else "disaggregated"
+    lines = [
+        f"model {p.model}: layout TP={lay.tp} PP={lay.pp} CP={lay.cp} DP={lay.dp} (SP {sp}, {lay.gpus} GPUs) | "
+        f"SGLang TP={lay.sglang_tp} mem_fraction_static={lay.mem_fraction_static:.2f} ({mode})",
+        f"  tokens/micro-batch {s.tokens_per_microbatch} (/cp per GPU), seq {s.seq_len}, recompute {s.recompute}, "
+        f"{'distributed' if s.use_distributed_optimizer else 'replicated'} Adam"
+        f"{' CPU-offloaded' if s.optimizer_cpu_offload else ''}, grads {'fp32' if s.grad_fp32 else 'bf16'}, "
+        f"logits {'fused' if s.fused_logits else 'naive'}, actor in rollout: {s.actor_in_rollout}",
+        f"train phase (worst stage {p.worst_stage}, {p.params / 1e9:.3f} B params on this rank)   GiB/GPU",
+        f"  weights (bf16)                         {_g(p.weights)}",
+        f"  grads ({'fp32' if s.grad_fp32 else 'bf16'} buffer)                     {_g(p.grads)}",
+        f"  optimizer (fp32 main + 2 Adam moments) {_g(p.optimizer_gpu)}"
+        + (f"   host: {p.optimizer_cpu / GiB:.1f} GiB/GPU" if p.optimizer_cpu else ""),
+        f"  activations ({s.recompute} recompute)        {_g(p.activations)}",
+        f"  logits (fused {p.logits_fused / GiB:.2f} | naive {p.logits_naive / GiB:.2f})      {_g(p.logits)}",
+        f"  overhead (context, NCCL, allocator)    {_g(p.overhead)}",
+        f"  total                                  {_g(p.train_peak)}",
+    ]
+    pool = int(lay.mem_fraction_static * cap)
+    lines += [
+        "rollout phase (H100)" + (" -- colocated: actor state + SGLang pool" if lay.colocate else " -- rollout GPUs"),
+        f"  actor resident ({s.actor_in_rollout})            {_g(p.actor_resident if lay.colocate else 0)}",
+        f"  SGLang static pool                     {_g(pool)}",
+        f"    weights (bf16 / sglang_tp)           {_g(p.sglang_weights)}",
+        f"    KV cache                             {_g(p.kv_pool)}   = {p.kv_tokens} tokens "
+        f"({p.kv_tokens // max(s.seq_len, 1)} sequences of {s.seq_len})",
+        f"  overhead                               {_g(p.overhead)}",
+        f"  total                                  {_g(p.rollout_peak)}",
+    ]
+    verdict = []
+    for gpu, cap_g in GPU_CAPACITY.items():
+        name = {"h100": "H100 80GB", "h200": "H200 141GB"}[gpu]
+        verdict.append(f"{name}: {'FITS' if p.fits[gpu] else 'does NOT fit'} (usable {usable_frac * cap_g / GiB:.1f} GiB)")
+    lines.append("verdict: " + "; ".join(verdict))
+    lines += [f"note: {n}" for n in p.notes]
+    return "\n".join(lines)
+
+
+def plan_to_dict(p: MemoryPlan) -> dict[str, Any]:
+    """JSON-ready dict of a plan (bytes)."""
+    return dataclasses.asdict(p)
+
+
+def _load_recipe(path: str) -> dict[str, Any]:
+    import yaml
+
+    if not os.path.isfile(path):
+        raise PlanError(f"--config {path}: file not found")
+    with open(path) as f:
+        return yaml.safe_load(f) or {}
+
+
+def settings_from_recipe(cfg: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(Layout kwargs, TrainSettings kwargs) from a training YAML's actor/rollout/data sections."""
+    a, r, d = cfg.get("actor", {}) or {}, cfg.get("rollout", {}) or {}, cfg.get("data", {}) or {}
+    cp = int(a.get("context_parallel_size", 1))
+    seq = int(d.get("max_prompt_len", 512)) + int(r.get("max_new_tokens", 64))
+    mtpg = a.get("max_tokens_per_gpu")
+    tokens = int(mtpg) * cp if mtpg else int(a.get("micro_batch_size", 1)) * seq
+    lay = dict(tp=int(a.get("tensor_model_parallel_size", 1)), pp=int(a.get("pipeline_model_parallel_size", 1)),
+               cp=cp, sequence_parallel=bool(a.get("sequence_parallel", True)),
+               sglang_tp=int(r.get("sglang_tp", 1)), mem_fraction_static=float(r.get("mem_fraction_static", 0.7)),
+               colocate=bool(r.get("colocate", True)))
+    st = dict(tokens_per_microbatch=tokens, seq_len=seq, recompute=str(a.get("recompute", "none")),
+              use_distributed_optimizer=bool(a.get("use_distributed_optimizer", True)),
+              optimizer_cpu_offload=bool(a.get("optimizer_cpu_offload", False)),
+              fused_logits=bool(a.get("use_fused_kernels", True)))
+    return lay, st
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="rfpo-megatron plan", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True, help=f"preset ({', '.join(PRESETS)}), HF config.json or model dir")
+    ap.add_argument("--config", help="training YAML: layout/batch settings are read from actor/rollout/data")
+    ap.add_argument("--gpus", type=int, help="recommend layouts for this many GPUs (instead of planning one)")
+    ap.add_argument("--gpus-per-node", type=int, default=8)
+    ap.add_argument("--gpu", choices=sorted(GPU_CAPACITY), default="h100", help="GPU kind for --gpus")
+    for k in ("tp", "pp", "dp", "cp", "sglang-tp"):
+        ap.add_argument(f"--{k}", type=int)
+    ap.add_argument("--mem-fraction", type=float, help="SGLang mem_fraction_static")
+    ap.add_argument("--no-sp", action="store_true", help="sequence parallel off")
+    ap.add_argument("--disaggregated", action="store_true", help="SGLang on separate GPUs (no colocation)")
+    ap.add_argument("--tokens-per-microbatch", type=int, help="packed tokens per micro-batch (before CP split)")
+    ap.add_argument("--seq-len", type=int, help="longest sequence, prompt + response")
+    ap.add_argument("--num-microbatches", type=int)
+    ap.add_argument("--recompute", choices=RECOMPUTE_MODES)
+    ap.add_argument("--offload", action="store_true", help="Adam state on the CPU (optimizer_cpu_offload)")
+    ap.add_argument("--no-distributed-optimizer", action="store_true")
+    ap.add_argument("--grad-dtype", choices=("fp32", "bf16"), default="fp32")
+    ap.add_argument("--logits", choices=("fused", "naive"))
+    ap.add_argument("--attention", choices=("flash", "unfused"), default="flash")
+    ap.add_argument("--actor-in-rollout", choices=ACTOR_IN_ROLLOUT, default="resident")
+    ap.add_argument("--overhead-gib", type=float, default=4.0)
+    ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    return ap
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """`rfpo-megatron plan ...`: print a memory plan, or recommended layouts with --gpus."""
+    args = build_parser().parse_args(argv)
+    try:
+        m = shape_from_hf(args.model)
+        lay_kw: dict[str, Any] = {}
+        st_kw: dict[str, Any] = {}
+        if args.config:
+            lay_kw, st_kw = settings_from_recipe(_load_recipe(args.config))
+        for k, v in (("tp", args.tp), ("pp", args.pp), ("dp", args.dp), ("cp", args.cp),
+                     ("sglang_tp", args.sglang_tp), ("mem_fraction_static", args.mem_fraction)):
+            if v is not None:
+                lay_kw[k] = v
+        if args.no_sp:
+            lay_kw["sequence_parallel"] = False
+        if args.disaggregated:
+            lay_kw["colocate"] = False
+        for k, v in (("tokens_per_microbatch", args.tokens_per_microbatch), ("seq_len", args.seq_len),
+                     ("num_microbatches", args.num_microbatches), ("recompute", args.recompute)):
+            if v is not None:
+                st_kw[k] = v
+        if args.offload:
+            st_kw["optimizer_cpu_offload"] = True
+        if args.no_distributed_optimizer:
+            st_kw["use_distributed_optimizer"] = False
+        if args.logits:
+            st_kw["fused_logits"] = args.logits == "fused"
+        st_kw.update(grad_fp32=args.grad_dtype == "fp32", flash_attention=args.attention == "flash",
+                     actor_in_rollout=args.actor_in_rollout, overhead_gib=args.overhead_gib)
+        if "seq_len" in st_kw and "tokens_per_microbatch" not in st_kw:
+            st_kw["tokens_per_microbatch"] = st_kw["seq_len"]
+        settings = TrainSettings(**st_kw)
+        if args.gpus:
+            plans = recommend(m, args.gpus, settings, gpu=args.gpu, gpus_per_node=args.gpus_per_node,
+                              mem_fraction_static=lay_kw.get("mem_fraction_static", 0.7),
+                              sglang_tp=lay_kw.get("sglang_tp"), colocate=lay_kw.get("colocate", True))
+            if args.json:
+                print(json.dumps([plan_to_dict(p) for p in plans], indent=1))
+            elif not plans:
+                print(f"no layout of {args.gpus} x {args.gpu} fits {m.name} with these settings "
+                      "(try more GPUs, shorter tokens/micro-batch, --actor-in-rollout offloaded)")
+            else:
+                print(f"recommended layouts for {m.name} on {args.gpus} x {args.gpu.upper()} (best first):")
+                for i, p in enumerate(plans):
+                    print(f"\n#{i + 1}: " + format_plan(p))
+            return 0 if plans else 1
+        lay = Layout(**lay_kw)
+        p = plan_memory(m, lay, settings)
+        print(json.dumps(plan_to_dict(p), indent=1) if args.json else format_plan(p))
+        return 0
+    except PlanError as e:
+        print(f"rfpo-megatron plan: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
