@@ -55,9 +55,9 @@ class AlgoConfig:
     lam: float = 1.0  # GAE lambda
     ecpo_delta: float = 0.1
     bapo_rho0: float = 0.4
-    bapo_a_low: float = 0.9
+    bapo_a_low: float = 0.6  # c_low starts at a⁻ and is RAISED toward b⁻ (paper: 0.6 -> 0.9)
     bapo_a_high: float = 1.2
-    bapo_b_low: float = 0.6
+    bapo_b_low: float = 0.9
     bapo_b_high: float = 3.0
     bapo_delta_high: float = 0.05
     bapo_delta_low: float = 0.02
