@@ -15,6 +15,7 @@ Sampling follows SGLang 0.5.x (python/sglang/srt/layers/sampler.py, torch fallba
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import threading
@@ -129,11 +130,15 @@ class EmbeddedEngine:
     def __init__(self, model_path: str, dtype: str = "float32", attn_implementation: str = "eager",
                  max_batch_size: int = 64, return_original_logprob: bool = False,
                  weights_cpu_backup: bool = False, log_every_s: float = 2.0, device: str = "cpu"):
-        from transformers import AutoModelForCausalLM
-
         path = Path(model_path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"model_path '{model_path}' has no config.json: pass an HF model directory")
+        try:  # fail fast, before the slow transformers import
+            json.loads((path / "config.json").read_text())
+        except ValueError as e:
+            raise ValueError(f"{path / 'config.json'} is not valid JSON ({e}); re-export the HF model directory") from None
+        from transformers import AutoModelForCausalLM
+
         self.model_path = str(path)
         self.dtype = W.dtype_from_name(dtype)
         self.device = torch.device(device)
