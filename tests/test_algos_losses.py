@@ -364,5 +364,7 @@ def test_bad_values_fail_with_one_line_messages():
         get_policy_loss("ppo")(lp, old, A, m, log_roff=lr, loss_form="faithfull")
     with pytest.raises(ValueError, match="ecpo_delta"):
         get_policy_loss("ecpo")(lp, old, A, m, ecpo_delta=0.0)
+    with pytest.raises(ValueError, match="bapo_a_low"):
+        get_policy_loss("bapo")(lp, old, A, m, bapo_a_low=0.9, bapo_b_low=0.6)
     with pytest.raises(ValueError, match="did you mean 'gspo'"):
         get_policy_loss("gpso")

@@ -272,6 +272,11 @@ def bapo_bounds(
     (tokens whose gradient the clip does not zero); 1 when P + N = 0. Candidates in order: c_high = a⁺, a⁺+δ₁, …, b⁺
     (c_low = a⁻), then c_low = a⁻+δ₂, …, b⁻ (c_high = b⁺); the first with ρ_pos ≥ ρ₀ wins, else the last.
     """
+    if bapo_b_low < bapo_a_low or bapo_b_high < bapo_a_high:
+        raise ValueError(
+            f"bapo bounds: need bapo_a_low ≤ bapo_b_low and bapo_a_high ≤ bapo_b_high (bounds are raised from a to b), "
+            f"got a_low={bapo_a_low}, b_low={bapo_b_low}, a_high={bapo_a_high}, b_high={bapo_b_high}; paper: 0.6→0.9, 1.2→3.0"
+        )
     highs = [min(bapo_a_high + k * bapo_delta_high, bapo_b_high) for k in range(_steps(bapo_a_high, bapo_b_high, bapo_delta_high) + 1)]
     lows = [min(bapo_a_low + k * bapo_delta_low, bapo_b_low) for k in range(1, _steps(bapo_a_low, bapo_b_low, bapo_delta_low) + 1)]
     cands = [(bapo_a_low, h) for h in highs] + [(lo, highs[-1]) for lo in lows]
