@@ -423,10 +423,11 @@ def _divisors(n: int) -> list[int]:
 
 
 def recommend(m: ModelShape, n_gpus: int, s: TrainSettings, gpu: str = "h100", gpus_per_node: int = 8,
-              mem_fraction_static: float = 0.7, sglang_tp: Optional[int] = None, colocate: bool = True,
+              mem_fraction_static: Optional[float] = None, sglang_tp: Optional[int] = None, colocate: bool = True,
               min_hidden_per_tp: int = 1024, top: int = 5) -> list[MemoryPlan]:
     """Feasible layouts for ``n_gpus``, best first. Search: tp | gpus_per_node, pp | num_layers, cp = 1,
-    dp = n_gpus/(tp*pp), recompute none -> selective -> full (the first that fits), Adam on GPU, then offloaded.
+    dp = n_gpus/(tp*pp), recompute none -> selective -> full (the first that fits), Adam on GPU, then offloaded;
+    SGLang's mem_fraction_static is the given one, or (None) the largest of 0.85, 0.80, ..., 0.30 that fits.
 
     Ranking (documented in docs/scaling.md):
       1. Adam on the GPU before CPU offload (offload costs host<->device traffic every step);
@@ -436,7 +437,6 @@ def recommend(m: ModelShape, n_gpus: int, s: TrainSettings, gpu: str = "h100", g
          that fits both phases, then the lightest recompute, then the smallest TP (NeMo-RL's Qwen3-32B on
          32 GPUs: TP=4, PP=4).
     """
-    cap = GPU_CAPACITY[gpu]
     plans: list[tuple[tuple, MemoryPlan]] = []
     for offload in (False, True):
         for tp in _divisors(gpus_per_node):
@@ -446,25 +446,37 @@ def recommend(m: ModelShape, n_gpus: int, s: TrainSettings, gpu: str = "h100", g
                 if n_gpus % (tp * pp):
                     continue
                 dp = n_gpus // (tp * pp)
-                sg_tp = sglang_tp or min(gpus_per_node, n_gpus, max(tp, _min_sglang_tp(m, mem_fraction_static, cap)))
-                lay = Layout(tp=tp, pp=pp, dp=dp, sglang_tp=sg_tp, mem_fraction_static=mem_fraction_static,
-                             colocate=colocate)
-                for rc in RECOMPUTE_MODES:
-                    st = dataclasses.replace(s, recompute=rc, optimizer_cpu_offload=offload)
-                    try:
-                        p = plan_memory(m, lay, st)
-                    except PlanError:
-                        break
-                    if p.fits[gpu]:
-                        eff = 0 if m.hidden_size // tp >= min_hidden_per_tp or tp == 1 else 1
-                        key = ((1, -tp, pp, RECOMPUTE_MODES.index(rc)) if offload
-                               else (0, eff, pp, RECOMPUTE_MODES.index(rc), tp))
-                        plans.append((key, p))
-                        break
+                fracs = [mem_fraction_static] if mem_fraction_static else [x / 100 for x in range(85, 29, -5)]
+                p = _first_fit(m, tp, pp, dp, fracs, sglang_tp, gpus_per_node, n_gpus, colocate, s, offload, gpu)
+                if p is None:
+                    continue
+                rc = RECOMPUTE_MODES.index(p.settings.recompute)
+                eff = 0 if m.hidden_size // tp >= min_hidden_per_tp or tp == 1 else 1
+                key = (1, -tp, pp, rc) if offload else (0, eff, pp, rc, tp)
+                plans.append((key, p))
         if plans:
             break
     plans.sort(key=lambda kp: kp[0])
     return [p for _, p in plans[:top]]
+
+
+def _first_fit(m: ModelShape, tp: int, pp: int, dp: int, fracs: list[float], sglang_tp: Optional[int],
+               gpus_per_node: int, n_gpus: int, colocate: bool, s: TrainSettings, offload: bool,
+               gpu: str) -> Optional[MemoryPlan]:
+    """The lightest recompute (then the largest SGLang fraction) that fits this layout, or None."""
+    cap = GPU_CAPACITY[gpu]
+    for rc in RECOMPUTE_MODES:
+        st = dataclasses.replace(s, recompute=rc, optimizer_cpu_offload=offload)
+        for frac in fracs:
+            sg_tp = sglang_tp or min(gpus_per_node, n_gpus, max(tp, _min_sglang_tp(m, frac, cap)))
+            lay = Layout(tp=tp, pp=pp, dp=dp, sglang_tp=sg_tp, mem_fraction_static=frac, colocate=colocate)
+            try:
+                p = plan_memory(m, lay, st)
+            except PlanError:
+                return None
+            if p.fits[gpu]:
+                return p
+    return None
 
 
 def _min_sglang_tp(m: ModelShape, frac: float, cap: int) -> int:
@@ -475,43 +487,42 @@ def _min_sglang_tp(m: ModelShape, frac: float, cap: int) -> int:
     return tp
 
 
-def _g(x: float) -> str:
-    return f"{x / GiB:8.2f}"
+def _row(label: str, nbytes: float, extra: str = "") -> str:
+    return f"  {label:<52}{nbytes / GiB:9.2f}{('   ' + extra) if extra else ''}"
 
 
 def format_plan(p: MemoryPlan, usable_frac: float = 0.95) -> str:
     """Human-readable table of one plan (GiB per GPU)."""
     lay, s = p.layout, p.settings
-    cap = GPU_CAPACITY["h100"]
     sp = "on" if lay.sequence_parallel and lay.tp > 1 else "off"
     mode = "colocated" if lay.colocate else "disaggregated"
+    grad = "fp32" if (s.grad_fp32 or s.param_dtype == "fp32") else "bf16"
     lines = [
-        f"model {p.model}: layout TP={lay.tp} PP={lay.pp} CP={lay.cp} DP={lay.dp} (SP {sp}, {lay.gpus} GPUs) | "
+        f"model {p.model}: actor TP={lay.tp} PP={lay.pp} CP={lay.cp} DP={lay.dp} (SP {sp}, {lay.gpus} GPUs) | "
         f"SGLang TP={lay.sglang_tp} mem_fraction_static={lay.mem_fraction_static:.2f} ({mode})",
-        f"  tokens/micro-batch {s.tokens_per_microbatch} (/cp per GPU), seq {s.seq_len}, recompute {s.recompute}, "
+        f"  tokens/micro-batch {s.tokens_per_microbatch}, seq {s.seq_len}, recompute {s.recompute}, "
         f"{'distributed' if s.use_distributed_optimizer else 'replicated'} Adam"
-        f"{' CPU-offloaded' if s.optimizer_cpu_offload else ''}, grads {'fp32' if s.grad_fp32 else 'bf16'}, "
-        f"logits {'fused' if s.fused_logits else 'naive'}, actor in rollout: {s.actor_in_rollout}",
-        f"train phase (worst stage {p.worst_stage}, {p.params / 1e9:.3f} B params on this rank)   GiB/GPU",
-        f"  weights (bf16)                         {_g(p.weights)}",
-        f"  grads ({'fp32' if s.grad_fp32 else 'bf16'} buffer)                     {_g(p.grads)}",
-        f"  optimizer (fp32 main + 2 Adam moments) {_g(p.optimizer_gpu)}"
-        + (f"   host: {p.optimizer_cpu / GiB:.1f} GiB/GPU" if p.optimizer_cpu else ""),
-        f"  activations ({s.recompute} recompute)        {_g(p.activations)}",
-        f"  logits (fused {p.logits_fused / GiB:.2f} | naive {p.logits_naive / GiB:.2f})      {_g(p.logits)}",
-        f"  overhead (context, NCCL, allocator)    {_g(p.overhead)}",
-        f"  total                                  {_g(p.train_peak)}",
-    ]
-    pool = int(lay.mem_fraction_static * cap)
-    lines += [
-        "rollout phase (H100)" + (" -- colocated: actor state + SGLang pool" if lay.colocate else " -- rollout GPUs"),
-        f"  actor resident ({s.actor_in_rollout})            {_g(p.actor_resident if lay.colocate else 0)}",
-        f"  SGLang static pool                     {_g(pool)}",
-        f"    weights (bf16 / sglang_tp)           {_g(p.sglang_weights)}",
-        f"    KV cache                             {_g(p.kv_pool)}   = {p.kv_tokens} tokens "
-        f"({p.kv_tokens // max(s.seq_len, 1)} sequences of {s.seq_len})",
-        f"  overhead                               {_g(p.overhead)}",
-        f"  total                                  {_g(p.rollout_peak)}",
+        f"{' CPU-offloaded' if s.optimizer_cpu_offload else ''}, grads {grad}, "
+        f"logits {'fused' if s.fused_logits else 'naive'}, actor during rollout: {s.actor_in_rollout}",
+        f"train phase, worst stage {p.worst_stage} ({p.params / 1e9:.3f} B params on the rank){'GiB/GPU':>20}",
+        _row(f"weights ({s.param_dtype})", p.weights),
+        _row(f"grads ({grad} buffer)", p.grads),
+        _row("optimizer (fp32 main + Adam m, v)", p.optimizer_gpu,
+             f"host: {p.optimizer_cpu / GiB:.1f} GiB/GPU" if p.optimizer_cpu else ""),
+        _row(f"activations ({s.recompute} recompute, {min(lay.pp - p.worst_stage, s.num_microbatches or lay.pp)}"
+             " micro-batches in flight)", p.activations),
+        _row(f"logits ({'fused' if s.fused_logits else 'naive'})", p.logits,
+             f"fused {p.logits_fused / GiB:.2f} | naive {p.logits_naive / GiB:.2f}"),
+        _row("overhead (CUDA context, NCCL, allocator)", p.overhead),
+        _row("TOTAL train", p.train_peak),
+        "rollout phase" + (" (same GPUs: resident actor + SGLang pool)" if lay.colocate else " (rollout GPUs)"),
+        _row(f"actor state kept ({s.actor_in_rollout})", p.actor_resident if lay.colocate else 0),
+        _row(f"SGLang static pool ({lay.mem_fraction_static:.2f} x H100)", p.sglang_weights + p.kv_pool),
+        _row("  of which weights (bf16 / sglang_tp)", p.sglang_weights),
+        _row("  of which KV cache", p.kv_pool,
+             f"{p.kv_tokens} tokens = {p.kv_tokens // max(s.seq_len, 1)} x {s.seq_len}-token sequences"),
+        _row("overhead", p.overhead),
+        _row("TOTAL rollout", p.rollout_peak),
     ]
     verdict = []
     for gpu, cap_g in GPU_CAPACITY.items():
@@ -615,7 +626,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         settings = TrainSettings(**st_kw)
         if args.gpus:
             plans = recommend(m, args.gpus, settings, gpu=args.gpu, gpus_per_node=args.gpus_per_node,
-                              mem_fraction_static=lay_kw.get("mem_fraction_static", 0.7),
+                              mem_fraction_static=lay_kw.get("mem_fraction_static"),
                               sglang_tp=lay_kw.get("sglang_tp"), colocate=lay_kw.get("colocate", True))
             if args.json:
                 print(json.dumps([plan_to_dict(p) for p in plans], indent=1))
