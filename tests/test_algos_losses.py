@@ -368,3 +368,20 @@ def test_bad_values_fail_with_one_line_messages():
         get_policy_loss("bapo")(lp, old, A, m, bapo_a_low=0.9, bapo_b_low=0.6)
     with pytest.raises(ValueError, match="did you mean 'gspo'"):
         get_policy_loss("gpso")
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_bapo_bounds_random_configs_and_ties(seed):
+    g = torch.Generator().manual_seed(100 + seed)
+    B, T = 4, 6
+    # ratios on a grid that hits candidate bounds exactly (ties: ρ == c must count as inside)
+    x = (torch.randint(10, 40, (B, T), generator=g).to(D) * 0.05)
+    a = torch.randn(B, T, generator=g, dtype=D) - 0.3
+    m = torch.rand(B, T, generator=g) < 0.8
+    kw = dict(bapo_rho0=float(torch.rand(1, generator=g)) * 0.8, bapo_a_low=0.6, bapo_a_high=1.2,
+              bapo_b_low=0.6 + 0.02 * int(torch.randint(0, 20, (1,), generator=g)),
+              bapo_b_high=1.2 + 0.05 * int(torch.randint(0, 40, (1,), generator=g)), bapo_delta_high=0.05, bapo_delta_low=0.02)
+    want = ref.ref_bapo_bounds(x[m].tolist(), a[m].tolist(), kw["bapo_rho0"], 0.6, 1.2, kw["bapo_b_low"], kw["bapo_b_high"], 0.05, 0.02)
+    got = bapo_bounds(x, a, m, **kw)
+    assert got[:2] == pytest.approx(want[:2], abs=1e-12)
+    assert got[2] == pytest.approx(want[2], rel=1e-10)

@@ -278,17 +278,27 @@ def bapo_bounds(
             f"got a_low={bapo_a_low}, b_low={bapo_b_low}, a_high={bapo_a_high}, b_high={bapo_b_high}; paper: 0.6→0.9, 1.2→3.0"
         )
     highs = [min(bapo_a_high + k * bapo_delta_high, bapo_b_high) for k in range(_steps(bapo_a_high, bapo_b_high, bapo_delta_high) + 1)]
-    lows = [min(bapo_a_low + k * bapo_delta_low, bapo_b_low) for k in range(1, _steps(bapo_a_low, bapo_b_low, bapo_delta_low) + 1)]
-    cands = [(bapo_a_low, h) for h in highs] + [(lo, highs[-1]) for lo in lows]
-    x = ratio.detach().to(torch.float64)
-    a = advantages.detach().to(torch.float64)
+    lows = [min(bapo_a_low + k * bapo_delta_low, bapo_b_low) for k in range(_steps(bapo_a_low, bapo_b_low, bapo_delta_low) + 1)]
     m = response_mask.bool()
-    c_lo = torch.tensor([c[0] for c in cands], dtype=torch.float64, device=x.device).view(-1, 1, 1)
-    c_hi = torch.tensor([c[1] for c in cands], dtype=torch.float64, device=x.device).view(-1, 1, 1)
-    contrib = (x * a.abs()).unsqueeze(0)
-    valid = m.unsqueeze(0)
-    p = torch.where(valid & (a > 0) & (x <= c_hi), contrib, 0.0).sum((1, 2))
-    n = torch.where(valid & (a < 0) & (x >= c_lo), contrib, 0.0).sum((1, 2))
+    x = ratio.detach().to(torch.float64)[m]
+    a = advantages.detach().to(torch.float64)[m]
+    contrib = x * a.abs()
+    dev = x.device
+    # P(c_high) for every candidate c_high at once: a positive token counts for every c_high ≥ its ratio
+    h = torch.tensor(highs, dtype=torch.float64, device=dev)
+    pos = a > 0
+    ih = torch.bucketize(x[pos], h, right=False)  # first candidate index with h ≥ x (len(h) = none)
+    p_all = torch.zeros(len(highs) + 1, dtype=torch.float64, device=dev).index_add_(0, ih, contrib[pos]).cumsum(0)[:-1]
+    # N(c_low) for every candidate c_low: a negative token counts for every c_low ≤ its ratio
+    lo_t = torch.tensor(lows, dtype=torch.float64, device=dev)
+    neg = a < 0
+    il = torch.bucketize(x[neg], lo_t, right=True)  # number of candidates with c_low ≤ x
+    bins = torch.zeros(len(lows) + 1, dtype=torch.float64, device=dev).index_add_(0, il, contrib[neg])
+    n_all = bins.flip(0).cumsum(0).flip(0)[1:]  # n_all[k] = Σ over tokens with il > k
+    # candidate order: (a⁻, h_0..h_K) then (l_1..l_L, b⁺)
+    p = torch.cat([p_all, p_all[-1:].expand(len(lows) - 1)])
+    n = torch.cat([n_all[:1].expand(len(highs)), n_all[1:]])
+    cands = [(lows[0], hh) for hh in highs] + [(ll, highs[-1]) for ll in lows[1:]]
     share = torch.where(p + n > 0, p / (p + n).clamp(min=1e-300), torch.ones_like(p))
     ok = (share >= bapo_rho0).nonzero()
     i = int(ok[0]) if ok.numel() else len(cands) - 1
