@@ -385,3 +385,30 @@ def test_bapo_bounds_random_configs_and_ties(seed):
     got = bapo_bounds(x, a, m, **kw)
     assert got[:2] == pytest.approx(want[:2], abs=1e-12)
     assert got[2] == pytest.approx(want[2], rel=1e-10)
+
+
+def test_config_keys_are_explicit_parameters():
+    """Callers fill loss keywords from AlgoConfig by signature introspection: every AlgoConfig field a loss
+    uses must be a named parameter, never hidden in **kwargs."""
+    import dataclasses
+    import inspect
+
+    from rfpo_megatron.config import AlgoConfig
+
+    fields = {f.name for f in dataclasses.fields(AlgoConfig)}
+    uses = {
+        "ppo": {"clip_ratio_low", "clip_ratio_high", "clip_ratio_c"},
+        "raft_pp": {"clip_ratio_low", "clip_ratio_high", "clip_ratio_c"},
+        "gspo": {"clip_ratio_low", "clip_ratio_high", "clip_ratio_c"},
+        "gppo": {"clip_ratio_low", "clip_ratio_high", "clip_ratio_c"},
+        "cispo": {"clip_ratio_low", "clip_ratio_high"},
+        "aspo": {"clip_ratio_low", "clip_ratio_high", "clip_ratio_c"},
+        "ecpo": {"clip_ratio_low", "clip_ratio_high", "clip_ratio_c", "ecpo_delta"},
+        "bapo": {"clip_ratio_c"} | {f for f in fields if f.startswith("bapo_")},
+        "reinforce_loss": set(),
+    }
+    for name, keys in uses.items():
+        params = inspect.signature(POLICY_LOSSES[name]).parameters
+        assert keys <= fields, keys - fields
+        assert keys <= set(params), (name, keys - set(params))
+        assert {"log_roff", "loss_form"} <= set(params)

@@ -6,7 +6,8 @@ Common signature:
        clip_ratio_c = None, logp_sg = None, **loss-specific) -> (loss [B, T], metrics)
 loss is per token, 0 on padding; aggregate it with aggregation.aggregate. metrics are detached 0-dim tensors
 (local masked token means): clipfrac, ppo_kl (mean old_logp − logp), plus loss-specific ones.
-Unknown keywords are ignored so one bag of config values can be passed to any loss.
+Every config value a loss uses is an explicit keyword parameter (callers may fill them by signature
+introspection); unknown keywords are ignored so one bag of config values can be passed to any loss.
 
 ρ = exp(logp − old_logp) (log-ratio clamped to [−20, 20]). RFPO (algorithms.md §RFPO 5): R = exp(log_roff)
 per sequence (detached; 1 for unfixed rows). Clipped-surrogate losses (ppo, gspo, gppo, ecpo, bapo, raft_pp):
@@ -137,13 +138,19 @@ def ppo_loss(
 
 
 @register_policy_loss("raft_pp")
-def raft_pp_loss(logp, old_logp, advantages, response_mask, *, keep_mask=None, **kw):
+def raft_pp_loss(
+    logp, old_logp, advantages, response_mask, *, log_roff=None, loss_form="faithful", clip_ratio_low=0.2,
+    clip_ratio_high=0.2, clip_ratio_c=None, keep_mask=None, **_,
+):
     """RAFT++: `ppo` restricted to kept samples (keep_mask [B] bool; default all rows — with the `raft`
     estimator the advantage is already 1 on kept and 0 on dropped samples)."""
     mask = response_mask.bool()
     if keep_mask is not None:
         mask = mask & keep_mask.bool().unsqueeze(-1)
-    return ppo_loss(logp, old_logp, advantages, mask, **kw)
+    return ppo_loss(
+        logp, old_logp, advantages, mask, log_roff=log_roff, loss_form=loss_form, clip_ratio_low=clip_ratio_low,
+        clip_ratio_high=clip_ratio_high, clip_ratio_c=clip_ratio_c,
+    )
 
 
 @register_policy_loss("gspo")
@@ -314,16 +321,20 @@ def _steps(a: float, b: float, d: float) -> int:
 @register_policy_loss("bapo")
 def bapo_loss(
     logp, old_logp, advantages, response_mask, *, log_roff=None, loss_form="faithful", clip_ratio_c=None,
-    bapo_clip_bounds: tuple[float, float] | None = None, **kw,
+    bapo_clip_bounds: tuple[float, float] | None = None, bapo_rho0: float = 0.4, bapo_a_low: float = 0.6,
+    bapo_a_high: float = 1.2, bapo_b_low: float = 0.9, bapo_b_high: float = 3.0, bapo_delta_high: float = 0.05,
+    bapo_delta_low: float = 0.02, **_,
 ):
     """BAPO: `ppo` with ratio bounds [c_low, c_high] chosen per call by `bapo_bounds` (or given as
     bapo_clip_bounds=(c_low, c_high), e.g. computed once on the whole step batch): L = −min(ρA, clip(ρ, c_low,
     c_high)A). Metrics add bapo_c_low, bapo_c_high, bapo_pos_share."""
     r, adv_c = _roff(log_roff, loss_form, advantages)
     ratio = _times_r(torch.exp(_log_ratio(logp, old_logp)), r)
-    bkw = {k: v for k, v in kw.items() if k.startswith("bapo_")}
     if bapo_clip_bounds is None:
-        c_low, c_high, share = bapo_bounds(ratio, advantages, response_mask, **bkw)
+        c_low, c_high, share = bapo_bounds(
+            ratio, advantages, response_mask, bapo_rho0=bapo_rho0, bapo_a_low=bapo_a_low, bapo_a_high=bapo_a_high,
+            bapo_b_low=bapo_b_low, bapo_b_high=bapo_b_high, bapo_delta_high=bapo_delta_high, bapo_delta_low=bapo_delta_low,
+        )
     else:
         c_low, c_high = bapo_clip_bounds
         share = float("nan")
