@@ -74,14 +74,16 @@ def test_reinforce_is_raw_reward():
 
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("kind", ["k1", "k2", "k3"])
-def test_reinforce_pp_matches_reference(seed, kind):
+@pytest.mark.parametrize("gamma", [1.0, 0.9])
+def test_reinforce_pp_matches_reference(seed, kind, gamma):
     r, ids, m = make_groups(seed)
+    m[0, 3] = False  # a hole inside the (full-length) first response
     g = torch.Generator().manual_seed(seed)
     old = -torch.rand(m.shape, generator=g, dtype=torch.float64) * 3
     ref = old + 0.3 * torch.randn(m.shape, generator=g, dtype=torch.float64)
     adv, ret = compute_advantages("reinforce_pp", rewards=r, group_ids=ids, response_mask=m, old_logp=old, ref_logp=ref,
-                                  kl_in_reward_coef=0.05, kl_in_reward_type=kind, gamma=0.9)
-    want_adv, want_ret = ref_reinforce_pp(r, m.tolist(), old.tolist(), ref.tolist(), 0.05, kind, 0.9)
+                                  kl_in_reward_coef=0.05, kl_in_reward_type=kind, gamma=gamma)
+    want_adv, want_ret = ref_reinforce_pp(r, m.tolist(), old.tolist(), ref.tolist(), 0.05, kind, gamma)
     torch.testing.assert_close(ret, torch.tensor(want_ret, dtype=torch.float64), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(adv, torch.tensor(want_adv, dtype=torch.float64), rtol=1e-10, atol=1e-10)
 

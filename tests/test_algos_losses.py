@@ -338,7 +338,6 @@ def test_log_roff_never_receives_gradient(name):
     lr = lr.clone().requires_grad_(True)
     x = lp.clone().requires_grad_(True)
     loss, _ = get_policy_loss(name)(x, old, A, m, log_roff=lr, **GC_KW[name])
-    assert not loss.requires_grad or True
     loss.sum().backward()
     assert lr.grad is None
     assert x.grad is not None

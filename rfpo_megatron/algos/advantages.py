@@ -93,6 +93,10 @@ def reinforce_advantage(*, rewards, group_ids, response_mask, **_):
 def _discounted_suffix_sum(token_rewards: Tensor, response_mask: Tensor, gamma: float) -> Tensor:
     """G_t = Σ_{t' ≥ t, valid} γ^(#valid steps between) r_t' over valid tokens ([B, T]); 0 on padding."""
     m = response_mask.bool()
+    if gamma == 1.0:  # undiscounted: a reverse cumulative sum (padding carries 0 reward)
+        tok = torch.where(m, token_rewards, torch.zeros_like(token_rewards))
+        ret = tok.flip(-1).cumsum(-1).flip(-1)
+        return torch.where(m, ret, torch.zeros_like(ret))
     ret = torch.zeros_like(token_rewards)
     running = torch.zeros_like(token_rewards[:, 0])
     for t in reversed(range(token_rewards.shape[1])):
