@@ -193,3 +193,16 @@ def test_registry_decorator_and_errors():
     with pytest.raises(ValueError, match=r"adv_estimator: 'rlooo' is unknown; did you mean 'rloo'\?"):
         get_adv_estimator("rlooo")
     assert "grpo" in ADV_ESTIMATORS
+
+
+def test_config_name_lists_match_the_registries():
+    """config.py validates names against its own tuples; they must list exactly what algos implements."""
+    from rfpo_megatron import config
+    from rfpo_megatron.algos import KL_TYPES, LOSS_AGG_MODES, ROFF_MODES, LOSS_FORMS
+
+    assert set(config.ADV_ESTIMATOR_NAMES) == set(ADV_ESTIMATORS)
+    assert set(config.POLICY_LOSS_NAMES) == set(POLICY_LOSSES)
+    assert set(config.LOSS_AGG_MODES) == set(LOSS_AGG_MODES)
+    assert set(config.KL_TYPES) == set(KL_TYPES)
+    rf = config.RFPOConfig()
+    assert rf.roff_mode in ROFF_MODES and rf.loss_form in LOSS_FORMS
