@@ -18,6 +18,13 @@ import torch
 import triton
 import triton.language as tl
 
+# Reductions go through tl.reduce with triton's own combine functions (what tl.max / tl.sum do for fp32)
+# and tiles are built with tl.full, not the @jit helpers tl.max/tl.sum/tl.zeros: those helpers are frozen
+# as compiled-only JIT functions when triton was imported before TRITON_INTERPRET=1 was set, which would
+# break the interpreter; builtins and these combine functions work in both modes whatever the import order.
+_MAX = tl.standard._elementwise_max
+_ADD = tl.standard._sum_combine
+
 from .dispatch import interpret_mode, jit
 
 
@@ -30,20 +37,20 @@ def _fwd_kernel(
     base = logits_ptr + row * stride_row
     offs = tl.arange(0, BLOCK_V)
     m = tl.full((), float("-inf"), tl.float32)  # running max of the raw logits x
-    s = tl.zeros((), tl.float32)
-    a = tl.zeros((), tl.float32)
+    s = tl.full((), 0.0, tl.float32)
+    a = tl.full((), 0.0, tl.float32)
     for start in range(0, n_valid, BLOCK_V):
         cols = start + offs
         valid = cols < n_valid
         x = tl.load(base + cols, mask=valid, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, axis=0))
+        m_new = tl.maximum(m, tl.reduce(x, 0, _MAX))
         scale = tl.exp((m - m_new) * inv_temp)  # m = -inf only before the first tile; then s = a = 0
         d = tl.where(valid, (x - m_new) * inv_temp, 0.0)  # z - max z, exact difference then scaled
         e = tl.where(valid, tl.exp(d), 0.0)
         if COMPUTE_ENTROPY:
             shift = tl.where(s > 0, (m - m_new) * inv_temp, 0.0)  # avoids (-inf) * 0 before the first tile
-            a = scale * (a + shift * s) + tl.sum(e * d, axis=0)
-        s = s * scale + tl.sum(e, axis=0)
+            a = scale * (a + shift * s) + tl.reduce(e * d, 0, _ADD)
+        s = s * scale + tl.reduce(e, 0, _ADD)
         m = m_new
     label = tl.load(labels_ptr + row).to(tl.int64) - vocab_start
     in_shard = (label >= 0) & (label < n_valid)

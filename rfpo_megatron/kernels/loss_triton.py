@@ -14,6 +14,13 @@ from __future__ import annotations
 import torch
 import triton.language as tl
 
+# Reductions go through tl.reduce with triton's own combine functions (what tl.max / tl.sum do for fp32)
+# and tiles are built with tl.full, not the @jit helpers tl.max/tl.sum/tl.zeros: those helpers are frozen
+# as compiled-only JIT functions when triton was imported before TRITON_INTERPRET=1 was set, which would
+# break the interpreter; builtins and these combine functions work in both modes whatever the import order.
+_MAX = tl.standard._elementwise_max
+_ADD = tl.standard._sum_combine
+
 from .dispatch import jit
 
 BLOCK = 128
@@ -72,11 +79,11 @@ def _segsum_kernel(x_ptr, cu_ptr, out_ptr, CDT: tl.constexpr, BLOCK: tl.constexp
     start = tl.load(cu_ptr + seg).to(tl.int64)
     end = tl.load(cu_ptr + seg + 1).to(tl.int64)
     offs = tl.arange(0, BLOCK)
-    acc = tl.zeros((BLOCK,), CDT)
+    acc = tl.full((BLOCK,), 0.0, CDT)
     for t0 in range(start, end, BLOCK):
         idx = t0 + offs
         acc += tl.load(x_ptr + idx, mask=idx < end, other=0.0).to(CDT)
-    tl.store(out_ptr + seg, tl.sum(acc, axis=0))
+    tl.store(out_ptr + seg, tl.reduce(acc, 0, _ADD))
 
 
 def token_loss(logp, old_logp, adv, cu, log_roff, lo, hi, clip_c, faithful):
