@@ -22,7 +22,7 @@ from typing import Any, Optional
 import torch
 
 from rfpo_megatron.actor.batch import ActorBatch, pad_tokens
-from rfpo_megatron.actor.forward import dp_sum, pp_broadcast_from_last, run_schedule
+from rfpo_megatron.actor.forward import dp_sum, logprob_output_fn, pp_broadcast_from_last, run_schedule
 from rfpo_megatron.actor.model import build_model
 from rfpo_megatron.actor.packing import PackedMicroBatch, make_microbatches, pack_microbatch, split_for_dp
 from rfpo_megatron.algos.aggregation import aggregate
@@ -203,10 +203,10 @@ class Actor:
 
         for m in self.model:
             m.eval()
-        stats = run_schedule(
-            self.model, mbs, token_fn, forward_only=True, temperature=self.temperature,
-            vocab_size=self.vocab_size, compute_entropy=compute_entropy,
+        fn = logprob_output_fn(
+            token_fn, temperature=self.temperature, vocab_size=self.vocab_size, compute_entropy=compute_entropy
         )
+        stats = run_schedule(self.model, mbs, fn, forward_only=True)
         for m in self.model:
             m.train()
         for mb, st in zip(mbs, stats):
@@ -223,6 +223,42 @@ class Actor:
         logp = [buf[0, offsets[i]: offsets[i + 1]].clone() for i in range(len(R))]
         ent = [buf[1, offsets[i]: offsets[i + 1]].clone() for i in range(len(R))] if compute_entropy else None
         return logp, ent
+
+    @torch.no_grad()
+    def forward_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Full-vocab logits [B, T, V] (fp32, CPU, unpadded vocab) of equal-length sequences [B, T].
+
+        One micro-batch, no packing; TP shards are gathered and the result is
+        broadcast from the last pipeline stage, so every rank returns it. For
+        checks and debugging (memory: one [B, T, V] tensor).
+        """
+        from megatron.core import parallel_state as mpu
+
+        ids = torch.as_tensor(input_ids, dtype=torch.long)
+        B, T = ids.shape
+        dev = torch.device("cuda", torch.cuda.current_device()) if self.on_gpu else torch.device("cpu")
+        mb = pack_microbatch([ids[b] for b in range(B)], [T] * B, list(range(B)), layout=self.layout, device=dev)
+        tp = mpu.get_tensor_model_parallel_world_size()
+
+        def output_fn(mb_, out):
+            local = out.detach().float().contiguous()
+            if tp > 1:
+                parts = [torch.empty_like(local) for _ in range(tp)]
+                torch.distributed.all_gather(parts, local, group=mpu.get_tensor_model_parallel_group())
+                local = torch.cat(parts, dim=-1)
+            return out.sum() * 0.0, {"logits": local}
+
+        for m in self.model:
+            m.eval()
+        stats = run_schedule(self.model, [mb], output_fn, forward_only=True)
+        for m in self.model:
+            m.train()
+        Vp = self.modules[0].vocab_size
+        buf = torch.zeros(B, T, Vp, dtype=torch.float32, device=dev)
+        if stats:
+            buf.copy_(stats[0]["logits"].reshape(B, T, Vp))
+        pp_broadcast_from_last(buf)
+        return buf[..., : self.vocab_size].cpu()
 
     # ------------------------------------------------------------- train step
     def train_step(self, batch: ActorBatch, loss_cfg: Any, rfpo_cfg: Any = None) -> dict[str, float]:
@@ -300,10 +336,8 @@ class Actor:
         for m in self.model:
             m.zero_grad_buffer()
         _, mbs = self._my_microbatches(batch)
-        stats = run_schedule(
-            self.model, mbs, token_fn, forward_only=False, temperature=self.temperature,
-            vocab_size=self.vocab_size, compute_entropy=True,
-        )
+        fn = logprob_output_fn(token_fn, temperature=self.temperature, vocab_size=self.vocab_size)
+        stats = run_schedule(self.model, mbs, fn, forward_only=False)
         dev = next(self.model[0].parameters()).device
         keys = ("train/loss", "train/pg_loss", "train/kl_loss", "train/entropy", "train/ppo_kl", "train/pg_clipfrac")
         acc = torch.zeros(len(keys), dtype=torch.float64, device=dev)

@@ -1,7 +1,8 @@
 """Forward(-backward) through megatron's pipeline schedule with per-token log-probs from the vocab-parallel kernel.
 
 ``run_schedule`` feeds PackedMicroBatches through ``get_forward_backward_func``
-(no pipelining, or 1F1B when PP > 1). On the last pipeline stage the [b, T, V/tp]
+(no pipelining, or 1F1B when PP > 1) and calls an output function on the last
+stage's [b, T, V/tp] logits. ``logprob_output_fn`` builds the usual one: the
 logits are reduced to the response rows [N, V/tp] and turned into log-probs and
 entropies by ``rfpo_megatron.kernels.logprob.vocab_parallel_logprobs``; a
 caller-provided ``token_fn(mb, logp [N], entropy [N]) -> (loss, stats)`` turns
@@ -33,32 +34,22 @@ def response_logits(output: torch.Tensor, mb: PackedMicroBatch) -> torch.Tensor:
     return flat.index_select(0, mb.label_rows)
 
 
-def run_schedule(
-    model_chunks: Sequence[torch.nn.Module],
-    micro_batches: Sequence[PackedMicroBatch],
+OutputFn = Callable[[PackedMicroBatch, torch.Tensor], tuple[torch.Tensor, dict]]
+
+
+def logprob_output_fn(
     token_fn: TokenFn,
     *,
-    forward_only: bool,
     temperature: float = 1.0,
     vocab_size: Optional[int] = None,
     compute_entropy: bool = True,
-) -> list[dict]:
-    """Run all micro-batches through the pipeline; returns token_fn's stats per micro-batch.
-
-    The stats list is filled on the last pipeline stage only (empty elsewhere).
-    ``token_fn`` returns a scalar loss that is back-propagated as is
-    (``calculate_per_token_loss`` is on and 0 tokens are reported, so megatron
-    neither divides by the number of micro-batches nor rescales gradients: the
-    caller's weights carry the global normalisation).
-    """
+) -> OutputFn:
+    """Wrap ``token_fn`` into an output function: [b, T, V/tp] logits -> kernel log-probs -> token_fn."""
     from megatron.core import parallel_state as mpu
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    if not micro_batches:
-        return []
     tp_group = mpu.get_tensor_model_parallel_group()
 
-    def loss_func(mb: PackedMicroBatch, output_tensor: torch.Tensor):
+    def output_fn(mb: PackedMicroBatch, output_tensor: torch.Tensor):
         logits = response_logits(output_tensor, mb)
         logp, ent = vocab_parallel_logprobs(
             logits,
@@ -70,7 +61,33 @@ def run_schedule(
         )
         if ent is None:
             ent = torch.zeros_like(logp)
-        loss, stats = token_fn(mb, logp, ent)
+        return token_fn(mb, logp, ent)
+
+    return output_fn
+
+
+def run_schedule(
+    model_chunks: Sequence[torch.nn.Module],
+    micro_batches: Sequence[PackedMicroBatch],
+    output_fn: OutputFn,
+    *,
+    forward_only: bool,
+) -> list[dict]:
+    """Run all micro-batches through the pipeline; returns output_fn's stats per micro-batch.
+
+    ``output_fn(mb, output [b, T, V/tp]) -> (loss 0-dim, stats dict)`` runs on the
+    last pipeline stage only, so the stats list is empty elsewhere. The loss is
+    back-propagated as is (``calculate_per_token_loss`` is on and 0 tokens are
+    reported, so megatron neither divides by the number of micro-batches nor
+    rescales gradients: the caller's weights carry the global normalisation).
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    if not micro_batches:
+        return []
+
+    def loss_func(mb: PackedMicroBatch, output_tensor: torch.Tensor):
+        loss, stats = output_fn(mb, output_tensor)
         zero_tokens = torch.zeros((), dtype=torch.int, device=loss.device)
         return loss, zero_tokens, stats
 
@@ -85,7 +102,8 @@ def run_schedule(
         return out, lambda t, _mb=mb: loss_func(_mb, t)
 
     for m in model_chunks:
-        _unwrap(m).config.calculate_per_token_loss = True
+        if not _unwrap(m).config.calculate_per_token_loss:
+            raise RuntimeError("the actor's model config must have calculate_per_token_loss=True")
     seq_len = max(int(mb.input_ids.shape[1]) for mb in micro_batches)
     mbs = max(int(mb.input_ids.shape[0]) for mb in micro_batches)
     fb = get_forward_backward_func()

@@ -138,10 +138,13 @@ def parallel_info() -> ParallelInfo:
     )
 
 
-def destroy_parallel() -> None:
-    """Tear down megatron's groups and the default process group."""
+def destroy_parallel(keep_process_group: bool = False) -> None:
+    """Tear down megatron's groups and (unless ``keep_process_group``) the default process group.
+
+    With ``keep_process_group=True`` a later ``init_parallel`` may choose a new (tp, pp).
+    """
     from megatron.core import parallel_state as mpu
 
     mpu.destroy_model_parallel()
-    if dist.is_initialized():
+    if dist.is_initialized() and not keep_process_group:
         dist.destroy_process_group()

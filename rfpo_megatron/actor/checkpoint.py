@@ -1,0 +1,392 @@
+"""Actor checkpoints (model + optimizer + LR scheduler + RNG + step), atomic, resharding across TP/PP on load.
+
+Layout under a checkpoint directory ``ckpt_dir``::
+
+    ckpt_dir/latest              text file: name of the newest complete checkpoint ("step_00000010")
+    ckpt_dir/step_00000010/      one checkpoint
+        meta.json                step, tp/pp/dp, format, vocab, scheduler state, caller's ``extra``
+        model_pp{r}.pt           "full" format: canonical TP=1 tensors (global layer names) of PP stage r
+        optim_pp{r}.pt           "full" format: per-parameter Adam state, same names/sharding rules
+        rng_rank{g}.pt           python/numpy/torch/CUDA RNG + megatron tracker states of global rank g
+        dist/                    "dist" format: megatron dist_checkpointing (model + optimizer)
+
+A save writes into ``step_N.tmp``, renames it to ``step_N`` and then replaces
+``latest`` atomically (``os.replace``); a process killed at any point leaves
+``latest`` naming a complete checkpoint. Stale ``*.tmp`` directories are removed
+by the next save.
+
+Formats: ``"full"`` (works everywhere; tensors gathered with
+``rfpo_megatron.convert.sharding.gather_full_state`` and re-sharded on load with
+``load_full_state``, so any TP/PP layout can load it) and ``"dist"`` (megatron
+``dist_checkpointing``, GPU default, resharding handled by megatron). RNG states
+are restored only when the (tp, pp, dp) layout is unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from rfpo_megatron.convert.sharding import canonical_params, gather_full_state, load_full_state, merge_tp, shard_tp, tp_kind
+
+FORMAT_VERSION = 1
+LATEST = "latest"
+
+
+# ------------------------------------------------------------------ helpers
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def step_dir_name(step: int) -> str:
+    """Directory name of the checkpoint at optimizer step ``step``."""
+    return f"step_{int(step):08d}"
+
+
+def latest_checkpoint(ckpt_dir: str) -> Optional[str]:
+    """Path of the newest complete checkpoint in ``ckpt_dir`` (via ``latest``), or None."""
+    f = os.path.join(ckpt_dir, LATEST)
+    if not os.path.isfile(f):
+        return None
+    with open(f) as fh:
+        name = fh.read().strip()
+    path = os.path.join(ckpt_dir, name)
+    return path if os.path.isfile(os.path.join(path, "meta.json")) else None
+
+
+def _resolve(path: str) -> str:
+    if os.path.isfile(os.path.join(path, "meta.json")):
+        return path
+    found = latest_checkpoint(path)
+    if found is None:
+        raise FileNotFoundError(
+            f"no actor checkpoint at {path!r} (expected meta.json or a '{LATEST}' file); check actor.load"
+        )
+    return found
+
+
+def _inner_optimizers(opt) -> list:
+    return list(getattr(opt, "chained_optimizers", [opt]))
+
+
+def _state_param_map(opt) -> dict[int, torch.Tensor]:
+    """id(model param) -> the tensor the torch optimizer keeps state for (fp32 main param or itself)."""
+    out: dict[int, torch.Tensor] = {}
+    for mo in _inner_optimizers(opt):
+        if hasattr(mo, "float16_groups"):
+            for g16, g32 in zip(mo.float16_groups, mo.fp32_from_float16_groups):
+                for p, m in zip(g16, g32):
+                    out[id(p)] = m
+            for g in mo.fp32_from_fp32_groups:
+                for p in g:
+                    out[id(p)] = p
+        else:
+            for g in mo.optimizer.param_groups:
+                for p in g["params"]:
+                    out[id(p)] = p
+    return out
+
+
+def _torch_state(opt) -> dict:
+    """Merged read-only view: state tensor owner -> its Adam state."""
+    st: dict = {}
+    for mo in _inner_optimizers(opt):
+        st.update(mo.optimizer.state)
+    return st
+
+
+def _torch_optimizer_of(opt) -> dict[int, torch.optim.Optimizer]:
+    """id(state tensor owner) -> the torch optimizer holding it."""
+    out: dict[int, torch.optim.Optimizer] = {}
+    for mo in _inner_optimizers(opt):
+        for g in mo.optimizer.param_groups:
+            for p in g["params"]:
+                out[id(p)] = mo.optimizer
+    return out
+
+
+def _tp_gather(name: str, local: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    from megatron.core import parallel_state as mpu
+
+    tp = mpu.get_tensor_model_parallel_world_size()
+    if tp == 1 or tp_kind(name) == "rep":
+        shards = [local]
+    else:
+        local = local.contiguous()
+        shards = [torch.empty_like(local) for _ in range(tp)]
+        dist.all_gather(shards, local, group=mpu.get_tensor_model_parallel_group())
+    return merge_tp(name, shards, vocab_size=vocab_size if tp_kind(name) == "vocab" else None)
+
+
+def _rng_state() -> dict:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    st = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state()
+    return st
+
+
+def _set_rng_state(st: dict) -> None:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    get_cuda_rng_tracker().set_states(st["tracker"])
+    if torch.cuda.is_available() and "cuda" in st:
+        torch.cuda.set_rng_state(st["cuda"])
+
+
+# -------------------------------------------------------------------- save
+def save_checkpoint(
+    actor,
+    ckpt_dir: str,
+    *,
+    step: Optional[int] = None,
+    extra: Optional[dict] = None,
+    fmt: str = "auto",
+    keep_last: Optional[int] = None,
+) -> str:
+    """Save ``actor`` (collective over all ranks); returns the checkpoint path.
+
+    extra: JSON-serialisable caller state (trainer counters, data sampler position).
+    fmt: "auto" (dist on GPU, full on CPU), "full" or "dist".
+    keep_last: delete older ``step_*`` directories beyond the newest ``keep_last``.
+    """
+    from megatron.core import parallel_state as mpu
+
+    fmt = _pick_format(fmt)
+    step = int(actor.step if step is None else step)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    final = os.path.join(ckpt_dir, step_dir_name(step))
+    tmp = final + ".tmp"
+    if rank == 0:
+        os.makedirs(ckpt_dir, exist_ok=True)
+        for name in os.listdir(ckpt_dir):
+            if name.endswith(".tmp"):
+                shutil.rmtree(os.path.join(ckpt_dir, name), ignore_errors=True)
+        os.makedirs(tmp)
+    _barrier()
+
+    tp_rank = mpu.get_tensor_model_parallel_rank()
+    pp_rank = mpu.get_pipeline_model_parallel_rank()
+    dp_rank = mpu.get_data_parallel_rank()
+    writer = tp_rank == 0 and dp_rank == 0
+    if fmt == "full":
+        model_state = gather_full_state(actor.modules, vocab_size=actor.vocab_size)
+        optim_state = _gather_optimizer_state(actor) if actor.optimizer is not None else {}
+        if writer:
+            torch.save(model_state, os.path.join(tmp, f"model_pp{pp_rank}.pt"))
+            torch.save(optim_state, os.path.join(tmp, f"optim_pp{pp_rank}.pt"))
+    else:
+        _save_dist(actor, os.path.join(tmp, "dist"))
+    torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
+    if rank == 0:
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "format": fmt,
+            "step": step,
+            "tp": mpu.get_tensor_model_parallel_world_size(),
+            "pp": mpu.get_pipeline_model_parallel_world_size(),
+            "dp": mpu.get_data_parallel_world_size(),
+            "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+            "vocab_size": actor.vocab_size,
+            "scheduler": actor.scheduler.state_dict() if actor.scheduler is not None else None,
+            "extra": extra or {},
+        }
+        with open(os.path.join(tmp, "meta.json"), "w") as fh:
+            json.dump(meta, fh, indent=1, default=float)
+    _barrier()
+    if rank == 0:
+        _fsync_dir(tmp)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _write_latest(ckpt_dir, os.path.basename(final))
+        if keep_last:
+            _prune(ckpt_dir, keep_last)
+    _barrier()
+    return final
+
+
+def _pick_format(fmt: str) -> str:
+    if fmt == "auto":
+        return "dist" if torch.cuda.is_available() else "full"
+    if fmt not in ("full", "dist"):
+        raise ValueError(f"checkpoint format {fmt!r} must be 'auto', 'full' or 'dist'")
+    return fmt
+
+
+def _fsync_dir(path: str) -> None:
+    for name in os.listdir(path):
+        p = os.path.join(path, name)
+        if os.path.isfile(p):
+            with open(p, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def _write_latest(ckpt_dir: str, name: str) -> None:
+    tmp = os.path.join(ckpt_dir, LATEST + ".tmp")
+    with open(tmp, "w") as fh:
+        fh.write(name + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, os.path.join(ckpt_dir, LATEST))
+
+
+def _prune(ckpt_dir: str, keep_last: int) -> None:
+    steps = sorted(n for n in os.listdir(ckpt_dir) if n.startswith("step_") and not n.endswith(".tmp"))
+    for n in steps[:-keep_last]:
+        shutil.rmtree(os.path.join(ckpt_dir, n), ignore_errors=True)
+
+
+def _gather_optimizer_state(actor) -> dict[str, Any]:
+    """Canonical name -> {"exp_avg", "exp_avg_sq", "step", ["main_param"]} as full TP=1 tensors."""
+    pmap = _state_param_map(actor.optimizer)
+    tstate = _torch_state(actor.optimizer)
+    out: dict[str, Any] = {}
+    for name, p in canonical_params(actor.modules):
+        sp = pmap.get(id(p))
+        st = tstate.get(sp, {}) if sp is not None else {}
+        entry: dict[str, Any] = {}
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in st:
+                entry[key] = _tp_gather(name, st[key].detach(), actor.vocab_size)
+        if "step" in st:
+            entry["step"] = float(st["step"])
+        if sp is not None and sp is not p:
+            entry["main_param"] = _tp_gather(name, sp.detach(), actor.vocab_size)
+        out[name] = entry
+    return out
+
+
+def _save_dist(actor, path: str) -> None:
+    from megatron.core import dist_checkpointing
+
+    dist_checkpointing.save(_dist_sharded_state(actor, is_loading=False), path)
+
+
+def _dist_sharded_state(actor, *, is_loading: bool) -> dict:
+    sd: dict[str, Any] = {}
+    for i, m in enumerate(actor.modules):
+        sd["model" if len(actor.modules) == 1 else f"model{i}"] = m.sharded_state_dict()
+    if actor.optimizer is not None:
+        model_sd = sd["model"] if len(actor.modules) == 1 else {k: v for k, v in sd.items()}
+        sd["optimizer"] = actor.optimizer.sharded_state_dict(
+            model_sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_sharded_model_space"}
+        )
+    return sd
+
+
+# -------------------------------------------------------------------- load
+def load_checkpoint(actor, path: str, *, load_optimizer: bool = True, load_rng: bool = True) -> dict:
+    """Load a checkpoint (directory or ``ckpt_dir`` with ``latest``) into ``actor``; collective.
+
+    Any TP/PP layout can load a "full" checkpoint. Sets ``actor.step`` and the
+    scheduler; returns the checkpoint's meta dict (with the caller's ``extra``).
+    """
+    from megatron.core import parallel_state as mpu
+
+    path = _resolve(path)
+    with open(os.path.join(path, "meta.json")) as fh:
+        meta = json.load(fh)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}/meta.json: format_version {meta.get('format_version')} != {FORMAT_VERSION}")
+    if meta["format"] == "full":
+        full: dict[str, torch.Tensor] = {}
+        optim: dict[str, Any] = {}
+        for r in range(int(meta["pp"])):
+            full.update(torch.load(os.path.join(path, f"model_pp{r}.pt"), map_location="cpu", weights_only=True))
+            if load_optimizer and actor.optimizer is not None:
+                optim.update(torch.load(os.path.join(path, f"optim_pp{r}.pt"), map_location="cpu", weights_only=True))
+        load_full_state(actor.modules, full, vocab_size=int(meta["vocab_size"]))
+        if actor.optimizer is not None:
+            if optim:
+                _load_optimizer_state(actor, optim, int(meta["vocab_size"]))
+            else:
+                actor.optimizer.reload_model_params()
+    else:
+        _load_dist(actor, os.path.join(path, "dist"), load_optimizer=load_optimizer)
+    if actor.scheduler is not None and meta.get("scheduler") and load_optimizer:
+        actor.scheduler.load_state_dict(meta["scheduler"])
+    actor.step = int(meta["step"])
+    same_layout = (
+        int(meta["tp"]) == mpu.get_tensor_model_parallel_world_size()
+        and int(meta["pp"]) == mpu.get_pipeline_model_parallel_world_size()
+        and int(meta["dp"]) == mpu.get_data_parallel_world_size()
+    )
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    rng_file = os.path.join(path, f"rng_rank{rank}.pt")
+    if load_rng and same_layout and os.path.isfile(rng_file):
+        _set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
+    _barrier()
+    return meta
+
+
+def _load_optimizer_state(actor, optim: dict[str, Any], vocab_size: int) -> None:
+    from megatron.core import parallel_state as mpu
+
+    tp, rank = mpu.get_tensor_model_parallel_world_size(), mpu.get_tensor_model_parallel_rank()
+    pmap = _state_param_map(actor.optimizer)
+    owners = _torch_optimizer_of(actor.optimizer)
+    missing = []
+
+    def shard(name, full, like):
+        if tp_kind(name) == "vocab":
+            full = full[:vocab_size]
+            return shard_tp(name, full, tp, rank, padded_vocab=like.shape[0] * tp)
+        return shard_tp(name, full, tp, rank)
+
+    with torch.no_grad():
+        for name, p in canonical_params(actor.modules):
+            sp = pmap.get(id(p))
+            entry = optim.get(name)
+            if sp is None:
+                continue
+            if entry is None:
+                missing.append(name)
+                continue
+            if "main_param" in entry and sp is not p:
+                sp.copy_(shard(name, entry["main_param"], sp).to(sp.dtype))
+            elif sp is not p:
+                sp.copy_(p.detach().float())
+            if "exp_avg" in entry:
+                owners[id(sp)].state[sp] = {
+                    "step": torch.tensor(float(entry.get("step", 0.0)), dtype=torch.float32),
+                    "exp_avg": shard(name, entry["exp_avg"], sp).to(sp.dtype),
+                    "exp_avg_sq": shard(name, entry["exp_avg_sq"], sp).to(sp.dtype),
+                }
+    if missing:
+        raise ValueError(f"optimizer state missing for {len(missing)} parameters (e.g. {missing[0]!r})")
+
+
+def _load_dist(actor, path: str, *, load_optimizer: bool) -> None:
+    from megatron.core import dist_checkpointing
+
+    sd = _dist_sharded_state(actor, is_loading=True)
+    if not load_optimizer:
+        sd.pop("optimizer", None)
+    loaded = dist_checkpointing.load(sd, path)
+    if len(actor.modules) == 1:
+        actor.modules[0].load_state_dict(loaded["model"], strict=False)
+    else:
+        for i, m in enumerate(actor.modules):
+            m.load_state_dict(loaded[f"model{i}"], strict=False)
+    if "optimizer" in loaded and actor.optimizer is not None:
+        actor.optimizer.load_state_dict(loaded["optimizer"])
+    elif actor.optimizer is not None:
+        actor.optimizer.reload_model_params()
