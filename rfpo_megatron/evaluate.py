@@ -138,8 +138,10 @@ def evaluate_checkpoint(cfg: Any, checkpoint: Optional[str], k: Optional[int] = 
 
             init_parallel(cfg.actor.tensor_model_parallel_size, cfg.actor.pipeline_model_parallel_size,
                           seed=cfg.trainer.seed)
-            rt.actor = T.build_actor(cfg, with_optimizer=True)
-            rt.actor.load_checkpoint(os.path.join(ckpt, "actor"))
+            from rfpo_megatron.actor.checkpoint import load_checkpoint as load_actor
+
+            rt.actor = T.build_actor(cfg, with_optimizer=False)
+            load_actor(rt.actor, os.path.join(ckpt, "actor"), load_optimizer=False, load_rng=False)
             T.sync_weights(rt)
         return evaluate_sets(rt.engine, tok, get_reward_fn(cfg.data.reward_fn), sets, cfg, seed=seed,
                              eos_ids=eos, prompt_format=fmt, k=k)

@@ -585,7 +585,9 @@ def save_checkpoint(rt: Runtime, step: int, state: dict) -> str:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp, exist_ok=True)
     _barrier(rt)
-    rt.actor.save_checkpoint(os.path.join(tmp, "actor"))
+    from rfpo_megatron.actor.checkpoint import save_checkpoint as save_actor
+
+    save_actor(rt.actor, os.path.join(tmp, "actor"), step=step)
     _barrier(rt)
     if rt.is_rank0:
         torch.save({"step": step, "config": to_dict(cfg), **state}, os.path.join(tmp, STATE_FILE))
@@ -628,8 +630,10 @@ def latest_checkpoint(save_dir: str) -> Optional[str]:
 
 def load_checkpoint(rt: Runtime, ckpt: str) -> int:
     """Restore the actor and the trainer state from `ckpt`; returns its step."""
+    from rfpo_megatron.actor.checkpoint import load_checkpoint as load_actor
+
     state = torch.load(os.path.join(ckpt, STATE_FILE), map_location="cpu", weights_only=False)
-    rt.actor.load_checkpoint(os.path.join(ckpt, "actor"))
+    load_actor(rt.actor, os.path.join(ckpt, "actor"))
     if state.get("sampler") and rt.sampler is not None:
         rt.sampler.load_state_dict(state["sampler"])
     rng = state["rng"]
@@ -735,8 +739,10 @@ def setup(cfg: Config) -> Runtime:
             rt.step = load_checkpoint(rt, ckpt)
             resumed = True
             rt.log(f"resumed from {ckpt} (step {rt.step})")
-    elif cfg.actor.load:
-        rt.actor.load_checkpoint(cfg.actor.load)
+    elif cfg.actor.load:  # start from a Megatron checkpoint's weights (fresh optimizer and data position)
+        from rfpo_megatron.actor.checkpoint import load_checkpoint as load_actor
+
+        load_actor(rt.actor, cfg.actor.load, load_optimizer=False, load_rng=False)
         resumed = True
     if resumed:
         sync_weights(rt)  # the engine serves the HF start weights; give it the restored ones

@@ -73,3 +73,47 @@ def test_tiny_assets_load(tiny_assets):
     with open(tiny_assets["train"]) as fh:
         rec = json.loads(fh.readline())
     assert int(rec["answer"]) == rec["a"] + rec["b"]
+
+
+class FirstCharDigit:
+    """Test reward: 1.0 when the response starts with a digit, else 0.0 (a random tiny model gets it ~10%
+    of the time, so groups are mixed, all-wrong groups occur and some fixes succeed)."""
+
+    def score(self, response_text, answer, record):
+        from rfpo_megatron.rewards.base import RewardResult
+
+        ok = bool(response_text) and response_text[0].isdigit()
+        return RewardResult(1.0 if ok else 0.0, "" if ok else "does not start with a digit")
+
+
+def register_test_reward() -> None:
+    from rfpo_megatron.rewards.registry import register_reward
+
+    register_reward("first_char_digit")(lambda **kw: FirstCharDigit())
+
+
+def run_trainer_cmd(argv: list[str]) -> list[str]:
+    """The command line of a real trainer subprocess (`rfpo-megatron train ARGV` plus the test reward)."""
+    return [sys.executable, os.path.abspath(__file__), "train", *argv]
+
+
+def trainer_env() -> dict:
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = "1"
+    env.pop("WANDB_API_KEY", None)
+    env["WANDB_MODE"] = "offline"
+    env.pop("MASTER_PORT", None)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+if __name__ == "__main__":  # subprocess entry: python tests/test_trainer_fixtures.py train CONFIG [k=v ...]
+    import torch
+
+    torch.set_num_threads(1)
+    register_test_reward()
+    if sys.argv[1] == "train":
+        from rfpo_megatron.trainer import main
+
+        sys.exit(main(sys.argv[2:]))
+    sys.exit(f"unknown command {sys.argv[1]}")
