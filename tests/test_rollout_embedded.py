@@ -10,7 +10,7 @@ import pytest
 import requests
 import torch
 
-from rfpo_megatron.rollout import EngineRequestError, SamplingParams, derive_seed, launch_embedded_server
+from rfpo_megatron.rollout import EngineRequestError, SamplingParams, derive_seed, launch_engine
 from rfpo_megatron.rollout import weights as W
 from rfpo_megatron.rollout.embedded import EmbeddedEngine, GenItem
 from rfpo_megatron.rollout.procs import free_port
@@ -28,7 +28,8 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(models, tmp_path_factory):
-    c = launch_embedded_server(str(models[0]), log_dir=tmp_path_factory.mktemp("logs"), retries=2, backoff_s=0.1)
+    c = launch_engine({"backend": "embedded", "model_path": str(models[0]), "log_dir": str(tmp_path_factory.mktemp("logs")),
+                       "retries": 2, "retry_backoff_s": 0.1, "max_items_per_request": 5})
     yield c
     c.shutdown()
     assert not c.processes[0].alive()
@@ -129,14 +130,15 @@ def test_stop_tokens_and_length(client, refs):
     assert z.output_ids == [] and z.finish_reason == "length"
 
 
-def _fresh_reference(path, prompts, params):
-    """Outputs of a freshly loaded in-process engine with the same derived seeds as the client."""
+def _fresh_reference(path, prompts, params, chunk=5):
+    """Outputs of a freshly loaded in-process engine, same derived seeds and same request chunks as the client
+    (max_items_per_request=5), so that even the padded batch shapes are the same: results must be identical."""
     eng = EmbeddedEngine(str(path))
     items = [GenItem(rid=f"{i}-{j}", input_ids=p, max_new_tokens=params.max_new_tokens, temperature=params.temperature,
                      top_p=params.top_p, top_k=params.top_k, ignore_eos=params.ignore_eos,
                      seed=derive_seed(params.seed, i, j), return_logprob=True)
              for i, p in enumerate(prompts) for j in range(params.n)]
-    outs = eng.generate(items)
+    outs = [o for s in range(0, len(items), chunk) for o in eng.generate(items[s:s + chunk])]
     return [([x[1] for x in o["meta_info"]["output_token_logprobs"]], [x[0] for x in o["meta_info"]["output_token_logprobs"]])
             for o in outs]
 
@@ -297,7 +299,11 @@ def test_request_payload_fields_match_sglang_generate_req_input(client):
                            "top_logprobs_num", "stream"}
     sampling_fields = {"max_new_tokens", "stop", "stop_token_ids", "temperature", "top_p", "top_k", "min_p", "n",
                        "ignore_eos", "skip_special_tokens", "no_stop_trim", "sampling_seed"}
-    [(payload, index)] = client.build_generate_payloads(PROMPTS, SamplingParams(n=2, seed=5, stop_token_ids=[9]))
+    chunks = client.build_generate_payloads(PROMPTS, SamplingParams(n=2, seed=5, stop_token_ids=[9]))
+    assert [len(c[1]) for c in chunks] == [5, 3]  # max_items_per_request=5
+    payload = {k: chunks[0][0][k] + chunks[1][0][k] if isinstance(chunks[0][0][k], list) else chunks[0][0][k]
+               for k in chunks[0][0]}
+    index = chunks[0][1] + chunks[1][1]
     assert set(payload) <= generate_req_fields
     assert all(set(sp) <= sampling_fields for sp in payload["sampling_params"])
     assert index == [(i, j) for i in range(4) for j in range(2)]
@@ -305,3 +311,17 @@ def test_request_payload_fields_match_sglang_generate_req_input(client):
     seeds = [sp["sampling_seed"] for sp in payload["sampling_params"]]
     assert seeds[3] == derive_seed(5, 1, 1) and len(set(seeds)) == 8
     json.dumps(payload)
+
+
+def test_external_backend_connects_to_running_server(client):
+    ext = launch_engine({"backend": "external", "urls": [client.url], "startup_timeout_s": 30})
+    try:
+        assert ext.kind == "embedded" and ext.processes == []
+        p = SamplingParams(n=1, max_new_tokens=4, seed=3)
+        assert _flat(ext.generate(PROMPTS, p)) == _flat(client.generate(PROMPTS, p))
+    finally:
+        ext._session.close()  # not ext.shutdown(): that would stop the shared server
+    with pytest.raises(ValueError, match="rollout.urls"):
+        launch_engine({"backend": "external"})
+    with pytest.raises(ValueError, match="not one of"):
+        launch_engine({"backend": "vllm"})
