@@ -175,3 +175,18 @@ def test_padding_is_zero_and_dtype(name):
 def test_unknown_estimator_did_you_mean():
     with pytest.raises(ValueError, match="did you mean 'grpo'"):
         compute_advantages("grpoo", rewards=torch.zeros(2), group_ids=torch.zeros(2, dtype=torch.long), response_mask=torch.ones(2, 1))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("min_reward", [None, 0.5])
+def test_raft_matches_reference(seed, min_reward):
+    r, ids, m = make_groups(seed)
+    adv, _ = compute_advantages("raft", rewards=r, group_ids=ids, response_mask=m, raft_min_reward=min_reward)
+    keep = sample_keep_mask("raft", r, ids, raft_min_reward=min_reward)
+    want = [0.0] * len(r)
+    for idx in groups_of(ids).values():
+        best = max(float(r[i]) for i in idx)
+        for i in idx:
+            want[i] = 1.0 if float(r[i]) == best and (min_reward is None or float(r[i]) >= min_reward) else 0.0
+    torch.testing.assert_close(adv, _expand(want, m), rtol=0, atol=0)
+    assert keep.tolist() == [w == 1.0 for w in want]

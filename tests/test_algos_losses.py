@@ -411,3 +411,14 @@ def test_config_keys_are_explicit_parameters():
         assert keys <= fields, keys - fields
         assert keys <= set(params), (name, keys - set(params))
         assert {"log_roff", "loss_form"} <= set(params)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_zero_advantage_gives_zero_loss_and_gradient(name):
+    """An all-equal group (advantage 0 everywhere) contributes nothing and never NaN, with or without R_off."""
+    lp, old, A, m, lr = batch(4)
+    z = torch.zeros_like(A)
+    for kw in ({}, dict(log_roff=lr, loss_form="faithful"), dict(log_roff=lr, loss_form="corrected")):
+        v, g, met = run(name, lp, old, z, m, **{**GC_KW[name], **kw})
+        assert torch.equal(v.abs(), torch.zeros_like(v)) and torch.equal(g.abs(), torch.zeros_like(g))
+        assert all(torch.isfinite(x) or torch.isnan(x) and k == "bapo_pos_share" for k, x in met.items())
