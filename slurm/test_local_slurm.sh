@@ -11,6 +11,7 @@
 #   RFPO_SLURM_CONFIG  config to train (default examples/tiny_cpu/config.yaml)
 #   RFPO_SLURM_STEPS   steps of the first job (default 2); the resume job runs to STEPS+1
 #   RFPO_SLURM_TIMEOUT seconds to wait for each job (default 900)
+#   RFPO_SLURM_OVERRIDES extra trainer overrides for both jobs (e.g. actor.tensor_model_parallel_size=2)
 #   PYTHON             interpreter with rfpo_megatron installed (default .venv/bin/python)
 # Needs root (apt-get, munge user). Everything else stays under $RFPO_SLURM_STATE; /etc is not touched.
 set -euo pipefail
@@ -21,6 +22,7 @@ CONFIG="${RFPO_SLURM_CONFIG:-examples/tiny_cpu/config.yaml}"
 STEPS="${RFPO_SLURM_STEPS:-2}"
 TIMEOUT="${RFPO_SLURM_TIMEOUT:-900}"
 PYTHON="${PYTHON:-$REPO/.venv/bin/python}"
+EXTRA_OVERRIDES="${RFPO_SLURM_OVERRIDES:-}"
 HOST="$(hostname -s)"
 NCPU="$(nproc)"
 CTLD_PORT="${RFPO_SLURM_CTLD_PORT:-16817}"
@@ -167,30 +169,44 @@ do_smoke() {
   log "smoke OK: job $id COMPLETED with 2 tasks"
 }
 
-# The project job: the same sbatch script as the GPU recipes, with the CPU switch.
+# The project job: the same sbatch script as the GPU recipes, with the CPU switch (RFPO_DEVICE=cpu -> gloo).
 submit_train() {  # submit_train NAME STEPS RESUME -> job id
   local name="$1" steps="$2" resume="$3"
-  RFPO_CONFIG="$CONFIG" RFPO_DEVICE=cpu RFPO_RUN_DIR="$RUN" RFPO_PYTHON="$PYTHON" \
-  RFPO_OVERRIDES="trainer.steps=$steps trainer.save_interval=1 trainer.save_dir=$RUN/ckpt trainer.resume=$resume logging.dir=$RUN/logs" \
-  RFPO_WATCHDOG_MINUTES=10 \
-    sbatch --parsable -N1 -n2 --cpus-per-task=1 -J "rfpo-$name" -o "$RUN/slurm-$name-%j.out" \
+  RFPO_REPO="$REPO" RFPO_CONFIG="$CONFIG" RFPO_DEVICE=cpu RFPO_RUN_DIR="$RUN" RFPO_PYTHON="$PYTHON" \
+  RFPO_RESUME="$resume" RFPO_IFNAME=lo RFPO_WATCHDOG_MINUTES=10 \
+  RFPO_OVERRIDES="trainer.steps=$steps trainer.save_interval=1 trainer.eval_interval=0 trainer.save_dir=$RUN/ckpt logging.log_dir=$RUN/logs logging.wandb_mode=disabled $EXTRA_OVERRIDES" \
+    sbatch --parsable -N1 -n2 --cpus-per-task=1 -J "rfpo-$name" -D "$REPO" -o "$RUN/slurm-$name-%j.out" \
       "$REPO/slurm/rfpo_colocated.sbatch"
+}
+
+prepare_tiny() {
+  if [ "$CONFIG" = examples/tiny_cpu/config.yaml ] && [ ! -d "$REPO/examples/tiny_cpu/artifacts/model" ]; then
+    log "preparing the tiny CPU assets (examples/tiny_cpu/prepare.py)"
+    (cd "$REPO" && "$PYTHON" examples/tiny_cpu/prepare.py) >&2
+  fi
+}
+
+check() {  # check EXPECT_LAST [RESUMED_AFTER]
+  local extra=()
+  [ $# -ge 2 ] && extra=(--snapshot "$RUN/metrics-after-first.jsonl" --resumed-after "$2")
+  "$PYTHON" "$REPO/slurm/helpers.py" check-run --log-dir "$RUN/logs" --save-dir "$RUN/ckpt" \
+    --expect-last-step "$1" "${extra[@]}"
 }
 
 do_train() {
   RUN="$STATE/run"
   rm -rf "$RUN"; mkdir -p "$RUN"
+  prepare_tiny
   local id st
-  id="$(submit_train first "$STEPS" false)"; log "submitted first training job $id"
+  id="$(submit_train first "$STEPS" 0)"; log "submitted training job $id ($STEPS steps, 2 tasks over gloo)"
   st="$(wait_job "$id")"; cat "$RUN"/slurm-first-"$id".out >&2 || true
   [ "$st" = COMPLETED ] || die "training job $id ended $st"
-  "$PYTHON" "$REPO/slurm/check_run.py" --run-dir "$RUN" --expect-last-step "$STEPS" \
-    || die "first job: metrics/checkpoint check failed"
-  id="$(submit_train resume "$((STEPS + 1))" true)"; log "submitted resume job $id"
+  check "$STEPS" || die "first job: metrics/checkpoint check failed"
+  cp "$RUN/logs/metrics.jsonl" "$RUN/metrics-after-first.jsonl"
+  id="$(submit_train resume "$((STEPS + 1))" 1)"; log "submitted resume job $id (to step $((STEPS + 1)))"
   st="$(wait_job "$id")"; cat "$RUN"/slurm-resume-"$id".out >&2 || true
   [ "$st" = COMPLETED ] || die "resume job $id ended $st"
-  "$PYTHON" "$REPO/slurm/check_run.py" --run-dir "$RUN" --expect-last-step "$((STEPS + 1))" \
-    --expect-resumed-from "$STEPS" || die "resume job: continuation check failed"
+  check "$((STEPS + 1))" "$STEPS" || die "resume job: continuation check failed"
   log "train + resume OK"
 }
 
