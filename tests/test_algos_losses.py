@@ -422,3 +422,21 @@ def test_zero_advantage_gives_zero_loss_and_gradient(name):
         v, g, met = run(name, lp, old, z, m, **{**GC_KW[name], **kw})
         assert torch.equal(v.abs(), torch.zeros_like(v)) and torch.equal(g.abs(), torch.zeros_like(g))
         assert all(torch.isfinite(x) or torch.isnan(x) and k == "bapo_pos_share" for k, x in met.items())
+
+
+def test_bapo_sums_add_across_micro_batches():
+    """P, N are sums: adding them over any row split and picking gives the whole-batch bounds."""
+    from rfpo_megatron.algos import bapo_candidate_sums, bapo_pick
+
+    lp, old, A, m, _ = batch(2, B=6, spread=0.8)
+    A = A - 0.5
+    x = torch.exp(lp - old)
+    cands, p, n = bapo_candidate_sums(x, A, m, **BAPO_KW)
+    whole = bapo_pick(cands, p, n, 0.4)
+    assert whole == bapo_bounds(x, A, m, **BAPO_KW)
+    parts = [bapo_candidate_sums(x[r], A[r], m[r], **BAPO_KW) for r in ([0, 3], [1, 2, 5], [4])]
+    p2 = sum(pp for _, pp, _ in parts)
+    n2 = sum(nn for _, _, nn in parts)
+    got = bapo_pick(cands, p2, n2, 0.4)
+    assert got[:2] == whole[:2] and got[2] == pytest.approx(whole[2], rel=1e-12)
+    assert whole[:2] != (0.6, 1.2)  # the bounds did move

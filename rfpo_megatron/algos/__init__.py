@@ -13,7 +13,7 @@ from rfpo_megatron.algos.advantages import compute_advantages, sample_keep_mask 
 from rfpo_megatron.algos.aggregation import LOSS_AGG_MODES, aggregate, count_tokens_and_seqs  # noqa: E402
 from rfpo_megatron.algos.kl import KL_TYPES, apply_kl_in_reward, kl_estimate, kl_loss  # noqa: E402
 from rfpo_megatron.algos.objective import StepCounts, chord_sft_loss, compute_actor_loss, pos_nll_loss, tis_weight  # noqa: E402
-from rfpo_megatron.algos.policy_loss import LOSS_FORMS, bapo_bounds, clipped_surrogate  # noqa: E402
+from rfpo_megatron.algos.policy_loss import LOSS_FORMS, bapo_bounds, bapo_candidate_sums, bapo_pick, clipped_surrogate  # noqa: E402
 from rfpo_megatron.algos.rfpo import ROFF_MODES, compute_log_roff, roff_stats, sequence_logp  # noqa: E402
 from rfpo_megatron.algos.shaping import dynamic_sampling_continue, dynamic_sampling_filter, overlong_penalty  # noqa: E402
 
@@ -22,6 +22,7 @@ __all__ = [
     "register_policy_loss", "compute_advantages", "sample_keep_mask", "LOSS_AGG_MODES", "aggregate",
     "count_tokens_and_seqs", "KL_TYPES", "apply_kl_in_reward", "kl_estimate", "kl_loss", "StepCounts",
     "chord_sft_loss", "compute_actor_loss", "pos_nll_loss", "tis_weight", "LOSS_FORMS", "bapo_bounds",
+    "bapo_candidate_sums", "bapo_pick",
     "clipped_surrogate", "ROFF_MODES", "compute_log_roff", "roff_stats", "sequence_logp",
     "dynamic_sampling_continue", "dynamic_sampling_filter", "overlong_penalty",
 ]  # fmt: skip

@@ -260,25 +260,22 @@ def ecpo_loss(
     return loss, met
 
 
-def bapo_bounds(
+def bapo_candidate_sums(
     ratio: Tensor,
     advantages: Tensor,
     response_mask: Tensor,
     *,
-    bapo_rho0: float = 0.4,
     bapo_a_low: float = 0.6,
     bapo_a_high: float = 1.2,
     bapo_b_low: float = 0.9,
     bapo_b_high: float = 3.0,
     bapo_delta_high: float = 0.05,
     bapo_delta_low: float = 0.02,
-) -> tuple[float, float, float]:
-    """BAPO adaptive bounds (c_low, c_high, positive share) for ratio/advantages/mask [B, T] (detached).
-
-    Positive share ρ_pos(c_low, c_high) = P / (P + N), P = Σ_{A>0, ρ ≤ c_high} ρ·A, N = Σ_{A<0, ρ ≥ c_low} ρ·|A|
-    (tokens whose gradient the clip does not zero); 1 when P + N = 0. Candidates in order: c_high = a⁺, a⁺+δ₁, …, b⁺
-    (c_low = a⁻), then c_low = a⁻+δ₂, …, b⁻ (c_high = b⁺); the first with ρ_pos ≥ ρ₀ wins, else the last.
-    """
+    **_,
+) -> tuple[list[tuple[float, float]], Tensor, Tensor]:
+    """BAPO candidate bounds in search order and, for each, the positive / negative contributions P, N [K]
+    (float64) of this batch. P and N are sums: add them over micro-batches / all-reduce them over DP ranks, then
+    `bapo_pick` gives bounds that do not depend on the split. ratio/advantages/mask [B, T] (detached)."""
     if bapo_b_low < bapo_a_low or bapo_b_high < bapo_a_high:
         raise ValueError(
             f"bapo bounds: need bapo_a_low ≤ bapo_b_low and bapo_a_high ≤ bapo_b_high (bounds are raised from a to b), "
@@ -306,10 +303,28 @@ def bapo_bounds(
     p = torch.cat([p_all, p_all[-1:].expand(len(lows) - 1)])
     n = torch.cat([n_all[:1].expand(len(highs)), n_all[1:]])
     cands = [(lows[0], hh) for hh in highs] + [(ll, highs[-1]) for ll in lows[1:]]
+    return cands, p, n
+
+
+def bapo_pick(cands: list[tuple[float, float]], p: Tensor, n: Tensor, bapo_rho0: float) -> tuple[float, float, float]:
+    """First candidate whose positive share P/(P+N) (1 when P+N = 0) reaches ρ₀, else the last:
+    (c_low, c_high, share)."""
     share = torch.where(p + n > 0, p / (p + n).clamp(min=1e-300), torch.ones_like(p))
     ok = (share >= bapo_rho0).nonzero()
     i = int(ok[0]) if ok.numel() else len(cands) - 1
     return cands[i][0], cands[i][1], float(share[i])
+
+
+def bapo_bounds(ratio: Tensor, advantages: Tensor, response_mask: Tensor, *, bapo_rho0: float = 0.4, **kw) -> tuple[float, float, float]:
+    """BAPO adaptive bounds (c_low, c_high, positive share) for ratio/advantages/mask [B, T] (detached).
+
+    Positive share ρ_pos(c_low, c_high) = P / (P + N), P = Σ_{A>0, ρ ≤ c_high} ρ·A, N = Σ_{A<0, ρ ≥ c_low} ρ·|A|
+    (tokens whose gradient the clip does not zero); 1 when P + N = 0. Candidates in order: c_high = a⁺, a⁺+δ₁, …, b⁺
+    (c_low = a⁻), then c_low = a⁻+δ₂, …, b⁻ (c_high = b⁺); the first with ρ_pos ≥ ρ₀ wins, else the last.
+    Keywords: bapo_a_low, bapo_a_high, bapo_b_low, bapo_b_high, bapo_delta_high, bapo_delta_low.
+    """
+    cands, p, n = bapo_candidate_sums(ratio, advantages, response_mask, **kw)
+    return bapo_pick(cands, p, n, bapo_rho0)
 
 
 def _steps(a: float, b: float, d: float) -> int:
