@@ -206,3 +206,26 @@ def test_config_name_lists_match_the_registries():
     assert set(config.KL_TYPES) == set(KL_TYPES)
     rf = config.RFPOConfig()
     assert rf.roff_mode in ROFF_MODES and rf.loss_form in LOSS_FORMS
+
+
+def test_objective_ignores_nan_padding():
+    g = torch.Generator().manual_seed(1)
+    B, T = 3, 4
+    m = torch.arange(T).unsqueeze(0) < torch.tensor([4, 2, 1]).unsqueeze(1)
+    lp = -(0.1 + torch.rand(B, T, generator=g, dtype=D))
+    ins = dict(old=lp + 0.2, roll=lp + 0.1, ref=lp - 0.1, ent=torch.rand(B, T, generator=g, dtype=D), A=torch.randn(B, T, generator=g, dtype=D))
+
+    def go(fill):
+        f = {k: torch.where(m, v, torch.full_like(v, fill)) for k, v in ins.items()}
+        x = torch.where(m, lp, torch.full_like(lp, fill)).requires_grad_(True)
+        e = f["ent"].clone().requires_grad_(True)
+        tot, _ = compute_actor_loss("cispo", x, f["old"], f["A"], m, rollout_logp=f["roll"], tis_cap=2.0, entropy=e,
+                                    entropy_coeff=0.1, ref_logp=f["ref"], use_kl_loss=True, kl_loss_coef=0.1,
+                                    is_fixed=torch.tensor([False, True, False]), is_positive=torch.tensor([True, False, True]),
+                                    pos_nll_coef=0.2, chord_mu=0.3, log_roff=torch.tensor([0.0, 0.4, 0.0], dtype=D))
+        tot.backward()
+        return tot.detach(), x.grad, e.grad
+
+    clean, nan = go(0.0), go(float("nan"))
+    for a, b in zip(clean, nan):
+        assert torch.equal(a, b)

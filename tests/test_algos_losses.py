@@ -344,15 +344,19 @@ def test_log_roff_never_receives_gradient(name):
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_padding_never_leaks(name):
+@pytest.mark.parametrize("garbage", [(-3.0, -7.0, 5.0), (float("nan"), float("inf"), float("nan")), (-float("inf"), 0.0, float("inf"))])
+def test_padding_never_leaks(name, garbage):
+    """Whatever sits on padding (finite junk, NaN, ±inf in logp / old_logp / advantages): the loss and the
+    gradient are those of the clean batch, exactly 0 on padding, never NaN."""
     lp, old, A, m, lr = batch(9, per_seq_adv=(name == "gspo"))
     v, g, _ = run(name, lp, old, A, m, log_roff=lr, **GC_KW[name])
-    lp2 = torch.where(m, lp, torch.full_like(lp, -3.0))
-    old2 = torch.where(m, old, torch.full_like(old, -7.0))
-    v2, g2, _ = run(name, lp2, old2, A, m, log_roff=lr, **GC_KW[name])
-    assert torch.equal(v[~m], torch.zeros_like(v[~m])) and torch.equal(g[~m], torch.zeros_like(g[~m]))
-    close(v, v2)
-    close(g, g2)
+    lp2 = torch.where(m, lp, torch.full_like(lp, garbage[0]))
+    old2 = torch.where(m, old, torch.full_like(old, garbage[1]))
+    A2 = torch.where(m, A, torch.full_like(A, garbage[2]))
+    v2, g2, met = run(name, lp2, old2, A2, m, log_roff=lr, **GC_KW[name])
+    assert torch.equal(v2[~m], torch.zeros_like(v2[~m])) and torch.equal(g2[~m], torch.zeros_like(g2[~m]))
+    assert torch.equal(v, v2) and torch.equal(g, g2)
+    assert all(torch.isfinite(x) for k, x in met.items() if k != "bapo_pos_share")
 
 
 def test_bad_values_fail_with_one_line_messages():

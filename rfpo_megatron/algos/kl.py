@@ -31,9 +31,13 @@ def kl_estimate(logp: Tensor, ref_logp: Tensor, kl_type: str = "k3") -> Tensor:
 
 
 def kl_loss(logp: Tensor, ref_logp: Tensor, response_mask: Tensor, kl_type: str = "k3") -> Tensor:
-    """KL as a loss term, per token [B, T] (0 on padding); multiply by `kl_loss_coef` and aggregate."""
-    kl = kl_estimate(logp, ref_logp, kl_type)
-    return torch.where(response_mask.bool(), kl, torch.zeros_like(kl))
+    """KL as a loss term, per token [B, T] (0 on padding, where no input value can reach the gradient);
+    multiply by `kl_loss_coef` and aggregate."""
+    m = response_mask.bool()
+    lp = torch.where(m, logp, torch.zeros_like(logp))
+    rf = torch.where(m, ref_logp, torch.zeros_like(ref_logp))
+    kl = kl_estimate(lp, rf, kl_type)
+    return torch.where(m, kl, torch.zeros_like(kl))
 
 
 def apply_kl_in_reward(

@@ -57,9 +57,10 @@ def tis_weight(old_logp: Tensor, rollout_logp: Tensor, tis_cap: float, is_fixed:
 
 def chord_sft_loss(logp: Tensor, response_mask: Tensor, is_fixed: Tensor) -> Tensor:
     """CHORD-φ SFT term per token [B, T]: −sg(p(1−p))·logp on fixed rows' valid tokens, 0 elsewhere."""
-    p = logp.detach().exp()
-    loss = -(p * (1 - p)) * logp
     m = response_mask.bool() & is_fixed.bool().unsqueeze(-1)
+    lp = torch.where(m, logp, torch.zeros_like(logp))
+    p = lp.detach().exp()
+    loss = -(p * (1 - p)) * lp
     return torch.where(m, loss, torch.zeros_like(loss))
 
 

@@ -44,6 +44,17 @@ def _masked(loss: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask.bool(), loss, _zero(loss))
 
 
+def _clean(mask: Tensor, logp: Tensor, old_logp: Tensor, advantages: Tensor, logp_sg: Tensor | None = None):
+    """Zero every [B, T] input on padding, so garbage there (even NaN/inf) reaches neither the loss nor any
+    gradient (a `where` passes exactly-zero gradient to the unselected side)."""
+    m = mask.bool()
+
+    def z(x):
+        return None if x is None else torch.where(m, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+    return z(logp), z(old_logp), z(advantages), z(logp_sg)
+
+
 def _log_ratio(logp: Tensor, old_logp: Tensor) -> Tensor:
     return torch.clamp(logp - old_logp, -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
 
@@ -130,6 +141,7 @@ def ppo_loss(
 ):
     """Vanilla PPO clip (DAPO clip-higher via clip_ratio_low ≠ clip_ratio_high; dual-clip via clip_ratio_c):
     L = −min(ρA, clip(ρ, 1−ε_low, 1+ε_high)A); for A < 0, L = min(L, −c·A)."""
+    logp, old_logp, advantages, _ = _clean(response_mask, logp, old_logp, advantages)
     r, adv_c = _roff(log_roff, loss_form, advantages)
     ratio = _times_r(torch.exp(_log_ratio(logp, old_logp)), r)
     loss, met = clipped_surrogate(ratio, advantages, adv_c, response_mask, lo=1 - clip_ratio_low, hi=1 + clip_ratio_high, clip_ratio_c=clip_ratio_c)
@@ -162,6 +174,7 @@ def gspo_loss(
     s_i,t = sg(s_i)·exp(logp_t − sg(logp_t)) (value s_i, gradient s_i ∇logp_t); L = −min(sA, clip(s)A).
     The per-token loss's Jacobian is intentionally the GSPO-token one: aggregated with seq-mean-token-mean
     and a per-sequence advantage it equals the sequence-level GSPO gradient."""
+    logp, old_logp, advantages, logp_sg = _clean(response_mask, logp, old_logp, advantages, logp_sg)
     m = response_mask.bool()
     sg = _sg(logp, logp_sg)
     n = m.sum(-1, keepdim=True).clamp(min=1).to(logp.dtype)
@@ -180,6 +193,7 @@ def gppo_loss(
 ):
     """GPPO (gradient-preserving clip): forward value of `ppo`; gradient weight on ∇logp is 1−ε_low where
     ρ < 1−ε_low and A < 0, 1+ε_high where ρ > 1+ε_high and A > 0, ρ otherwise (c for dual-clipped tokens)."""
+    logp, old_logp, advantages, logp_sg = _clean(response_mask, logp, old_logp, advantages, logp_sg)
     r, adv_c = _roff(log_roff, loss_form, advantages)
     ratio = _times_r(torch.exp(_log_ratio(logp, old_logp)), r)
     ratio_sg = _times_r(torch.exp(_log_ratio(_sg(logp, logp_sg), old_logp)), r)
@@ -197,6 +211,7 @@ def cispo_loss(
     clip_ratio_high=0.2, logp_sg=None, **_,
 ):
     """CISPO: L = −sg(clip(ρ, 1−ε_low, 1+ε_high))·A·logp_t (gradient = −clip(ρ)·A·∇logp for every token)."""
+    logp, old_logp, advantages, logp_sg = _clean(response_mask, logp, old_logp, advantages, logp_sg)
     r, adv_c = _roff(log_roff, loss_form, advantages)
     ratio_sg = _times_r(torch.exp(_log_ratio(_sg(logp, logp_sg), old_logp)), r)
     w = torch.clamp(ratio_sg, 1 - clip_ratio_low, 1 + clip_ratio_high).detach()
@@ -219,6 +234,7 @@ def aspo_loss(
     IS weight is flipped: w = ρ̂ = π_old·π_θ/sg(π_θ²), value 1/ρ̃, gradient (1/ρ̃)∇logp; L = −A·w.
     A = 0 behaves as A > 0 with zero loss. Soft dual clip (CISPO-style, when clip_ratio_c is set): where the
     weight's value exceeds c, L = −A·sg(c)·logp_t (gradient c·A·∇logp kept)."""
+    logp, old_logp, advantages, logp_sg = _clean(response_mask, logp, old_logp, advantages, logp_sg)
     _check_c(clip_ratio_c)
     r, adv_c = _roff(log_roff, loss_form, advantages)
     ratio = _times_r(torch.exp(_log_ratio(logp, old_logp)), r)
@@ -249,6 +265,7 @@ def ecpo_loss(
 ):
     """ECPO: `ppo` with π_old replaced by max(sg(π_θ)/(1+ε_high+δ), π_old) (δ = ecpo_delta > 0), i.e. the
     ratio's value is capped at 1+ε_high+δ while its gradient is kept (weight 1+ε_high+δ beyond the cap)."""
+    logp, old_logp, advantages, logp_sg = _clean(response_mask, logp, old_logp, advantages, logp_sg)
     if not ecpo_delta > 0:
         raise ValueError(f"ecpo_delta: must be > 0 (got {ecpo_delta})")
     r, adv_c = _roff(log_roff, loss_form, advantages)
@@ -343,6 +360,7 @@ def bapo_loss(
     """BAPO: `ppo` with ratio bounds [c_low, c_high] chosen per call by `bapo_bounds` (or given as
     bapo_clip_bounds=(c_low, c_high), e.g. computed once on the whole step batch): L = −min(ρA, clip(ρ, c_low,
     c_high)A). Metrics add bapo_c_low, bapo_c_high, bapo_pos_share."""
+    logp, old_logp, advantages, _ = _clean(response_mask, logp, old_logp, advantages)
     r, adv_c = _roff(log_roff, loss_form, advantages)
     ratio = _times_r(torch.exp(_log_ratio(logp, old_logp)), r)
     if bapo_clip_bounds is None:
@@ -364,6 +382,7 @@ def bapo_loss(
 @register_policy_loss("reinforce_loss")
 def reinforce_loss(logp, old_logp, advantages, response_mask, *, log_roff=None, loss_form="faithful", **_):
     """REINFORCE: L = −A·logp_t (no ratio). With R_off: −R·A'·logp_t, A' = R·A (faithful) or A (corrected)."""
+    logp, old_logp, advantages, _ = _clean(response_mask, logp, old_logp, advantages)
     r, adv_c = _roff(log_roff, loss_form, advantages)
     loss = -_times_r(adv_c, r) * logp
     m = response_mask.bool()
