@@ -80,8 +80,9 @@ def assets(tmp_path_factory):
         torch.save(hf_logits(model, ids), root / fam / "ref_logits.pt")
         for tp, pp in ((1, 1), (2, 1), (1, 2), (2, 2)):
             ck = root / fam / f"mc_tp{tp}_pp{pp}"
-            hf_to_mcore(root / fam / "hf", ck, tp=tp, pp=pp, progress=False)
+            hf_to_mcore(root / fam / "hf", ck, tp=tp, pp=pp, fmt="sharded", progress=False)
             mcore_to_hf(ck, root / fam / f"back_tp{tp}_pp{pp}", progress=False)
+        hf_to_mcore(root / fam / "hf", root / fam / "actor_ckpt", tp=2, pp=1, fmt="actor", progress=False)
     return root
 
 
@@ -152,6 +153,27 @@ def _run_layout(root, tp, pp, rank, check_save):
         _check_logits(chunks, ids, ref, tag + f" ckpt from tp={other[0]} pp={other[1]}")
         load_hf_into_model(chunks, root / fam / "hf")
         _check_logits(chunks, ids, ref, tag + " HF dir")
+
+        # the actor's own checkpoint loader reads the tool's actor-format output; the actor's forward agrees;
+        # the actor's save at this layout converts back to the original HF tensors bit for bit
+        from rfpo_megatron.actor.actor import Actor
+        from rfpo_megatron.actor.checkpoint import load_checkpoint, save_checkpoint
+        from rfpo_megatron.config import ActorConfig
+        from rfpo_megatron.convert.offline import mcore_to_hf
+
+        actor = Actor(cfg, ActorConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
+                      spec="local", with_optimizer=False)
+        load_checkpoint(actor, str(root / fam / "actor_ckpt"), load_optimizer=False, load_rng=False)
+        diff = (actor.forward_logits(ids) - ref).abs().max().item()
+        print(f"[convert-dist] {tag} actor.forward_logits after actor.load_checkpoint: max abs diff {diff:.2e}", flush=True)
+        assert diff <= 1e-4, f"{tag}: actor logits after loading the tool's checkpoint differ by {diff}"
+        saved = save_checkpoint(actor, str(root / fam / f"actor_saved_tp{tp}_pp{pp}"), step=3, fmt="full")
+        if dist.get_rank() == 0:
+            back = root / fam / f"actor_saved_back_tp{tp}_pp{pp}"
+            mcore_to_hf(os.path.dirname(saved), back, hf_ref=root / fam / "hf", progress=False)
+            src, got = read_hf_dir(root / fam / "hf"), read_hf_dir(back)
+            assert set(src) == set(got) and all(torch.equal(src[k], got[k]) for k in src), f"{tag}: actor save → HF differs"
+        dist.barrier()
 
         # iter_hf_weights == the to-HF tool's tensors, bit for bit (this stage's share; union checked below)
         tool = read_hf_dir(root / fam / f"back_tp{tp}_pp{pp}")

@@ -49,17 +49,26 @@ def _convert(*args: str) -> int:
     return cli_main(["convert", *args, "--no-progress"])
 
 
-@pytest.mark.parametrize("fam", FAMILIES)
-def test_roundtrip_bit_identical_and_loads(fam, hf_dirs, tmp_path):
+@pytest.mark.parametrize("fam,fmt", [("qwen2", "actor"), ("llama", "sharded"), ("qwen3", "actor"), ("qwen3", "sharded")])
+def test_roundtrip_bit_identical_and_loads(fam, fmt, hf_dirs, tmp_path):
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     src = hf_dirs[fam]
     mc, back = tmp_path / "mc", tmp_path / "back"
-    assert _convert("hf2mcore", "--hf-dir", str(src), "--out", str(mc), "--tp", "2", "--pp", "2") == 0
-    assert sorted(p.name for p in mc.iterdir()) == ["hf", "mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000",
-                                                    "mp_rank_01_001", "rfpo_mcore.json"]
-    meta = json.loads((mc / "rfpo_mcore.json").read_text())
-    assert (meta["tp"], meta["pp"], meta["stages"], meta["vocab_size"], meta["padded_vocab_size"]) == (2, 2, [[0, 1], [1, 2]], 300, 512)
+    assert _convert("hf2mcore", "--hf-dir", str(src), "--out", str(mc), "--tp", "2", "--pp", "2", "--format", fmt) == 0
+    if fmt == "sharded":
+        assert sorted(p.name for p in mc.iterdir()) == ["hf", "mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000",
+                                                        "mp_rank_01_001", "rfpo_mcore.json"]
+        meta = json.loads((mc / "rfpo_mcore.json").read_text())
+        assert (meta["tp"], meta["pp"], meta["stages"], meta["vocab_size"], meta["padded_vocab_size"]) == (2, 2, [[0, 1], [1, 2]], 300, 512)
+    else:
+        assert sorted(p.name for p in mc.iterdir()) == ["hf", "meta.json", "model_pp0.pt", "model_pp1.pt", "optim_pp0.pt", "optim_pp1.pt"]
+        meta = json.loads((mc / "meta.json").read_text())
+        assert (meta["format"], meta["tp"], meta["pp"], meta["vocab_size"], meta["step"]) == ("full", 2, 2, 300, 0)
+        stage0 = torch.load(mc / "model_pp0.pt", weights_only=True)
+        assert "embedding.word_embeddings.weight" in stage0 and "decoder.layers.0.mlp.linear_fc1.weight" in stage0
+        assert not any(k.startswith("decoder.layers.1.") for k in stage0)
+        assert stage0["embedding.word_embeddings.weight"].shape == (300, 64)  # full, unpadded
     assert _convert("mcore2hf", "--mcore-dir", str(mc), "--out", str(back), "--max-shard-gb", str(60_000 / 1024**3)) == 0
 
     a, b = read_hf_dir(src), read_hf_dir(back)
@@ -149,7 +158,7 @@ def test_missing_and_unknown_tensors_listed(hf_dirs, tmp_path, capsys):
 
 def test_mcore_side_problems_fail(hf_dirs, tmp_path, capsys):
     mc = tmp_path / "mc"
-    assert _convert("hf2mcore", "--hf-dir", str(hf_dirs["qwen2"]), "--out", str(mc), "--tp", "2") == 0
+    assert _convert("hf2mcore", "--hf-dir", str(hf_dirs["qwen2"]), "--out", str(mc), "--tp", "2", "--format", "sharded") == 0
     # --hf-ref describing another architecture
     ref = tmp_path / "ref"
     shutil.copytree(hf_dirs["qwen2"], ref)
@@ -171,6 +180,23 @@ def test_mcore_side_problems_fail(hf_dirs, tmp_path, capsys):
     assert "--pp=3 must divide num_hidden_layers=2" in err
     err = _run_expect_fail(capsys, "hf2mcore", "--hf-dir", str(hf_dirs["qwen2"]), "--out", str(tmp_path / "o5"), "--tp", "3")
     assert "num_attention_heads=4 is not divisible" in err
+
+
+def test_actor_format_problems_fail(hf_dirs, tmp_path, capsys):
+    mc = tmp_path / "mc"
+    assert _convert("hf2mcore", "--hf-dir", str(hf_dirs["qwen3"]), "--out", str(mc), "--pp", "2") == 0
+    state = torch.load(mc / "model_pp1.pt", weights_only=True)
+    state["decoder.layers.1.self_attention.linear_qkv.weight"] = state["decoder.layers.1.self_attention.linear_qkv.weight"][:-24]
+    del state["decoder.final_layernorm.weight"]
+    torch.save(state, mc / "model_pp1.pt")
+    err = _run_expect_fail(capsys, "mcore2hf", "--mcore-dir", str(mc), "--out", str(tmp_path / "o1"))
+    assert "missing tensors (1): decoder.final_layernorm.weight" in err
+    assert "'decoder.layers.1.self_attention.linear_qkv.weight' has shape [168, 64], config implies [192, 64]" in err
+    # a checkpoint without a recorded HF config needs --hf-ref
+    meta = json.loads((mc / "meta.json").read_text())
+    (mc / "meta.json").write_text(json.dumps({**meta, "extra": {}}))
+    err = _run_expect_fail(capsys, "mcore2hf", "--mcore-dir", str(mc), "--out", str(tmp_path / "o2"))
+    assert "pass --hf-ref" in err
 
 
 def test_tool_wrappers_run_as_scripts(hf_dirs, tmp_path):

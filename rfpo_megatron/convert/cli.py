@@ -8,7 +8,7 @@ from rfpo_megatron.convert.arch import ConversionError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rfpo-megatron convert", description="Convert checkpoints HF <-> Megatron (rfpo-mcore format).")
+    parser = argparse.ArgumentParser(prog="rfpo-megatron convert", description="Convert checkpoints HF <-> Megatron (the actor's checkpoint format, or sharded rfpo-mcore).")
     sub = parser.add_subparsers(dest="direction", required=True)
     a = sub.add_parser("hf2mcore", help="HF safetensors directory -> rfpo-mcore checkpoint at --tp/--pp")
     a.add_argument("--hf-dir", required=True, help="HF model directory (config.json + *.safetensors)")
@@ -16,9 +16,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the target layout")
     a.add_argument("--pp", type=int, default=1, help="pipeline-parallel size of the target layout")
     a.add_argument("--dtype", default=None, help="cast weights to fp32|bf16|fp16 (default: keep)")
+    a.add_argument("--format", default="actor", choices=["actor", "sharded"],
+                   help="actor: the actor's checkpoint (load with actor.load=OUT); sharded: per-(tp,pp)-rank rfpo-mcore files")
     a.add_argument("--no-progress", action="store_true", help="no progress bar")
-    b = sub.add_parser("mcore2hf", help="rfpo-mcore checkpoint (any TP/PP) -> HF safetensors directory")
-    b.add_argument("--mcore-dir", required=True, help="rfpo-mcore checkpoint directory (with rfpo_mcore.json)")
+    b = sub.add_parser("mcore2hf", help="actor checkpoint or rfpo-mcore checkpoint (any TP/PP) -> HF safetensors directory")
+    b.add_argument("--mcore-dir", required=True, help="actor checkpoint (meta.json; a dir with 'latest'; a trainer step dir) or rfpo-mcore dir (rfpo_mcore.json)")
     b.add_argument("--out", required=True, help="output HF directory")
     b.add_argument("--hf-ref", default=None, help="HF dir whose config must match; its tokenizer files are copied")
     b.add_argument("--dtype", default=None, help="cast weights to fp32|bf16|fp16 (default: keep)")
@@ -34,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.direction == "hf2mcore":
             meta = offline.hf_to_mcore(args.hf_dir, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype,
-                                       progress=not args.no_progress)
-            print(f"wrote {args.out}: {offline.dump_summary(meta)}")
+                                       fmt=args.format, progress=not args.no_progress)
+            print(f"wrote {args.out} ({args.format} format): {offline.dump_summary(meta)}")
         else:
             files = offline.mcore_to_hf(args.mcore_dir, args.out, dtype=args.dtype, hf_ref=args.hf_ref,
                                         max_shard_bytes=int(args.max_shard_gb * 1024**3), progress=not args.no_progress)

@@ -12,10 +12,11 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import torch
 
+from rfpo_megatron.convert import actor_format
 from rfpo_megatron.convert.arch import Arch, ConversionError, arch_from_hf_config, compare_archs, padded_vocab
 from rfpo_megatron.convert.hf_io import (
     HFReader,
@@ -33,6 +34,7 @@ from rfpo_megatron.convert.mapping import (
 )
 from rfpo_megatron.convert.mcore_io import (
     HF_SUBDIR,
+    META_NAME,
     McoreMeta,
     check_files,
     even_stages,
@@ -87,9 +89,16 @@ def hf_to_mcore(
     tp: int = 1,
     pp: int = 1,
     dtype: str | None = None,
+    fmt: str = "actor",
     progress: bool = True,
 ) -> McoreMeta:
-    """Convert an HF safetensors directory into an rfpo-mcore checkpoint laid out for (tp, pp)."""
+    """Convert an HF safetensors directory into a Megatron-side checkpoint for (tp, pp).
+
+    fmt: "actor" (default; the actor's "full" format, loadable by `actor.checkpoint.load_checkpoint` and
+    `actor.load`) or "sharded" (rfpo-mcore: per-rank TP shards, see mcore_io). Returns the layout record.
+    """
+    if fmt not in ("actor", "sharded"):
+        raise ConversionError(f"--format {fmt!r} must be 'actor' or 'sharded'")
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     where = str(hf_dir / "config.json")
     cfg = read_hf_config(hf_dir)
@@ -112,23 +121,32 @@ def hf_to_mcore(
     total = sum(len(all_rules(arch, range(*stages[p]), first=p == 0, last=p == pp - 1)) for p in range(pp))
     bar = _progress(total, "hf→mcore", progress)
     written_dtype = None
+    actor_states: list[dict[str, torch.Tensor]] = []
     for p in range(pp):
         shards: list[dict[str, torch.Tensor]] = [{} for _ in range(tp)]
+        full_stage: dict[str, torch.Tensor] = {}
         for rule in all_rules(arch, range(*stages[p]), first=p == 0, last=p == pp - 1):
             full = hf_to_mcore_tensor(arch, rule, [reader.get(n) for n in rule.hf])
             if target_dtype is not None:
                 full = full.to(target_dtype)
             written_dtype = written_dtype or full.dtype
-            for t in range(tp):
-                shards[t][rule.mcore] = shard_tp(rule.mcore, full, tp, t, padded_vocab=vp)
+            if fmt == "actor":
+                full_stage[rule.mcore] = full.contiguous()
+            else:
+                for t in range(tp):
+                    shards[t][rule.mcore] = shard_tp(rule.mcore, full, tp, t, padded_vocab=vp)
             bar.update(1)
-        if arch.tie_embeddings and pp > 1 and p == pp - 1:
+        if arch.tie_embeddings and pp > 1 and p == pp - 1:  # the last stage's copy of the tied embedding
             emb = reader.get("model.embed_tokens.weight")
             emb = emb.to(target_dtype) if target_dtype is not None else emb
-            for t in range(tp):
+            full_stage["output_layer.weight"] = emb.contiguous()
+            for t in range(tp if fmt == "sharded" else 0):
                 shards[t]["output_layer.weight"] = shard_tp("output_layer.weight", emb, tp, t, padded_vocab=vp)
-        for t in range(tp):
-            write_rank_file(rank_file(out_dir, t, p), shards[t], tp_rank=t, pp_rank=p)
+        if fmt == "actor":
+            actor_states.append(full_stage)
+        else:
+            for t in range(tp):
+                write_rank_file(rank_file(out_dir, t, p), shards[t], tp_rank=t, pp_rank=p)
         del shards
     bar.close()
     out_cfg = _with_dtype(cfg, target_dtype)
@@ -142,8 +160,13 @@ def hf_to_mcore(
     else:
         write_hf_config(hf_sub, out_cfg)
     copy_aux_files(hf_dir, hf_sub)
-    write_meta(out_dir, meta)
-    check_files(out_dir, meta)
+    if fmt == "actor":
+        actor_format.write_checkpoint(out_dir, actor_states, tp=tp, pp=pp, vocab_size=arch.vocab_size,
+                                      hf_config=out_cfg, source=str(hf_dir))
+        check_full_state(arch, actor_format.read_state(out_dir, actor_format.read_meta(out_dir)), source=str(out_dir))
+    else:
+        write_meta(out_dir, meta)
+        check_files(out_dir, meta)
     return meta
 
 
@@ -182,19 +205,41 @@ def mcore_to_hf(
     mismatched field is named) and whose tokenizer/generation files are copied over the stored ones.
     """
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
-    meta = read_meta(ckpt_dir)
-    arch = meta.arch()
-    check_files(ckpt_dir, meta)
+    actor_ckpt = None if (ckpt_dir / META_NAME).is_file() else actor_format.resolve(ckpt_dir)
+    if actor_ckpt is not None:
+        ameta = actor_format.read_meta(actor_ckpt)
+        hf_config, aux_dir = actor_format.hf_config_of(actor_ckpt, ameta, hf_ref)
+        arch = arch_from_hf_config(hf_config, where=f"HF config of {actor_ckpt}")
+        if int(ameta["vocab_size"]) != arch.vocab_size:
+            raise ConversionError(f"{actor_ckpt}/meta.json: vocab_size={ameta['vocab_size']} but config.json has vocab_size={arch.vocab_size}")
+        state = actor_format.read_state(actor_ckpt, ameta)
+        check_full_state(arch, state, source=str(actor_ckpt))
+        names = [n for n in _canonical_order(arch) if n in state]
+
+        def read_group(group: list[str]) -> dict[str, torch.Tensor]:
+            return {n: state[n] for n in group}
+
+        cfg_file = aux_dir / "config.json" if aux_dir is not None else None
+    else:
+        meta = read_meta(ckpt_dir)
+        arch = meta.arch()
+        check_files(ckpt_dir, meta)
+        hf_config, aux_dir = meta.hf_config, ckpt_dir / HF_SUBDIR
+        names = [n for p in range(meta.pp) for n in meta.stage_names(p)]
+
+        def read_group(group: list[str]) -> dict[str, torch.Tensor]:
+            return read_full_tensors(ckpt_dir, meta, group)
+
+        cfg_file = ckpt_dir / HF_SUBDIR / "config.json"
     if hf_ref is not None:
         ref_arch = arch_from_hf_config(read_hf_config(hf_ref), where=str(Path(hf_ref) / "config.json"))
         require_no_diffs(compare_archs(ref_arch, arch, expected_name=f"{hf_ref}/config.json", got_name="the checkpoint"),
                          what="--hf-ref config disagrees with the checkpoint")
     target_dtype = parse_dtype(dtype)
     writer = HFWriter(out_dir, max_shard_bytes=max_shard_bytes)
-    names = [n for p in range(meta.pp) for n in meta.stage_names(p)]
     bar = _progress(len(names), "mcore→hf", progress)
     for group in _layer_groups(names):
-        full = read_full_tensors(ckpt_dir, meta, group)
+        full = read_group(group)
         for name in group:
             rule = _rule_or_tied_head(arch, name)
             if rule is not None:
@@ -203,18 +248,46 @@ def mcore_to_hf(
             bar.update(1)
     bar.close()
     files = writer.close()
-    stored_cfg = ckpt_dir / HF_SUBDIR / "config.json"
-    if target_dtype is None and stored_cfg.is_file():
-        shutil.copy2(stored_cfg, out_dir / "config.json")
+    if target_dtype is None and cfg_file is not None and cfg_file.is_file():
+        shutil.copy2(cfg_file, out_dir / "config.json")  # byte-identical round trip
     else:
-        write_hf_config(out_dir, _with_dtype(meta.hf_config, target_dtype))
-    if (ckpt_dir / HF_SUBDIR).is_dir():
-        copy_aux_files(ckpt_dir / HF_SUBDIR, out_dir)
+        write_hf_config(out_dir, _with_dtype(hf_config, target_dtype))
+    if aux_dir is not None and aux_dir.is_dir():
+        copy_aux_files(aux_dir, out_dir)
     if hf_ref is not None:
         copy_aux_files(hf_ref, out_dir)
     # re-read what was written: every expected tensor once, right shapes
     check_hf_tensors(arch, HFReader(out_dir).shapes(), source=f"written {out_dir}")
     return files
+
+
+def _canonical_order(arch: Arch) -> list[str]:
+    names = [r.mcore for r in all_rules(arch)]
+    return names + (["output_layer.weight"] if arch.tie_embeddings else [])
+
+
+def check_full_state(arch: Arch, state: dict[str, torch.Tensor], *, source: str) -> None:
+    """Canonical full tensors (vocab unpadded) vs `arch`: ConversionError listing missing/unknown/mis-shaped ones.
+
+    A tied model may carry output_layer.weight (the last PP stage's copy) only if it equals the embedding.
+    """
+    expected = {r.mcore: (r.mcore_shape, r.fields) for r in all_rules(arch)}
+    problems = []
+    missing = [n for n in expected if n not in state]
+    extra_ok = {"output_layer.weight"} if arch.tie_embeddings else set()
+    unknown = [n for n in state if n not in expected and n not in extra_ok]
+    if missing:
+        problems.append(f"missing tensors ({len(missing)}): {', '.join(missing[:12])}")
+    if unknown:
+        problems.append(f"unknown tensors ({len(unknown)}): {', '.join(unknown[:12])}")
+    for n, (shape, fields) in expected.items():
+        if n in state and tuple(state[n].shape) != shape:
+            problems.append(f"'{n}' has shape {list(state[n].shape)}, config implies {list(shape)} ({fields})")
+    if "output_layer.weight" in extra_ok and "output_layer.weight" in state and "embedding.word_embeddings.weight" in state:
+        if not torch.equal(state["output_layer.weight"], state["embedding.word_embeddings.weight"]):
+            problems.append("tied model: output_layer.weight differs from embedding.word_embeddings.weight")
+    if problems:
+        raise ConversionError(f"{source} does not match its {arch.model_type} config:\n  - " + "\n  - ".join(problems))
 
 
 def load_hf_into_model(model_chunks, hf_dir: str | os.PathLike) -> Arch:

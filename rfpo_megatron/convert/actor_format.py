@@ -1,0 +1,128 @@
+"""The actor's own checkpoint format ("full", `rfpo_megatron.actor.checkpoint`) read and written offline by the tools.
+
+An actor checkpoint directory holds ``meta.json`` (format "full", step, tp/pp/dp, vocab_size, scheduler,
+extra) and ``model_pp{r}.pt`` per PP stage: canonical names (local-spec, GLOBAL layer numbers), full
+TP = 1 tensors with the vocab cut to vocab_size; ``optim_pp{r}.pt`` holds Adam state (the tool writes an
+empty dict: no optimizer state, the actor then starts its optimizer from the weights). The tool adds
+``extra.hf_config`` and an ``hf/`` directory (config, generation config, tokenizer) so that the
+checkpoint converts back without a reference directory.
+
+Paths accepted for reading: the checkpoint itself, an actor checkpoint root with a ``latest`` file, or a
+trainer step directory (``step_N/actor/…``; its ``config.yaml`` names ``actor.hf_model_path``).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rfpo_megatron.convert.arch import ConversionError
+
+META = "meta.json"
+
+
+def _format_version() -> int:
+    from rfpo_megatron.actor.checkpoint import FORMAT_VERSION
+
+    return int(FORMAT_VERSION)
+
+
+def resolve(path: str | os.PathLike) -> Path | None:
+    """The actor checkpoint directory (holding meta.json) that `path` designates, or None if it is not one."""
+    p = Path(path)
+    for cand in (p, p / "actor"):
+        if (cand / META).is_file():
+            return cand
+        latest = cand / "latest"
+        if latest.is_file():
+            step = cand / latest.read_text().strip()
+            if (step / META).is_file():
+                return step
+            if (step / "actor").is_dir():
+                return resolve(step / "actor")
+    return None
+
+
+def write_checkpoint(
+    out_dir: str | os.PathLike,
+    stage_states: list[dict[str, torch.Tensor]],
+    *,
+    tp: int,
+    pp: int,
+    vocab_size: int,
+    hf_config: dict[str, Any],
+    source: str,
+) -> None:
+    """Write `stage_states[r]` (canonical full tensors of PP stage r, vocab unpadded) as an actor checkpoint."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for r, state in enumerate(stage_states):
+        torch.save({k: v.contiguous() for k, v in state.items()}, out / f"model_pp{r}.pt")
+        torch.save({}, out / f"optim_pp{r}.pt")
+    meta = {
+        "format_version": _format_version(),
+        "format": "full",
+        "step": 0,
+        "tp": tp,
+        "pp": pp,
+        "dp": 1,
+        "world_size": tp * pp,
+        "vocab_size": vocab_size,
+        "scheduler": None,
+        "extra": {"hf_config": hf_config, "converted_from": source},
+    }
+    (out / META).write_text(json.dumps(meta, indent=1) + "\n")
+
+
+def read_meta(ckpt: Path) -> dict[str, Any]:
+    meta = json.loads((ckpt / META).read_text())
+    if meta.get("format") != "full":
+        raise ConversionError(
+            f"{ckpt / META}: format {meta.get('format')!r} (megatron dist_checkpointing) cannot be converted offline; "
+            "save the actor with fmt='full' or export HF weights in-process (convert.export.save_hf)"
+        )
+    if meta.get("format_version") != _format_version():
+        raise ConversionError(f"{ckpt / META}: format_version {meta.get('format_version')} is not {_format_version()}")
+    return meta
+
+
+def hf_config_of(ckpt: Path, meta: dict[str, Any], hf_ref: str | os.PathLike | None) -> tuple[dict[str, Any], Path | None]:
+    """(HF config dict, directory to copy tokenizer files from) for an actor checkpoint.
+
+    Order: --hf-ref; extra.hf_config (tool-written, with hf/ next to it); the trainer's config.yaml
+    (actor.hf_model_path) two levels up. ConversionError naming --hf-ref when none is found.
+    """
+    from rfpo_megatron.convert.hf_io import read_hf_config
+
+    if hf_ref is not None:
+        return read_hf_config(hf_ref), Path(hf_ref)
+    extra = meta.get("extra") or {}
+    if isinstance(extra.get("hf_config"), dict):
+        hf_dir = ckpt / "hf"
+        return extra["hf_config"], hf_dir if hf_dir.is_dir() else None
+    for cfg_yaml in (ckpt.parent / "config.yaml", ckpt.parent.parent / "config.yaml"):
+        if cfg_yaml.is_file():
+            import yaml
+
+            path = ((yaml.safe_load(cfg_yaml.read_text()) or {}).get("actor") or {}).get("hf_model_path")
+            if path and (Path(path) / "config.json").is_file():
+                return read_hf_config(path), Path(path)
+    raise ConversionError(f"{ckpt}: no HF config recorded; pass --hf-ref <HF directory of the base model>")
+
+
+def read_state(ckpt: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """All stages' canonical full tensors (memory-mapped)."""
+    state: dict[str, torch.Tensor] = {}
+    for r in range(int(meta["pp"])):
+        f = ckpt / f"model_pp{r}.pt"
+        if not f.is_file():
+            raise ConversionError(f"{f} is missing (meta.json says pp={meta['pp']})")
+        part = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        dup = set(part) & set(state)
+        if dup - {"output_layer.weight"}:
+            raise ConversionError(f"{f}: tensors also stored by another stage: {sorted(dup)[:5]}")
+        state.update(part)
+    return state
