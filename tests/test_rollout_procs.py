@@ -125,35 +125,45 @@ def test_startup_failure_reports_log(tmp_path):
 
 
 TRAINER = textwrap.dedent("""
-    import sys, time
-    from rfpo_megatron.rollout import launch_embedded_server
+    import signal, sys, time
+    from rfpo_megatron.rollout import SamplingParams, launch_embedded_server
     model, mode, logs = sys.argv[1:4]
+    got = []
+    if mode == "handler":  # an application SIGTERM handler installed first, like the trainer's
+        signal.signal(signal.SIGTERM, lambda s, f: got.append(s))
     c = launch_embedded_server(model, log_dir=logs)
     print(c.processes[0].pid, flush=True)
-    if mode == "exception":
+    if mode == "handler":
+        while not got:
+            time.sleep(0.02)
+        out = c.generate([[1, 2]], SamplingParams(max_new_tokens=2, ignore_eos=True))
+        print("served after SIGTERM", len(out[0][0].output_ids), flush=True)
         raise RuntimeError("trainer crashed")
     time.sleep(600)
 """)
 
 
 def test_no_orphan_servers_after_trainer_exit(model_dir, tmp_path):
-    """Trainer raising, getting SIGTERM, and getting SIGKILL: its server must not survive any of them."""
+    """Trainer with its own SIGTERM handler (server keeps serving) then raising, trainer without a handler
+    getting SIGTERM, trainer getting SIGKILL: its server must not survive any of them."""
     script = tmp_path / "trainer.py"
     script.write_text(TRAINER)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     kids = {mode: subprocess.Popen([sys.executable, str(script), str(model_dir), mode, str(tmp_path / mode)],
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-            for mode in ("exception", "sigterm", "sigkill")}
+            for mode in ("handler", "sigterm", "sigkill")}
     server_pids = {}
     try:
         for mode, kid in kids.items():
             line = kid.stdout.readline()
             assert line.strip().isdigit(), (mode, line, kid.stderr.read() if kid.poll() is not None else "")
             server_pids[mode] = int(line)
+        kids["handler"].send_signal(signal.SIGTERM)
         kids["sigterm"].send_signal(signal.SIGTERM)
         kids["sigkill"].send_signal(signal.SIGKILL)
         codes = {mode: kid.wait(60) for mode, kid in kids.items()}
-        assert codes["exception"] == 1 and "trainer crashed" in kids["exception"].stderr.read()
+        assert codes["handler"] == 1 and "trainer crashed" in kids["handler"].stderr.read()
+        assert "served after SIGTERM 2" in kids["handler"].stdout.read()
         assert codes["sigterm"] == 128 + signal.SIGTERM
         assert codes["sigkill"] == -signal.SIGKILL
         for mode, pid in server_pids.items():

@@ -1,8 +1,9 @@
 """Server process management: spawn in its own process group, log to a file, wait healthy, never orphan.
 
 Every server started here is registered; all of them are killed (SIGTERM to the whole process group,
-SIGKILL after a grace period) when the trainer exits normally, on an exception (atexit), on SIGTERM
-or SIGINT (handlers installed from the main thread), and — when spawned from the main thread — when
+SIGKILL after a grace period) when the trainer exits normally or on an exception (atexit), on SIGTERM/SIGHUP (a handler installed
+from the main thread when the application has none; otherwise the application's handler exits and
+atexit cleans up), and — when spawned from the main thread — when
 the trainer dies without cleaning up (PR_SET_PDEATHSIG on Linux).
 """
 from __future__ import annotations
@@ -151,17 +152,15 @@ def _install_handlers() -> None:
     if threading.current_thread() is not threading.main_thread():
         return
     for sig in (signal.SIGTERM, signal.SIGHUP):
-        previous = signal.getsignal(sig)
+        # Only where the signal would kill the process outright: an application handler (e.g. the
+        # trainer's checkpoint-and-exit) stays in charge, and the atexit hook cleans up when it exits.
+        if signal.getsignal(sig) in (signal.SIG_DFL, None):
+            signal.signal(sig, _exit_on_signal)
 
-        def handler(signum, frame, _previous=previous):
-            kill_all()
-            if callable(_previous):
-                _previous(signum, frame)
-            else:
-                # exit through SystemExit so finally-blocks and atexit still run
-                raise SystemExit(128 + signum)
 
-        signal.signal(sig, handler)
+def _exit_on_signal(signum, frame) -> None:
+    kill_all()
+    raise SystemExit(128 + signum)  # through SystemExit so finally-blocks and atexit still run
 
 
 def free_port(host: str = "127.0.0.1") -> int:
