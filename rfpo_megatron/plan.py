@@ -298,8 +298,8 @@ class MemoryPlan:
     optimizer_gpu: int
     optimizer_cpu: int  # host bytes per GPU (x gpus_per_node for a node's RAM)
     activations: int
-    logits: int
-    logits_naive: int
+    logits: int  # on this (worst) stage: only the last pipeline stage holds logits
+    logits_naive: int  # the last stage's logits without / with the fused kernel (for comparison)
     logits_fused: int
     overhead: int
     train_peak: int
@@ -387,9 +387,9 @@ def plan_memory(m: ModelShape, lay: Layout, s: TrainSettings, gpu_capacity: Opti
         layers = m.num_layers // lay.pp
         act = int(in_flight * layers * act_store * tokens + act_transient * tokens)
         last = stage == lay.pp - 1
-        l_naive = int(tokens * logits_bytes_per_token(m, lay.tp, False, vocab_multiple)) if last else 0
-        l_fused = int(tokens * logits_bytes_per_token(m, lay.tp, True, vocab_multiple)) if last else 0
-        logits = l_fused if s.fused_logits else l_naive
+        l_naive = int(tokens * logits_bytes_per_token(m, lay.tp, False, vocab_multiple))
+        l_fused = int(tokens * logits_bytes_per_token(m, lay.tp, True, vocab_multiple))
+        logits = (l_fused if s.fused_logits else l_naive) if last else 0
         overhead = int(s.overhead_gib * GiB)
         train_peak = weights + grads + opt_gpu + act + logits + overhead
         resident = {"resident": weights + grads + opt_gpu, "weights": weights, "offloaded": 0}[s.actor_in_rollout]
@@ -509,9 +509,9 @@ def format_plan(p: MemoryPlan, usable_frac: float = 0.95) -> str:
         _row(f"grads ({grad} buffer)", p.grads),
         _row("optimizer (fp32 main + Adam m, v)", p.optimizer_gpu,
              f"host: {p.optimizer_cpu / GiB:.1f} GiB/GPU" if p.optimizer_cpu else ""),
-        _row(f"activations ({s.recompute} recompute, {min(lay.pp - p.worst_stage, s.num_microbatches or lay.pp)}"
-             " micro-batches in flight)", p.activations),
-        _row(f"logits ({'fused' if s.fused_logits else 'naive'})", p.logits,
+        _row(f"activations ({s.recompute} recompute, {min(lay.pp - p.worst_stage, s.num_microbatches or lay.pp)} mb"
+             " in flight)", p.activations),
+        _row(f"logits ({'fused' if s.fused_logits else 'naive'}{', last stage only' if lay.pp > 1 else ''})", p.logits,
              f"fused {p.logits_fused / GiB:.2f} | naive {p.logits_naive / GiB:.2f}"),
         _row("overhead (CUDA context, NCCL, allocator)", p.overhead),
         _row("TOTAL train", p.train_peak),
