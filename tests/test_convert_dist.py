@@ -190,6 +190,25 @@ def _run_layout(root, tp, pp, rank, check_save):
         union = set().union(*all_seen)
         assert union == set(tool), f"{tag}: export misses {sorted(set(tool) - union)[:5]}"
 
+        # save_hf (in-process HF export, all ranks) writes the tool's tensors, with index and tokenizer files
+        from rfpo_megatron.convert.export import save_hf
+
+        out_hf = root / fam / f"save_hf_tp{tp}_pp{pp}"
+        save_hf(chunks, cfg, out_hf, source_dir=root / fam / "hf", max_shard_bytes=50_000)
+        if dist.get_rank() == 0:
+            got = read_hf_dir(out_hf)
+            assert set(got) == set(tool) and all(torch.equal(got[k], tool[k]) for k in tool), f"{tag}: save_hf differs"
+            import json
+
+            index = json.loads((out_hf / "model.safetensors.index.json").read_text())
+            assert set(index["weight_map"]) == set(tool) and (out_hf / "generation_config.json").is_file(), tag
+            if (tp, pp) == (2, 1):  # loads in transformers with the reference logits
+                from transformers import AutoModelForCausalLM
+
+                hf = AutoModelForCausalLM.from_pretrained(out_hf, attn_implementation="eager").eval()
+                assert torch.equal(hf_logits(hf, ids), ref), f"{tag}: save_hf output gives other logits"
+        dist.barrier()
+
         # gather_full_state == TP-merged tensors on disk (padded vocab kept / stripped)
         meta = read_meta(ck)
         full = gather_full_state(chunks, vocab_size=meta.vocab_size)

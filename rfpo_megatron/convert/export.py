@@ -8,6 +8,7 @@ tensor. A tied model's last-stage copy of the embedding is not yielded (HF has n
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -50,3 +51,44 @@ def iter_hf_weights(
         size += nbytes
     if bucket:
         yield bucket
+
+
+def save_hf(
+    model_chunks: Sequence[torch.nn.Module],
+    hf_config: Any,
+    out_dir: str | os.PathLike,
+    *,
+    source_dir: str | os.PathLike | None = None,
+    max_shard_bytes: int = 5 * 1024**3,
+) -> None:
+    """Write the live model as an HF directory (collective over ALL ranks; shared filesystem).
+
+    Every PP stage's TP-rank-0 / DP-rank-0 process streams its stage's tensors (from `iter_hf_weights`,
+    so exactly the to-HF tool's tensors) into its own shards; global rank 0 then names the shards,
+    writes the index, config.json (from `hf_config`) and copies generation/tokenizer files from
+    `source_dir`. Works for any checkpoint format, including megatron dist checkpoints on GPU.
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from rfpo_megatron.convert.hf_io import HFWriter, copy_aux_files, finalize_shards, write_hf_config
+
+    cfg = hf_config if isinstance(hf_config, dict) else hf_config.to_dict()
+    pp_rank = ps.get_pipeline_model_parallel_rank()
+    pieces: list = []
+    if ps.get_data_parallel_rank() == 0:
+        writer = HFWriter(out_dir, max_shard_bytes=max_shard_bytes, prefix=f"pp{pp_rank:03d}-")
+        for bucket in iter_hf_weights(model_chunks, cfg, bucket_bytes=max_shard_bytes):
+            if ps.get_tensor_model_parallel_rank() == 0:
+                writer.add_many(bucket)
+        if ps.get_tensor_model_parallel_rank() == 0:
+            pieces = [(pp_rank, *p) for p in writer.finish()]
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, pieces)
+    if dist.get_rank() == 0:
+        ordered = sorted((p for part in everyone for p in part), key=lambda p: (p[0], p[1]))
+        finalize_shards(out_dir, [p[1:] for p in ordered])
+        write_hf_config(out_dir, cfg)
+        if source_dir is not None:
+            copy_aux_files(source_dir, out_dir)
+    dist.barrier()

@@ -92,26 +92,29 @@ class HFReader:
 
 
 class HFWriter:
-    """Stream HF-named tensors into `model-0000i-of-0000N.safetensors` shards plus the index."""
+    """Stream HF-named tensors into safetensors shards of at most `max_shard_bytes`; `close` names them
+    `model-0000i-of-0000N.safetensors` and writes the index. Several writers (one per PP stage) can share
+    a directory with distinct `prefix`es: each calls `finish()` and one process calls `finalize_shards`."""
 
-    def __init__(self, out_dir: str | os.PathLike, max_shard_bytes: int = 5 * 1024**3):
+    def __init__(self, out_dir: str | os.PathLike, max_shard_bytes: int = 5 * 1024**3, prefix: str = ""):
         self.dir = Path(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.max_shard_bytes = max_shard_bytes
+        self.prefix = prefix
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_bytes = 0
-        self._written: list[tuple[str, list[str]]] = []  # (temp file name, tensor names)
-        self.total_bytes = 0
+        self._written: list[tuple[str, list[str], int]] = []  # (temp file name, tensor names, bytes)
+        self._names: set[str] = set()
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self._pending or any(name in names for _, names in self._written):
+        if name in self._names:
             raise ConversionError(f"tensor '{name}' written twice")
+        self._names.add(name)
         nbytes = tensor.numel() * tensor.element_size()
         if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
             self._flush()
         self._pending[name] = tensor.detach().to("cpu").contiguous()
         self._pending_bytes += nbytes
-        self.total_bytes += nbytes
 
     def add_many(self, items: Iterable[tuple[str, torch.Tensor]]) -> None:
         for name, tensor in items:
@@ -120,27 +123,40 @@ class HFWriter:
     def _flush(self) -> None:
         if not self._pending:
             return
-        tmp = f"shard-{len(self._written):05d}.tmp.safetensors"
+        tmp = f"{self.prefix}shard-{len(self._written):05d}.tmp.safetensors"
         save_file(self._pending, str(self.dir / tmp), metadata={"format": "pt"})
-        self._written.append((tmp, list(self._pending)))
+        self._written.append((tmp, list(self._pending), self._pending_bytes))
         self._pending, self._pending_bytes = {}, 0
 
-    def close(self) -> list[str]:
-        """Write the remaining shard, name shards model-i-of-N, write the index; returns the shard file names."""
+    def finish(self) -> list[tuple[str, list[str], int]]:
+        """Write the last shard; returns [(temp file, tensor names, bytes)] for `finalize_shards`."""
         self._flush()
-        n = len(self._written)
-        if n == 0:
-            raise ConversionError("no tensors to write")
-        weight_map: dict[str, str] = {}
-        files = []
-        for i, (tmp, names) in enumerate(self._written):
-            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            os.replace(self.dir / tmp, self.dir / final)
-            files.append(final)
-            weight_map.update({k: final for k in names})
-        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-        (self.dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        return files
+        return list(self._written)
+
+    def close(self) -> list[str]:
+        """finish + finalize_shards for a single writer; returns the shard file names."""
+        return finalize_shards(self.dir, self.finish())
+
+
+def finalize_shards(out_dir: str | os.PathLike, pieces: list[tuple[str, list[str], int]]) -> list[str]:
+    """Rename temp shards to model-i-of-N.safetensors (in the given order) and write the index."""
+    out = Path(out_dir)
+    n = len(pieces)
+    if n == 0:
+        raise ConversionError("no tensors to write")
+    weight_map: dict[str, str] = {}
+    files = []
+    for i, (tmp, names, _) in enumerate(pieces):
+        final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        os.replace(out / tmp, out / final)
+        files.append(final)
+        for k in names:
+            if k in weight_map:
+                raise ConversionError(f"tensor '{k}' written by two shards")
+            weight_map[k] = final
+    index = {"metadata": {"total_size": sum(p[2] for p in pieces)}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    return files
 
 
 def write_hf_config(out_dir: str | os.PathLike, config: dict[str, Any]) -> None:
