@@ -86,6 +86,20 @@ def test_watchdog_reports_stalled_server_with_log_tail(server):
     server.abort()
 
 
+def test_watchdog_on_external_embedded_server_uses_progress_counter(server):
+    ext = EngineClient(server.url, watchdog_s=1.5, retries=1)
+    assert ext.kind == "embedded" and not ext.processes
+    pid = server.processes[0].pid
+    th = _when_generating(ext, lambda: os.kill(pid, signal.SIGSTOP))
+    try:
+        with pytest.raises(EngineTimeoutError, match="made no progress for 2s .*decode-step counter unchanged"):
+            ext.generate([[3, 4, 5]], LONG)
+    finally:
+        th.join(30)
+        os.kill(pid, signal.SIGCONT)
+    server.abort()
+
+
 def test_killed_server_mid_request_names_address_and_log(server):
     proc = server.processes[0]
     th = _when_generating(server, lambda: os.kill(proc.pid, signal.SIGKILL))

@@ -54,7 +54,7 @@ class EngineClient:
     def __init__(self, url: str | None, worker_urls: list[str] | None = None, processes: Iterable[ManagedProcess] = (),
                  *, tp_size: int = 1, request_timeout_s: float = 3600.0, control_timeout_s: float = 600.0,
                  connect_timeout_s: float = 10.0, retries: int = 4, backoff_s: float = 0.5,
-                 watchdog_s: float = 300.0, max_items_per_request: int = 256, max_concurrency: int = 8):
+                 watchdog_s: float = 300.0, max_items_per_request: int = 64, max_concurrency: int = 16):
         if not url and not worker_urls:
             raise ValueError("EngineClient needs a url or worker_urls")
         self.worker_urls = [u.rstrip("/") for u in (worker_urls or [url])]
@@ -283,25 +283,40 @@ class EngineClient:
                         raise dead from e
         raise self._unreachable(url, "/generate", last, self.retries + 1)
 
+    def _progress_marker(self) -> Any:
+        """What changes while servers make progress: their log sizes (launched here) or, for external
+        embedded servers, their decode-step counters; None when nothing can be observed."""
+        if self.processes:
+            return sum(p.log_size() for p in self.processes)
+        if self._kind == "embedded":
+            try:
+                return tuple(requests.get(u + "/get_server_info", timeout=min(10.0, self.watchdog_s)).json().get("progress")
+                             for u in self.worker_urls)
+            except (requests.RequestException, ValueError):
+                return "unresponsive"  # stays equal while the server does not answer: no progress
+        return None
+
     async def _watchdog(self, what: str) -> None:
-        """Raise when a managed server dies or all of them stay silent (no log output) for watchdog_s."""
-        last_size, last_change = None, time.time()
+        """Raise when a managed server dies, or the servers make no progress for watchdog_s."""
+        loop = asyncio.get_running_loop()
+        last_marker, last_change = None, time.time()
         while True:
-            await asyncio.sleep(0.25)
-            if not self.processes:
-                continue
+            await asyncio.sleep(0.25 if self.processes else 1.0)
             dead = self._dead_error(self.generate_urls[0], what)
             if dead is not None:
                 raise dead
-            size = sum(p.log_size() for p in self.processes)
+            marker = await loop.run_in_executor(None, self._progress_marker)
             now = time.time()
-            if size != last_size:
-                last_size, last_change = size, now
+            if marker is None or marker != last_marker:
+                last_marker, last_change = marker, now
             elif now - last_change > self.watchdog_s:
-                tails = "\n".join(f"--- {p.describe()}\n{p.log_tail(20)}" for p in self.processes)
+                if self.processes:
+                    tails = "\n".join(f"--- {p.describe()}\n{p.log_tail(20)}" for p in self.processes)
+                    detail = f"(no new log output). Check for a hang or a too-large batch; last log lines:\n{tails}"
+                else:
+                    detail = "(decode-step counter unchanged). Check the server's log for a hang or a too-large batch"
                 raise EngineTimeoutError(
-                    f"rollout server {self.generate_urls[0]} made no progress for {self.watchdog_s:.0f}s during {what} "
-                    f"(no new log output). Check for a hang or a too-large batch; last log lines:\n{tails}"
+                    f"rollout server {self.generate_urls[0]} made no progress for {self.watchdog_s:.0f}s during {what} {detail}"
                 )
 
     def abort(self, rid: str | None = None) -> None:

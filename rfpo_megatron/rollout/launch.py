@@ -30,8 +30,8 @@ class EngineConfig:
     watchdog_s: float = 300.0          # no server log output for this long during /generate -> error
     retries: int = 4                   # connection retries (exponential backoff from retry_backoff_s)
     retry_backoff_s: float = 0.5
-    max_items_per_request: int = 256   # samples per /generate request
-    max_concurrency: int = 8           # /generate requests in flight
+    max_items_per_request: int = 64    # samples per /generate request (small: the router spreads them)
+    max_concurrency: int = 16          # /generate requests in flight
     # embedded
     dtype: str = "float32"
     max_batch_size: int = 64
