@@ -35,7 +35,7 @@ def extract_answer(text: str) -> str | None:
     m = re.findall(r"####\s*(.+)", text)
     if m:
         return m[-1]
-    m = re.findall(r"answer(?: is|:)\s*(.+)", text, flags=re.IGNORECASE)
+    m = re.findall(r"answer(?:\s+is)?\s*:?\s*(.+)", text, flags=re.IGNORECASE)
     if m:
         return m[-1]
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]

@@ -18,6 +18,11 @@ def _gold_text(answer: str) -> str:
     return a if ("$" in a or "\\boxed" in a) else f"${a}$"
 
 
+def _import_math_verify() -> None:
+    """Worker initializer: pay math-verify's import cost before the first timed item."""
+    import math_verify  # noqa: F401
+
+
 def math_verify_one(response_text: str, answer: str, parse_timeout: int = 5) -> tuple[float, str]:
     """Score one response with math-verify in THIS process (main thread). Returns (reward, message)."""
     from math_verify import parse, verify
@@ -39,7 +44,8 @@ class MathVerifier:
 
     def __init__(self, num_workers: int = 2, timeout_s: float = 10.0, parse_timeout: int = 5):
         self.parse_timeout = int(parse_timeout)
-        self.pool = ProcessPool(math_verify_one, num_workers=num_workers, timeout_s=timeout_s)
+        self.pool = ProcessPool(math_verify_one, num_workers=num_workers, timeout_s=timeout_s,
+                                initializer=_import_math_verify)
 
     def score(self, response_text: str, answer: str, record: dict[str, Any]) -> RewardResult:
         return self.score_batch([(response_text, answer, record)])[0]

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import sys
 import time
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import wait
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 
 @dataclass
@@ -25,14 +26,17 @@ class PoolResult:
     error: str = ""
 
 
-def _worker_main(fn: Callable[..., Any], conn) -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+def _worker_main(fn: Callable[..., Any], conn, initializer: Optional[Callable[[], None]]) -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    if "torch" in sys.modules:  # keep workers single-threaded without importing torch for nothing
+        sys.modules["torch"].set_num_threads(1)
     try:
-        import torch  # noqa: F401  (only if already importable; keep workers single-threaded)
-
-        torch.set_num_threads(1)
-    except Exception:
-        pass
+        if initializer is not None:
+            initializer()
+        conn.send(("ready", True, None, ""))
+    except Exception as exc:
+        conn.send(("ready", False, None, f"initializer raised {exc!r}"))
+        return
     while True:
         try:
             msg = conn.recv()
@@ -49,13 +53,27 @@ def _worker_main(fn: Callable[..., Any], conn) -> None:
 
 
 class _Worker:
-    def __init__(self, ctx, fn):
+    def __init__(self, ctx, fn, initializer):
         self.conn, child = ctx.Pipe(duplex=True)
-        self.proc = ctx.Process(target=_worker_main, args=(fn, child), daemon=True)
+        self.proc = ctx.Process(target=_worker_main, args=(fn, child, initializer), daemon=True)
         self.proc.start()
         child.close()
         self.item: int | None = None
         self.deadline = 0.0
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Block until the worker has started (imports, initializer): startup is not charged to items."""
+        if not self.conn.poll(timeout_s):
+            self.kill()
+            raise RuntimeError(f"verifier worker did not start within {timeout_s:g}s")
+        try:
+            tag, ok, _, err = self.conn.recv()
+        except (EOFError, OSError):
+            self.kill()
+            raise RuntimeError(f"verifier worker died at startup (exit code {self.proc.exitcode})") from None
+        if not ok:
+            self.kill()
+            raise RuntimeError(f"verifier worker failed to start: {err}")
 
     def kill(self) -> None:
         try:
@@ -72,21 +90,27 @@ class _Worker:
 class ProcessPool:
     """`ProcessPool(fn, num_workers, timeout_s).map([args, ...]) -> [PoolResult, ...]` in input order.
 
-    `fn` must be picklable (a module-level function). Workers start lazily, persist across `map`
-    calls, and are replaced after a timeout or death. Call `close()` when done (also on GC).
+    `fn` (and `initializer`, run once per worker before it takes items, e.g. to import heavy
+    modules) must be picklable (module-level functions). Workers start lazily, persist across `map`
+    calls, and are replaced after a timeout or death; worker startup is not counted in `timeout_s`.
+    Call `close()` when done (also on GC).
     """
 
     def __init__(self, fn: Callable[..., Any], num_workers: int = 2, timeout_s: float = 10.0,
-                 start_method: str = "spawn"):
+                 start_method: str = "spawn", initializer: Optional[Callable[[], None]] = None,
+                 startup_timeout_s: float = 120.0):
         if num_workers < 1:
             raise ValueError(f"ProcessPool: num_workers must be >= 1, got {num_workers}")
         self.fn, self.num_workers, self.timeout_s = fn, num_workers, float(timeout_s)
+        self.initializer, self.startup_timeout_s = initializer, float(startup_timeout_s)
         self._ctx = mp.get_context(start_method)
         self._workers: list[_Worker] = []
         self.restarts = 0
 
     def _spawn(self) -> _Worker:
-        return _Worker(self._ctx, self.fn)
+        w = _Worker(self._ctx, self.fn, self.initializer)
+        w.wait_ready(self.startup_timeout_s)
+        return w
 
     def map(self, items: Sequence[Sequence[Any]]) -> list[PoolResult]:
         """Run `fn(*args)` for each `args` in `items`; returns one PoolResult per item, in order."""
@@ -94,8 +118,11 @@ class ProcessPool:
         results: list[PoolResult | None] = [None] * n
         if n == 0:
             return []
-        while len(self._workers) < min(self.num_workers, n):
-            self._workers.append(self._spawn())
+        new = [_Worker(self._ctx, self.fn, self.initializer)
+               for _ in range(min(self.num_workers, n) - len(self._workers))]
+        for w in new:  # start in parallel, then wait for each
+            w.wait_ready(self.startup_timeout_s)
+        self._workers.extend(new)
         pending = list(range(n))[::-1]  # pop() from the end = input order
         done = 0
 
@@ -132,8 +159,8 @@ class ProcessPool:
                     try:
                         idx, ok, value, err = w.conn.recv()
                     except (EOFError, OSError):
-                        code = w.proc.exitcode if not w.proc.is_alive() else None
-                        replace(w, f"worker died (exit code {code})")
+                        w.proc.join(timeout=5)
+                        replace(w, f"worker died (exit code {w.proc.exitcode})")
                         continue
                     results[idx] = PoolResult(ok, value, err)
                     w.item = None

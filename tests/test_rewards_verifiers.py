@@ -1,0 +1,105 @@
+"""Verifiers: addition task (steps, first wrong step), exact match, math-verify equivalences, registry."""
+import random
+
+import pytest
+
+from rfpo_megatron.rewards import RewardResult, get_reward_fn, score_many
+from rfpo_megatron.rewards.addition import (AdditionVerifier, addition_solution, addition_steps, count_carries,
+                                            make_problem, make_split)
+from rfpo_megatron.rewards.exact_match import ExactMatchVerifier, extract_answer, last_boxed
+
+
+def test_addition_steps_hand_worked():
+    # 347 + 285: 7+5=12 (carry 1), 4+8+1=13 (carry 1), 3+2+1=6 -> 632
+    assert addition_steps(347, 285) == ["7+5+0=12", "4+8+1=13", "3+2+1=6"]
+    assert addition_solution(347, 285) == "7+5+0=12 4+8+1=13 3+2+1=6 ans=632"
+    assert addition_steps(95, 7) == ["5+7+0=12", "9+0+1=10"]  # unequal lengths, final carry
+    assert count_carries(347, 285) == 2 and count_carries(12, 34) == 0
+
+
+def test_addition_generator_digits_and_answers():
+    rng = random.Random(0)
+    for d in (1, 2, 3, 4):
+        for _ in range(50):
+            r = make_problem(rng, d)
+            a, b = r["a"], r["b"]
+            assert len(str(a)) == d and len(str(b)) == d
+            assert r["answer"] == str(a + b) and r["prompt"] == f"{a}+{b}"
+            assert AdditionVerifier(require_steps=True).score(r["solution"], r["answer"], r).reward == 1.0
+    r = make_problem(rng, 3, min_carries=3)
+    assert r["carries"] == 3
+    split = make_split(40, [3], seed=5)
+    assert len({x["prompt"] for x in split}) == 40 and split == make_split(40, [3], seed=5)
+    ev = make_split(40, [3], seed=6, exclude={x["prompt"] for x in split})
+    assert not ({x["prompt"] for x in ev} & {x["prompt"] for x in split})
+
+
+def test_addition_verifier_messages():
+    v = AdditionVerifier()
+    rec = {"prompt": "347+285", "answer": "632"}
+    assert v.score("7+5+0=12 4+8+1=13 3+2+1=6 ans=632", "632", rec) == RewardResult(1.0, "")
+    r = v.score("7+5+0=12 4+8+1=12 3+2+1=6 ans=622", "632", rec)
+    assert r.reward == 0.0
+    assert r.message == "extracted answer 622, expected 632; first wrong step 2: '4+8+1=12'"
+    r = v.score("7+5+0=12 4+8+1=13 ans=32", "632", rec)
+    assert r.reward == 0.0 and "step 3 missing" in r.message and "extracted answer 32" in r.message
+    r = v.score("blah", "632", rec)
+    assert r.reward == 0.0 and r.message.startswith("unparsable")
+    # right answer with wrong steps: rewarded unless require_steps
+    bad_steps = "7+5+0=11 4+8+1=13 3+2+1=6 ans=632"
+    assert v.score(bad_steps, "632", rec).reward == 1.0
+    r = AdditionVerifier(require_steps=True).score(bad_steps, "632", rec)
+    assert r.reward == 0.0 and "first wrong step 1: '7+5+0=11'" in r.message
+    # the last ans= counts
+    assert v.score("ans=1 ... ans=632", "632", rec).reward == 1.0
+
+
+def test_exact_match():
+    v = ExactMatchVerifier()
+    assert last_boxed(r"so \boxed{\frac{1}{2}} done") == r"\frac{1}{2}"
+    assert extract_answer("work\n#### 42") == "42"
+    assert extract_answer("The answer is 7.") == "7."
+    assert v.score(r"thus \boxed{Paris}.", "paris", {}).reward == 1.0
+    assert v.score("The answer is: 42.", "42", {}).reward == 1.0
+    r = v.score(r"\boxed{41}", "42", {})
+    assert r == RewardResult(0.0, "extracted answer '41', expected '42'")
+    assert ExactMatchVerifier(lowercase=False).score(r"\boxed{paris}", "Paris", {}).reward == 0.0
+    r = v.score("x = 1\nx = 3\n\\boxed{3}", "2", {"solution": "x = 1\nx = 2\n2"})
+    assert "step 2 ('x = 3')" in r.message
+    assert v.score("", "1", {}).message.startswith("unparsable")
+
+
+@pytest.fixture(scope="module")
+def math_verifier():
+    v = get_reward_fn("math", num_workers=1, timeout_s=30)
+    yield v
+    v.close()
+
+
+def test_math_verify_equivalences(math_verifier):
+    cases = [
+        (r"The answer is $\boxed{0.5}$.", "1/2", 1.0),
+        (r"$\frac{1}{2}$", "0.5", 1.0),
+        (r"We get \boxed{\frac{2}{4}}", r"\frac{1}{2}", 1.0),
+        (r"so $x = \boxed{3}$", "3", 1.0),
+        (r"\boxed{0.4}", "1/2", 0.0),
+        ("I have no idea", "4", 0.0),
+    ]
+    res = math_verifier.score_batch([(r, a, {}) for r, a, _ in cases])
+    assert [x.reward for x in res] == [c[2] for c in cases]
+    assert res[4].message == "extracted answer '0.4', expected '1/2'"
+    assert res[5].message.startswith("unparsable")
+    assert res[0].message == ""
+    # single-item API and score_many go through the same pool
+    assert math_verifier.score(r"\boxed{2}", "2", {}).reward == 1.0
+    assert [x.reward for x in score_many(math_verifier, [(r"\boxed{7}", "7", {})])] == [1.0]
+
+
+def test_registry_and_score_many_callables():
+    assert isinstance(get_reward_fn("exact_match"), ExactMatchVerifier)
+    assert isinstance(get_reward_fn("arithmetic"), AdditionVerifier)
+    with pytest.raises(ValueError, match="unknown reward function 'mathh'.*exact_match"):
+        get_reward_fn("mathh")
+    out = score_many(lambda r, a, rec: (1.0 if r == a else 0.0, "m"), [("1", "1", {}), ("2", "1", {})])
+    assert out == [RewardResult(1.0, "m"), RewardResult(0.0, "m")]
+    assert score_many(lambda r, a, rec: 0.5, [("x", "y", {})]) == [RewardResult(0.5, "")]
