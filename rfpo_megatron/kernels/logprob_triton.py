@@ -106,6 +106,13 @@ def _block_v(n_cols: int, on_cpu: bool) -> int:
     return min(8192, max(128, triton.next_power_of_2(min(n_cols, 8192))))
 
 
+def _launch_opts(block_v: int, on_cpu: bool) -> dict:
+    """GPU launch options: enough warps that each thread holds <= 16 elements of a tile."""
+    if on_cpu:
+        return {}
+    return {"num_warps": max(4, min(16, block_v // 512))}
+
+
 def shard_stats(logits: torch.Tensor, labels: torch.Tensor, n_valid: int, vocab_start: int, inv_temp: float,
                 compute_entropy: bool) -> tuple[torch.Tensor, ...]:
     """Per-row shard statistics (m, s, a, xt), each [N] fp32, for logits [N, V/tp] and global labels [N]."""
@@ -116,10 +123,11 @@ def shard_stats(logits: torch.Tensor, labels: torch.Tensor, n_valid: int, vocab_
     xt = torch.empty_like(m)
     a = torch.zeros_like(m) if compute_entropy else m  # dummy pointer when unused
     if n > 0:
+        block = _block_v(logits.shape[1], not logits.is_cuda)
         jit(_fwd_kernel)[(n,)](
             logits, logits.stride(0), labels, m, s, a, xt,
             n_valid, vocab_start, inv_temp,
-            BLOCK_V=_block_v(logits.shape[1], not logits.is_cuda), COMPUTE_ENTROPY=compute_entropy,
+            BLOCK_V=block, COMPUTE_ENTROPY=compute_entropy, **_launch_opts(block, not logits.is_cuda),
         )
     return m, s, (a if compute_entropy else None), xt
 
@@ -132,11 +140,12 @@ def logits_grad(logits: torch.Tensor, out: torch.Tensor, labels: torch.Tensor, m
     n = logits.shape[0]
     has_ent = g_ent is not None
     if n > 0:
+        block = _block_v(logits.shape[1], not logits.is_cuda)
         jit(_bwd_kernel)[(n,)](
             logits, logits.stride(0), out, out.stride(0), labels, m, log_s,
             entropy if has_ent else m, g_logp, g_ent if has_ent else g_logp,
             n_valid, logits.shape[1], vocab_start, inv_temp,
-            BLOCK_V=_block_v(logits.shape[1], not logits.is_cuda), HAS_ENT_GRAD=has_ent,
-            MANUAL_RTNE_BF16=out.dtype == torch.bfloat16 and interpret_mode(),
+            BLOCK_V=block, HAS_ENT_GRAD=has_ent,
+            MANUAL_RTNE_BF16=out.dtype == torch.bfloat16 and interpret_mode(), **_launch_opts(block, not logits.is_cuda),
         )
     return out
