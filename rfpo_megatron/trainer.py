@@ -75,26 +75,12 @@ def train(cfg: Config) -> dict[str, float]:
 def train_one_step(rt: "Runtime", step: int) -> dict[str, float]:
     """One RL step; returns its metrics (rollout/*, rfpo/*, train/*, perf/*)."""
     cfg, m, t_step = rt.cfg, {}, time.perf_counter()
-    groups = None
-    if rt.is_rank0:
-        with abortable(rt), timed(m, "perf/rollout_time"):
-            records = [rt.prompts[i] for i in rt.sampler.next_indices()]
-            groups = rollout(rt, records, seed=step_seed(cfg, step))
-        m.update(rollout_metrics(groups, cfg.rfpo.fix.success_threshold))
-        m.update(group_flags(groups, cfg.rfpo.fix.threshold, cfg.rfpo.fix.success_threshold))
-        rt.tracker.update(step, groups, cfg.rfpo.fix.threshold, cfg.rfpo.fix.success_threshold)
-        if cfg.rfpo.enabled:
-            with abortable(rt), timed(m, "perf/fix_time"):
-                groups, fix_m = fix_stage(rt, groups, seed=step_seed(cfg, step) + 1)
-                m.update(fix_m)
-        if cfg.algo.dynamic_sampling:
-            with abortable(rt), timed(m, "perf/rollout_time", accumulate=True):
-                groups = dynamic_sampling(rt, groups, step, m)
+    groups = collect_groups(rt, step, m) if rt.is_rank0 else None  # rollout + reward + fix (rank 0)
     groups = broadcast_groups(rt, groups)
-    if groups is None:  # rank 0 was preempted before the update
+    if groups is None:  # rank 0 was preempted before anything changed: save step-1 and stop
         raise Preempted()
 
-    with abortable(rt), timed(m, "perf/logprob_time"):
+    with abortable(rt, collective=True), timed(m, "perf/logprob_time"):
         batch = build_batch(groups, rt.pad_id)
         logp = logprob_pass(rt.actor, sequences_for_logprob(batch))  # N + F tensors [T_i]
         old_logp, orig_logp = logp[:batch.n], logp[batch.n:]
@@ -119,6 +105,34 @@ def train_one_step(rt: "Runtime", step: int) -> dict[str, float]:
     m["perf/tokens_per_s"] = n_tok / max(m["perf/step_time"], 1e-9)
     m["perf/train_tokens"] = float(n_tok)
     return m
+
+
+def collect_groups(rt: "Runtime", step: int, m: dict) -> Optional[list[RolloutGroup]]:
+    """Rank 0: rollout -> reward -> fix stage (-> dynamic sampling). None when SIGTERM interrupted it
+    (multi-rank: the others learn it from the broadcast; single process: Preempted propagates)."""
+    cfg = rt.cfg
+    try:
+        with abortable(rt), timed(m, "perf/rollout_time"):
+            records = [rt.prompts[i] for i in rt.sampler.next_indices()]
+            groups = rollout(rt, records, seed=step_seed(cfg, step))
+        m.update(rollout_metrics(groups, cfg.rfpo.fix.success_threshold))
+        rt.tracker.update(step, groups, cfg.rfpo.fix.threshold, cfg.rfpo.fix.success_threshold)
+        if cfg.rfpo.enabled:
+            with abortable(rt), timed(m, "perf/fix_time"):
+                before = group_flags(groups, cfg.rfpo.fix.threshold, cfg.rfpo.fix.success_threshold)
+                groups, fix_m = fix_stage(rt, groups, seed=step_seed(cfg, step) + 1)
+                m.update(fix_m)
+                m.update(before)  # zero/full group fractions of the policy's own samples
+        else:
+            m.update(group_flags(groups, cfg.rfpo.fix.threshold, cfg.rfpo.fix.success_threshold))
+        if cfg.algo.dynamic_sampling:
+            with abortable(rt), timed(m, "perf/rollout_time", accumulate=True):
+                groups = dynamic_sampling(rt, groups, step, m)
+        return groups
+    except Preempted:
+        if rt.world_size == 1:
+            raise
+        return None
 
 
 # ------------------------------------------------------------------------------------------ runtime
@@ -177,12 +191,14 @@ def timed(metrics: dict, key: str, accumulate: bool = False):
 
 
 @contextmanager
-def abortable(rt: Runtime):
-    """Inside the block a SIGTERM raises Preempted at once (only rank 0 and a single process; with
-    several ranks the flag is agreed on at the next collective instead)."""
-    if rt.stop and rt.world_size == 1:
+def abortable(rt: Runtime, collective: bool = False):
+    """Inside the block a SIGTERM raises Preempted at once: nothing has changed state yet, so the step
+    is dropped and the checkpoint of the previous step is written. Blocks that run collectives are
+    abortable only in a single process (with several ranks the stop flag is agreed on at step end)."""
+    can = rt.world_size == 1 or (rt.is_rank0 and not collective)
+    if rt.stop and can:
         raise Preempted()
-    rt.abortable = rt.world_size == 1 or rt.is_rank0
+    rt.abortable = can
     try:
         yield
     finally:
@@ -224,7 +240,7 @@ def broadcast_groups(rt: Runtime, groups: Optional[list]) -> Optional[list]:
         return groups
     import torch.distributed as dist
 
-    box = [None if (rt.is_rank0 and rt.stop) else groups]
+    box = [groups]
     dist.broadcast_object_list(box, src=0)
     return box[0]
 
@@ -530,7 +546,7 @@ def logprob_pass(actor: Any, seqs: list) -> list:
 def sync_weights(rt: Runtime) -> None:
     """Push the actor's weights to the rollout engine as HF-named tensors, in buckets
     (rollout.weight_sync_bucket_mb). Collective over TP (gathers shards); with PP each stage pushes its own
-    layers; only DP rank 0 / TP rank 0 of each stage talks to the engine."""
+    layers; only TP rank 0 / DP rank 0 of each stage talks to the engine."""
     from rfpo_megatron.convert.export import iter_hf_weights
 
     bucket_bytes = int(rt.cfg.rollout.weight_sync_bucket_mb) * (1 << 20)
@@ -538,9 +554,25 @@ def sync_weights(rt: Runtime) -> None:
     for bucket in iter_hf_weights(rt.actor.modules, rt.actor.hf_config, bucket_bytes):
         if sender:
             rt.engine.update_weights_from_tensors(list(bucket), flush_cache=False)
-    if sender:
-        rt.engine.flush_cache()
     _barrier(rt)
+    if rt.is_rank0 and rt.engine is not None:
+        rt.engine.flush_cache()
+
+
+def share_engine(rt: Runtime) -> None:
+    """Rank 0 launched the engine; the other weight-sync senders (first TP/DP rank of each later pipeline
+    stage) get a client of the same servers (not owning them: they never shut them down)."""
+    if rt.world_size == 1:
+        return
+    import torch.distributed as dist
+
+    from rfpo_megatron.rollout.client import EngineClient
+
+    box = [(rt.engine.url, rt.engine.worker_urls) if rt.is_rank0 else None]
+    dist.broadcast_object_list(box, src=0)
+    if not rt.is_rank0 and _is_sync_sender():
+        url, workers = box[0]
+        rt.engine = EngineClient(url, workers, request_timeout_s=rt.cfg.rollout.request_timeout_s)
 
 
 def _is_sync_sender() -> bool:
@@ -730,6 +762,7 @@ def setup(cfg: Config) -> Runtime:
     if rt.is_rank0:
         rt.engine = launch_rollout_engine(cfg)
         rt.cleanup.append(rt.engine.shutdown)
+    share_engine(rt)
     resumed = False
     if cfg.trainer.resume:
         ckpt = latest_checkpoint(cfg.trainer.save_dir)
