@@ -3,8 +3,9 @@
 # the project's own sbatch script with the tiny CPU config (2 tasks over gloo), checks metrics +
 # checkpoint, submits a resume job and checks it continued, then stops the daemons it started.
 #
-# usage: slurm/test_local_slurm.sh [all|install|start|smoke|train|stop]   (default: all)
-#   all      install -> start -> smoke (srun hostname) -> train (+ resume) -> stop (always, via trap)
+# usage: slurm/test_local_slurm.sh [all|install|start|smoke|watchdog|train|stop|smoke-only]   (default: all)
+#   all      install -> start -> smoke (srun hostname) -> watchdog -> train (+ resume) -> stop (always, via trap)
+#   watchdog a hanging 2-task step: the watchdog must get stack dumps from both ranks, then cancel it
 #   smoke    only the daemon check: a 2-task `srun hostname` job must finish COMPLETED
 # env:
 #   RFPO_SLURM_STATE   state dir for slurm.conf, munge socket, spool, logs (default /tmp/rfpo-slurm)
@@ -169,6 +170,31 @@ do_smoke() {
   log "smoke OK: job $id COMPLETED with 2 tasks"
 }
 
+# The watchdog under real Slurm: a 2-task step named rfpo-train hangs before its first heartbeat; the
+# watchdog (in the batch shell, as in the sbatch scripts) must make both ranks dump their stacks through
+# `scancel --signal=USR1 JOB.STEP`, then cancel the step.
+do_watchdog() {
+  local dir="$STATE/watchdog" id st
+  rm -rf "$dir"; mkdir -p "$dir"
+  cat >"$dir/hang.py" <<'PY'
+import faulthandler, os, signal, time
+faulthandler.register(signal.SIGUSR1, all_threads=True)
+def stuck_in_collective_rank():
+    time.sleep(600)
+stuck_in_collective_rank()
+PY
+  id="$(sbatch --parsable -N1 -n2 -o "$dir/job-%j.out" --wrap "
+    '$PYTHON' '$REPO/slurm/watchdog.py' --heartbeat '$dir/heartbeat' --minutes 0.1 --startup-minutes 0.1 \
+      --slurm-step-name rfpo-train --log '$dir/watchdog.log' --kill --poll-s 1 &
+    srun -n2 --label -J rfpo-train '$PYTHON' '$dir/hang.py'; echo srun-exit=\$?; wait")"
+  st="$(wait_job "$id")"
+  cat "$dir/job-$id.out" "$dir/watchdog.log" >&2 || true
+  grep -q "^0: .*stuck_in_collective_rank" "$dir/job-$id.out" && grep -q "^1: .*stuck_in_collective_rank" "$dir/job-$id.out" \
+    || die "watchdog job $id: not every rank dumped its stack"
+  grep -q "STALL" "$dir/watchdog.log" && grep -q "cancelling" "$dir/watchdog.log" || die "watchdog job $id: no stall/cancel logged"
+  log "watchdog OK: job $id ($st) -- both ranks dumped stacks, step cancelled"
+}
+
 # The project job: the same sbatch script as the GPU recipes, with the CPU switch (RFPO_DEVICE=cpu -> gloo).
 submit_train() {  # submit_train NAME STEPS RESUME -> job id
   local name="$1" steps="$2" resume="$3"
@@ -217,7 +243,8 @@ case "$cmd" in
   stop) do_stop ;;
   smoke) do_smoke ;;
   train) do_train ;;
-  all) do_install; trap do_stop EXIT; do_start; do_smoke; do_train; log "ALL OK" ;;
+  watchdog) do_watchdog ;;
+  all) do_install; trap do_stop EXIT; do_start; do_smoke; do_watchdog; do_train; log "ALL OK" ;;
   smoke-only) do_install; trap do_stop EXIT; do_start; do_smoke; log "SMOKE OK" ;;
-  *) die "unknown command '$cmd' (all|install|start|smoke|train|stop|smoke-only)" ;;
+  *) die "unknown command '$cmd' (all|install|start|smoke|watchdog|train|stop|smoke-only)" ;;
 esac
