@@ -190,3 +190,20 @@ def test_user_errors_are_clear(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         vocab_parallel_logprobs(x, torch.zeros(4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_empty_batch_and_fp16(impl):
+    fn = IMPLS[impl]
+    x = torch.zeros(0, 50, requires_grad=True)
+    lp, ent = fn(x, torch.zeros(0, dtype=torch.long))
+    assert lp.shape == (0,) and ent.shape == (0,)
+    (lp.sum() + ent.sum()).backward()
+    assert x.grad.shape == (0, 50)
+    logits = (torch.randn(9, 200) * 3).to(torch.float16)
+    labels = _labels(9, 190)
+    lp, ent, g, w_lp, w_e = _run(fn, logits, labels, 190)
+    rlp, rent = ref_logprobs_loops(logits, labels, 190)
+    rg = ref_logprob_grads(logits, labels, 190, 1.0, w_lp, w_e)
+    assert (lp.double() - rlp).abs().max() <= 1e-4 and (ent.double() - rent).abs().max() <= 1e-4
+    assert g.dtype == torch.float16 and torch.all((g.double() - rg).abs() <= 1e-4 + rg.abs() * 2.0**-11)

@@ -196,3 +196,15 @@ def test_user_errors_are_clear():
         fn(logp, old, adv[:-1], cu, lr, 0.2, 0.2)
     with pytest.raises(ValueError, match="cu_seqlens"):
         segment_sum_torch(logp, cu[:-1])
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_empty_inputs(impl):
+    x = torch.zeros(0, requires_grad=True)
+    loss, st = IMPLS[impl](x, torch.zeros(0), torch.zeros(0), torch.tensor([0]), torch.zeros(0), 0.2, 0.2, 3.0)
+    loss.sum().backward()
+    assert loss.shape == (0,) and st["clipped"].shape == (0,) and x.grad.shape == (0,)
+    out = SEGSUMS[impl](torch.ones(0), torch.tensor([0]))
+    assert out.shape == (0,)
+    out = SEGSUMS[impl](torch.zeros(0), torch.tensor([0, 0, 0]))  # two empty sequences
+    assert out.tolist() == [0.0, 0.0]
