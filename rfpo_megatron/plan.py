@@ -561,7 +561,8 @@ def settings_from_recipe(cfg: Mapping[str, Any]) -> tuple[dict[str, Any], dict[s
     st = dict(tokens_per_microbatch=tokens, seq_len=seq, recompute=str(a.get("recompute", "none")),
               use_distributed_optimizer=bool(a.get("use_distributed_optimizer", True)),
               optimizer_cpu_offload=bool(a.get("optimizer_cpu_offload", False)),
-              fused_logits=bool(a.get("use_fused_kernels", True)))
+              fused_logits=bool(a.get("use_fused_kernels", True)),
+              param_dtype="bf16" if a.get("bf16", False) else "fp32")
     return lay, st
 
 
@@ -584,6 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--offload", action="store_true", help="Adam state on the CPU (optimizer_cpu_offload)")
     ap.add_argument("--no-distributed-optimizer", action="store_true")
     ap.add_argument("--grad-dtype", choices=("fp32", "bf16"), default="fp32")
+    ap.add_argument("--param-dtype", choices=("bf16", "fp32"), help="default bf16 (or actor.bf16 of --config)")
     ap.add_argument("--logits", choices=("fused", "naive"))
     ap.add_argument("--attention", choices=("flash", "unfused"), default="flash")
     ap.add_argument("--actor-in-rollout", choices=ACTOR_IN_ROLLOUT, default="resident")
@@ -619,6 +621,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             st_kw["use_distributed_optimizer"] = False
         if args.logits:
             st_kw["fused_logits"] = args.logits == "fused"
+        if args.param_dtype:
+            st_kw["param_dtype"] = args.param_dtype
         st_kw.update(grad_fp32=args.grad_dtype == "fp32", flash_attention=args.attention == "flash",
                      actor_in_rollout=args.actor_in_rollout, overhead_gib=args.overhead_gib)
         if "seq_len" in st_kw and "tokens_per_microbatch" not in st_kw:

@@ -197,6 +197,8 @@ def test_cli_plan_and_recommend(tmp_path, capsys):
     d = json.loads(capsys.readouterr().out)
     assert (d["layout"]["tp"], d["layout"]["pp"], d["settings"]["tokens_per_microbatch"], d["settings"]["seq_len"]) == (
         4, 2, 8192, 5120)
+    assert d["settings"]["param_dtype"] == "fp32"  # actor.bf16 is off in this recipe: fp32 params, 8 B Adam
+    assert d["weights"] == 4 * d["params"] and d["optimizer_gpu"] == 8 * d["params"]
 
 
 def test_cli_errors_are_one_line(capsys):
