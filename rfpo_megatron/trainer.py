@@ -53,7 +53,7 @@ def train(cfg: Config) -> dict[str, float]:
             metrics = train_one_step(rt, step)
             rt.step = step
             touch(cfg.trainer.heartbeat_file)
-            if cfg.trainer.eval_interval and step % cfg.trainer.eval_interval == 0:
+            if cfg.trainer.eval_interval and (step % cfg.trainer.eval_interval == 0 or step == cfg.trainer.steps):
                 metrics.update(run_eval(rt, step))
             if rt.is_rank0:
                 rt.logger.log(step, metrics)
@@ -64,6 +64,8 @@ def train(cfg: Config) -> dict[str, float]:
             if stop:
                 rt.log(f"SIGTERM: saved checkpoint at step {step}; exiting")
                 break
+        if rt.is_rank0:
+            rt.log(summary(rt))
     except Preempted:
         save_checkpoint(rt, rt.step, rt.snapshot)
         rt.log(f"SIGTERM during step {rt.step + 1}: saved the checkpoint of step {rt.step}; exiting")
@@ -136,6 +138,17 @@ def collect_groups(rt: "Runtime", step: int, m: dict) -> Optional[list[RolloutGr
 
 
 # ------------------------------------------------------------------------------------------ runtime
+
+def summary(rt: "Runtime") -> str:
+    """Where the run's outputs are (printed at the end)."""
+    lines = ["run finished:",
+             f"  metrics JSONL : {os.path.abspath(rt.logger.jsonl_path)}",
+             f"  W&B run       : {os.path.abspath(rt.logger.wandb_dir) if rt.logger.wandb_dir else '(disabled)'}"
+             + (f"  (upload: wandb sync {os.path.abspath(rt.logger.wandb_dir)})"
+                if rt.logger.wandb is not None and rt.logger.wandb.mode == "offline" else ""),
+             f"  checkpoint    : {os.path.abspath(rt.last_checkpoint) if rt.last_checkpoint else '(none)'}"]
+    return "\n".join(lines)
+
 
 class Preempted(Exception):
     """Raised (by the SIGTERM handler or the loop) to stop a step before it changed any state."""
@@ -690,7 +703,7 @@ def engine_config(cfg: Config) -> dict:
             "model_path": cfg.actor.hf_model_path, "log_dir": os.path.join(cfg.logging.log_dir, "rollout_logs"),
             "startup_timeout_s": r.startup_timeout_s, "request_timeout_s": r.request_timeout_s,
             "watchdog_s": r.watchdog_s, "tp_size": r.sglang_tp, "num_gpus": r.num_servers * r.sglang_tp,
-            "server_args": dict(r.server_args), "threads": 1}
+            "server_args": dict(r.server_args), "threads": int(os.environ.get("OMP_NUM_THREADS", "1") or 1)}
 
 
 def check_paths(cfg: Config) -> None:
@@ -842,13 +855,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         cfg = load_config(args.config, args.overrides)
         if args.resume:
             cfg.trainer.resume = True
-        metrics = train(cfg)
+        train(cfg)
     except ConfigError as exc:
         print(f"rfpo-megatron train: {exc}", file=sys.stderr)
         return 2
-    if metrics is not None and cfg.trainer.steps and os.environ.get("RANK", "0") == "0":
-        print(f"[rfpo-megatron] done: metrics {os.path.join(cfg.logging.log_dir, 'metrics.jsonl')}, "
-              f"checkpoints {cfg.trainer.save_dir}", flush=True)
     return 0
 
 
