@@ -325,3 +325,20 @@ def test_external_backend_connects_to_running_server(client):
         launch_engine({"backend": "external"})
     with pytest.raises(ValueError, match="not one of"):
         launch_engine({"backend": "vllm"})
+
+
+def test_batched_decode_with_finished_rows_dropped_equals_one_by_one(models):
+    """Mixed prompt lengths, max_new_tokens and stop tokens in one batch (rows leave the batch and the
+    KV cache as they finish) give the same samples as generating every item alone."""
+    eng = EmbeddedEngine(str(models[0]))
+    items = [GenItem(rid=f"r{k}", input_ids=PROMPTS[k % 4], max_new_tokens=3 + 4 * k, temperature=0.8, seed=100 + k,
+                     stop_token_ids=[k * 37 % 300] if k % 2 else [], ignore_eos=True, return_logprob=True)
+             for k in range(7)]
+    together = eng.generate(items)
+    for it, got in zip(items, together):
+        [alone] = eng.generate([it])
+        a = got["meta_info"]["output_token_logprobs"]
+        b = alone["meta_info"]["output_token_logprobs"]
+        assert [x[1] for x in a] == [x[1] for x in b] and got["meta_info"]["finish_reason"] == alone["meta_info"]["finish_reason"]
+        assert max(abs(x[0] - y[0]) for x, y in zip(a, b)) <= 1e-5
+        assert len(a) == it.max_new_tokens or got["meta_info"]["finish_reason"]["type"] == "stop"

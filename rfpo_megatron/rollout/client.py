@@ -409,8 +409,17 @@ class EngineClient:
             W.destroy_group(group)
 
     # ------------------------------------------------------------------ memory / cache / lifecycle
-    def flush_cache(self) -> None:
-        self._all_workers("POST", "/flush_cache", None)
+    def flush_cache(self, attempts: int = 20, wait_s: float = 0.5) -> None:
+        """Flush every worker's prefix cache. SGLang answers 400 while requests are still running, so
+        that answer is retried (attempts x wait_s) before it is raised."""
+        for k in range(attempts):
+            try:
+                self._all_workers("POST", "/flush_cache", None)
+                return
+            except EngineRequestError as e:
+                if e.status != 400 or k == attempts - 1:
+                    raise
+                time.sleep(wait_s)
 
     def release_memory(self, tags: list[str] | None = None) -> None:
         self._all_workers("POST", "/release_memory_occupation", {"tags": tags})

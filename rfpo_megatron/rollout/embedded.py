@@ -247,26 +247,30 @@ class EmbeddedEngine:
 
         cache = DynamicCache()
         steps, last_log = 0, time.time()
+        rows = torch.arange(B)  # row k of the model inputs and of the KV cache is items[rows[k]]
         logits = None
         if any(f is None for f in finish):
             logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                position_ids=pos.to(self.device), past_key_values=cache, use_cache=True).logits[:, -1, :]
-        while any(f is None for f in finish):
-            active = [b for b in range(B) if finish[b] is None]
-            for b in active:
-                if self._aborted(items[b].rid, epoch):
+                                position_ids=pos.to(self.device), past_key_values=cache, use_cache=True,
+                                logits_to_keep=1).logits[:, -1, :]
+        while logits is not None:
+            for b in rows.tolist():
+                if finish[b] is None and self._aborted(items[b].rid, epoch):
                     finish[b] = {"type": "abort", "message": "Abort in waiting queue" if not out_ids[b] else "Abort request",
                                  "status_code": 400}
-            active = [b for b in range(B) if finish[b] is None]
-            if not active:
+            keep = [k for k, b in enumerate(rows.tolist()) if finish[b] is None]
+            if not keep:
                 break
-            tok, lp = self._sample(logits.float(), temps, top_ks, top_ps, min_ps, gens, active)
-            nxt = torch.full((B, 1), self.pad_id, dtype=torch.long)
-            for b in active:
-                t = int(tok[b])
+            if len(keep) < len(rows):  # drop finished samples from the batch and the KV cache
+                kt = torch.tensor(keep)
+                cache.batch_select_indices(kt.to(self.device))
+                logits, mask, pos, rows = logits[kt.to(logits.device)], mask[kt], pos[kt], rows[kt]
+            tok, lp = self._sample(logits.float().cpu(), temps[rows], top_ks[rows], top_ps[rows], min_ps[rows],
+                                   [gens[b] for b in rows.tolist()])
+            for k, b in enumerate(rows.tolist()):
+                t = int(tok[k])
                 out_ids[b].append(t)
-                out_lp[b].append(float(lp[b]))
-                nxt[b, 0] = t
+                out_lp[b].append(float(lp[k]))
                 if t in stops[b]:
                     finish[b] = {"type": "stop", "matched": t}
                 elif len(out_ids[b]) >= limits[b]:
@@ -277,11 +281,11 @@ class EmbeddedEngine:
             if self.last_progress - last_log >= self.log_every_s:
                 last_log = self.last_progress
                 self._log(f"decode batch={B} step={steps} running={sum(f is None for f in finish)}")
-            if all(f is not None for f in finish):
+            if all(finish[b] is not None for b in rows.tolist()):
                 break
-            mask = torch.cat([mask, torch.ones((B, 1), dtype=torch.long)], dim=1)
+            mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
             pos = pos[:, -1:] + 1
-            logits = self.model(input_ids=nxt.to(self.device), attention_mask=mask.to(self.device),
+            logits = self.model(input_ids=tok[:, None].to(self.device), attention_mask=mask.to(self.device),
                                 position_ids=pos.to(self.device), past_key_values=cache, use_cache=True).logits[:, -1, :]
         dt = time.time() - t0
         results = []
@@ -301,8 +305,8 @@ class EmbeddedEngine:
         self._log(f"generated batch={B} new_tokens={sum(map(len, out_ids))} in {dt:.2f}s")
         return results
 
-    def _sample(self, logits: torch.Tensor, temps, top_ks, top_ps, min_ps, gens, active: list[int]):
-        """logits [B, V] fp32 -> (token [B], reported log-prob [B]) for the active rows."""
+    def _sample(self, logits: torch.Tensor, temps, top_ks, top_ps, min_ps, gens) -> tuple[torch.Tensor, torch.Tensor]:
+        """logits [b, V] fp32 and per-row params [b] -> (sampled token [b], reported log-prob [b])."""
         scaled = logits / temps[:, None]
         logp = torch.log_softmax(scaled, dim=-1)
         report = torch.log_softmax(logits, dim=-1) if self.return_original_logprob else logp
@@ -313,13 +317,13 @@ class EmbeddedEngine:
         keep = ((cum - p_sort) <= top_ps[:, None]) & (ranks < top_ks[:, None]) & (p_sort >= p_sort[:, :1] * min_ps[:, None])
         keep[:, 0] = True
         p_sort = torch.where(keep, p_sort, torch.zeros_like(p_sort))
-        tok = torch.zeros(logits.shape[0], dtype=torch.long)
-        for b in active:
-            if int(top_ks[b]) == 1:
-                tok[b] = idx[b, 0]
+        tok = torch.empty(logits.shape[0], dtype=torch.long)
+        for k in range(logits.shape[0]):
+            if int(top_ks[k]) == 1:
+                tok[k] = idx[k, 0]
             else:
-                j = torch.multinomial(p_sort[b], 1, generator=gens[b])
-                tok[b] = idx[b, j[0]]
+                j = torch.multinomial(p_sort[k], 1, generator=gens[k])
+                tok[k] = idx[k, j[0]]
         lp = report.gather(1, tok[:, None])[:, 0]
         return tok, lp
 

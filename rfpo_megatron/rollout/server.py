@@ -372,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=30000, help="0 = pick a free port (printed at startup)")
     p.add_argument("--dtype", default="float32", help="torch dtype of the served model")
     p.add_argument("--attn-implementation", default="eager", help="HF attention implementation (eager|sdpa)")
+    p.add_argument("--device", default="cpu", help="torch device of the model (cpu, cuda, cuda:1, ...)")
     p.add_argument("--max-batch-size", type=int, default=64, help="samples decoded together")
     p.add_argument("--return-original-logprob", action="store_true",
                    default=os.environ.get("SGLANG_RETURN_ORIGINAL_LOGPROB", "").lower() in ("1", "true"),
@@ -396,7 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         engine = EmbeddedEngine(args.model_path, dtype=args.dtype, attn_implementation=args.attn_implementation,
                                 max_batch_size=args.max_batch_size, return_original_logprob=args.return_original_logprob,
-                                weights_cpu_backup=args.enable_weights_cpu_backup, log_every_s=args.log_every_s)
+                                weights_cpu_backup=args.enable_weights_cpu_backup, log_every_s=args.log_every_s,
+                                device=args.device)
     except (FileNotFoundError, ValueError) as e:
         print(f"rfpo-megatron serve: {e}", file=sys.stderr)
         return 2
