@@ -1,0 +1,185 @@
+"""Warm start for the tiny CPU example: SFT on easy addition (plus fix-format examples), HF-generate
+rollouts, and the measurements (easy/hard accuracy, fix success per variant).
+
+Everything here is plain torch/transformers on CPU; `prepare.py` drives it.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from typing import Any, Callable, Sequence
+
+import torch
+
+from rfpo_megatron.data.template import encode_prompt
+from rfpo_megatron.data.types import RolloutGroup, Sample
+from rfpo_megatron.fix import run_fix_stage
+from rfpo_megatron.fix.templates import render_fix_prompt, resolve_templates
+from rfpo_megatron.rewards.addition import addition_steps
+
+
+# ------------------------------------------------------------------------------------------ SFT data
+
+def corrupt_solution(rec: dict, rng: random.Random) -> str:
+    """A plausible wrong attempt at `rec` (for fix-format SFT examples): a wrong column sum, a
+    dropped last column, or an off-by-one answer."""
+    a, b = int(rec["a"]), int(rec["b"])
+    steps = addition_steps(a, b)
+    kind = rng.randrange(3)
+    if kind == 0 and len(steps) > 1:  # stop one column early (the typical length-generalisation error)
+        return " ".join(steps[:-1] + [f"ans={(a + b) % 10 ** (len(steps) - 1)}"])
+    if kind <= 1:  # one column sum off by one, answer follows it
+        i = rng.randrange(len(steps))
+        lhs, s = steps[i].split("=")
+        wrong = int(s) + rng.choice([-1, 1]) if int(s) > 0 else int(s) + 1
+        steps[i] = f"{lhs}={wrong}"
+        total = a + b + (wrong - int(s)) * 10 ** i
+        return " ".join(steps + [f"ans={total}"])
+    return " ".join(steps + [f"ans={a + b + rng.choice([-10, -1, 1, 10])}"])
+
+
+def sft_examples(records: Sequence[dict], tokenizer: Any, templates: dict, fix_frac: float,
+                 variants: Sequence[str], seed: int = 0) -> list[tuple[list[int], list[int]]]:
+    """(prompt_ids, response_ids) pairs: each record as a plain example, plus `fix_frac` of them as
+    fix-format examples (wrong attempt + feedback -> correct solution) across `variants`."""
+    from rfpo_megatron.rewards.addition import AdditionVerifier
+
+    rng, ver, out = random.Random(seed), AdditionVerifier(), []
+    tpl = resolve_templates(templates)
+    eos = tokenizer.eos_token
+    for rec in records:
+        target = tokenizer(rec["solution"] + eos, add_special_tokens=False)["input_ids"]
+        out.append((encode_prompt(tokenizer, rec["prompt"]), target))
+        if rng.random() < fix_frac:
+            wrong = corrupt_solution(rec, rng)
+            err = ver.score(wrong, rec["answer"], rec).message
+            text = render_fix_prompt(tpl[rng.choice(list(variants))], rec, wrong, err)
+            out.append((encode_prompt(tokenizer, text), target))
+    return out
+
+
+def train_sft(model, examples: list, steps: int, batch_size: int = 32, lr: float = 3e-3,
+              seed: int = 0, log: Callable[[str], None] = print, log_every: int = 100) -> list[float]:
+    """Next-token SFT on response tokens only (AdamW, warmup + cosine). Returns the loss curve."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    model.train()
+    losses, t0 = [], time.time()
+    for step in range(steps):
+        idx = torch.randint(len(examples), (batch_size,), generator=g).tolist()
+        seqs = [examples[i][0] + examples[i][1] for i in idx]
+        T = max(len(s) for s in seqs)
+        ids = torch.zeros(batch_size, T, dtype=torch.long)
+        labels = torch.full((batch_size, T), -100, dtype=torch.long)
+        att = torch.zeros(batch_size, T, dtype=torch.long)
+        for r, i in enumerate(idx):
+            p, o = examples[i]
+            ids[r, :len(p) + len(o)] = torch.tensor(p + o)
+            labels[r, len(p):len(p) + len(o)] = torch.tensor(o)
+            att[r, :len(p) + len(o)] = 1
+        loss = model(input_ids=ids, attention_mask=att, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        if (step + 1) % log_every == 0 or step == steps - 1:
+            log(f"  sft step {step + 1}/{steps}  loss {sum(losses[-log_every:]) / len(losses[-log_every:]):.4f}"
+                f"  ({time.time() - t0:.0f}s)")
+    model.eval()
+    return losses
+
+
+# ------------------------------------------------------------------------------ HF generate callable
+
+def hf_generate_fn(model, tokenizer, max_new_tokens: int = 64, batch_size: int = 64):
+    """The fix-stage/rollout engine boundary on HF `generate`:
+    generate(prompts_token_ids, n, sampling) -> per prompt, n (ids incl. EOS, logprobs [T], finish_reason).
+    sampling keys: temperature (0 = greedy), max_new_tokens, seed."""
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+
+    @torch.no_grad()
+    def generate(prompts: list[list[int]], n: int, sampling: dict) -> list[list[tuple]]:
+        temp = float(sampling.get("temperature", 1.0))
+        mnt = int(sampling.get("max_new_tokens") or max_new_tokens)
+        if sampling.get("seed") is not None:
+            torch.manual_seed(int(sampling["seed"]))
+        flat = [p for p in prompts for _ in range(n)]
+        outs: list[tuple] = []
+        for c in range(0, len(flat), batch_size):
+            chunk = flat[c:c + batch_size]
+            L = max(len(p) for p in chunk)
+            ids = torch.full((len(chunk), L), pad, dtype=torch.long)
+            att = torch.zeros((len(chunk), L), dtype=torch.long)
+            for r, p in enumerate(chunk):
+                ids[r, L - len(p):] = torch.tensor(p)
+                att[r, L - len(p):] = 1
+            kw = dict(do_sample=True, temperature=temp, top_k=0, top_p=1.0) if temp > 0 else dict(do_sample=False)
+            res = model.generate(input_ids=ids, attention_mask=att, max_new_tokens=mnt, eos_token_id=eos,
+                                 pad_token_id=pad, output_scores=True, return_dict_in_generate=True, **kw)
+            new = res.sequences[:, L:]
+            lp = torch.stack([torch.log_softmax(s.float(), -1) for s in res.scores], 1)  # [B, T, V]
+            tok_lp = lp.gather(-1, new.unsqueeze(-1)).squeeze(-1)
+            for r in range(new.shape[0]):
+                row = new[r].tolist()
+                if eos in row:
+                    k = row.index(eos) + 1
+                    outs.append((row[:k], tok_lp[r, :k].tolist(), "stop"))
+                else:
+                    outs.append((row, tok_lp[r].tolist(), "length"))
+        return [outs[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+    return generate
+
+
+# ------------------------------------------------------------------------------------- measurements
+
+def accuracy(generate, tokenizer, records: Sequence[dict], verifier, n: int = 1, temperature: float = 0.0,
+             seed: int = 0) -> float:
+    """Mean reward over records x n samples (greedy by default)."""
+    prompts = [encode_prompt(tokenizer, r["prompt"]) for r in records]
+    outs = generate(prompts, n, {"temperature": temperature, "seed": seed})
+    total = 0.0
+    for rec, group in zip(records, outs):
+        for ids, _, _ in group:
+            total += verifier.score(tokenizer.decode(ids, skip_special_tokens=True), rec["answer"], rec).reward
+    return total / (len(records) * n)
+
+
+def rollout_groups(generate, tokenizer, records: Sequence[dict], verifier, n: int, temperature: float,
+                   seed: int) -> list[RolloutGroup]:
+    """n sampled responses per record, scored -> RolloutGroups (as the trainer builds them)."""
+    prompts = [encode_prompt(tokenizer, r["prompt"]) for r in records]
+    outs = generate(prompts, n, {"temperature": temperature, "seed": seed})
+    groups = []
+    for rec, p, group in zip(records, prompts, outs):
+        samples = []
+        for ids, lps, fin in group:
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            res = verifier.score(text, rec["answer"], rec)
+            samples.append(Sample(p, ids, lps, res.reward, res.message, finish_reason=fin, record=rec,
+                                  response_text=text))
+        groups.append(RolloutGroup(p, samples, rec))
+    return groups
+
+
+def fix_rates(generate, tokenizer, records: Sequence[dict], verifier, templates: dict, variants: Sequence[str],
+              n: int = 4, attempts: int = 2, temperature: float = 1.0, seed: int = 0) -> dict[str, dict]:
+    """Per variant: zero_group_frac and fix success (per attempt, and per targeted wrong response) of
+    the fix stage run on fresh rollouts of `records`."""
+    out = {}
+    for v in variants:
+        groups = rollout_groups(generate, tokenizer, records, verifier, n, temperature, seed)
+        res = run_fix_stage(groups, generate, verifier,
+                            {"variant": v, "attempts": attempts, "max_per_group": 1, "templates": templates,
+                             "sampling": {"temperature": temperature}}, tokenizer, seed=seed + 1)
+        m = res.metrics
+        out[v] = {"zero_group_frac": m["rfpo/zero_group_frac"], "fix_success_rate": m["rfpo/fix_success_rate"],
+                  "fix_target_success_rate": m["rfpo/fix_target_success_rate"],
+                  "fix_attempts": m["rfpo/fix_attempts"]}
+    return out

@@ -1,0 +1,78 @@
+"""Tiny CPU example assets: char tokenizer round trip + chat template, Qwen2 config, prepare.py (slow)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.join(os.path.dirname(__file__), "..", "examples", "tiny_cpu")
+sys.path.insert(0, HERE)
+
+
+def test_tokenizer_roundtrip_and_reload(tmp_path):
+    from transformers import AutoTokenizer
+
+    from tiny_assets import VOCAB_SIZE, build_tokenizer
+
+    build_tokenizer(str(tmp_path))
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    text = "347+285|7+5+0=12 ans=632|ref:x y\nz"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(text) and tok.decode(ids) == text  # one token per character
+    assert len({tok.convert_tokens_to_ids(str(d)) for d in range(10)}) == 10
+    chat = tok.apply_chat_template([{"role": "user", "content": "1+2"}, {"role": "assistant", "content": "ans=3"}],
+                                   tokenize=False)
+    assert chat == "<|user|>1+2<|assistant|>ans=3<|end|>"
+    assert tok.eos_token == "<|end|>" and tok.pad_token_id == 0 and len(tok) <= VOCAB_SIZE
+
+
+def test_tiny_qwen2_forward(tmp_path):
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    from tiny_assets import build_tokenizer, tiny_qwen2_config
+
+    tok = build_tokenizer(str(tmp_path))
+    cfg = tiny_qwen2_config(tok)
+    assert cfg.model_type == "qwen2" and cfg.num_key_value_heads < cfg.num_attention_heads
+    torch.manual_seed(0)
+    m = Qwen2ForCausalLM(cfg).eval()
+    assert 3e5 < sum(p.numel() for p in m.parameters()) < 2e6
+    x = torch.tensor([tok("12+3", add_special_tokens=False)["input_ids"]])
+    assert m(input_ids=x).logits.shape == (1, 4, cfg.vocab_size)
+
+
+def test_sft_fix_examples_are_fix_prompts(tmp_path):
+    import random
+
+    from rfpo_megatron.rewards.addition import AdditionVerifier, make_problem
+    from tiny_assets import build_tokenizer
+    from warmstart import corrupt_solution, sft_examples
+
+    tok = build_tokenizer(str(tmp_path))
+    rng = random.Random(0)
+    recs = [make_problem(rng, 2) for _ in range(40)]
+    for r in recs:  # corruptions are wrong, and the verifier says so
+        assert AdditionVerifier().score(corrupt_solution(r, rng), r["answer"], r).reward == 0.0
+    ex = sft_examples(recs, tok, {"reference": "{prompt}|{response}|ref:{solution}|fix:"}, 1.0, ["reference"])
+    assert len(ex) == 80
+    plain, fix = ex[0], ex[1]
+    assert tok.decode(plain[0]) == f"<|user|>{recs[0]['prompt']}<|assistant|>"
+    assert tok.decode(plain[1]) == recs[0]["solution"] + "<|end|>" and fix[1] == plain[1]
+    assert f"|ref:{recs[0]['solution']}|fix:" in tok.decode(fix[0])
+
+
+@pytest.mark.slow
+def test_prepare_end_to_end(tmp_path):
+    out = tmp_path / "art"
+    cmd = [sys.executable, os.path.join(HERE, "prepare.py"), "--out", str(out), "--sft-steps", "30",
+           "--threads", "1"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for d in ("tokenizer", "data", "model"):
+        assert (out / d / "DONE.json").exists()
+    rep = json.loads((out / "warmstart_report.json").read_text())
+    assert set(rep["fix_on_hard"]) == {"rewrite", "reward", "error_info", "reference"}
+    r2 = subprocess.run(cmd, capture_output=True, text=True, timeout=600)  # idempotent: nothing rebuilt
+    assert r2.returncode == 0 and "exists" in r2.stdout and "warm-start SFT" not in r2.stdout
