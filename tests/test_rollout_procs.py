@@ -15,7 +15,7 @@ import pytest
 
 from rfpo_megatron.rollout import (EngineClient, EngineConnectionError, EngineTimeoutError, SamplingParams,
                                    launch_embedded_server)
-from rfpo_megatron.rollout.procs import free_port, running_processes
+from rfpo_megatron.rollout.procs import free_port, running_processes, spawn
 from rfpo_megatron.rollout.testing import make_tiny_hf_model
 
 LONG = SamplingParams(n=4, max_new_tokens=900, ignore_eos=True, seed=0)
@@ -189,3 +189,17 @@ def test_no_orphan_servers_after_trainer_exit(model_dir, tmp_path):
         for pid in server_pids.values():
             if pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_stop_kills_grandchildren_after_leader_exit(tmp_path):
+    """A server whose main process died but left children (SGLang's scheduler processes) behind."""
+    proc = spawn("leader", ["sh", "-c", "sleep 300 & echo $!; sleep 300 & echo $!; exit 0"], tmp_path / "leader.log")
+    proc.popen.wait(10)
+    deadline = time.time() + 10
+    while len(proc.log_tail().split()) < 2 and time.time() < deadline:
+        time.sleep(0.02)
+    kids = [int(x) for x in proc.log_tail().split()]
+    assert len(kids) == 2 and all(pid_alive(k) for k in kids)
+    proc.stop(grace_s=2)  # (kill_all, which the atexit hook runs, is covered by the orphan test)
+    assert all(wait_dead(k, 5) for k in kids)
+    assert proc not in running_processes()

@@ -112,15 +112,17 @@ class EngineClient:
                 raise dead
             try:
                 r = self._session.request(method, url + path, json=payload, timeout=(self.connect_timeout_s, timeout))
-            except requests.Timeout as e:
-                raise EngineTimeoutError(
-                    f"rollout server {url}{path} gave no answer within {timeout:.0f}s; check the server log "
-                    f"for a hang, or raise the rollout timeout"
-                ) from e
-            except requests.ConnectionError as e:
+            except requests.ConnectionError as e:  # refused, reset, or connect timeout: retry with backoff
                 last = e
                 time.sleep(self.backoff_s * (2 ** attempt))
                 continue
+            except requests.Timeout as e:  # read timeout: the server took the request but did not answer
+                p = self._proc_for(url)
+                tail = f"; last log lines of {p.log_path}:\n{p.log_tail()}" if p is not None else ""
+                raise EngineTimeoutError(
+                    f"rollout server {url}{path} gave no answer within {timeout:.0f}s; check the server log "
+                    f"for a hang, or raise rollout.control_timeout_s{tail}"
+                ) from e
             if r.status_code not in ok_codes:
                 raise EngineRequestError(f"rollout server {url}{path} answered HTTP {r.status_code}: {_message(r.text)}",
                                          status=r.status_code, body=r.text)

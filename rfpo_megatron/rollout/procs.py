@@ -74,11 +74,10 @@ class ManagedProcess:
 
     def stop(self, grace_s: float = 10.0) -> None:
         """SIGTERM the process group, SIGKILL whatever is left after grace_s; idempotent."""
-        try:
-            pgid = os.getpgid(self.pid)
-        except ProcessLookupError:
-            pgid = None
-        if pgid is not None and pgid != os.getpgid(0):
+        # start_new_session=True: the server leads its own process group (pgid == pid), which outlives
+        # the leader while any child (e.g. SGLang's scheduler processes) is still in it.
+        pgid = self.pid
+        if pgid != os.getpgid(0):
             _signal_group(pgid, signal.SIGTERM)
             deadline = time.time() + grace_s
             while time.time() < deadline and self.popen.poll() is None:
