@@ -1,0 +1,189 @@
+"""GRPO vs RFPO on the tiny CPU task: same warm start, same seeds, same rollout budget; a markdown table and a plot.
+
+    python examples/tiny_cpu/compare.py [--seeds 1 2 3] [--steps 30] [--out outputs/compare] [key=value ...]
+
+For each seed, RFPO runs `--steps` steps first; its rollout budget is the number of sampled responses it
+generated, fix generations included (`rollout/generations_total`). GRPO (`rfpo.enabled=false`) then runs
+as many steps as it takes to spend the same budget (ceil(budget / (prompts_per_step * n_samples))), so
+RFPO is not credited with free fix samples. Both evaluate on the held-out easy and hard splits every
+`--eval-interval` steps and at the end, with plain prompts only (no fix prompt): avg@k is the solve rate.
+
+Writes <out>/compare.md (table: final hard/easy avg@k and pass@k, zero_group_frac, fix_success_rate, R_off
+stats, budget, wall time; mean ± std over seeds), <out>/compare.png (hard-split solve rate and easy-split
+accuracy vs generations, zero_group_frac, fix_success_rate and R_off over steps) and <out>/compare.json.
+Needs the warm-started model: run `python examples/tiny_cpu/prepare.py` first (run_demo.sh does).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+
+
+def run_one(method: str, seed: int, steps: int, out: str, config: str, eval_interval: int,
+            overrides: list[str]) -> dict:
+    """One training run as a subprocess; returns {"dir", "records", "wall_s"} (records from metrics.jsonl)."""
+    run_dir = os.path.join(out, f"{method}_seed{seed}")
+    args = [sys.executable, "-m", "rfpo_megatron.cli", "train", config,
+            f"rfpo.enabled={'true' if method == 'rfpo' else 'false'}", f"trainer.seed={seed}",
+            f"trainer.steps={steps}", f"trainer.eval_interval={eval_interval}", "trainer.save_interval=0",
+            f"trainer.save_dir={run_dir}/ckpt", f"logging.log_dir={run_dir}/logs", "logging.wandb_mode=disabled",
+            f"logging.run_name={method}_seed{seed}", *overrides]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "2")
+    env.setdefault("PYTHONWARNINGS", "ignore")
+    t0 = time.time()
+    print(f"[compare] {method} seed {seed}: {steps} steps -> {run_dir}", flush=True)
+    with open(os.path.join(out, f"{method}_seed{seed}.log"), "w") as log:
+        rc = subprocess.call(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if rc != 0:
+        raise SystemExit(f"[compare] {method} seed {seed} failed (rc={rc}); see {log.name}")
+    from rfpo_megatron.logging import read_metrics
+
+    recs = read_metrics(os.path.join(run_dir, "logs", "metrics.jsonl"))
+    return {"dir": run_dir, "records": recs, "wall_s": time.time() - t0}
+
+
+def _last(recs: list[dict], key: str) -> float:
+    vals = [r[key] for r in recs if r.get(key) is not None]
+    return float(vals[-1]) if vals else float("nan")
+
+
+def _mean(recs: list[dict], key: str, fixed_only: bool = False) -> float:
+    vals = [r[key] for r in recs if r.get(key) is not None and (not fixed_only or r.get("rfpo/fixed_seq_frac", 0) > 0)]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def summarize(run: dict, k: int) -> dict:
+    """Final eval numbers and run-averaged rfpo/* statistics of one run."""
+    recs = run["records"]
+    s = {"steps": recs[-1]["step"], "generations": _last(recs, "rollout/generations_total"), "wall_s": run["wall_s"]}
+    for split in ("eval_hard", "eval_easy"):
+        s[f"{split}/avg@{k}"] = _last(recs, f"eval/{split}/avg@{k}")
+        s[f"{split}/pass@{k}"] = _last(recs, f"eval/{split}/pass@{k}")
+    for key in ("rfpo/zero_group_frac", "rfpo/fix_success_rate", "rollout/reward_mean", "rfpo/internalization_rate"):
+        s[key] = _mean(recs, key) if key != "rfpo/internalization_rate" else _last(recs, key)
+    for key in ("rfpo/roff_mean", "rfpo/roff_min", "rfpo/roff_max", "rfpo/roff_clamped_frac"):
+        s[key] = _mean(recs, key, fixed_only=True)
+    return s
+
+
+def _ms(values: list[float]) -> str:
+    vals = [v for v in values if v == v]
+    if not vals:
+        return "n/a"
+    m = sum(vals) / len(vals)
+    sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+    return f"{m:.3f} ± {sd:.3f}"
+
+
+def table(summaries: dict, k: int, start: dict) -> str:
+    rows = [("final hard-split solve rate (avg@%d, no fix prompt)" % k, f"eval_hard/avg@{k}"),
+            (f"final hard-split pass@{k}", f"eval_hard/pass@{k}"),
+            (f"final easy-split accuracy (avg@{k})", f"eval_easy/avg@{k}"),
+            (f"final easy-split pass@{k}", f"eval_easy/pass@{k}"),
+            ("rollout reward mean (run average)", "rollout/reward_mean"),
+            ("zero_group_frac (run average)", "rfpo/zero_group_frac"),
+            ("fix_success_rate (run average)", "rfpo/fix_success_rate"),
+            ("R_off mean (steps with fixes)", "rfpo/roff_mean"),
+            ("R_off min", "rfpo/roff_min"), ("R_off max", "rfpo/roff_max"),
+            ("R_off clamped fraction", "rfpo/roff_clamped_frac"),
+            ("internalization_rate (end)", "rfpo/internalization_rate"),
+            ("rollout budget (sampled responses, fixes included)", "generations"),
+            ("steps", "steps"), ("wall time (s)", "wall_s")]
+    seeds = sorted(next(iter(summaries.values())))
+    lines = [f"| metric (mean ± std over seeds {', '.join(map(str, seeds))}) | GRPO | RFPO |", "|---|---|---|"]
+    if start:
+        lines.append(f"| warm start: hard avg@{k} / easy avg@{k} (step 0) | "
+                     f"{start.get(f'eval/eval_hard/avg@{k}', float('nan')):.3f} / "
+                     f"{start.get(f'eval/eval_easy/avg@{k}', float('nan')):.3f} | same |")
+    for label, key in rows:
+        g = [summaries["grpo"][s][key] for s in seeds]
+        r = [summaries["rfpo"][s][key] for s in seeds]
+        lines.append(f"| {label} | {_ms(g)} | {_ms(r)} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(runs: dict, k: int, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    colors = {"grpo": "tab:blue", "rfpo": "tab:red"}
+    panels = [(f"eval/eval_hard/avg@{k}", "hard-split solve rate (no fix prompt)", "rollout/generations_total"),
+              (f"eval/eval_easy/avg@{k}", "easy-split accuracy", "rollout/generations_total"),
+              ("rfpo/zero_group_frac", "zero_group_frac", "step"),
+              ("rfpo/fix_success_rate", "fix_success_rate (RFPO)", "step"),
+              ("rfpo/roff_mean", "R_off mean over fixed seqs (RFPO)", "step"),
+              ("rollout/reward_mean", "rollout reward mean", "step")]
+    for ax, (key, title, xkey) in zip(axes.flat, panels):
+        for method, per_seed in runs.items():
+            for i, (seed, run) in enumerate(sorted(per_seed.items())):
+                pts = [(r.get(xkey, r["step"]), r[key]) for r in run["records"] if r.get(key) is not None
+                       and (key != "rfpo/roff_mean" or r.get("rfpo/fixed_seq_frac", 0) > 0)]
+                if not pts or (method == "grpo" and key.startswith("rfpo/fix") or method == "grpo" and "roff" in key):
+                    continue
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, color=colors[method], alpha=0.8, marker="o" if "eval" in key else None,
+                        ms=3, label=method.upper() if i == 0 else None)
+        ax.set_title(title)
+        ax.set_xlabel("sampled responses (budget)" if xkey != "step" else "step")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--steps", type=int, default=30, help="RFPO steps (GRPO gets the same rollout budget)")
+    p.add_argument("--eval-interval", type=int, default=10)
+    p.add_argument("--config", default=os.path.join("examples", "tiny_cpu", "config.yaml"))
+    p.add_argument("--out", default=os.path.join("outputs", "compare"))
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides for both methods")
+    a = p.parse_args(argv)
+    os.makedirs(a.out, exist_ok=True)
+    sys.path.insert(0, REPO)
+    from rfpo_megatron.config import load_config
+
+    cfg = load_config(a.config, a.overrides)
+    k = cfg.trainer.eval_n_samples
+    per_step = cfg.data.prompts_per_step * cfg.rollout.n_samples
+    runs: dict = {"grpo": {}, "rfpo": {}}
+    for seed in a.seeds:
+        runs["rfpo"][seed] = run_one("rfpo", seed, a.steps, a.out, a.config, a.eval_interval, a.overrides)
+        budget = _last(runs["rfpo"][seed]["records"], "rollout/generations_total")
+        grpo_steps = max(a.steps, math.ceil(budget / per_step))
+        runs["grpo"][seed] = run_one("grpo", seed, grpo_steps, a.out, a.config, a.eval_interval, a.overrides)
+    summaries = {m: {s: summarize(r, k) for s, r in per.items()} for m, per in runs.items()}
+    start = {}
+    try:  # the warm start itself, evaluated the same way (step 0)
+        from rfpo_megatron.evaluate import evaluate_checkpoint
+
+        start = evaluate_checkpoint(load_config(a.config, a.overrides), None, seed=a.seeds[0])
+    except Exception as exc:  # noqa: BLE001 - the table still stands without it
+        print(f"[compare] warm-start eval skipped: {exc}")
+    md = table(summaries, k, start)
+    with open(os.path.join(a.out, "compare.md"), "w") as fh:
+        fh.write(f"GRPO vs RFPO, tiny CPU addition task ({a.config}; {' '.join(a.overrides)})\n\n" + md)
+    with open(os.path.join(a.out, "compare.json"), "w") as fh:
+        json.dump({"summaries": summaries, "warm_start": start}, fh, indent=1, default=str)
+    plot(runs, k, os.path.join(a.out, "compare.png"))
+    print(md)
+    print(f"[compare] wrote {a.out}/compare.md, compare.png, compare.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
