@@ -231,3 +231,39 @@ def test_tensor_problems_are_listed():
     # non-parameter buffers are reported as ignored, not converted
     assert check_hf_tensors(arch, {**shapes, "model.layers.0.self_attn.rotary_emb.inv_freq": (8,)}) == [
         "model.layers.0.self_attn.rotary_emb.inv_freq"]
+
+
+# ---- RoPE check -------------------------------------------------------------------------------------
+
+
+def test_expected_inv_freq_matches_transformers_llama3_and_default():
+    import transformers as tf
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from rfpo_megatron.convert.validate import expected_inv_freq
+
+    rs = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 8192}
+    cfg = tf.LlamaConfig(hidden_size=256, num_attention_heads=2, num_key_value_heads=1, rope_theta=500000.0, rope_scaling=rs)
+    hf_inv, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg)
+    arch = arch_from_hf_config(cfg.to_dict())
+    assert arch.rope_type == "llama3" and arch.head_dim == 128
+    ours = expected_inv_freq(arch)
+    assert torch.allclose(ours.float(), hf_inv.float(), rtol=1e-6)
+    assert (ours < 1.0 / 500000.0 ** (torch.arange(0, 128, 2, dtype=torch.float64) / 128) - 1e-12).any()  # scaling acts
+    plain = arch_from_hf_config(_cfg(rope_theta=1e6))
+    assert torch.allclose(expected_inv_freq(plain), 1.0 / 1e6 ** (torch.arange(0, 16, 2, dtype=torch.float64) / 16))
+
+
+def test_rope_mismatch_names_rope_theta():
+    from types import SimpleNamespace
+
+    from rfpo_megatron.convert.validate import expected_inv_freq, rope_diffs
+
+    arch = arch_from_hf_config(_cfg(rope_theta=1e6))
+    good = SimpleNamespace(rotary_pos_emb=SimpleNamespace(inv_freq=expected_inv_freq(arch).float()))
+    assert rope_diffs(arch, good) == []
+    other = arch_from_hf_config(_cfg(rope_theta=1e4))
+    bad = SimpleNamespace(rotary_pos_emb=SimpleNamespace(inv_freq=expected_inv_freq(other).float()))
+    (msg,) = rope_diffs(arch, bad)
+    assert "rope_theta=1e+06" in msg and "rotary frequencies differ" in msg

@@ -29,6 +29,7 @@ FIELD_OF = {
     "qk_norm": "model_type",
     "rms_norm_eps": "rms_norm_eps",
     "rope_theta": "rope_theta",
+    "rope_scaling": "rope_scaling / rope_parameters",
 }
 
 
@@ -55,6 +56,11 @@ class Arch:
     qk_norm: bool
     rms_norm_eps: float
     rope_theta: float
+    rope_scaling: tuple[tuple[str, Any], ...] = ()  # sorted (key, value) pairs; () = plain rope
+
+    @property
+    def rope_type(self) -> str:
+        return str(dict(self.rope_scaling).get("rope_type", "default"))
 
     @property
     def q_rows(self) -> int:
@@ -91,6 +97,25 @@ def rope_theta_of(cfg: Mapping[str, Any]) -> float:
     if isinstance(params, Mapping) and params.get("rope_theta") is not None:
         return float(params["rope_theta"])
     return 10000.0
+
+
+def rope_scaling_of(cfg: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """RoPE scaling from `rope_scaling` (config.json / transformers 4.x) or `rope_parameters` (5.x).
+
+    Returns sorted (key, value) pairs without rope_theta; () when the rope type is default/absent.
+    """
+    for key in ("rope_scaling", "rope_parameters"):
+        params = cfg.get(key)
+        if isinstance(params, Mapping) and params:
+            params = dict(params)
+            kind = params.get("rope_type", params.get("type", "default"))
+            if kind in (None, "default"):
+                return ()
+            params["rope_type"] = kind
+            params.pop("type", None)
+            params.pop("rope_theta", None)
+            return tuple(sorted(params.items()))
+    return ()
 
 
 def _int_field(cfg: Mapping[str, Any], name: str, where: str) -> int:
@@ -166,6 +191,7 @@ def arch_from_hf_config(hf_config: Any, *, where: str = "config.json") -> Arch:
         qk_norm=qk_norm,
         rms_norm_eps=float(eps),
         rope_theta=rope_theta_of(cfg),
+        rope_scaling=rope_scaling_of(cfg),
     )
 
 

@@ -37,12 +37,62 @@ def config_diffs(arch: Arch, tconfig: Any) -> list[str]:
     return [f"{hf}={a!r} but megatron {mc}={b!r}" for hf, a, mc, b in checks if a != b]
 
 
+def expected_inv_freq(arch: Arch) -> "torch.Tensor":
+    """RoPE inverse frequencies [head_dim/2] (float64) as HF computes them (default or llama3 scaling).
+
+    ConversionError for other rope types (the check cannot vouch for them).
+    """
+    import math
+
+    import torch
+
+    d = arch.head_dim
+    base = [1.0 / arch.rope_theta ** (2 * i / d) for i in range(d // 2)]
+    if arch.rope_type == "default":
+        return torch.tensor(base, dtype=torch.float64)
+    if arch.rope_type != "llama3":
+        raise ConversionError(f"rope_scaling.rope_type={arch.rope_type!r} is not supported (default or llama3)")
+    p = dict(arch.rope_scaling)
+    factor, low, high = float(p.get("factor", 8.0)), float(p.get("low_freq_factor", 1.0)), float(p.get("high_freq_factor", 4.0))
+    orig = float(p.get("original_max_position_embeddings", 8192))
+    out = []
+    for f in base:
+        wavelen = 2 * math.pi / f
+        if wavelen < orig / high:
+            out.append(f)
+        elif wavelen > orig / low:
+            out.append(f / factor)
+        else:
+            smooth = (orig / wavelen - low) / (high - low)
+            out.append((1 - smooth) * f / factor + smooth * f)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def rope_diffs(arch: Arch, model: Any) -> list[str]:
+    """Compare the model's rotary inv_freq with the config's rope_theta / rope scaling (rtol 1e-5)."""
+    rope = getattr(model, "rotary_pos_emb", None)
+    inv = getattr(rope, "inv_freq", None)
+    if inv is None:
+        return ["the model has no rotary embedding (position_embedding_type must be 'rope')"]
+    want = expected_inv_freq(arch)
+    got = inv.detach().double().cpu().flatten()
+    if got.shape != want.shape:
+        return [f"head_dim={arch.head_dim} gives {want.numel()} rotary frequencies, the model has {got.numel()}"]
+    rel = ((got - want).abs() / want.abs()).max().item()
+    if rel > 1e-5:
+        return [
+            f"rope_theta={arch.rope_theta:g}, rope scaling {arch.rope_type!r} {dict(arch.rope_scaling) or ''}: the model's "
+            f"rotary frequencies differ (max rel diff {rel:.2e}); megatron rotary_base/rope_scaling disagree with the config"
+        ]
+    return []
+
+
 def model_diffs(arch: Arch, chunk: Any) -> list[str]:
-    """`config_diffs` plus vocab size and embedding tying of a live GPTModel chunk."""
+    """`config_diffs` plus rope, vocab size and embedding tying of a live GPTModel chunk."""
     from rfpo_megatron.convert.sharding import unwrap
 
     model = unwrap(chunk)
-    diffs = config_diffs(arch, model.config)
+    diffs = config_diffs(arch, model.config) + rope_diffs(arch, model)
     vocab = getattr(model, "vocab_size_unpadded", None)
     if vocab is not None and vocab != arch.vocab_size:
         diffs.append(f"vocab_size={arch.vocab_size} but the model was built with vocab_size={vocab}")
