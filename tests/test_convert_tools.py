@@ -199,6 +199,33 @@ def test_actor_format_problems_fail(hf_dirs, tmp_path, capsys):
     assert "pass --hf-ref" in err
 
 
+def test_trainer_step_dir_finds_base_config(hf_dirs, tmp_path):
+    """A trainer checkpoint (step_N/actor/latest → step_…/meta.json, step_N/config.yaml) converts without --hf-ref."""
+    mc = tmp_path / "mc"
+    assert _convert("hf2mcore", "--hf-dir", str(hf_dirs["llama"]), "--out", str(mc), "--pp", "2") == 0
+    step = tmp_path / "run" / "step_000100"
+    actor_step = step / "actor" / "step_00000100"
+    shutil.copytree(mc, actor_step)
+    shutil.rmtree(actor_step / "hf")
+    meta = json.loads((actor_step / "meta.json").read_text())
+    (actor_step / "meta.json").write_text(json.dumps({**meta, "step": 100, "extra": {}}))
+    (step / "actor" / "latest").write_text("step_00000100\n")
+    (step / "config.yaml").write_text(f"actor:\n  hf_model_path: {hf_dirs['llama']}\n")
+    back = tmp_path / "back"
+    assert _convert("mcore2hf", "--mcore-dir", str(step), "--out", str(back)) == 0
+    a, b = read_hf_dir(hf_dirs["llama"]), read_hf_dir(back)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert (back / "tokenizer.json").read_bytes() == (hf_dirs["llama"] / "tokenizer.json").read_bytes()
+
+
+def test_cli_help_lists_both_directions(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["convert", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "hf2mcore" in out and "mcore2hf" in out
+
+
 def test_tool_wrappers_run_as_scripts(hf_dirs, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     mc, back = tmp_path / "mc", tmp_path / "back"
