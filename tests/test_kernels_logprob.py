@@ -69,8 +69,12 @@ def test_bf16_matches_float64_of_same_values(impl):
     assert lp.dtype == torch.float32 and g.dtype == torch.bfloat16
     assert (lp.double() - rlp).abs().max() <= 1e-4
     assert (ent.double() - rent).abs().max() <= 1e-4
-    # the gradient is stored in bf16: within 1e-4 plus one bf16 rounding (2^-8 relative) of the exact value
+    # the gradient is stored in bf16: within 1e-4 plus one bf16 rounding (2^-8 relative) of the exact value,
+    # and it IS the correctly rounded exact gradient except where fp32 error crosses a rounding boundary
     assert torch.all((g.double() - rg).abs() <= 1e-4 + rg.abs() * 2.0**-8)
+    rounded = rg.to(torch.bfloat16)
+    assert (g == rounded).double().mean() >= 0.999
+    assert torch.all((g.float() - rounded.float()).abs() <= rounded.float().abs() * 2.0**-7)  # ≤ 1 ulp
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))
