@@ -342,3 +342,38 @@ def test_batched_decode_with_finished_rows_dropped_equals_one_by_one(models):
         assert [x[1] for x in a] == [x[1] for x in b] and got["meta_info"]["finish_reason"] == alone["meta_info"]["finish_reason"]
         assert max(abs(x[0] - y[0]) for x, y in zip(a, b)) <= 1e-5
         assert len(a) == it.max_new_tokens or got["meta_info"]["finish_reason"]["type"] == "stop"
+
+
+@pytest.mark.parametrize("temperature,top_p,top_k,min_p", [(1.0, 1.0, -1, 0.0), (0.5, 0.8, -1, 0.0),
+                                                           (2.0, 1.0, 3, 0.0), (1.0, 0.95, 4, 0.2)])
+def test_sampling_frequencies_match_filtered_distribution(temperature, top_p, top_k, min_p):
+    """Empirical frequencies of the sampler vs the SGLang rule written as plain float64 loops."""
+    import math
+    from types import SimpleNamespace
+
+    logits = [2.0, 1.5, 1.4, 0.3, -0.2, -1.0, 0.9]
+    V, N = len(logits), 20000
+    # reference: softmax(logits / T), sort, keep (mass before <= top_p) & (rank < top_k) & (p >= min_p * p_max)
+    z = [l / temperature for l in logits]
+    m = max(z)
+    e = [math.exp(v - m) for v in z]
+    p = [v / sum(e) for v in e]
+    order = sorted(range(V), key=lambda i: -p[i])
+    kept, before = {}, 0.0
+    for rank, i in enumerate(order):
+        if (before <= top_p or rank == 0) and (top_k < 0 or rank < top_k) and p[i] >= min_p * p[order[0]]:
+            kept[i] = p[i]
+        before += p[i]
+    expected = {i: q / sum(kept.values()) for i, q in kept.items()}
+
+    g = torch.Generator().manual_seed(0)
+    row = lambda x, dt=torch.float32: torch.tensor([x] * N, dtype=dt)  # noqa: E731
+    tok, lp = EmbeddedEngine._sample(SimpleNamespace(return_original_logprob=False), torch.tensor([logits] * N),
+                                     row(temperature), row(top_k if top_k > 0 else V, torch.long), row(top_p),
+                                     row(min_p), [g] * N)
+    counts = torch.bincount(tok, minlength=V).double() / N
+    for i in range(V):
+        want = expected.get(i, 0.0)
+        assert abs(float(counts[i]) - want) <= 4 * math.sqrt(want * (1 - want) / N) + 1e-9, (i, float(counts[i]), want)
+    # reported log-prob: log softmax(logits / T) of the sampled token, not renormalised
+    assert torch.allclose(lp.double(), torch.tensor([math.log(p[t]) for t in tok.tolist()], dtype=torch.float64), atol=1e-6)

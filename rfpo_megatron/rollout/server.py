@@ -270,16 +270,12 @@ def _update_disk(h: _Handler, body: Any) -> None:
     if body.get("load_format") not in (None, "auto", "safetensors"):
         raise RequestError(f"load_format={body['load_format']!r} not supported (use 'auto' or 'safetensors')")
     eng = _engine(h)
-
-    def run() -> int:
-        n = eng.update_weights_from_disk(path)
-        eng.model_path = path
-        return n
-
-    n = run()
+    n = eng.update_weights_from_disk(path)
+    eng.model_path = path
     msg = f"Succeeded to update model weights ({n} tensors, disk)."
     if body.get("weight_version") is not None:
         eng.weight_version = str(body["weight_version"])
+        msg += f" Weight version updated to {eng.weight_version}."
     h._reply(200, {"success": True, "message": msg, "num_paused_requests": 0})
 
 
