@@ -91,8 +91,7 @@ def train_one_step(rt: "Runtime", step: int) -> dict[str, float]:
     log_roff = compute_roff(cfg, batch, old_logp, orig_logp)  # [N], detached, 0 for unfixed
     adv = advantages(cfg, batch, old_logp, ref_logp)  # [N, T]
     with timed(m, "perf/train_time"):
-        m.update(rt.actor.train_step(make_train_batch(cfg, batch, old_logp, ref_logp, log_roff, adv),
-                                     cfg.algo, cfg.rfpo if cfg.rfpo.enabled else None))
+        m.update(update_policy(rt, make_train_batch(cfg, batch, old_logp, ref_logp, log_roff, adv)))
     with timed(m, "perf/weight_sync_time"):
         sync_weights(rt)
 
@@ -525,6 +524,43 @@ def make_train_batch(cfg: Config, batch: StepBatch, old_logp: list, ref_logp: Op
         rollout_logp=None, tis_weights=tis,
         response_mask=[batch.response_mask[i, :lens[i]] for i in range(batch.n)],
         log_roff=log_roff if cfg.rfpo.enabled else None, is_fixed=batch.is_fixed)
+
+
+def update_policy(rt: Runtime, tb: Any) -> dict[str, float]:
+    """actor.ppo_epochs passes over the batch in mini-batches of actor.global_batch_size sequences (None:
+    the whole batch), one optimizer step each; returns the train/* metrics averaged over the steps."""
+    cfg = rt.cfg
+    n, size = len(tb), cfg.actor.global_batch_size or len(tb)
+    sums: dict[str, float] = {}
+    steps = 0
+    for _ in range(cfg.actor.ppo_epochs):
+        for start in range(0, n, size):
+            mb = subset_batch(tb, list(range(start, min(n, start + size))))
+            if not any(bool(mb.mask_of(i).any()) for i in range(len(mb))):
+                continue  # nothing in the loss (e.g. every row dropped by the estimator's keep mask)
+            for k, v in rt.actor.train_step(mb, cfg.algo, cfg.rfpo if cfg.rfpo.enabled else None).items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            steps += 1
+    out = {k: v / steps for k, v in sums.items()} if steps else {"train/loss": 0.0, "train/grad_norm": 0.0}
+    out["train/optimizer_steps"] = float(steps)
+    return out
+
+
+def subset_batch(tb: Any, idx: list) -> Any:
+    """The ActorBatch rows `idx` (all per-sample fields sliced alike)."""
+    if len(idx) == len(tb):
+        return tb
+    from rfpo_megatron.actor.batch import ActorBatch
+
+    def pick(v):
+        return None if v is None else [v[i] for i in idx]
+
+    ix = torch.tensor(idx, dtype=torch.long)
+    return ActorBatch(input_ids=pick(tb.input_ids), prompt_lens=pick(tb.prompt_lens), advantages=pick(tb.advantages),
+                      old_logp=pick(tb.old_logp), ref_logp=pick(tb.ref_logp), rollout_logp=pick(tb.rollout_logp),
+                      tis_weights=pick(tb.tis_weights), response_mask=pick(tb.response_mask),
+                      log_roff=None if tb.log_roff is None else tb.log_roff[ix],
+                      is_fixed=None if tb.is_fixed is None else tb.is_fixed[ix])
 
 
 def tis_weights(old_logp, rollout_logp, cap: float, use_tis: bool) -> torch.Tensor:
