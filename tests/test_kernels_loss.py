@@ -208,3 +208,9 @@ def test_empty_inputs(impl):
     assert out.shape == (0,)
     out = SEGSUMS[impl](torch.zeros(0), torch.tensor([0, 0, 0]))  # two empty sequences
     assert out.tolist() == [0.0, 0.0]
+
+
+def test_device_mismatch_is_clear():
+    logp, old, adv, cu, lr = _batch(8, torch.float32)
+    with pytest.raises(ValueError, match="one device"):
+        fused_rfpo_token_loss_torch(logp, old, adv, cu.to("meta"), lr, 0.2, 0.2)

@@ -41,6 +41,8 @@ def _check_inputs(logits: torch.Tensor, labels: torch.Tensor, temperature: float
         raise ValueError(f"logits_local must be 2-D [N, V/tp], got shape {tuple(logits.shape)}; flatten [s, b, V/tp] first")
     if labels.shape != logits.shape[:1]:
         raise ValueError(f"labels must be [N]={logits.shape[0]}, got shape {tuple(labels.shape)}")
+    if labels.device != logits.device:
+        raise ValueError(f"labels are on {labels.device} but logits_local on {logits.device}; move them to one device")
     if labels.dtype.is_floating_point:
         raise ValueError(f"labels must be an integer tensor of global vocab ids, got {labels.dtype}")
     if not (temperature > 0 and math.isfinite(temperature)):

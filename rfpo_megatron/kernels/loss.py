@@ -41,6 +41,9 @@ def _check_cu(cu_seqlens: torch.Tensor, n: int) -> None:
 
 def _check(logp, old_logp, advantages, cu_seqlens, log_roff, clip_low, clip_high, clip_c, form):
     n = logp.shape[0] if logp.dim() == 1 else -1
+    devs = {t.device for t in (logp, old_logp, advantages, cu_seqlens, log_roff)}
+    if len(devs) > 1:
+        raise ValueError(f"logp, old_logp, advantages, cu_seqlens and log_roff must be on one device, got {sorted(map(str, devs))}")
     for name, t in (("logp", logp), ("old_logp", old_logp), ("advantages", advantages)):
         if t.dim() != 1 or t.shape[0] != n:
             raise ValueError(f"{name} must be 1-D [N] with N = len(logp) = {n}, got shape {tuple(t.shape)}")
