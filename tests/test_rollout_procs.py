@@ -101,16 +101,33 @@ def test_watchdog_on_external_embedded_server_uses_progress_counter(server):
 
 
 def test_killed_server_mid_request_names_address_and_log(server):
+    """Two callers in flight when the server is SIGKILLed: the launching client (knows the process and
+    its log) and a plain client of the same URL (knows only the address)."""
     proc = server.processes[0]
+    ext = EngineClient(server.url, retries=2, backoff_s=0.1)
+    box = {}
+
+    def managed():
+        try:
+            server.generate([[3, 4, 5]], LONG)
+        except Exception as e:  # noqa: BLE001 - inspected below
+            box["managed"] = e
+
+    mt = threading.Thread(target=managed)
+    mt.start()
     th = _when_generating(server, lambda: os.kill(proc.pid, signal.SIGKILL))
     t0 = time.time()
     with pytest.raises(EngineConnectionError) as e:
-        server.generate([[3, 4, 5]], LONG)
+        ext.generate([[6, 7]], LONG)
     th.join(30)
+    mt.join(30)
+    assert time.time() - t0 < 20
     msg = str(e.value)
+    assert server.url in msg and "Check that the server is running" in msg
+    msg = str(box["managed"])
+    assert isinstance(box["managed"], EngineConnectionError)
     assert server.url in msg and "died during /generate" in msg and "Check its log" in msg
     assert str(proc.log_path) in msg and "exited with code -9" in msg
-    assert time.time() - t0 < 20
     with pytest.raises(EngineConnectionError, match="died"):  # later control calls fail fast too
         server.flush_cache()
 
