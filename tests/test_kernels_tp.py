@@ -4,7 +4,7 @@ Each rank builds the same full logits from a seed, keeps its vocab slice, runs f
 tp_group = WORLD (Triton interpreter and torch twin), all-gathers its logits-gradient slice and compares
 logp, entropy and the full gradient with the single-process (tp = 1) result and the float64 reference.
 Shards are 300 or 150 columns (not multiples of the 128 block), vocab padding covers a partial shard and, for
-tp = 4, one whole shard; labels sit on every shard boundary.
+tp = 4, one whole shard; labels sit on every shard boundary; one row is ignored (label -100).
 """
 from __future__ import annotations
 
@@ -43,6 +43,7 @@ def _case_inputs(dtype, vocab, world):
         edges += [lo - 1, lo, lo + v_local - 1, lo + v_local]
     edges = [e for e in edges if 0 <= e < vocab] + [0, vocab - 1]
     labels[: len(edges)] = torch.tensor(edges)
+    labels[-1] = -100  # an ignored row
     w_lp = torch.randn(N, generator=g)
     return logits, labels, w_lp
 
