@@ -70,3 +70,29 @@ def test_loss_kernels_compile_for_sm90():
         k = _compile(S._segsum_kernel, {"x_ptr": f"*{t}", "cu_ptr": "*i64", "out_ptr": f"*{t}", "CDT": "constexpr",
                                         "BLOCK": "constexpr"}, {"CDT": cdt, "BLOCK": S.BLOCK})
         assert k.asm["cubin"]
+
+
+def test_interpreter_works_when_triton_was_imported_first():
+    """In a full test run another module may import triton before TRITON_INTERPRET=1 is set; the kernels must
+    still run in the interpreter (they avoid triton's @jit stdlib helpers, which would be compile-only then)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import os, torch, triton, triton.language\n"
+        "assert 'TRITON_INTERPRET' not in os.environ\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "from rfpo_megatron.kernels.logprob import vocab_parallel_logprobs_triton as f, vocab_parallel_logprobs_torch as g\n"
+        "from rfpo_megatron.kernels.loss import fused_rfpo_token_loss_triton as lt, segment_sum_triton as st\n"
+        "x = torch.randn(6, 300); y = torch.randint(0, 300, (6,))\n"
+        "assert (f(x, y)[0] - g(x, y)[0]).abs().max() < 1e-5\n"
+        "cu = torch.tensor([0, 2, 6]); z = torch.zeros(6)\n"
+        "assert lt(z, z, torch.ones(6), cu, torch.zeros(2), 0.2, 0.2)[0].tolist() == [-1.0] * 6\n"
+        "assert st(torch.ones(6), cu).tolist() == [2.0, 4.0]\n"
+        "print('ok')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
