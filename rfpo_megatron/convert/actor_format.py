@@ -46,22 +46,16 @@ def resolve(path: str | os.PathLike) -> Path | None:
     return None
 
 
-def write_checkpoint(
-    out_dir: str | os.PathLike,
-    stage_states: list[dict[str, torch.Tensor]],
-    *,
-    tp: int,
-    pp: int,
-    vocab_size: int,
-    hf_config: dict[str, Any],
-    source: str,
-) -> None:
-    """Write `stage_states[r]` (canonical full tensors of PP stage r, vocab unpadded) as an actor checkpoint."""
+def write_stage(out_dir: str | os.PathLike, r: int, state: dict[str, torch.Tensor]) -> None:
+    """Write PP stage r: model_pp{r}.pt (canonical full tensors, vocab unpadded) and an empty optim_pp{r}.pt."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for r, state in enumerate(stage_states):
-        torch.save({k: v.contiguous() for k, v in state.items()}, out / f"model_pp{r}.pt")
-        torch.save({}, out / f"optim_pp{r}.pt")
+    torch.save({k: v.contiguous() for k, v in state.items()}, out / f"model_pp{r}.pt")
+    torch.save({}, out / f"optim_pp{r}.pt")
+
+
+def write_meta(out_dir: str | os.PathLike, *, tp: int, pp: int, vocab_size: int, hf_config: dict[str, Any], source: str) -> None:
+    """meta.json of a freshly converted checkpoint (step 0, no scheduler state, hf_config in extra)."""
     meta = {
         "format_version": _format_version(),
         "format": "full",
@@ -74,7 +68,7 @@ def write_checkpoint(
         "scheduler": None,
         "extra": {"hf_config": hf_config, "converted_from": source},
     }
-    (out / META).write_text(json.dumps(meta, indent=1) + "\n")
+    (Path(out_dir) / META).write_text(json.dumps(meta, indent=1) + "\n")
 
 
 def read_meta(ckpt: Path) -> dict[str, Any]:

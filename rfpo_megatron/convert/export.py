@@ -14,7 +14,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from rfpo_megatron.convert.arch import arch_from_hf_config
-from rfpo_megatron.convert.mapping import _rule_or_tied_head, mcore_to_hf_tensors
+from rfpo_megatron.convert.mapping import rule_or_tied_head, mcore_to_hf_tensors
 from rfpo_megatron.convert.sharding import iter_full_params
 
 
@@ -25,7 +25,7 @@ def iter_hf_tensors(model_chunks: Sequence[torch.nn.Module], hf_config: Any) -> 
     """
     arch = arch_from_hf_config(hf_config)
     for name, full in iter_full_params(model_chunks, vocab_size=arch.vocab_size):
-        rule = _rule_or_tied_head(arch, name)
+        rule = rule_or_tied_head(arch, name)
         if rule is None:
             continue
         yield from mcore_to_hf_tensors(arch, rule, full)

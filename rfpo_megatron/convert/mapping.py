@@ -287,14 +287,14 @@ def mcore_to_hf_state(arch: Arch, mcore_state: Mapping[str, torch.Tensor]) -> di
     """Full canonical megatron state (any subset of stages) → HF-named tensors; unknown names raise."""
     out: dict[str, torch.Tensor] = {}
     for name, tensor in mcore_state.items():
-        rule = _rule_or_tied_head(arch, name)
+        rule = rule_or_tied_head(arch, name)
         if rule is None:
             continue
         out.update(mcore_to_hf_tensors(arch, rule, tensor))
     return out
 
 
-def _rule_or_tied_head(arch: Arch, name: str) -> Rule | None:
+def rule_or_tied_head(arch: Arch, name: str) -> Rule | None:
     """Rule of `name`; None for the duplicate output_layer.weight a tied model holds on the last PP stage."""
     if name == "output_layer.weight" and arch.tie_embeddings:
         return None

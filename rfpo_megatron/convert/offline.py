@@ -3,7 +3,8 @@
 Both directions validate loudly before writing: the HF config against the megatron architecture the
 actor builds from it (`actor.model.transformer_config_from_hf`), every tensor name and shape against
 the config, and the written output is re-read and re-checked (nothing silently dropped).
-Memory: one decoder layer's tensors at a time (plus its TP shards).
+Memory: hf2mcore holds one PP stage (the actor format stores a stage per file) or, with --format
+sharded, one stage's TP shards; mcore2hf reads one decoder layer at a time (memory-mapped).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from rfpo_megatron.convert.hf_io import (
     write_hf_config,
 )
 from rfpo_megatron.convert.mapping import (
-    _rule_or_tied_head,
+    rule_or_tied_head,
     all_rules,
     check_hf_tensors,
     hf_to_mcore_tensor,
@@ -121,7 +122,6 @@ def hf_to_mcore(
     total = sum(len(all_rules(arch, range(*stages[p]), first=p == 0, last=p == pp - 1)) for p in range(pp))
     bar = _progress(total, "hf→mcore", progress)
     written_dtype = None
-    actor_states: list[dict[str, torch.Tensor]] = []
     for p in range(pp):
         shards: list[dict[str, torch.Tensor]] = [{} for _ in range(tp)]
         full_stage: dict[str, torch.Tensor] = {}
@@ -143,11 +143,11 @@ def hf_to_mcore(
             for t in range(tp if fmt == "sharded" else 0):
                 shards[t]["output_layer.weight"] = shard_tp("output_layer.weight", emb, tp, t, padded_vocab=vp)
         if fmt == "actor":
-            actor_states.append(full_stage)
+            actor_format.write_stage(out_dir, p, full_stage)
         else:
             for t in range(tp):
                 write_rank_file(rank_file(out_dir, t, p), shards[t], tp_rank=t, pp_rank=p)
-        del shards
+        del shards, full_stage
     bar.close()
     out_cfg = _with_dtype(cfg, target_dtype)
     meta = McoreMeta(tp=tp, pp=pp, stages=stages, vocab_size=arch.vocab_size, padded_vocab_size=vp,
@@ -161,8 +161,7 @@ def hf_to_mcore(
         write_hf_config(hf_sub, out_cfg)
     copy_aux_files(hf_dir, hf_sub)
     if fmt == "actor":
-        actor_format.write_checkpoint(out_dir, actor_states, tp=tp, pp=pp, vocab_size=arch.vocab_size,
-                                      hf_config=out_cfg, source=str(hf_dir))
+        actor_format.write_meta(out_dir, tp=tp, pp=pp, vocab_size=arch.vocab_size, hf_config=out_cfg, source=str(hf_dir))
         check_full_state(arch, actor_format.read_state(out_dir, actor_format.read_meta(out_dir)), source=str(out_dir))
     else:
         write_meta(out_dir, meta)
@@ -241,7 +240,7 @@ def mcore_to_hf(
     for group in _layer_groups(names):
         full = read_group(group)
         for name in group:
-            rule = _rule_or_tied_head(arch, name)
+            rule = rule_or_tied_head(arch, name)
             if rule is not None:
                 for hf_name, tensor in mcore_to_hf_tensors(arch, rule, full[name]):
                     writer.add(hf_name, tensor if target_dtype is None else tensor.to(target_dtype))
