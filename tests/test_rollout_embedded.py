@@ -215,6 +215,12 @@ def test_abort_all_ends_running_request(client):
     assert client.generate([[3]], SamplingParams(max_new_tokens=2, ignore_eos=True))[0][0].finish_reason == "length"
 
 
+def test_client_implements_the_engine_protocol(client):
+    from rfpo_megatron.rollout import RolloutEngine
+
+    assert isinstance(client, RolloutEngine)
+
+
 def test_raw_sglang_response_shapes(client):
     url = client.url
     single = requests.post(url + "/generate", json={"input_ids": [1, 2, 3], "return_logprob": True,

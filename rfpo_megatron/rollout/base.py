@@ -123,7 +123,7 @@ class EngineTimeoutError(EngineError):
 
 @runtime_checkable
 class RolloutEngine(Protocol):
-    """What the trainer needs from a rollout backend (implemented by EngineClient and EmbeddedEngine).
+    """What the trainer needs from a rollout backend (implemented by EngineClient, for every backend).
 
     Tensor shapes: generate prompts are token-id lists (ragged, [B][T_i]); weights are HF-named
     tensors in the model's HF shapes.

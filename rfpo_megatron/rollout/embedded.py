@@ -221,11 +221,14 @@ class EmbeddedEngine:
         B = len(items)
         lens = [len(it.input_ids) for it in items]
         T = max(lens)
-        ids = torch.full((B, T), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((B, T), dtype=torch.long)
-        for b, it in enumerate(items):  # left padding: the last column is every prompt's last token
-            ids[b, T - lens[b]:] = torch.tensor(it.input_ids, dtype=torch.long)
-            mask[b, T - lens[b]:] = 1
+        # prefill each distinct prompt once (the n samples of a prompt share it), then fan out the rows
+        uniq: dict[tuple[int, ...], int] = {}
+        fan = torch.tensor([uniq.setdefault(tuple(it.input_ids), len(uniq)) for it in items])
+        ids = torch.full((len(uniq), T), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(uniq), T), dtype=torch.long)
+        for prompt, u in uniq.items():  # left padding: the last column is every prompt's last token
+            ids[u, T - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+            mask[u, T - len(prompt):] = 1
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         temps = torch.tensor([1.0 if it.temperature < GREEDY_EPS else it.temperature for it in items], dtype=torch.float32)
         top_ks = torch.tensor([1 if it.temperature < GREEDY_EPS else (it.top_k if it.top_k > 0 else self.vocab_size) for it in items])
@@ -253,6 +256,9 @@ class EmbeddedEngine:
             logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                 position_ids=pos.to(self.device), past_key_values=cache, use_cache=True,
                                 logits_to_keep=1).logits[:, -1, :]
+            if len(uniq) < B or not torch.equal(fan, torch.arange(B)):
+                cache.batch_select_indices(fan.to(self.device))
+                logits, mask, pos = logits[fan.to(logits.device)], mask[fan], pos[fan]
         while logits is not None:
             for b in rows.tolist():
                 if finish[b] is None and self._aborted(items[b].rid, epoch):
