@@ -211,3 +211,16 @@ def test_empty_batch_and_fp16(impl):
     rg = ref_logprob_grads(logits, labels, 190, 1.0, w_lp, w_e)
     assert (lp.double() - rlp).abs().max() <= 1e-4 and (ent.double() - rent).abs().max() <= 1e-4
     assert g.dtype == torch.float16 and torch.all((g.double() - rg).abs() <= 1e-4 + rg.abs() * 2.0**-11)
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_entropy_only_backward(impl):
+    n, v = 10, 257
+    logits = torch.randn(n, v) * 2
+    labels = _labels(n, 250)
+    x = logits.clone().requires_grad_()
+    _, ent = IMPLS[impl](x, labels, temperature=1.4, vocab_size=250)
+    w = torch.linspace(-1, 1, n)
+    (w * ent).sum().backward()  # logp unused: its incoming gradient is None
+    rg = ref_logprob_grads(logits, labels, 250, 1.4, torch.zeros(n), w)
+    assert (x.grad.double() - rg).abs().max() <= 1e-5
