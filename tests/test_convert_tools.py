@@ -180,6 +180,8 @@ def test_mcore_side_problems_fail(hf_dirs, tmp_path, capsys):
     assert "--pp=3 must divide num_hidden_layers=2" in err
     err = _run_expect_fail(capsys, "hf2mcore", "--hf-dir", str(hf_dirs["qwen2"]), "--out", str(tmp_path / "o5"), "--tp", "3")
     assert "num_attention_heads=4 is not divisible" in err
+    err = _run_expect_fail(capsys, "hf2mcore", "--hf-dir", str(hf_dirs["qwen2"]), "--out", str(mc))
+    assert "is not empty" in err
 
 
 def test_actor_format_problems_fail(hf_dirs, tmp_path, capsys):

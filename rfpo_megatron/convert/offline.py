@@ -77,6 +77,12 @@ def check_against_actor(arch: Arch, hf_config: dict[str, Any], *, tp: int, pp: i
     require_no_diffs(problems, what=f"{where} cannot be split at tp={tp}")
 
 
+def require_empty_dir(out_dir: Path) -> None:
+    """The output directory must be new or empty (stale shards of an earlier run would be mixed in)."""
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ConversionError(f"--out {out_dir} exists and is not empty; choose a new directory or remove it")
+
+
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm import tqdm
 
@@ -101,6 +107,7 @@ def hf_to_mcore(
     if fmt not in ("actor", "sharded"):
         raise ConversionError(f"--format {fmt!r} must be 'actor' or 'sharded'")
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    require_empty_dir(out_dir)
     where = str(hf_dir / "config.json")
     cfg = read_hf_config(hf_dir)
     arch = arch_from_hf_config(cfg, where=where)
@@ -204,6 +211,7 @@ def mcore_to_hf(
     mismatched field is named) and whose tokenizer/generation files are copied over the stored ones.
     """
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
+    require_empty_dir(out_dir)
     actor_ckpt = None if (ckpt_dir / META_NAME).is_file() else actor_format.resolve(ckpt_dir)
     if actor_ckpt is not None:
         ameta = actor_format.read_meta(actor_ckpt)
