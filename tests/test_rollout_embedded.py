@@ -326,7 +326,8 @@ def test_external_backend_connects_to_running_server(client):
         p = SamplingParams(n=1, max_new_tokens=4, seed=3)
         assert _flat(ext.generate(PROMPTS, p)) == _flat(client.generate(PROMPTS, p))
     finally:
-        ext._session.close()  # not ext.shutdown(): that would stop the shared server
+        ext.shutdown()
+    assert client.health() and client.processes[0].alive()  # an external client never stops the servers
     with pytest.raises(ValueError, match="rollout.urls"):
         launch_engine({"backend": "external"})
     with pytest.raises(ValueError, match="not one of"):

@@ -430,16 +430,10 @@ class EngineClient:
         self._all_workers("POST", "/resume_memory_occupation", {"tags": tags})
 
     def shutdown(self) -> None:
-        """Stop managed processes (process groups); ask an unmanaged embedded server to exit."""
-        if self.processes:
-            for p in reversed(self.processes):
-                p.stop()
-        else:
-            for u in self.worker_urls:
-                try:
-                    self._session.post(u + "/shutdown", timeout=5)
-                except requests.RequestException:
-                    pass
+        """Stop the servers this client launched (their process groups). Servers started elsewhere
+        (external backend) are left running: they belong to whoever started them."""
+        for p in reversed(self.processes):
+            p.stop()
         self._session.close()
 
     def __enter__(self) -> "EngineClient":
