@@ -43,7 +43,7 @@ def _bwd_sig(dtype):
 def test_logprob_kernels_compile_for_sm90(dtype):
     block = 8192
     opts = L._launch_opts(block, on_cpu=False)
-    assert opts == {"num_warps": 16}
+    assert opts == {"num_warps": 16, "enable_fp_fusion": True}
     for ent in (True, False):
         k = _compile(L._fwd_kernel, _fwd_sig(dtype), {"BLOCK_V": block, "COMPUTE_ENTROPY": ent}, **opts)
         assert k.asm["cubin"]
@@ -65,10 +65,11 @@ def test_loss_kernels_compile_for_sm90():
         for faithful in (True, False):
             for dual in (True, False):
                 k = _compile(S._loss_kernel, sig, {"lo": 0.8, "hi": 1.28, "clip_c": 3.0, "CDT": cdt, "FAITHFUL": faithful,
-                                                   "DUAL": dual, "BLOCK": S.BLOCK, "LOG_RATIO_CLAMP": S.LOG_RATIO_CLAMP})
+                                                   "DUAL": dual, "BLOCK": S.BLOCK, "LOG_RATIO_CLAMP": S.LOG_RATIO_CLAMP},
+                             **S.GPU_OPTS)
                 assert k.asm["cubin"]
         k = _compile(S._segsum_kernel, {"x_ptr": f"*{t}", "cu_ptr": "*i64", "out_ptr": f"*{t}", "CDT": "constexpr",
-                                        "BLOCK": "constexpr"}, {"CDT": cdt, "BLOCK": S.BLOCK})
+                                        "BLOCK": "constexpr"}, {"CDT": cdt, "BLOCK": S.BLOCK}, **S.GPU_OPTS)
         assert k.asm["cubin"]
 
 
