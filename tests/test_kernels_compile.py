@@ -26,6 +26,22 @@ def _compile(fn, signature, constexprs, **opts):
         pytest.skip(f"triton's CUDA toolchain is not available: {e}")
 
 
+def _resource_usage(kernel) -> str:
+    """cuobjdump -res-usage line of a compiled kernel's cubin ('' when the tool is missing)."""
+    import os
+    import subprocess
+    import tempfile
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):  # pragma: no cover
+        return ""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    return next((line.strip() for line in out.splitlines() if "REG:" in line), "")
+
+
 def _fwd_sig(dtype):
     return {"logits_ptr": f"*{dtype}", "stride_row": "i64", "labels_ptr": "*i64", "m_ptr": "*fp32", "s_ptr": "*fp32",
             "a_ptr": "*fp32", "xt_ptr": "*fp32", "n_valid": "i32", "vocab_start": "i32", "inv_temp": "fp32",
@@ -44,15 +60,21 @@ def test_logprob_kernels_compile_for_sm90(dtype):
     block = 8192
     opts = L._launch_opts(block, on_cpu=False)
     assert opts == {"num_warps": 16, "enable_fp_fusion": True}
+    kernels = []
     for ent in (True, False):
-        k = _compile(L._fwd_kernel, _fwd_sig(dtype), {"BLOCK_V": block, "COMPUTE_ENTROPY": ent}, **opts)
-        assert k.asm["cubin"]
+        kernels.append(_compile(L._fwd_kernel, _fwd_sig(dtype), {"BLOCK_V": block, "COMPUTE_ENTROPY": ent}, **opts))
     for ent in (True, False):
         k = _compile(L._bwd_kernel, _bwd_sig(dtype), {"BLOCK_V": block, "HAS_ENT_GRAD": ent, "MANUAL_RTNE_BF16": False},
                      **opts)
-        assert k.asm["cubin"]
+        kernels.append(k)
         if dtype == "bf16":  # the gradient store converts fp32 -> bf16 with round-to-nearest-even
             assert "cvt.rn.bf16" in k.asm["ptx"]
+    for k in kernels:
+        assert k.asm["cubin"]
+        usage = _resource_usage(k)
+        if usage:  # no register spills (local memory) and <= 128 registers/thread, so 512-thread blocks fit
+            regs = int(usage.split("REG:")[1].split()[0])
+            assert "LOCAL:0" in usage and regs <= 128, usage
 
 
 def test_loss_kernels_compile_for_sm90():
