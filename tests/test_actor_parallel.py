@@ -167,7 +167,7 @@ def _resume(tmp):
     res = {"meta": meta, "step": a.step, "lr": a.lr(), "logits_c": a.forward_logits(_logit_inputs())}
     res["metrics2"] = _step(a, _batch(2), torch.load(os.path.join(tmp, "old2.pt")))
     res["after2"] = _full(a)
-    return res
+    return a, res
 
 
 def _layout():
@@ -182,11 +182,16 @@ def _w_pp2_then_resume(rank, tmp):
     init_parallel(tp=1, pp=2, seed=11)
     a, out = _equivalence_run(1, 2, tmp)
     del a
-    out["resume_pp2"] = _resume(tmp)
+    a, out["resume_pp2"] = _resume(tmp)
+    del a
     destroy_parallel(keep_process_group=True)
     init_parallel(tp=1, pp=1, seed=11)  # TP=1 x DP=2
-    out["resume_dp2"] = _resume(tmp)
-    out["dp"] = 2
+    a, out["resume_dp2"] = _resume(tmp)
+    # one sample for two DP ranks: rank 1 has no micro-batch and must still join the reduction
+    one = _batch(3)
+    one.input_ids, one.prompt_lens, one.advantages = one.input_ids[:1], one.prompt_lens[:1], one.advantages[:1]
+    out["one_sample_adv"] = one.advantages[0]
+    out["one_sample"] = _step(a, one, a.compute_logprobs(one)[0])
     return out
 
 
@@ -200,10 +205,10 @@ def _w_tp2pp2(rank, tmp):
 @pytest.fixture(scope="module")
 def worlds(tmp_path_factory):
     tmp = str(tmp_path_factory.mktemp("actor_par"))
-    w1 = spawn_world(_w_reference, 1, tmp)
-    w2 = spawn_world(_w_tp2, 2, tmp)
-    w3 = spawn_world(_w_pp2_then_resume, 2, tmp)
-    w4 = spawn_world(_w_tp2pp2, 4, tmp)
+    w1 = spawn_world(_w_reference, 1, tmp, timeout_s=400)
+    w2 = spawn_world(_w_tp2, 2, tmp, timeout_s=400)
+    w3 = spawn_world(_w_pp2_then_resume, 2, tmp, timeout_s=400)
+    w4 = spawn_world(_w_tp2pp2, 4, tmp, timeout_s=400)
     return {"tp1": w1, "tp2": w2, "pp2": w3, "tp2pp2": w4}
 
 
@@ -310,3 +315,11 @@ def test_resume_next_step_equals_uninterrupted(worlds):
     after2 = _merged([w["resume_pp2"] for w in worlds["pp2"]], "after2")
     assert _maxdiff(after2, tp2["after2"]) <= 1e-5
     assert _maxdiff(worlds["pp2"][0]["resume_dp2"]["after2"], tp2["after2"]) <= 1e-5
+
+
+def test_dp_rank_without_samples_joins_the_step(worlds):
+    m0, m1 = (out["one_sample"] for out in worlds["pp2"])
+    assert m0 == m1
+    assert m0["train/ppo_kl"] == 0.0
+    want = -float(worlds["pp2"][0]["one_sample_adv"].double().mean())
+    assert m0["train/pg_loss"] == pytest.approx(want, abs=1e-6)

@@ -79,6 +79,10 @@ class Actor:
                 f"pipeline_model_parallel_size={self.cfg.pipeline_model_parallel_size} differ from "
                 f"init_parallel(tp={tp}, pp={pp}); pass the same values"
             )
+        if int(getattr(self.cfg, "context_parallel_size", 1) or 1) != 1:
+            raise ValueError("actor.context_parallel_size > 1 is not supported by the actor yet; set it to 1")
+        if bool(getattr(self.cfg, "sequence_parallel", False)):
+            raise ValueError("actor.sequence_parallel=true is not supported by the actor yet; set it to false")
         self.hf_config = hf_config
         self.on_gpu = torch.cuda.is_available()
         self.layout = "thd" if (self.on_gpu and spec != "local") else "pad"
@@ -113,6 +117,10 @@ class Actor:
         self.total_steps = max(1, int(total_steps))
         self.optimizer = None
         self.scheduler = None
+        # Mixed-precision / distributed optimizers copy the model weights into fp32 main
+        # params when built. Weights loaded into ``modules`` afterwards (HF weights,
+        # load_full_state) are picked up by one reload before the first step.
+        self._param_sync_pending = True
         if with_optimizer:
             self._build_optimizer(dtype)
 
@@ -332,12 +340,21 @@ class Actor:
             stats["train/pg_clipfrac"] = (clip.detach().float() * frac) if clip is not None else torch.zeros((), device=dev)
             return loss, stats
 
+        if self._param_sync_pending:
+            self.optimizer.reload_model_params()
+            self._param_sync_pending = False
         self.optimizer.zero_grad()
         for m in self.model:
             m.zero_grad_buffer()
         _, mbs = self._my_microbatches(batch)
         fn = logprob_output_fn(token_fn, temperature=self.temperature, vocab_size=self.vocab_size)
         stats = run_schedule(self.model, mbs, fn, forward_only=False)
+        if not mbs:
+            dev0 = next(self.model[0].parameters()).device
+            # this DP rank got no samples: still join the gradient reduction (zero gradients)
+            from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+
+            finalize_model_grads(self.model, num_tokens=torch.zeros((), dtype=torch.int, device=dev0))
         dev = next(self.model[0].parameters()).device
         keys = ("train/loss", "train/pg_loss", "train/kl_loss", "train/entropy", "train/ppo_kl", "train/pg_clipfrac")
         acc = torch.zeros(len(keys), dtype=torch.float64, device=dev)

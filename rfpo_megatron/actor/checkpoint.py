@@ -277,6 +277,9 @@ def _gather_optimizer_state(actor) -> dict[str, Any]:
 def _save_dist(actor, path: str) -> None:
     from megatron.core import dist_checkpointing
 
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        os.makedirs(path, exist_ok=True)  # dist_checkpointing.save wants an existing directory
+    _barrier()
     dist_checkpointing.save(_dist_sharded_state(actor, is_loading=False), path)
 
 
@@ -324,6 +327,7 @@ def load_checkpoint(actor, path: str, *, load_optimizer: bool = True, load_rng: 
     if actor.scheduler is not None and meta.get("scheduler") and load_optimizer:
         actor.scheduler.load_state_dict(meta["scheduler"])
     actor.step = int(meta["step"])
+    actor._param_sync_pending = False  # main params were restored together with the weights
     same_layout = (
         int(meta["tp"]) == mpu.get_tensor_model_parallel_world_size()
         and int(meta["pp"]) == mpu.get_pipeline_model_parallel_world_size()
