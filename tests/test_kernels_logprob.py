@@ -224,3 +224,15 @@ def test_entropy_only_backward(impl):
     (w * ent).sum().backward()  # logp unused: its incoming gradient is None
     rg = ref_logprob_grads(logits, labels, 250, 1.4, torch.zeros(n), w)
     assert (x.grad.double() - rg).abs().max() <= 1e-5
+
+
+def test_twin_row_chunks_and_int32_labels(monkeypatch):
+    n, v, vocab = 30, 200, 190
+    monkeypatch.setattr(lpmod, "TORCH_CHUNK_ELEMS", 7 * vocab)  # 7-row chunks: 30 = 4·7 + 2
+    logits = torch.randn(n, v) * 2
+    labels = _labels(n, vocab).to(torch.int32)
+    for fn in IMPLS.values():
+        lp, ent, g, w_lp, w_e = _run(fn, logits, labels, vocab, 1.1)
+        rlp, rent = ref_logprobs_loops(logits, labels, vocab, 1.1)
+        assert (lp.double() - rlp).abs().max() <= 1e-5 and (ent.double() - rent).abs().max() <= 1e-5
+        assert (g.double() - ref_logprob_grads(logits, labels.long(), vocab, 1.1, w_lp, w_e)).abs().max() <= 1e-5
