@@ -3,8 +3,9 @@
 # the project's own sbatch script with the tiny CPU config (2 tasks over gloo), checks metrics +
 # checkpoint, submits a resume job and checks it continued, then stops the daemons it started.
 #
-# usage: slurm/test_local_slurm.sh [all|install|start|smoke|watchdog|train|stop|smoke-only]   (default: all)
-#   all      install -> start -> smoke (srun hostname) -> watchdog -> train (+ resume) -> stop (always, via trap)
+# usage: slurm/test_local_slurm.sh [all|install|start|smoke|watchdog|train|requeue|stop|smoke-only]   (default: all)
+#   all      install -> start -> smoke (srun hostname) -> watchdog -> train (+ resume) -> requeue -> stop (trap)
+#   requeue  requeue a running training job (preemption): it must checkpoint, restart and resume
 #   watchdog a hanging 2-task step: the watchdog must get stack dumps from both ranks, then cancel it
 #   smoke    only the daemon check: a 2-task `srun hostname` job must finish COMPLETED
 # env:
@@ -12,6 +13,7 @@
 #   RFPO_SLURM_CONFIG  config to train (default examples/tiny_cpu/config.yaml)
 #   RFPO_SLURM_STEPS   steps of the first job (default 2); the resume job runs to STEPS+1
 #   RFPO_SLURM_TIMEOUT seconds to wait for each job (default 900)
+#   RFPO_SLURM_SFT_STEPS warm-start steps for the tiny model the test prepares for itself (default 20)
 #   RFPO_SLURM_OVERRIDES extra trainer overrides for both jobs (e.g. actor.tensor_model_parallel_size=2)
 #   PYTHON             interpreter with rfpo_megatron installed (default .venv/bin/python)
 # Needs root (apt-get, munge user). Everything else stays under $RFPO_SLURM_STATE; /etc is not touched.
@@ -24,6 +26,8 @@ STEPS="${RFPO_SLURM_STEPS:-2}"
 TIMEOUT="${RFPO_SLURM_TIMEOUT:-900}"
 PYTHON="${PYTHON:-$REPO/.venv/bin/python}"
 EXTRA_OVERRIDES="${RFPO_SLURM_OVERRIDES:-}"
+SFT_STEPS="${RFPO_SLURM_SFT_STEPS:-20}"
+TINY_OVERRIDES=""
 HOST="$(hostname -s)"
 NCPU="$(nproc)"
 CTLD_PORT="${RFPO_SLURM_CTLD_PORT:-16817}"
@@ -200,16 +204,24 @@ submit_train() {  # submit_train NAME STEPS RESUME -> job id
   local name="$1" steps="$2" resume="$3"
   RFPO_REPO="$REPO" RFPO_CONFIG="$CONFIG" RFPO_DEVICE=cpu RFPO_RUN_DIR="$RUN" RFPO_PYTHON="$PYTHON" \
   RFPO_RESUME="$resume" RFPO_IFNAME=lo RFPO_WATCHDOG_MINUTES=10 \
-  RFPO_OVERRIDES="trainer.steps=$steps trainer.save_interval=1 trainer.eval_interval=0 trainer.save_dir=$RUN/ckpt logging.log_dir=$RUN/logs logging.wandb_mode=disabled $EXTRA_OVERRIDES" \
+  RFPO_OVERRIDES="trainer.steps=$steps trainer.save_interval=1 trainer.eval_interval=0 trainer.save_dir=$RUN/ckpt logging.log_dir=$RUN/logs logging.wandb_mode=disabled $TINY_OVERRIDES $EXTRA_OVERRIDES" \
     sbatch --parsable -N1 -n2 --cpus-per-task=1 -J "rfpo-$name" -D "$REPO" -o "$RUN/slurm-$name-%j.out" \
       "$REPO/slurm/rfpo_colocated.sbatch"
 }
 
+# Tiny assets of its own (tokenizer, data, a briefly warm-started model) under $STATE/tiny: seconds, and the
+# shared examples/tiny_cpu/artifacts are left alone. Other configs bring their own paths.
 prepare_tiny() {
-  if [ "$CONFIG" = examples/tiny_cpu/config.yaml ] && [ ! -d "$REPO/examples/tiny_cpu/artifacts/model" ]; then
-    log "preparing the tiny CPU assets (examples/tiny_cpu/prepare.py)"
-    (cd "$REPO" && "$PYTHON" examples/tiny_cpu/prepare.py) >&2
+  TINY_OVERRIDES=""
+  [ "$CONFIG" = examples/tiny_cpu/config.yaml ] || return 0
+  local tiny="$STATE/tiny"
+  if [ ! -f "$tiny/model/DONE.json" ]; then
+    log "preparing tiny CPU assets in $tiny (examples/tiny_cpu/prepare.py --sft-steps $SFT_STEPS)"
+    (cd "$REPO" && OMP_NUM_THREADS=1 "$PYTHON" examples/tiny_cpu/prepare.py --sft-steps "$SFT_STEPS" --skip-measure \
+       --out "$tiny") >&2 || die "prepare.py failed"
   fi
+  TINY_OVERRIDES="actor.hf_model_path=$tiny/model data.train_files=[$tiny/data/train_rl.jsonl] data.eval_files=[]"
+  TINY_OVERRIDES="$TINY_OVERRIDES data.prompts_per_step=4 rollout.n_samples=4"
 }
 
 check() {  # check EXPECT_LAST [RESUMED_AFTER]
@@ -236,6 +248,27 @@ do_train() {
   log "train + resume OK"
 }
 
+# Preemption: `scontrol requeue` a running job after its first step. Slurm SIGTERMs the tasks (the trainer
+# checkpoints), requeues, and the restarted job (SLURM_RESTART_COUNT=1) must resume and finish all steps.
+do_requeue() {
+  RUN="$STATE/run-requeue"
+  rm -rf "$RUN"; mkdir -p "$RUN"
+  prepare_tiny
+  local steps=$(( STEPS + 4 )) id st t=0
+  id="$(submit_train requeue "$steps" 0)"; log "submitted job $id ($steps steps) to be requeued mid-run"
+  while [ ! -s "$RUN/logs/metrics.jsonl" ] && [ "$t" -lt "$TIMEOUT" ]; do sleep 1; t=$((t + 1)); done
+  [ -s "$RUN/logs/metrics.jsonl" ] || die "job $id never completed a step"
+  scontrol requeue "$id" || die "scontrol requeue $id failed"
+  log "requeued job $id after step $(wc -l < "$RUN/logs/metrics.jsonl")"
+  sleep 5
+  scontrol release "$id" 2>/dev/null || true   # some Slurm versions hold requeued jobs
+  st="$(wait_job "$id")"; cat "$RUN"/slurm-requeue-"$id".out >&2 || true
+  [ "$st" = COMPLETED ] || die "requeued job $id ended $st"
+  grep -q "(restart 1)" "$RUN/slurm-requeue-$id.out" || die "job $id: no restarted run in its log"
+  check "$steps" || die "requeued job: metrics/checkpoint check failed"
+  log "requeue OK: job $id was preempted, restarted with trainer.resume=true and finished $steps steps"
+}
+
 cmd="${1:-all}"
 case "$cmd" in
   install) do_install ;;
@@ -244,7 +277,8 @@ case "$cmd" in
   smoke) do_smoke ;;
   train) do_train ;;
   watchdog) do_watchdog ;;
-  all) do_install; trap do_stop EXIT; do_start; do_smoke; do_watchdog; do_train; log "ALL OK" ;;
+  requeue) do_requeue ;;
+  all) do_install; trap do_stop EXIT; do_start; do_smoke; do_watchdog; do_train; do_requeue; log "ALL OK" ;;
   smoke-only) do_install; trap do_stop EXIT; do_start; do_smoke; log "SMOKE OK" ;;
-  *) die "unknown command '$cmd' (all|install|start|smoke|watchdog|train|stop|smoke-only)" ;;
+  *) die "unknown command '$cmd' (all|install|start|smoke|watchdog|train|requeue|stop|smoke-only)" ;;
 esac
