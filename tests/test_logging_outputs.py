@@ -57,7 +57,7 @@ def test_metrics_logger_offline_wandb_and_resume(tmp_path, monkeypatch):
     lg.finish()
     runs = find_offline_runs(cfg.log_dir)
     assert runs == [run_dir] and run_id in run_dir
-    hist = read_offline_history(run_dir)
+    hist = _history(run_dir, rows=2)
     assert [(h["_step"], h["rfpo/zero_group_frac"], h["train/loss"]) for h in hist] == [(1, 0.25, 0.5), (2, 0.5, 0.25)]
     # resume from step 1: the JSONL keeps step 1 only, then continues; W&B appends to the same run id
     lg = MetricsLogger(cfg, total_steps=3, start_step=1, wandb_run_id=run_id)
@@ -66,6 +66,18 @@ def test_metrics_logger_offline_wandb_and_resume(tmp_path, monkeypatch):
     lg.finish()
     recs = read_metrics(os.path.join(cfg.log_dir, "metrics.jsonl"))
     assert [(r["step"], r["train/loss"]) for r in recs] == [(1, 0.5), (2, 7.0)]
+
+
+def _history(run_dir, rows, wait_s=20.0):
+    """The offline run's history; the W&B service may still be flushing its file right after finish()."""
+    import time
+
+    deadline = time.time() + wait_s
+    while True:
+        hist = read_offline_history(run_dir)
+        if len(hist) >= rows or time.time() > deadline:
+            return hist
+        time.sleep(0.2)
 
 
 def test_wandb_disabled_writes_only_jsonl(tmp_path):
