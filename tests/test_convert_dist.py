@@ -168,6 +168,8 @@ def _run_layout(root, tp, pp, rank, check_save):
         print(f"[convert-dist] {tag} actor.forward_logits after actor.load_checkpoint: max abs diff {diff:.2e}", flush=True)
         assert diff <= 1e-4, f"{tag}: actor logits after loading the tool's checkpoint differ by {diff}"
         saved = save_checkpoint(actor, str(root / fam / f"actor_saved_tp{tp}_pp{pp}"), step=3, fmt="full")
+        if (tp, pp) == (2, 1):  # megatron dist_checkpointing format; converted by the parent (own process)
+            save_checkpoint(actor, str(root / fam / "actor_dist_tp2"), step=3, fmt="dist")
         if dist.get_rank() == 0:
             back = root / fam / f"actor_saved_back_tp{tp}_pp{pp}"
             mcore_to_hf(os.path.dirname(saved), back, hf_ref=root / fam / "hf", progress=False)
@@ -263,6 +265,20 @@ def _worker(rank, world, port, root, layouts, check_save):
 
 def test_logits_and_export_tp2_pp2_tp1(assets):
     mp.spawn(_worker, args=(2, _free_port(), assets, [(2, 1), (1, 2), (1, 1)], True), nprocs=2, join=True)
+    # the actor's TP=2 "dist" checkpoints (megatron dist_checkpointing) convert to the original HF tensors
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "convert_megatron_to_hf.py"
+    for fam in FAMILIES:
+        out = assets / fam / "dist_back"
+        r = subprocess.run([sys.executable, str(tool), "--mcore-dir", str(assets / fam / "actor_dist_tp2"), "--out", str(out),
+                            "--hf-ref", str(assets / fam / "hf"), "--no-progress"], capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+        assert r.returncode == 0, r.stderr[-3000:]
+        src, got = read_hf_dir(assets / fam / "hf"), read_hf_dir(out)
+        assert set(src) == set(got) and all(torch.equal(src[k], got[k]) for k in src), f"{fam}: dist checkpoint → HF differs"
 
 
 @pytest.mark.slow

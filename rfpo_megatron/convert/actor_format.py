@@ -1,11 +1,12 @@
 """The actor's own checkpoint format ("full", `rfpo_megatron.actor.checkpoint`) read and written offline by the tools.
 
-An actor checkpoint directory holds ``meta.json`` (format "full", step, tp/pp/dp, vocab_size, scheduler,
+An actor checkpoint directory holds ``meta.json`` (format "full" or "dist", step, tp/pp/dp, vocab_size, scheduler,
 extra) and ``model_pp{r}.pt`` per PP stage: canonical names (local-spec, GLOBAL layer numbers), full
 TP = 1 tensors with the vocab cut to vocab_size; ``optim_pp{r}.pt`` holds Adam state (the tool writes an
 empty dict: no optimizer state, the actor then starts its optimizer from the weights). The tool adds
 ``extra.hf_config`` and an ``hf/`` directory (config, generation config, tokenizer) so that the
-checkpoint converts back without a reference directory.
+checkpoint converts back without a reference directory. "dist" checkpoints (megatron
+dist_checkpointing under ``dist/``) are read through `dist_format`.
 
 Paths accepted for reading: the checkpoint itself, an actor checkpoint root with a ``latest`` file, or a
 trainer step directory (``step_N/actor/…``; its ``config.yaml`` names ``actor.hf_model_path``).
@@ -73,11 +74,8 @@ def write_meta(out_dir: str | os.PathLike, *, tp: int, pp: int, vocab_size: int,
 
 def read_meta(ckpt: Path) -> dict[str, Any]:
     meta = json.loads((ckpt / META).read_text())
-    if meta.get("format") != "full":
-        raise ConversionError(
-            f"{ckpt / META}: format {meta.get('format')!r} (megatron dist_checkpointing) cannot be converted offline; "
-            "save the actor with fmt='full' or export HF weights in-process (convert.export.save_hf)"
-        )
+    if meta.get("format") not in ("full", "dist"):
+        raise ConversionError(f"{ckpt / META}: unknown checkpoint format {meta.get('format')!r} (expected 'full' or 'dist')")
     if meta.get("format_version") != _format_version():
         raise ConversionError(f"{ckpt / META}: format_version {meta.get('format_version')} is not {_format_version()}")
     return meta
@@ -107,8 +105,12 @@ def hf_config_of(ckpt: Path, meta: dict[str, Any], hf_ref: str | os.PathLike | N
     raise ConversionError(f"{ckpt}: no HF config recorded; pass --hf-ref <HF directory of the base model>")
 
 
-def read_state(ckpt: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """All stages' canonical full tensors (memory-mapped)."""
+def read_state(ckpt: Path, meta: dict[str, Any], hf_config: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    """All stages' canonical full tensors: memory-mapped ("full"), or loaded through megatron ("dist")."""
+    if meta.get("format") == "dist":
+        from rfpo_megatron.convert.dist_format import load_dist_checkpoint_state
+
+        return load_dist_checkpoint_state(ckpt, hf_config, int(meta["vocab_size"]))
     state: dict[str, torch.Tensor] = {}
     for r in range(int(meta["pp"])):
         f = ckpt / f"model_pp{r}.pt"

@@ -219,8 +219,13 @@ def mcore_to_hf(
         arch = arch_from_hf_config(hf_config, where=f"HF config of {actor_ckpt}")
         if int(ameta["vocab_size"]) != arch.vocab_size:
             raise ConversionError(f"{actor_ckpt}/meta.json: vocab_size={ameta['vocab_size']} but config.json has vocab_size={arch.vocab_size}")
-        state = actor_format.read_state(actor_ckpt, ameta)
+        state = actor_format.read_state(actor_ckpt, ameta, hf_config)
         check_full_state(arch, state, source=str(actor_ckpt))
+        if ameta["format"] == "dist" and dtype is None:  # the model was rebuilt in fp32: store the saved dtype
+            from rfpo_megatron.convert.dist_format import saved_dtype
+
+            kept = saved_dtype(actor_ckpt)
+            dtype = str(kept).replace("torch.", "") if kept is not None and kept != torch.float32 else None
         names = [n for n in _canonical_order(arch) if n in state]
 
         def read_group(group: list[str]) -> dict[str, torch.Tensor]:
