@@ -245,6 +245,25 @@ def _run_layout(root, tp, pp, rank, check_save):
             assert "num_key_value_heads=1 but megatron num_query_groups=2" in str(err), str(err)
         else:
             raise AssertionError("loading a checkpoint with num_key_value_heads=1 into a 2-group model did not fail")
+        # load_full_state lists every missing / mis-shaped tensor and loads nothing
+        from rfpo_megatron.convert.sharding import gather_full_state, load_full_state
+
+        good = build_model(read_hf_config(root / "llama" / "hf"), params_dtype=torch.float32, spec="local")
+        before = gather_full_state(good)
+        bad_state = dict(before)
+        del bad_state["decoder.layers.1.mlp.linear_fc2.weight"]
+        bad_state["decoder.final_layernorm.weight"] = torch.zeros(3)
+        bad_state["embedding.word_embeddings.weight"] = bad_state["embedding.word_embeddings.weight"] + 1
+        try:
+            load_full_state(good, bad_state)
+        except ConversionError as err:
+            msg = str(err)
+            assert "missing tensor 'decoder.layers.1.mlp.linear_fc2.weight'" in msg, msg
+            assert "decoder.final_layernorm.weight': full shape [3]" in msg, msg
+        else:
+            raise AssertionError("load_full_state accepted a state with a missing tensor")
+        after = gather_full_state(good)
+        assert all(torch.equal(before[k], after[k]) for k in before), "a failed load_full_state changed weights"
 
 
 def _worker(rank, world, port, root, layouts, check_save):
