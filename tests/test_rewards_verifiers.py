@@ -28,6 +28,11 @@ def test_addition_generator_digits_and_answers():
             assert AdditionVerifier(require_steps=True).score(r["solution"], r["answer"], r).reward == 1.0
     r = make_problem(rng, 3, min_carries=3)
     assert r["carries"] == 3
+    for _ in range(30):  # the carries knob: independent count from the digits themselves
+        r = make_problem(rng, 3, max_carries=0)
+        assert all(int(x) + int(y) <= 9 for x, y in zip(str(r["a"]), str(r["b"])))
+        r = make_problem(rng, 2, min_carries=1)
+        assert any(int(x) + int(y) >= 9 for x, y in zip(str(r["a"]), str(r["b"])))
     split = make_split(40, [3], seed=5)
     assert len({x["prompt"] for x in split}) == 40 and split == make_split(40, [3], seed=5)
     ev = make_split(40, [3], seed=6, exclude={x["prompt"] for x in split})

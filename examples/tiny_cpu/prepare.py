@@ -47,12 +47,17 @@ def _mark(path: str, settings: dict) -> None:
         json.dump(settings, f)
 
 
-def make_data(out: str, seed: int) -> dict:
+TASKS = {  # difficulty knob of the addition task
+    "digits": dict(easy_digits=[1, 2], hard_digits=[3]),  # hard = longer than anything seen in SFT
+    "carries": dict(easy_digits=[1, 2, 3], hard_digits=[2, 3], max_carries_easy=0, min_carries_hard=1),
+}
+
+
+def make_data(out: str, seed: int, task: str = "carries") -> dict:
     """train_easy (SFT), train_hard, train_rl (RL prompts: easy+hard interleaved), eval_easy, eval_hard."""
     from rfpo_megatron.rewards.addition import write_jsonl, write_splits
 
-    splits = write_splits(out, easy_digits=[1, 2], hard_digits=[3], n_train_easy=3000, n_train_hard=512,
-                          n_eval=128, seed=seed)
+    splits = write_splits(out, n_train_easy=3000, n_train_hard=512, n_eval=128, seed=seed, **TASKS[task])
     rng = random.Random(seed)
     easy = rng.sample(splits["train_easy"], 512)
     mix = [r for pair in zip(easy, splits["train_hard"]) for r in pair]
@@ -63,12 +68,16 @@ def make_data(out: str, seed: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--force", action="store_true", help="rebuild everything")
-    p.add_argument("--sft-steps", type=int, default=1500)
+    p.add_argument("--sft-steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--fix-frac", type=float, default=0.5, help="share of SFT records also given as fix examples")
+    p.add_argument("--hard-fix-n", type=int, default=0,
+                   help="also add this many fix-format examples (reference variant) on train_hard problems")
+    p.add_argument("--task", choices=sorted(TASKS), default="carries",
+                   help="difficulty knob: carries (easy = no carry) or digits (easy = 1-2 digits)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--config", default=os.path.join(HERE, "config.yaml"))
     p.add_argument("--skip-measure", action="store_true")
     p.add_argument("--out", default=ART)
@@ -99,22 +108,31 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
 
     # 2) data
-    if a.force or not _done(data_dir, {"v": 1, "seed": a.seed}):
-        counts = make_data(data_dir, a.seed)
-        _mark(data_dir, {"v": 1, "seed": a.seed})
+    if a.force or not _done(data_dir, {"v": 2, "seed": a.seed, "task": a.task}):
+        counts = make_data(data_dir, a.seed, a.task)
+        _mark(data_dir, {"v": 2, "seed": a.seed, "task": a.task})
         log(f"data -> {data_dir} {counts}")
     else:
         log(f"data exists ({data_dir})")
 
     # 3) model + warm-start SFT
-    settings = {"v": 1, "steps": a.sft_steps, "bs": a.batch_size, "lr": a.lr, "fix_frac": a.fix_frac,
-                "seed": a.seed, "templates": templates}
+    settings = {"v": 2, "task": a.task, "steps": a.sft_steps, "bs": a.batch_size, "lr": a.lr, "fix_frac": a.fix_frac,
+                "hard_fix_n": a.hard_fix_n, "seed": a.seed, "templates": templates}
     if a.force or not _done(model_dir, settings):
         torch.manual_seed(a.seed)
         model = Qwen2ForCausalLM(tiny_qwen2_config(tokenizer))
         n_params = sum(p.numel() for p in model.parameters())
         easy = load_prompt_set(os.path.join(data_dir, "train_easy.jsonl")).records
         examples = sft_examples(easy, tokenizer, templates, a.fix_frac, VARIANTS, seed=a.seed)
+        if a.hard_fix_n > 0:  # fix-format only: the plain hard prompts are never trained on
+            from rfpo_megatron.rewards.addition import make_split
+
+            seen = {r["prompt"] for f in ("train_hard", "eval_hard")
+                    for r in load_prompt_set(os.path.join(data_dir, f + ".jsonl")).records}
+            hard = make_split(a.hard_fix_n, TASKS[a.task]["hard_digits"], a.seed + 99, prefix="sftfix",
+                              exclude=seen, min_carries=TASKS[a.task].get("min_carries_hard", 0))
+            examples += [ex for i, ex in enumerate(sft_examples(hard, tokenizer, templates, 1.0, ["reference"],
+                                                                seed=a.seed + 1)) if i % 2 == 1]
         log(f"warm-start SFT: {n_params / 1e6:.2f}M params, {len(examples)} examples "
             f"({len(examples) - len(easy)} fix-format), {a.sft_steps} steps x {a.batch_size}")
         train_sft(model, examples, a.sft_steps, a.batch_size, a.lr, a.seed, log=log)

@@ -69,8 +69,14 @@ def train_sft(model, examples: list, steps: int, batch_size: int = 32, lr: float
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
     model.train()
     losses, t0 = [], time.time()
+    # length buckets (less padding): sort by length, 8 batches per bucket; a step samples one bucket
+    # with probability proportional to its size, then a batch inside it (~uniform over examples)
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]) + len(examples[i][1]))
+    buckets = [order[i:i + 8 * batch_size] for i in range(0, len(order), 8 * batch_size)]
+    weights = torch.tensor([len(b) for b in buckets], dtype=torch.float)
     for step in range(steps):
-        idx = torch.randint(len(examples), (batch_size,), generator=g).tolist()
+        bucket = buckets[int(torch.multinomial(weights, 1, generator=g))]
+        idx = [bucket[j] for j in torch.randint(len(bucket), (batch_size,), generator=g).tolist()]
         seqs = [examples[i][0] + examples[i][1] for i in idx]
         T = max(len(s) for s in seqs)
         ids = torch.zeros(batch_size, T, dtype=torch.long)
