@@ -54,7 +54,11 @@ def train(cfg: Config) -> dict[str, float]:
             rt.step = step
             touch(cfg.trainer.heartbeat_file)
             if cfg.trainer.eval_interval and (step % cfg.trainer.eval_interval == 0 or step == cfg.trainer.steps):
-                metrics.update(run_eval(rt, step))
+                try:
+                    with abortable(rt):  # rank 0 only, no collectives: SIGTERM just skips it
+                        metrics.update(run_eval(rt, step))
+                except Preempted:
+                    rt.log(f"SIGTERM during the eval of step {step}: eval skipped")
             if rt.is_rank0:
                 rt.logger.log(step, metrics)
             stop = stop_requested(rt)
@@ -92,8 +96,9 @@ def train_one_step(rt: "Runtime", step: int) -> dict[str, float]:
     adv = advantages(cfg, batch, old_logp, ref_logp)  # [N, T]
     with timed(m, "perf/train_time"):
         m.update(update_policy(rt, make_train_batch(cfg, batch, old_logp, ref_logp, log_roff, adv)))
-    with timed(m, "perf/weight_sync_time"):
-        sync_weights(rt)
+    if not stop_requested(rt):  # on SIGTERM the engine is going away: the checkpoint holds the weights
+        with timed(m, "perf/weight_sync_time"):
+            sync_weights(rt)
 
     n_tok = sum(len(r) for r in batch.response_ids) + sum(len(p) for p in batch.prompt_ids)
     if rt.is_rank0:
