@@ -27,6 +27,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 
 
+def run_many(jobs: list[tuple], parallel: int) -> list[dict]:
+    """run_one(*job) for each job, at most `parallel` at a time (threads waiting on subprocesses)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+        return list(pool.map(lambda job: run_one(*job), jobs))
+
+
 def run_one(method: str, seed: int, steps: int, out: str, config: str, eval_interval: int,
             overrides: list[str]) -> dict:
     """One training run as a subprocess; returns {"dir", "records", "wall_s"} (records from metrics.jsonl)."""
@@ -37,7 +45,7 @@ def run_one(method: str, seed: int, steps: int, out: str, config: str, eval_inte
             f"trainer.save_dir={run_dir}/ckpt", f"logging.log_dir={run_dir}/logs", "logging.wandb_mode=disabled",
             f"logging.run_name={method}_seed{seed}", *overrides]
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "2")
+    env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("PYTHONWARNINGS", "ignore")
     t0 = time.time()
     print(f"[compare] {method} seed {seed}: {steps} steps -> {run_dir}", flush=True)
@@ -151,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-interval", type=int, default=10)
     p.add_argument("--config", default=os.path.join("examples", "tiny_cpu", "config.yaml"))
     p.add_argument("--out", default=os.path.join("outputs", "compare"))
+    p.add_argument("--parallel", type=int, default=1, help="runs at a time (each run: trainer + engine process)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides for both methods")
     a = p.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
@@ -161,11 +170,15 @@ def main(argv: list[str] | None = None) -> int:
     k = cfg.trainer.eval_n_samples
     per_step = cfg.data.prompts_per_step * cfg.rollout.n_samples
     runs: dict = {"grpo": {}, "rfpo": {}}
-    for seed in a.seeds:
-        runs["rfpo"][seed] = run_one("rfpo", seed, a.steps, a.out, a.config, a.eval_interval, a.overrides)
+    done = run_many([("rfpo", s, a.steps, a.out, a.config, a.eval_interval, a.overrides) for s in a.seeds],
+                    a.parallel)
+    runs["rfpo"] = dict(zip(a.seeds, done))
+    jobs = []
+    for seed in a.seeds:  # GRPO gets RFPO's rollout budget (fix generations included), in whole steps
         budget = _last(runs["rfpo"][seed]["records"], "rollout/generations_total")
-        grpo_steps = max(a.steps, math.ceil(budget / per_step))
-        runs["grpo"][seed] = run_one("grpo", seed, grpo_steps, a.out, a.config, a.eval_interval, a.overrides)
+        jobs.append(("grpo", seed, max(a.steps, math.ceil(budget / per_step)), a.out, a.config,
+                     a.eval_interval, a.overrides))
+    runs["grpo"] = dict(zip(a.seeds, run_many(jobs, a.parallel)))
     summaries = {m: {s: summarize(r, k) for s, r in per.items()} for m, per in runs.items()}
     start = {}
     try:  # the warm start itself, evaluated the same way (step 0)
