@@ -267,3 +267,34 @@ def test_rope_mismatch_names_rope_theta():
     bad = SimpleNamespace(rotary_pos_emb=SimpleNamespace(inv_freq=expected_inv_freq(other).float()))
     (msg,) = rope_diffs(arch, bad)
     assert "rope_theta=1e+06" in msg and "rotary frequencies differ" in msg
+
+
+# ---- per-rank slice reading (hf_load) equals the full-tensor path --------------------------------------
+
+
+@pytest.mark.parametrize("model_type,nq,ng", [("qwen2", 8, 4), ("qwen3", 8, 2), ("llama", 4, 1)])
+def test_read_hf_shard_equals_full_then_split(tmp_path, model_type, nq, ng):
+    """Each TP rank's slice read from disk == shard_tp of the fully converted tensor (incl. ng < TP and all-padding ranks)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from rfpo_megatron.convert.hf_io import HFReader
+    from rfpo_megatron.convert.hf_load import read_hf_shard
+    from rfpo_megatron.convert.mapping import hf_to_mcore_tensor
+
+    cfg = _cfg(model_type, num_attention_heads=nq, num_key_value_heads=ng, head_dim=8, tie_word_embeddings=False)
+    arch = arch_from_hf_config(cfg)
+    g = torch.Generator().manual_seed(nq + ng)
+    tensors = {n: torch.randn(s, generator=g) for r in all_rules(arch) for n, s in zip(r.hf, r.hf_shapes)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    reader = HFReader(tmp_path)
+    for tp in (1, 2, 4):
+        vp = padded_vocab(arch.vocab_size, tp)
+        for rule in all_rules(arch):
+            full = hf_to_mcore_tensor(arch, rule, [tensors[n] for n in rule.hf])
+            for rank in range(tp):
+                want = shard_tp(rule.mcore, full, tp, rank, padded_vocab=vp)
+                got = read_hf_shard(arch, rule, reader, tp, rank, padded_vocab=vp if tp_kind(rule.mcore) == "vocab" else None)
+                assert torch.equal(got, want), f"{rule.mcore} tp={tp} rank={rank}"

@@ -82,13 +82,21 @@ class HFReader:
         """Tensor name -> shape, from the safetensors headers (no data read)."""
         return {n: tuple(self._handle(f).get_slice(n).get_shape()) for n, f in self.file_of.items()}
 
-    def dtypes(self) -> set[str]:
-        return {self._handle(f).get_slice(n).get_dtype() for n, f in self.file_of.items()}
-
     def get(self, name: str) -> torch.Tensor:
         if name not in self.file_of:
             raise ConversionError(f"{self.dir}: tensor '{name}' not found")
         return self._handle(self.file_of[name]).get_tensor(name)
+
+    def get_part(self, name: str, *, rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None) -> torch.Tensor:
+        """Rows [a, b) or columns [a, b) of a tensor, reading only that part from disk."""
+        if name not in self.file_of:
+            raise ConversionError(f"{self.dir}: tensor '{name}' not found")
+        sl = self._handle(self.file_of[name]).get_slice(name)
+        if rows is not None:
+            return sl[rows[0]:rows[1]]
+        if cols is not None:
+            return sl[:, cols[0]:cols[1]]
+        return sl[:]
 
 
 class HFWriter:

@@ -45,6 +45,7 @@ from rfpo_megatron.convert.mcore_io import (
     write_meta,
     write_rank_file,
 )
+from rfpo_megatron.convert.hf_load import load_hf_into_model  # noqa: F401  (re-export: trainer imports it here)
 from rfpo_megatron.convert.sharding import shard_tp
 from rfpo_megatron.convert.validate import config_diffs, require_no_diffs
 
@@ -300,30 +301,6 @@ def check_full_state(arch: Arch, state: dict[str, torch.Tensor], *, source: str)
             problems.append("tied model: output_layer.weight differs from embedding.word_embeddings.weight")
     if problems:
         raise ConversionError(f"{source} does not match its {arch.model_type} config:\n  - " + "\n  - ".join(problems))
-
-
-def load_hf_into_model(model_chunks, hf_dir: str | os.PathLike) -> Arch:
-    """Load an HF directory straight into live megatron chunks (any TP/PP; collective-free).
-
-    Reads only this stage's tensors; the HF config is checked against the model (fields named).
-    """
-    from rfpo_megatron.convert.mapping import hf_to_mcore_state
-    from rfpo_megatron.convert.sharding import canonical_params, load_full_state
-    from rfpo_megatron.convert.validate import model_diffs
-
-    cfg = read_hf_config(hf_dir)
-    arch = arch_from_hf_config(cfg, where=str(Path(hf_dir) / "config.json"))
-    for chunk in model_chunks:
-        require_no_diffs(model_diffs(arch, chunk), what=f"{hf_dir} does not match the model")
-    reader = HFReader(hf_dir)
-    check_hf_tensors(arch, reader.shapes(), source=str(hf_dir))
-    names = {n for n, _ in canonical_params(model_chunks)}
-    if "output_layer.weight" in names and arch.tie_embeddings:
-        names.add("embedding.word_embeddings.weight")
-    rules = [r for r in all_rules(arch) if r.mcore in names]
-    full = dict(hf_to_mcore_state(arch, reader.get, rules))
-    load_full_state(model_chunks, full, vocab_size=arch.vocab_size)
-    return arch
 
 
 def dump_summary(meta: McoreMeta) -> str:
