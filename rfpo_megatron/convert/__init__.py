@@ -1,12 +1,17 @@
 """HF <-> megatron-core checkpoint conversion: one name/shape mapping per model family, shared by tools and weight sync.
 
-Public entry points (imported lazily so that `import rfpo_megatron.convert` stays light):
+Modules (imported lazily so that `import rfpo_megatron.convert` stays light):
 
-- `arch_from_hf_config(cfg) -> Arch`                       (arch.py)
-- `gather_full_state`, `load_full_state`, `iter_full_params` (sharding.py, live models)
-- `iter_hf_weights(model_chunks, hf_config, bucket_bytes)`   (export.py, rollout weight sync)
-- `save_weights`, `load_weights`                             (mcore_io.py, the rfpo-mcore format)
-- `hf_to_mcore`, `mcore_to_hf`, `load_hf_into_model`         (offline.py)
+- arch.py         `arch_from_hf_config(cfg) -> Arch`: the validated architecture of an HF config
+- mapping.py      HF <-> canonical megatron names/shapes (QKV group interleave, SwiGLU fc1, tying)
+- sharding.py     TP split/merge rules; `gather_full_state`, `load_full_state`, `iter_full_params` (live models)
+- export.py       `iter_hf_weights(model_chunks, hf_config, bucket_bytes)` (rollout weight sync), `save_hf`
+- hf_load.py      `load_hf_into_model(model_chunks, hf_dir)`: each rank reads only its TP slices
+- hf_io.py        HF safetensors directories (lazy reader, sharded writer + index, tokenizer files)
+- actor_format.py the actor's "full" checkpoint format; dist_format.py its "dist" (dist_checkpointing) one
+- mcore_io.py     the sharded rfpo-mcore format (`save_weights`, `load_weights`)
+- offline.py      `hf_to_mcore`, `mcore_to_hf` (the tools); cli.py `rfpo-megatron convert ...`
+- validate.py     HF config vs the megatron architecture built (fields named), RoPE check
 """
 from rfpo_megatron.convert.arch import Arch, ConversionError, arch_from_hf_config
 

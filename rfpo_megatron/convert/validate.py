@@ -5,9 +5,12 @@ loaded into a live model (against the model's own TransformerConfig and vocab).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rfpo_megatron.convert.arch import Arch, ConversionError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def config_diffs(arch: Arch, tconfig: Any) -> list[str]:
