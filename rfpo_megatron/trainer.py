@@ -236,7 +236,7 @@ def install_signal_handlers(rt: Runtime) -> None:
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
 
 
 def stop_requested(rt: Runtime) -> bool:
@@ -786,6 +786,16 @@ def setup(cfg: Config) -> Runtime:
     from rfpo_megatron.rewards import get_reward_fn
 
     check_paths(cfg)
+    data_kw = dict(skip_bad_records=cfg.data.skip_bad_records, prompt_key=cfg.data.prompt_key,
+                   answer_key=cfg.data.answer_key)
+    prompts = load_prompt_sets(list(cfg.data.train_files), **data_kw).records  # bad data fails before init
+    eval_sets = {os.path.splitext(os.path.basename(p))[0]: load_prompt_sets([p], **data_kw).records
+                 for p in cfg.data.eval_files}
+    from rfpo_megatron.rewards import available_rewards
+
+    if cfg.data.reward_fn not in available_rewards():
+        raise ConfigError(f"data.reward_fn='{cfg.data.reward_fn}' is unknown; choose one of: "
+                          f"{', '.join(available_rewards())}")
     single = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")) or 1) == 1
     if single and "MASTER_PORT" not in os.environ:  # a lone process: never collide on the default port
         from rfpo_megatron.rollout.procs import free_port
@@ -793,22 +803,20 @@ def setup(cfg: Config) -> Runtime:
         os.environ["MASTER_PORT"] = str(free_port())
     info = init_parallel(cfg.actor.tensor_model_parallel_size, cfg.actor.pipeline_model_parallel_size,
                          seed=cfg.trainer.seed)
-    rt = Runtime(cfg, rank=info.rank, world_size=info.world_size)
+    rt = Runtime(cfg, rank=info.rank, world_size=info.world_size, prompts=prompts,
+                 eval_sets=eval_sets if info.rank == 0 else {})
+    if rt.is_rank0:  # only rank 0 scores (a process-pool verifier would otherwise start on every rank)
+        rt.verifier = get_reward_fn(cfg.data.reward_fn)
+        if hasattr(rt.verifier, "close"):
+            rt.cleanup.append(rt.verifier.close)
     install_signal_handlers(rt)
     rt.tokenizer = AutoTokenizer.from_pretrained(cfg.actor.hf_model_path)
     rt.pad_id = rt.tokenizer.pad_token_id if rt.tokenizer.pad_token_id is not None else 0
     rt.eos_ids = [rt.tokenizer.eos_token_id] if rt.tokenizer.eos_token_id is not None else []
     rt.prompt_format = PromptFormat(mode="auto" if cfg.data.chat_template else "plain")
-    data_kw = dict(skip_bad_records=cfg.data.skip_bad_records, prompt_key=cfg.data.prompt_key,
-                   answer_key=cfg.data.answer_key)
-    rt.prompts = load_prompt_sets(list(cfg.data.train_files), **data_kw).records
     rt.sampler = PromptSampler(len(rt.prompts), cfg.data.prompts_per_step, seed=cfg.trainer.seed,
                                shuffle=cfg.data.shuffle)
     rt.tracker = InternalizationTracker()
-    if rt.is_rank0:
-        rt.verifier = get_reward_fn(cfg.data.reward_fn)
-        rt.eval_sets = {os.path.splitext(os.path.basename(p))[0]: load_prompt_sets([p], **data_kw).records
-                        for p in cfg.data.eval_files}
     rt.actor = build_actor(cfg)
     a = cfg.algo
     if a.use_kl_loss or a.use_kl_in_reward or cfg.actor.use_reference:
@@ -897,7 +905,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.resume:
             cfg.trainer.resume = True
         train(cfg)
-    except ConfigError as exc:
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"rfpo-megatron train: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # data errors name file:line and field (rfpo_megatron.data.dataset.DataError)
+        from rfpo_megatron.data.dataset import DataError
+
+        if not isinstance(exc, DataError):
+            raise
         print(f"rfpo-megatron train: {exc}", file=sys.stderr)
         return 2
     return 0
