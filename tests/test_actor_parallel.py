@@ -113,6 +113,13 @@ def _w_reference(rank, tmp):
     torch.save(out["old2"], os.path.join(tmp, "old2.pt"))
     out["metrics"] = _step(a, b, lp)
     out["after"] = _full(a)
+    # every loss ingredient at once, checked against a float64 loop in the test
+    a3 = _actor(1, 1)
+    load_full_state(a3.modules, s0, vocab_size=HF["vocab_size"])
+    cb = _composite_batch(lp)
+    out["composite_batch"] = cb
+    out["composite"] = a3.train_step(cb, _composite_algo(), _rfpo())
+    del a3
     # split independence at TP=1: one micro-batch with all samples, and one sample per micro-batch
     for name, kw in (("one_mb", dict(max_tokens=None, micro_batch_size=len(LENGTHS))),
                      ("per_sample", dict(max_tokens=None, micro_batch_size=1))):
@@ -125,6 +132,37 @@ def _w_reference(rank, tmp):
         out[f"after_{name}"] = _full(a2)
         del a2
     return out
+
+
+def _composite_batch(lp):
+    g = torch.Generator().manual_seed(99)
+    b = _batch(1)
+    b.old_logp = [x + 0.3 * torch.randn(x.shape, generator=g) for x in lp]
+    b.ref_logp = [x + 0.2 * torch.randn(x.shape, generator=g) for x in lp]
+    b.tis_weights = [0.5 + torch.rand(x.shape, generator=g) for x in lp]
+    b.response_mask = [torch.ones(x.numel(), dtype=torch.bool) for x in lp]
+    b.response_mask[0][-1] = False
+    b.response_mask[2][:3] = False
+    log_roff = torch.zeros(len(lp))
+    log_roff[2], log_roff[4] = 0.3, -0.5
+    b.log_roff = log_roff
+    b.is_fixed = log_roff != 0
+    b.__post_init__()
+    return b
+
+
+def _composite_algo():
+    from rfpo_megatron.config import AlgoConfig
+
+    return AlgoConfig(policy_loss="ppo", loss_agg_mode="seq-mean-token-mean", clip_ratio_low=0.2,
+                      clip_ratio_high=0.28, clip_ratio_c=3.0, entropy_coeff=0.01, use_kl_loss=True,
+                      kl_loss_coef=0.1, kl_loss_type="k3")
+
+
+def _rfpo():
+    from rfpo_megatron.config import RFPOConfig
+
+    return RFPOConfig(loss_form="faithful")
 
 
 def _load_s0(actor, tmp):
@@ -323,3 +361,48 @@ def test_dp_rank_without_samples_joins_the_step(worlds):
     assert m0["train/ppo_kl"] == 0.0
     want = -float(worlds["pp2"][0]["one_sample_adv"].double().mean())
     assert m0["train/pg_loss"] == pytest.approx(want, abs=1e-6)
+
+
+def test_train_step_loss_composition_matches_float64_loop(worlds):
+    """ppo + dual clip + R_off (faithful) + TIS + mask + seq-mean-token-mean + entropy + k3 KL."""
+    w = worlds["tp1"][0]
+    b, m = w["composite_batch"], w["composite"]
+    lo, hi, c, ent_coef, kl_coef = 0.8, 1.28, 3.0, 0.01, 0.1
+    seq_pg, seq_ent, seq_kl = [], [], []
+    n_tok, kl_sum, ent_sum, clipped = 0, 0.0, 0.0, 0
+    for i in range(len(b)):
+        R = math.exp(float(b.log_roff[i]))
+        pg = ent = kl = 0.0
+        n = 0
+        for t in range(b.response_lens[i]):
+            if not bool(b.response_mask[i][t]):
+                continue
+            lp, old = float(w["logp"][i][t]), float(b.old_logp[i][t])
+            A, H = float(b.advantages[i][t]), float(w["entropy"][i][t])
+            ratio = math.exp(lp - old) * R
+            l1 = -A * ratio
+            l2 = -(A * R) * min(max(ratio, lo), hi)
+            L = max(l1, l2)
+            clipped += int(l2 > l1)
+            if A < 0:
+                L = min(L, -c * A * R)
+            pg += L * float(b.tis_weights[i][t])
+            d = float(b.ref_logp[i][t]) - lp
+            kl += math.exp(d) - d - 1
+            ent += H
+            n += 1
+            kl_sum += old - lp
+            ent_sum += H
+        n_tok += n
+        seq_pg.append(pg / n)
+        seq_ent.append(ent / n)
+        seq_kl.append(kl / n)
+    pg_loss = sum(seq_pg) / len(seq_pg)
+    want = pg_loss - ent_coef * sum(seq_ent) / len(seq_ent) + kl_coef * sum(seq_kl) / len(seq_kl)
+    assert m["train/pg_loss"] == pytest.approx(pg_loss, abs=1e-5)
+    assert m["train/loss"] == pytest.approx(want, abs=1e-5)
+    assert m["train/kl_loss"] == pytest.approx(sum(seq_kl) / len(seq_kl), abs=1e-5)
+    assert m["train/ppo_kl"] == pytest.approx(kl_sum / n_tok, abs=1e-5)
+    assert m["train/entropy"] == pytest.approx(ent_sum / n_tok, abs=1e-5)
+    assert m["train/pg_clipfrac"] == pytest.approx(clipped / n_tok, abs=1e-6)
+    assert 0 < clipped < n_tok
