@@ -18,6 +18,7 @@ install_requires = [
     "aiohttp",
     "requests",
     "tqdm",
+    "psutil",  # megatron dist_checkpointing's async writer needs it
 ]
 if platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64"):
     # Triton runs the kernels on CPU through its interpreter (TRITON_INTERPRET=1) in tests.
