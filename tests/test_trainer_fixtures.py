@@ -92,9 +92,9 @@ def register_test_reward() -> None:
     register_reward("first_char_digit")(lambda **kw: FirstCharDigit())
 
 
-def run_trainer_cmd(argv: list[str]) -> list[str]:
-    """The command line of a real trainer subprocess (`rfpo-megatron train ARGV` plus the test reward)."""
-    return [sys.executable, os.path.abspath(__file__), "train", *argv]
+def run_trainer_cmd(argv: list[str], command: str = "train") -> list[str]:
+    """The command line of a real subprocess `rfpo-megatron train|eval ARGV` with the test reward registered."""
+    return [sys.executable, os.path.abspath(__file__), command, *argv]
 
 
 def trainer_env() -> dict:
@@ -114,6 +114,10 @@ if __name__ == "__main__":  # subprocess entry: python tests/test_trainer_fixtur
     register_test_reward()
     if sys.argv[1] == "train":
         from rfpo_megatron.trainer import main
+
+        sys.exit(main(sys.argv[2:]))
+    if sys.argv[1] == "eval":
+        from rfpo_megatron.evaluate import main
 
         sys.exit(main(sys.argv[2:]))
     sys.exit(f"unknown command {sys.argv[1]}")

@@ -48,7 +48,8 @@ def assets(tmp_path_factory):
 def full_run(assets, tmp_path_factory):
     """An uninterrupted 3-step run, checkpoint every step."""
     out = str(tmp_path_factory.mktemp("full"))
-    p = _train(assets, out, **{"trainer.steps": 3})
+    p = _train(assets, out, **{"trainer.steps": 3, "trainer.eval_interval": 3,
+                               "data.eval_files": f"[{assets['eval']}]", "trainer.eval_n_samples": 2})
     return out, p
 
 
@@ -81,6 +82,29 @@ def test_run_artifacts(full_run):
     with open(os.path.join(out, "ckpt", "latest")) as fh:
         assert fh.read().strip() == "step_000003"
     assert "step 3/3" in p.stdout and "ETA" in p.stdout
+
+
+def test_standalone_eval_of_checkpoint_equals_in_training_eval(assets, full_run, tmp_path):
+    """`rfpo-megatron eval --checkpoint` loads step 3's weights into a fresh engine (through the actor and the
+    weight sync); with the trainer's eval seed it reproduces the eval/* the trainer logged at step 3."""
+    import json
+
+    from rfpo_megatron.config import load_config
+    from rfpo_megatron.trainer import step_seed
+
+    full_out, _ = full_run
+    logged = {k: v for k, v in _metrics(full_out)[3].items() if k.startswith("eval/")}
+    assert "eval/eval_easy/avg@2" in logged and "eval/eval_easy/pass@2" in logged
+    args = _args(assets, str(tmp_path), **{"trainer.eval_n_samples": 2})
+    seed = step_seed(load_config(args[0], args[1:]), 3) + 17
+    out_json = str(tmp_path / "eval.json")
+    p = subprocess.run(run_trainer_cmd(args + ["--checkpoint", os.path.join(full_out, "ckpt"), "--files",
+                                               assets["eval"], "--seed", str(seed), "--out", out_json], "eval"),
+                       env=trainer_env(), capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-4000:]
+    with open(out_json) as fh:
+        got = json.load(fh)
+    assert got == pytest.approx(logged)
 
 
 def test_resume_reproduces_next_step_exactly(assets, full_run, tmp_path):
