@@ -1,4 +1,4 @@
-"""Registry of reward functions by name: `get_reward_fn("math" | "exact_match" | "addition", **kwargs)`."""
+"""Registry of reward functions by name: `get_reward_fn("math" | "exact_match" | "addition" | "addition_strict", **kw)`."""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -49,3 +49,11 @@ def _addition(**kw: Any) -> Any:
     from rfpo_megatron.rewards.addition import AdditionVerifier
 
     return AdditionVerifier(**kw)
+
+
+@register_reward("addition_strict")
+def _addition_strict(**kw: Any) -> Any:
+    """Addition task where every column step must be right too (no credit for a copied answer)."""
+    from rfpo_megatron.rewards.addition import AdditionVerifier
+
+    return AdditionVerifier(require_steps=True, **kw)
