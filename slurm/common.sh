@@ -92,11 +92,31 @@ rfpo_start_watchdog() {  # rfpo_start_watchdog STEP_NAME
   RFPO_WATCHDOG_PID=$!
 }
 
-# ---- preemption / time limit: forward to the trainer (it checkpoints on SIGTERM) and requeue
+# ---- preemption / time limit: SIGTERM to the trainer's tasks (they checkpoint and exit), then requeue.
+# Only the task processes get it (`scontrol listpids` on every node, LOCALID != -): signalling srun makes it
+# abort the step (SIGKILL after KillWait), and `scancel --signal` would also hit the ranks' children (the
+# rollout server) before the trainer has checkpointed.
+rfpo_signal_tasks() {  # rfpo_signal_tasks SIG JOB.STEP...
+  local sig="$1" s; shift
+  for s in "$@"; do
+    srun --overlap --jobid="${s%%.*}" --nodes="${SLURM_JOB_NUM_NODES:-1}" --ntasks="${SLURM_JOB_NUM_NODES:-1}" -J rfpo-signal \
+      bash -c "scontrol listpids $s 2>/dev/null | awk 'NR>1 && \$4 != \"-\" {print \$1}' | xargs -r kill -$sig" || true
+  done
+}
 RFPO_TRAIN_PID=""
 rfpo_on_preempt() {
   rfpo_log "got the pre-timeout/preemption signal: checkpointing (SIGTERM to the trainer) and requeueing"
-  if [ -n "$RFPO_TRAIN_PID" ]; then kill -TERM "$RFPO_TRAIN_PID" 2>/dev/null || true; wait "$RFPO_TRAIN_PID" || true; fi
+  local steps=""
+  if [ -n "${SLURM_JOB_ID:-}" ]; then
+    steps="$(squeue -h -s -j "$SLURM_JOB_ID" -o '%i %j' 2>/dev/null | awk '$2 == "rfpo-train" {print $1}')"
+  fi
+  if [ -n "$steps" ]; then
+    # shellcheck disable=SC2086
+    rfpo_signal_tasks TERM $steps
+  elif [ -n "$RFPO_TRAIN_PID" ]; then
+    kill -TERM "$RFPO_TRAIN_PID" 2>/dev/null || true
+  fi
+  if [ -n "$RFPO_TRAIN_PID" ]; then wait "$RFPO_TRAIN_PID" || true; fi
   [ -n "${SLURM_JOB_ID:-}" ] && scontrol requeue "$SLURM_JOB_ID"
   exit 0
 }
@@ -161,7 +181,8 @@ rfpo_urls_override() {
 # rfpo_run_trainer NODE_OFFSET NUM_NODES TASKS_PER_NODE EXTRA_OVERRIDES...
 rfpo_run_trainer() {
   local offset="$1" nnodes="$2" tpn="$3"; shift 3
-  local args=(--nodes="$nnodes" --ntasks-per-node="$tpn" --kill-on-bad-exit=1 --label -J rfpo-train)
+  local args=(--nodes="$nnodes" --ntasks="$(( nnodes * tpn ))" --ntasks-per-node="$tpn" --kill-on-bad-exit=1 --label
+              -J rfpo-train)
   [ "$offset" -gt 0 ] && args+=(--relative="$offset")
   rfpo_start_watchdog rfpo-train
   # shellcheck disable=SC2086

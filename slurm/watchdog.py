@@ -8,8 +8,9 @@ Contract with the trainer (rfpo_megatron/trainer.py):
 
 On a stall (no heartbeat for ``--minutes``; before the first step ``--startup-minutes`` counted from the
 watchdog's start) it:
-  1. sends SIGUSR1 to every task of the training step -- under Slurm ``scancel --signal=USR1 JOB.STEP``
-     (all nodes), locally ``kill -USR1`` to ``--pids``;
+  1. sends SIGUSR1 to every rank of the training step -- under Slurm to the step's task processes on every
+     node (``srun --overlap`` one task per node over ``scontrol listpids JOB.STEP``; only the tasks, not their
+     children: a rollout server child without a SIGUSR1 handler would die of it), locally to ``--pids``;
   2. if ``py-spy`` is on PATH, also runs ``py-spy dump`` on each rank (under Slurm: one ``srun --overlap``
      task per node over ``scontrol listpids``) into ``<log dir>/pyspy-<n>.txt``;
   3. with ``--kill``: if still no heartbeat after another ``--minutes``, cancels the step (Slurm) or sends
@@ -61,10 +62,20 @@ def find_slurm_step(name: str, job_id: str) -> Optional[str]:
     return None
 
 
+def signal_step_tasks_cmd(step: str, sig: str, nodes: int) -> list[str]:
+    """srun command that sends ``sig`` to the task processes (LOCALID != '-') of ``step`` on every node."""
+    script = (f"scontrol listpids {step} 2>/dev/null | awk 'NR>1 && $4 != \"-\" {{print $1}}' "
+              f"| xargs -r kill -{sig}")
+    return ["srun", "--overlap", f"--jobid={step.split('.')[0]}", f"--nodes={nodes}", f"--ntasks={nodes}",
+            "-J", "rfpo-signal", "bash", "-c", script]
+
+
 def signal_ranks(step: Optional[str], pids: list[int], sig: signal.Signals, logf: Optional[str]) -> None:
     if step:
-        r = subprocess.run(["scancel", f"--signal={sig.name.replace('SIG', '')}", step], capture_output=True, text=True)
-        log(logf, f"scancel --signal={sig.name} {step}: rc={r.returncode} {r.stderr.strip()}")
+        nodes = int(os.environ.get("SLURM_JOB_NUM_NODES", "1"))
+        r = subprocess.run(signal_step_tasks_cmd(step, sig.name.replace("SIG", ""), nodes), capture_output=True,
+                           text=True, timeout=120)
+        log(logf, f"{sig.name} to the tasks of step {step} on {nodes} node(s): rc={r.returncode} {r.stderr.strip()}")
     for pid in pids:
         try:
             os.kill(pid, sig)
@@ -82,7 +93,9 @@ def pyspy_dump(step: Optional[str], pids: list[int], out_dir: str, n: int, logf:
         job = step.split(".")[0]
         script = (f"for p in $(scontrol listpids {step} 2>/dev/null | awk 'NR>1{{print $1}}'); do "
                   f"echo \"== $(hostname) pid $p\"; {exe} dump --pid $p 2>&1; done")
-        cmd = ["srun", "--overlap", f"--jobid={job}", "--ntasks-per-node=1", "bash", "-c", script]
+        nodes = os.environ.get("SLURM_JOB_NUM_NODES", "1")
+        cmd = ["srun", "--overlap", f"--jobid={job}", f"--nodes={nodes}", f"--ntasks={nodes}", "-J", "rfpo-pyspy",
+               "bash", "-c", script]
     else:
         cmd = ["bash", "-c", "; ".join(f"echo '== pid {p}'; {exe} dump --pid {p} 2>&1" for p in pids)]
     with open(out, "w") as f:
