@@ -1,5 +1,7 @@
-"""Real single-node Slurm: slurmctld + slurmd + munged on localhost run the project's sbatch script with the
-tiny CPU config (2 tasks over gloo), then a resume job (`make test-slurm`-style; excluded from the default run).
+"""Real single-node Slurm: slurmctld + slurmd + munged on localhost; a smoke job, the watchdog on a hanging
+2-rank step, the project's sbatch script with the tiny CPU config (2 tasks over gloo) + a resume job, and a
+job interrupted by requeue (preemption) and by the pre-time-limit USR2 that must checkpoint, restart and
+resume (slurm/test_local_slurm.sh all; excluded from the default run).
 
 Needs root (apt-get install slurm-wlm munge, the munge user) unless Slurm is already installed; takes minutes.
 """
@@ -35,7 +37,8 @@ def test_sbatch_tiny_cpu_train_then_resume(tmp_path):
                        text=True, timeout=2300)
     tail = (r.stdout + r.stderr)[-6000:]
     assert r.returncode == 0, tail
-    assert "smoke OK" in r.stderr and "train + resume OK" in r.stderr and "ALL OK" in r.stderr, tail
+    for phase in ("smoke OK", "watchdog OK", "train + resume OK", "requeue OK", "usr2 OK", "ALL OK"):
+        assert f"[test_local_slurm] {phase}" in r.stderr, (phase, tail)
     # the daemons it started are gone
     for name in ("slurmctld.pid", "slurmd.pid"):
         assert not (tmp_path / "slurm" / name).exists()
