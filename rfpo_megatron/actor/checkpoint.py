@@ -186,6 +186,7 @@ def save_checkpoint(
     pp_rank = mpu.get_pipeline_model_parallel_rank()
     dp_rank = mpu.get_data_parallel_rank()
     writer = tp_rank == 0 and dp_rank == 0
+    dist_optim = False
     if fmt == "full":
         model_state = gather_full_state(actor.modules, vocab_size=actor.vocab_size)
         optim_state = _gather_optimizer_state(actor) if actor.optimizer is not None else {}
@@ -193,7 +194,7 @@ def save_checkpoint(
             torch.save(model_state, os.path.join(tmp, f"model_pp{pp_rank}.pt"))
             torch.save(optim_state, os.path.join(tmp, f"optim_pp{pp_rank}.pt"))
     else:
-        _save_dist(actor, os.path.join(tmp, "dist"))
+        dist_optim = _save_dist(actor, os.path.join(tmp, "dist"))
     torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
     if rank == 0:
         meta = {
@@ -205,6 +206,7 @@ def save_checkpoint(
             "dp": mpu.get_data_parallel_world_size(),
             "world_size": dist.get_world_size() if dist.is_initialized() else 1,
             "vocab_size": actor.vocab_size,
+            "dist_optimizer_saved": dist_optim,
             "scheduler": actor.scheduler.state_dict() if actor.scheduler is not None else None,
             "extra": extra or {},
         }
@@ -274,23 +276,30 @@ def _gather_optimizer_state(actor) -> dict[str, Any]:
     return out
 
 
-def _save_dist(actor, path: str) -> None:
+def _optimizer_has_state(actor) -> bool:
+    """True once the optimizer has taken a step (Adam moments exist)."""
+    return actor.optimizer is not None and any(len(s) > 0 for s in _torch_state(actor.optimizer).values())
+
+
+def _save_dist(actor, path: str) -> bool:
+    """dist_checkpointing save of model (+ optimizer once it has state); returns whether the optimizer was saved."""
     from megatron.core import dist_checkpointing
 
     if not dist.is_initialized() or dist.get_rank() == 0:
         os.makedirs(path, exist_ok=True)  # dist_checkpointing.save wants an existing directory
     _barrier()
-    dist_checkpointing.save(_dist_sharded_state(actor, is_loading=False), path)
+    with_optim = _optimizer_has_state(actor)
+    dist_checkpointing.save(_dist_sharded_state(actor, is_loading=False, with_optimizer=with_optim), path)
+    return with_optim
 
 
-def _dist_sharded_state(actor, *, is_loading: bool) -> dict:
-    sd: dict[str, Any] = {}
-    for i, m in enumerate(actor.modules):
-        sd["model" if len(actor.modules) == 1 else f"model{i}"] = m.sharded_state_dict()
-    if actor.optimizer is not None:
-        model_sd = sd["model"] if len(actor.modules) == 1 else {k: v for k, v in sd.items()}
+def _dist_sharded_state(actor, *, is_loading: bool, with_optimizer: bool) -> dict:
+    if len(actor.modules) != 1:
+        raise NotImplementedError("dist checkpoints of virtual-pipeline (several chunks per rank) models")
+    sd: dict[str, Any] = {"model": actor.modules[0].sharded_state_dict()}
+    if with_optimizer and actor.optimizer is not None:
         sd["optimizer"] = actor.optimizer.sharded_state_dict(
-            model_sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_sharded_model_space"}
+            sd["model"], is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_sharded_model_space"}
         )
     return sd
 
@@ -323,7 +332,7 @@ def load_checkpoint(actor, path: str, *, load_optimizer: bool = True, load_rng: 
             else:
                 actor.optimizer.reload_model_params()
     else:
-        _load_dist(actor, os.path.join(path, "dist"), load_optimizer=load_optimizer)
+        _load_dist(actor, os.path.join(path, "dist"), load_optimizer=load_optimizer and meta.get("dist_optimizer_saved", False))
     if actor.scheduler is not None and meta.get("scheduler") and load_optimizer:
         actor.scheduler.load_state_dict(meta["scheduler"])
     actor.step = int(meta["step"])
@@ -381,15 +390,9 @@ def _load_optimizer_state(actor, optim: dict[str, Any], vocab_size: int) -> None
 def _load_dist(actor, path: str, *, load_optimizer: bool) -> None:
     from megatron.core import dist_checkpointing
 
-    sd = _dist_sharded_state(actor, is_loading=True)
-    if not load_optimizer:
-        sd.pop("optimizer", None)
+    sd = _dist_sharded_state(actor, is_loading=True, with_optimizer=load_optimizer)
     loaded = dist_checkpointing.load(sd, path)
-    if len(actor.modules) == 1:
-        actor.modules[0].load_state_dict(loaded["model"], strict=False)
-    else:
-        for i, m in enumerate(actor.modules):
-            m.load_state_dict(loaded[f"model{i}"], strict=False)
+    actor.modules[0].load_state_dict(loaded["model"], strict=False)
     if "optimizer" in loaded and actor.optimizer is not None:
         actor.optimizer.load_state_dict(loaded["optimizer"])
     elif actor.optimizer is not None:

@@ -16,7 +16,10 @@ What it does (process-wide, idempotent):
    (``synchronize``, ``empty_cache``, memory queries, ``manual_seed``) become
    harmless no-ops.
 2. Megatron's ``clip_grad_by_total_norm_fp32`` asserts ``torch.cuda.FloatTensor``
-   grads; it is swapped for a CPU twin with the same formula.
+   grads; it is swapped for a CPU twin with the same formula. ``dist_checkpointing``'s
+   file writer forks one process per bucket, and the fork deadlocks in a process
+   that already runs gloo threads (the "save hangs over gloo" symptom); on CPU the
+   buckets are written in-process by the same worker function.
 3. RNG tracker. megatron's ``get_cuda_rng_tracker()`` forks CUDA generator
    states (attention dropout, TP weight init). It is replaced by
    :class:`CpuRNGStatesTracker`, which keeps named CPU generator states and
@@ -172,12 +175,42 @@ def _cpu_clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_deco
             g.mul_(clip_coeff)
 
 
+def _inprocess_write_preloaded_data_multiproc(transform_list, use_msc, rank, write_buckets, global_results_queue):
+    """In-process twin of FileSystemWriterAsync.write_preloaded_data_multiproc.
+
+    megatron forks one writer process per bucket; forked from a process that already
+    runs gloo / OpenMP threads, the child deadlocks on an inherited lock (this was the
+    "dist_checkpointing.save hangs over gloo" symptom). The buckets are written here,
+    one after the other, by the same worker function.
+    """
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+    results: dict | Exception = {}
+    local_q: queue.Queue = queue.Queue()
+    count_q: queue.Queue = queue.Queue()
+    for i, bucket in enumerate(write_buckets):
+        count_q.put(i)
+        FileSystemWriterAsync.write_preloaded_data(
+            transform_list, i, bucket, local_q, count_q, True, use_msc=use_msc
+        )
+        idx, res = local_q.get()
+        if isinstance(res, Exception):
+            results = res
+            break
+        results[idx] = res
+    global_results_queue.put(results)
+
+
 def _patch_megatron() -> None:
-    """Swap megatron functions that assert CUDA tensor types for CPU twins."""
+    """Swap megatron functions that assert CUDA tensor types or fork writers for CPU twins."""
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
     from megatron.core.optimizer import clip_grads, optimizer
 
     clip_grads.clip_grad_by_total_norm_fp32 = _cpu_clip_grad_by_total_norm_fp32
     optimizer.clip_grad_by_total_norm_fp32 = _cpu_clip_grad_by_total_norm_fp32
+    FileSystemWriterAsync.write_preloaded_data_multiproc = staticmethod(_inprocess_write_preloaded_data_multiproc)
 
 
 def enable_cpu_compat() -> bool:
