@@ -124,3 +124,48 @@ def test_kill_during_save_leaves_previous_checkpoint(tmp_path):
     assert torch.equal(out["logits"], want)  # same layout: bit-identical
     assert out["listing"] == ["latest", step_dir_name(1), step_dir_name(5)]
     assert latest_checkpoint(ckpt) == out["path"]
+
+
+def _dist_format_world(rank, ckpt):
+    from rfpo_megatron.actor.checkpoint import load_checkpoint, save_checkpoint
+    from rfpo_megatron.actor.parallel import destroy_parallel, init_parallel
+    from rfpo_megatron.config import ActorConfig, AlgoConfig
+
+    def actor(tp, pp):
+        from rfpo_megatron.actor.actor import Actor
+
+        return Actor(HF, ActorConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, lr=1e-2,
+                                     adam_eps=1e-3, max_tokens_per_gpu=32), total_steps=3)
+
+    init_parallel(tp=2, pp=1, seed=3)
+    a = actor(2, 1)
+    b = batch()
+    old = a.compute_logprobs(b)[0]
+    b.old_logp = old
+    a.train_step(b, AlgoConfig())
+    path = save_checkpoint(a, ckpt, fmt="dist")
+    out = {"files": sorted(os.listdir(path)), "logits": a.forward_logits(IDS)}
+    out["loss2"] = a.train_step(b, AlgoConfig())["train/loss"]  # old log-probs are stale: loss depends on weights
+    out["logits3"] = a.forward_logits(IDS)  # after step 2: depends on the restored Adam moments and LR
+    del a
+    destroy_parallel(keep_process_group=True)
+    init_parallel(tp=1, pp=2, seed=3)
+    a = actor(1, 2)
+    meta = load_checkpoint(a, ckpt)
+    out.update(meta=meta, logits_pp2=a.forward_logits(IDS), step=a.step)
+    b.old_logp = old
+    out["loss2_pp2"] = a.train_step(b, AlgoConfig())["train/loss"]
+    out["logits3_pp2"] = a.forward_logits(IDS)
+    return out
+
+
+def test_dist_format_tp2_to_pp2_over_gloo(tmp_path):
+    """megatron dist_checkpointing (the GPU default) on CPU: TP=2 save -> PP=2 load, model + optimizer."""
+    outs = spawn_world(_dist_format_world, 2, str(tmp_path / "ckpt"), timeout_s=400)
+    for out in outs:
+        assert out["meta"]["format"] == "dist" and out["meta"]["dist_optimizer_saved"] is True
+        assert "dist" in out["files"] and out["step"] == 1
+        assert float((out["logits_pp2"] - out["logits"]).abs().max()) <= 1e-5
+        assert abs(out["loss2_pp2"] - out["loss2"]) <= 1e-6
+        assert float((out["logits3_pp2"] - out["logits3"]).abs().max()) <= 1e-5
+        assert float((out["logits3"] - out["logits"]).abs().max()) > 1e-3  # step 2 did move the weights
