@@ -35,6 +35,7 @@ from rfpo_megatron.data.types import RolloutGroup, Sample
 from rfpo_megatron.logging.metrics import grad_signal_frac, group_flags, roff_metrics, rollout_metrics
 
 STATE_FILE = "trainer_state.pt"
+SEED_ROLLOUT, SEED_FIX, SEED_EVAL, SEED_REFILL = 0, 1, 2, 10  # sampling-seed streams (step_seed)
 LATEST_FILE = "latest"
 
 
@@ -126,7 +127,7 @@ def collect_groups(rt: "Runtime", step: int, m: dict) -> Optional[list[RolloutGr
         if cfg.rfpo.enabled:
             with abortable(rt), timed(m, "perf/fix_time"):
                 before = group_flags(groups, cfg.rfpo.fix.threshold, cfg.rfpo.fix.success_threshold)
-                groups, fix_m = fix_stage(rt, groups, seed=step_seed(cfg, step) + 1)
+                groups, fix_m = fix_stage(rt, groups, seed=step_seed(cfg, step, SEED_FIX))
                 m.update(fix_m)
                 m.update(before)  # zero/full group fractions of the policy's own samples
         else:
@@ -271,9 +272,12 @@ def touch(path: Optional[str]) -> None:
         os.utime(path, None)
 
 
-def step_seed(cfg: Config, step: int) -> int:
-    """The rollout seed of `step`: a pure function of (trainer.seed, step), so resume replays it."""
-    return int(cfg.trainer.seed) * 1_000_003 + int(step) * 7919
+def step_seed(cfg: Config, step: int, stream: int = SEED_ROLLOUT) -> int:
+    """The sampling seed of `stream` (rollout, fix, eval, refill rounds) at `step`: a pure function of
+    (trainer.seed, step, stream), so a resumed run replays exactly what the uninterrupted one sampled."""
+    from rfpo_megatron.rollout.base import derive_seed
+
+    return derive_seed(int(cfg.trainer.seed), int(step), int(stream))
 
 
 # ----------------------------------------------------------------------------------- rollout stages
@@ -367,9 +371,9 @@ def dynamic_sampling(rt: Runtime, groups: list[RolloutGroup], step: int, m: dict
     rounds = 1
     while len(kept) < want and rounds < cfg.algo.max_gen_batches:
         records = [rt.prompts[i] for i in rt.sampler.next_indices()]
-        extra = rollout(rt, records, seed=step_seed(cfg, step) + 1000 * rounds)
+        extra = rollout(rt, records, seed=step_seed(cfg, step, SEED_REFILL + 2 * rounds))
         if cfg.rfpo.enabled:
-            fix_stage(rt, extra, seed=step_seed(cfg, step) + 1000 * rounds + 1)
+            extra, _ = fix_stage(rt, extra, seed=step_seed(cfg, step, SEED_REFILL + 2 * rounds + 1))
         kept += [g for g in extra if not all_equal(g.rewards)]
         rounds += 1
     m["rollout/dynamic_sampling_rounds"] = float(rounds)
@@ -882,7 +886,7 @@ def run_eval(rt: Runtime, step: int) -> dict[str, float]:
     m: dict[str, float] = {}
     with timed(m, "perf/eval_time"):
         m.update(evaluate_sets(rt.engine, rt.tokenizer, rt.verifier, rt.eval_sets, rt.cfg,
-                               seed=step_seed(rt.cfg, step) + 17, eos_ids=rt.eos_ids,
+                               seed=step_seed(rt.cfg, step, SEED_EVAL), eos_ids=rt.eos_ids,
                                prompt_format=rt.prompt_format))
     return m
 

@@ -93,13 +93,13 @@ def test_standalone_eval_of_checkpoint_equals_in_training_eval(assets, full_run,
     import json
 
     from rfpo_megatron.config import load_config
-    from rfpo_megatron.trainer import step_seed
+    from rfpo_megatron.trainer import SEED_EVAL, step_seed
 
     full_out, _ = full_run
     logged = {k: v for k, v in _metrics(full_out)[3].items() if k.startswith("eval/")}
     assert "eval/eval_easy/avg@2" in logged and "eval/eval_easy/pass@2" in logged
     args = _args(assets, str(tmp_path), **{"trainer.eval_n_samples": 2})
-    seed = step_seed(load_config(args[0], args[1:]), 3) + 17
+    seed = step_seed(load_config(args[0], args[1:]), 3, SEED_EVAL)
     out_json = str(tmp_path / "eval.json")
     p = subprocess.run(run_trainer_cmd(args + ["--checkpoint", os.path.join(full_out, "ckpt"), "--files",
                                                assets["eval"], "--seed", str(seed), "--out", out_json], "eval"),
