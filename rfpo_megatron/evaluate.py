@@ -75,7 +75,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--k", type=int, default=None, help="samples per prompt (default: trainer.eval_n_samples)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: trainer.seed)")
     p.add_argument("--out", default=None, help="also write the metrics to this JSON file")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -898,7 +898,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("config", help="YAML config (e.g. examples/tiny_cpu/config.yaml)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides (e.g. rfpo.enabled=false)")
     p.add_argument("--resume", action="store_true", help="continue from trainer.save_dir/latest")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
