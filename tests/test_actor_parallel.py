@@ -113,6 +113,23 @@ def _w_reference(rank, tmp):
     torch.save(out["old2"], os.path.join(tmp, "old2.pt"))
     out["metrics"] = _step(a, b, lp)
     out["after"] = _full(a)
+    # inference-only actor (the reference policy): same log-probs, no optimizer / gradient buffers
+    from rfpo_megatron.actor.actor import Actor
+    from rfpo_megatron.config import ActorConfig
+
+    ref = Actor(HF, ActorConfig(max_tokens_per_gpu=TOKEN_BUDGET), with_optimizer=False)
+    load_full_state(ref.modules, s0, vocab_size=HF["vocab_size"])
+    out["logp_reference_actor"] = ref.compute_logprobs(_batch(1))[0]
+    out["reference_has_grad"] = any(p.requires_grad for p in ref.modules[0].parameters())
+    del ref
+    out["config_errors"] = []
+    for bad in (dict(bf16=True), dict(recompute="full"), dict(sequence_parallel=True),
+                dict(context_parallel_size=2), dict(tensor_model_parallel_size=2)):
+        try:
+            Actor(HF, ActorConfig(**bad))
+            out["config_errors"].append(None)
+        except ValueError as err:
+            out["config_errors"].append(str(err))
     # every loss ingredient at once, checked against a float64 loop in the test
     a3 = _actor(1, 1)
     load_full_state(a3.modules, s0, vocab_size=HF["vocab_size"])
@@ -406,3 +423,15 @@ def test_train_step_loss_composition_matches_float64_loop(worlds):
     assert m["train/entropy"] == pytest.approx(ent_sum / n_tok, abs=1e-5)
     assert m["train/pg_clipfrac"] == pytest.approx(clipped / n_tok, abs=1e-6)
     assert 0 < clipped < n_tok
+
+
+def test_reference_actor_and_config_errors(worlds):
+    w = worlds["tp1"][0]
+    assert _maxdiff(w["logp_reference_actor"], w["logp"]) == 0.0
+    assert w["reference_has_grad"] is False
+    bf16, rc, sp, cp, tp = w["config_errors"]
+    assert "actor.bf16=true needs a CUDA GPU" in bf16
+    assert "actor.recompute='full' needs a CUDA GPU" in rc
+    assert "actor.sequence_parallel=true is not supported" in sp
+    assert "actor.context_parallel_size > 1" in cp
+    assert "tensor_model_parallel_size=2" in tp and "init_parallel(tp=1" in tp

@@ -87,9 +87,18 @@ class Actor:
         self.on_gpu = torch.cuda.is_available()
         self.layout = "thd" if (self.on_gpu and spec != "local") else "pad"
         self.temperature = float(temperature)
+        if self.cfg.bf16 and not self.on_gpu and with_optimizer:
+            raise ValueError(
+                "actor.bf16=true needs a CUDA GPU (megatron's mixed-precision optimizer is CUDA-only); "
+                "set actor.bf16=false on CPU"
+            )
         dtype = torch.bfloat16 if self.cfg.bf16 else torch.float32
         overrides = dict(model_overrides)
         overrides.setdefault("calculate_per_token_loss", True)
+        if self.cfg.recompute in ("selective", "full") and not self.on_gpu:
+            # recomputation re-runs the forward inside torch.autograd.backward, where the CPU
+            # compat layer's device redirect is not active (modes are popped inside a handler)
+            raise ValueError(f"actor.recompute={self.cfg.recompute!r} needs a CUDA GPU; set actor.recompute=none on CPU")
         if self.cfg.recompute in ("selective", "full"):
             overrides.setdefault("recompute_granularity", self.cfg.recompute)
             if self.cfg.recompute == "full":
@@ -107,9 +116,14 @@ class Actor:
             check_for_nan_in_grad=False,
             average_in_collective=False,
         )
-        self.model = [
-            DistributedDataParallel(config=c.config, ddp_config=ddp_cfg, module=c) for c in chunks
-        ]
+        if with_optimizer:
+            self.model = [
+                DistributedDataParallel(config=c.config, ddp_config=ddp_cfg, module=c) for c in chunks
+            ]
+        else:  # inference-only (e.g. the reference policy): no gradient buffers
+            for c in chunks:
+                c.requires_grad_(False)
+            self.model = list(chunks)
         config = chunks[0].config
         config.finalize_model_grads_func = finalize_model_grads
         config.no_sync_func = None
@@ -165,7 +179,7 @@ class Actor:
     @property
     def modules(self) -> list:
         """Unwrapped GPTModel chunks of this rank."""
-        return [m.module for m in self.model]
+        return [getattr(m, "module", m) for m in self.model]
 
     def _my_microbatches(self, batch: ActorBatch) -> tuple[list[int], list[PackedMicroBatch]]:
         """(this DP rank's sample ids, its packed micro-batches)."""

@@ -23,7 +23,9 @@ What it does (process-wide, idempotent):
 3. RNG tracker. megatron's ``get_cuda_rng_tracker()`` forks CUDA generator
    states (attention dropout, TP weight init). It is replaced by
    :class:`CpuRNGStatesTracker`, which keeps named CPU generator states and
-   swaps them into torch's default CPU generator inside ``fork()``.
+   swaps them into torch's default CPU generator inside ``fork()``; megatron's
+   ``_get/_set_cuda_rng_state`` (used by activation recomputation) read and write
+   the CPU generator.
 
 The mode is pushed once and never popped; it costs a Python call per torch
 function, which is fine for the tiny CPU models this path exists for.
@@ -126,10 +128,23 @@ class CpuRNGStatesTracker:
             self._current_state_name = orig_name
 
 
+def _cpu_get_rng_state(device: Any = "cuda", clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
+    """Stands in for megatron's _get_cuda_rng_state: the CPU generator is the only one."""
+    return torch.get_rng_state()
+
+
+def _cpu_set_rng_state(new_state: torch.Tensor, device: Any = -1, graph_safe: bool = False) -> None:
+    """Stands in for megatron's _set_cuda_rng_state."""
+    torch.set_rng_state(new_state)
+
+
 def _install_rng_tracker() -> None:
     """Make megatron's global RNG tracker a CpuRNGStatesTracker."""
     from megatron.core.tensor_parallel import random as mrandom
 
+    # activation recomputation saves/restores the "CUDA" RNG state around each checkpointed chunk
+    mrandom._get_cuda_rng_state = _cpu_get_rng_state
+    mrandom._set_cuda_rng_state = _cpu_set_rng_state
     if not isinstance(mrandom._CUDA_RNG_STATE_TRACKER, CpuRNGStatesTracker):
         mrandom._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
