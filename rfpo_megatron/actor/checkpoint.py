@@ -170,6 +170,11 @@ def save_checkpoint(
     from megatron.core import parallel_state as mpu
 
     fmt = _pick_format(fmt)
+    if fmt == "full" and getattr(actor, "use_dist_opt", False):
+        raise ValueError(
+            "checkpoint format 'full' cannot gather the distributed optimizer's sharded state; "
+            "use fmt='dist' (the GPU default) or actor.use_distributed_optimizer=false"
+        )
     step = int(actor.step if step is None else step)
     rank = dist.get_rank() if dist.is_initialized() else 0
     final = os.path.join(ckpt_dir, step_dir_name(step))
