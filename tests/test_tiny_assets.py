@@ -27,6 +27,25 @@ def test_tokenizer_roundtrip_and_reload(tmp_path):
     assert tok.eos_token == "<|end|>" and tok.pad_token_id == 0 and len(tok) <= VOCAB_SIZE
 
 
+def test_tokenizer_same_ids_next_to_a_qwen2_config(tmp_path):
+    """In a model dir (config.json model_type=qwen2) AutoTokenizer picks Qwen2Tokenizer: same ids."""
+    from transformers import AutoTokenizer, Qwen2ForCausalLM
+
+    from tiny_assets import build_tokenizer, tiny_qwen2_config
+
+    tok = build_tokenizer(str(tmp_path / "tok"))
+    Qwen2ForCausalLM(tiny_qwen2_config(tok, hidden=32, layers=1, heads=2, kv_heads=1)).save_pretrained(
+        str(tmp_path / "model"))
+    tok.save_pretrained(str(tmp_path / "model"))
+    tok2 = AutoTokenizer.from_pretrained(str(tmp_path / "model"))
+    text = "<|user|>12+3 x\ny<|assistant|>2+3+0=5 1+0+0=1 ans=15<|end|>"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok2(text, add_special_tokens=False)["input_ids"] == ids
+    assert tok2.decode(ids) == text and tok2.eos_token_id == tok.eos_token_id
+    assert tok2.apply_chat_template([{"role": "user", "content": "1 2"}], tokenize=False,
+                                    add_generation_prompt=True) == "<|user|>1 2<|assistant|>"
+
+
 def test_tiny_qwen2_forward(tmp_path):
     import torch
     from transformers import Qwen2ForCausalLM

@@ -99,9 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     templates, _ = load_templates(a.config)
 
     # 1) tokenizer
-    if a.force or not _done(tok_dir, {"v": 1}):
+    if a.force or not _done(tok_dir, {"v": 2}):
         build_tokenizer(tok_dir)
-        _mark(tok_dir, {"v": 1})
+        _mark(tok_dir, {"v": 2})
         log(f"tokenizer -> {tok_dir}")
     else:
         log(f"tokenizer exists ({tok_dir})")
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"data exists ({data_dir})")
 
     # 3) model + warm-start SFT
-    settings = {"v": 2, "task": a.task, "steps": a.sft_steps, "bs": a.batch_size, "lr": a.lr, "fix_frac": a.fix_frac,
+    settings = {"v": 3, "task": a.task, "steps": a.sft_steps, "bs": a.batch_size, "lr": a.lr, "fix_frac": a.fix_frac,
                 "hard_fix_n": a.hard_fix_n, "seed": a.seed, "templates": templates}
     if a.force or not _done(model_dir, settings):
         torch.manual_seed(a.seed)

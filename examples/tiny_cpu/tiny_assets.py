@@ -3,6 +3,11 @@
 The tokenizer maps every printable ASCII character to one token (digits are single tokens, ideal for
 arithmetic) plus special tokens; it is saved as a `PreTrainedTokenizerFast` (tokenizer.json +
 tokenizer_config.json with the chat template), loadable with `AutoTokenizer.from_pretrained(dir)`.
+
+It is a byte-level BPE with no merges (GPT-2 byte-to-unicode alphabet, ' ' is 'Ġ'): in a directory
+whose config.json says `model_type: qwen2`, transformers 5 loads it as `Qwen2Tokenizer`, which rebuilds
+a byte-level pipeline from vocab + merges; a plain char-level WordLevel tokenizer would silently lose
+its spaces there. Built this way, both classes give identical ids.
 """
 from __future__ import annotations
 
@@ -22,16 +27,29 @@ CHAT_TEMPLATE = (
 VOCAB_SIZE = 128  # model vocab (>= tokenizer size; a multiple of 64 for TP-friendly splits)
 
 
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable unicode map (the ByteLevel alphabet)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
 def build_tokenizer(out_dir: str):
     """Build and save the char-level tokenizer into `out_dir`; returns the PreTrainedTokenizerFast."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     chars = [c for c in string.printable if c not in "\t\r\x0b\x0c"]  # includes ' ' and '\n'
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + chars)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
+    b2u = _bytes_to_unicode()
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + [b2u[ord(c)] for c in chars])}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(SPECIALS)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, unk_token=UNK, eos_token=EOS,
                                    bos_token=None, additional_special_tokens=[USER, ASSISTANT])

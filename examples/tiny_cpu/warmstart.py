@@ -22,14 +22,20 @@ from rfpo_megatron.rewards.addition import addition_steps
 # ------------------------------------------------------------------------------------------ SFT data
 
 def corrupt_solution(rec: dict, rng: random.Random) -> str:
-    """A plausible wrong attempt at `rec` (for fix-format SFT examples): a wrong column sum, a
-    dropped last column, or an off-by-one answer."""
+    """A plausible wrong attempt at `rec` (for fix-format SFT examples): carries ignored (what a model
+    that never saw a carry writes), a dropped last column, one column sum off by one, or an
+    off-by-one/ten answer. Always wrong."""
     a, b = int(rec["a"]), int(rec["b"])
     steps = addition_steps(a, b)
-    kind = rng.randrange(3)
-    if kind == 0 and len(steps) > 1:  # stop one column early (the typical length-generalisation error)
+    kind = rng.randrange(4)
+    if kind == 0 and any(int(s.split("=")[1]) >= 10 for s in steps):  # ignore carries
+        cols = [(int(s[0]), int(s[2])) for s in steps]
+        sums = [(x + y) % 10 if rng.random() < 0.5 else min(x + y, 9) for x, y in cols]
+        out = [f"{x}+{y}+0={s}" for (x, y), s in zip(cols, sums)]
+        return " ".join(out + [f"ans={int(''.join(str(s) for s in sums[::-1]))}"])
+    if kind == 1 and len(steps) > 1:  # stop one column early (the typical length-generalisation error)
         return " ".join(steps[:-1] + [f"ans={(a + b) % 10 ** (len(steps) - 1)}"])
-    if kind <= 1:  # one column sum off by one, answer follows it
+    if kind <= 2:  # one column sum off by one, answer follows it
         i = rng.randrange(len(steps))
         lhs, s = steps[i].split("=")
         wrong = int(s) + rng.choice([-1, 1]) if int(s) > 0 else int(s) + 1
