@@ -83,6 +83,8 @@ def train_one_step(rt: "Runtime", step: int) -> dict[str, float]:
     """One RL step; returns its metrics (rollout/*, rfpo/*, train/*, perf/*)."""
     cfg, m, t_step = rt.cfg, {}, time.perf_counter()
     groups = collect_groups(rt, step, m) if rt.is_rank0 else None  # rollout + reward + fix (rank 0)
+    if rt.is_rank0 and groups is not None and cfg.rollout.colocate:
+        rt.engine.release_memory()  # colocated: the engine's weights + KV cache leave the GPUs while we train
     groups = broadcast_groups(rt, groups)
     if groups is None:  # rank 0 was preempted before anything changed: save step-1 and stop
         raise Preempted()
@@ -99,7 +101,7 @@ def train_one_step(rt: "Runtime", step: int) -> dict[str, float]:
         m.update(update_policy(rt, make_train_batch(cfg, batch, old_logp, ref_logp, log_roff, adv)))
     if not stop_requested(rt):  # on SIGTERM the engine is going away: the checkpoint holds the weights
         with timed(m, "perf/weight_sync_time"):
-            sync_weights(rt)
+            sync_weights(rt, resume_memory=cfg.rollout.colocate)
 
     n_tok = sum(len(r) for r in batch.response_ids) + sum(len(p) for p in batch.prompt_ids)
     if rt.is_rank0:
@@ -601,12 +603,16 @@ def logprob_pass(actor: Any, seqs: list) -> list:
 
 # ------------------------------------------------------------------------------------- weight sync
 
-def sync_weights(rt: Runtime) -> None:
+def sync_weights(rt: Runtime, resume_memory: bool = False) -> None:
     """Push the actor's weights to the rollout engine as HF-named tensors, in buckets
     (rollout.weight_sync_bucket_mb). Collective over TP (gathers shards); with PP each stage pushes its own
-    layers; only TP rank 0 / DP rank 0 of each stage talks to the engine."""
+    layers; only TP rank 0 / DP rank 0 of each stage talks to the engine. `resume_memory`: the engine
+    released its memory (rollout.colocate): re-allocate the weights first, the KV cache after."""
     from rfpo_megatron.convert.export import iter_hf_weights
 
+    if resume_memory and rt.is_rank0:
+        rt.engine.resume_memory(["weights"])
+    _barrier(rt)
     bucket_bytes = int(rt.cfg.rollout.weight_sync_bucket_mb) * (1 << 20)
     sender = rt.engine is not None and _is_sync_sender()
     for bucket in iter_hf_weights(rt.actor.modules, rt.actor.hf_config, bucket_bytes):
@@ -614,6 +620,8 @@ def sync_weights(rt: Runtime) -> None:
             rt.engine.update_weights_from_tensors(list(bucket), flush_cache=False)
     _barrier(rt)
     if rt.is_rank0 and rt.engine is not None:
+        if resume_memory:
+            rt.engine.resume_memory(["kv_cache"])
         rt.engine.flush_cache()
 
 
