@@ -108,6 +108,21 @@ def _w_reference(rank, tmp):
         ref_lp.append(lsm.gather(1, x[p:].unsqueeze(1)).squeeze(1))
         ref_ent.append(-(lsm.exp() * lsm).sum(-1))
     out["ref_logp"], out["ref_entropy"] = ref_lp, ref_ent
+    # sampling temperature: log-probs of logits / T
+    a.temperature = 0.7
+    out["logp_t07"] = a.compute_logprobs(b)[0]
+    a.temperature = 1.0
+    out["ref_logp_t07"] = []
+    for x, p in zip(b.input_ids, b.prompt_lens):
+        lsm = torch.log_softmax(a.forward_logits(x.unsqueeze(0))[0].double()[p - 1 : -1] / 0.7, dim=-1)
+        out["ref_logp_t07"].append(lsm.gather(1, x[p:].unsqueeze(1)).squeeze(1))
+    bad = _batch(1)
+    bad.input_ids[3][2] = HF["vocab_size"]
+    try:
+        a.compute_logprobs(bad)
+        out["bad_id_error"] = None
+    except ValueError as err:
+        out["bad_id_error"] = str(err)
     b2 = _batch(2)
     out["old2"] = a.compute_logprobs(b2)[0]  # stale old log-probs (S0) for the resume step
     torch.save(out["old2"], os.path.join(tmp, "old2.pt"))
@@ -308,6 +323,13 @@ def test_logprobs_match_float64_reference_and_packing(worlds):
     for layout in ("tp2", "pp2", "tp2pp2"):
         assert _maxdiff(worlds[layout][0]["logp"], w["logp"]) <= 1e-5
         assert _maxdiff(worlds[layout][0]["entropy"], w["entropy"]) <= 1e-5
+
+
+def test_temperature_and_bad_token_id(worlds):
+    w = worlds["tp1"][0]
+    assert _maxdiff(w["logp_t07"], w["ref_logp_t07"]) <= 1e-5
+    assert _maxdiff(w["logp_t07"], w["logp"]) > 1e-2
+    assert "ActorBatch.input_ids[3] holds token id 250 outside the model's vocabulary [0, 250)" in w["bad_id_error"]
 
 
 def test_first_step_ppo_kl_zero_and_metrics(worlds):

@@ -185,6 +185,12 @@ class Actor:
         """(this DP rank's sample ids, its packed micro-batches)."""
         from megatron.core import parallel_state as mpu
 
+        for i, x in enumerate(batch.input_ids):
+            if x.numel() and (int(x.min()) < 0 or int(x.max()) >= self.vocab_size):
+                raise ValueError(
+                    f"ActorBatch.input_ids[{i}] holds token id {int(x.max()) if int(x.max()) >= self.vocab_size else int(x.min())} "
+                    f"outside the model's vocabulary [0, {self.vocab_size}); check the tokenizer / model pair"
+                )
         lengths = batch.lengths
         dp = mpu.get_data_parallel_world_size()
         mine = split_for_dp(lengths, dp)[mpu.get_data_parallel_rank()]
