@@ -189,6 +189,7 @@ class Runtime:
     counters: dict = field(default_factory=dict)  # cumulative generations / tokens (rollout budget)
     last_checkpoint: str = ""
     resumed_wandb_id: Optional[str] = None
+    weight_group: Any = None  # rollout.weight_sync=distributed: the trainer -> servers process group
 
     @property
     def is_rank0(self) -> bool:
@@ -615,14 +616,47 @@ def sync_weights(rt: Runtime, resume_memory: bool = False) -> None:
     _barrier(rt)
     bucket_bytes = int(rt.cfg.rollout.weight_sync_bucket_mb) * (1 << 20)
     sender = rt.engine is not None and _is_sync_sender()
+    distributed = sync_mode(rt.cfg) == "distributed"
+    if distributed and rt.is_rank0 and rt.weight_group is None:
+        rt.weight_group = connect_weight_group(rt)
     for bucket in iter_hf_weights(rt.actor.modules, rt.actor.hf_config, bucket_bytes):
-        if sender:
+        if sender and distributed:
+            rt.engine.push_weights_distributed(rt.weight_group, list(bucket), flush_cache=False)
+        elif sender:
             rt.engine.update_weights_from_tensors(list(bucket), flush_cache=False)
     _barrier(rt)
     if rt.is_rank0 and rt.engine is not None:
         if resume_memory:
             rt.engine.resume_memory(["kv_cache"])
         rt.engine.flush_cache()
+
+
+def sync_mode(cfg: Config) -> str:
+    """rollout.weight_sync resolved: `tensor` (HTTP, colocated or CPU) or `distributed` (a NCCL/gloo group
+    trainer -> servers, for servers on other nodes). `auto` = distributed when not colocated and PP = 1."""
+    mode = cfg.rollout.weight_sync
+    pp = cfg.actor.pipeline_model_parallel_size
+    if mode == "auto":
+        return "distributed" if (not cfg.rollout.colocate and pp == 1) else "tensor"
+    if mode == "distributed" and pp > 1:
+        raise ConfigError("rollout.weight_sync=distributed needs actor.pipeline_model_parallel_size=1 (the update "
+                          "group's sender is rank 0); use weight_sync=tensor with pipeline parallelism")
+    if mode == "disk":
+        raise ConfigError("rollout.weight_sync=disk is not wired in the trainer; use tensor or distributed")
+    return mode
+
+
+def connect_weight_group(rt: Runtime) -> Any:
+    """Rank 0 creates the weight-update group with the servers (gloo on CPU, nccl on GPU); its address is
+    RFPO_WEIGHT_SYNC_ADDR, else MASTER_ADDR (the first node), on a free port."""
+    from rfpo_megatron.rollout.procs import free_port
+
+    addr = os.environ.get("RFPO_WEIGHT_SYNC_ADDR") or os.environ.get("MASTER_ADDR", "127.0.0.1")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    group = rt.engine.connect_weights_update_group(addr, free_port(), backend=backend,
+                                                   timeout_s=rt.cfg.rollout.startup_timeout_s)
+    rt.cleanup.insert(0, lambda: rt.engine.destroy_weights_update_group(group))
+    return group
 
 
 def share_engine(rt: Runtime) -> None:
@@ -798,6 +832,7 @@ def setup(cfg: Config) -> Runtime:
     from rfpo_megatron.rewards import get_reward_fn
 
     check_paths(cfg)
+    sync_mode(cfg)  # a bad weight_sync choice fails now, not after the first step
     data_kw = dict(skip_bad_records=cfg.data.skip_bad_records, prompt_key=cfg.data.prompt_key,
                    answer_key=cfg.data.answer_key)
     prompts = load_prompt_sets(list(cfg.data.train_files), **data_kw).records  # bad data fails before init
