@@ -152,6 +152,15 @@ def _w_reference(rank, tmp):
     out["composite_batch"] = cb
     out["composite"] = a3.train_step(cb, _composite_algo(), _rfpo())
     del a3
+    # BAPO's adaptive bounds are taken over the whole step batch: the update ignores the split
+    from rfpo_megatron.config import AlgoConfig
+
+    for name, kw in (("bapo_budget", {}), ("bapo_per_sample", dict(max_tokens=None, micro_batch_size=1))):
+        a4 = _actor(1, 1, **kw)
+        load_full_state(a4.modules, s0, vocab_size=HF["vocab_size"])
+        out[name] = a4.train_step(_composite_batch(lp), AlgoConfig(policy_loss="bapo"), _rfpo())
+        out[name + "_after"] = _full(a4)
+        del a4
     # split independence at TP=1: one micro-batch with all samples, and one sample per micro-batch
     for name, kw in (("one_mb", dict(max_tokens=None, micro_batch_size=len(LENGTHS))),
                      ("per_sample", dict(max_tokens=None, micro_batch_size=1))):
@@ -457,3 +466,9 @@ def test_reference_actor_and_config_errors(worlds):
     assert "actor.sequence_parallel=true is not supported" in sp
     assert "actor.context_parallel_size > 1" in cp
     assert "tensor_model_parallel_size=2" in tp and "init_parallel(tp=1" in tp
+
+
+def test_bapo_bounds_global_over_the_step(worlds):
+    w = worlds["tp1"][0]
+    assert _maxdiff(w["bapo_budget_after"], w["bapo_per_sample_after"]) <= 1e-5
+    assert w["bapo_budget"]["train/loss"] == pytest.approx(w["bapo_per_sample"]["train/loss"], abs=1e-6)

@@ -315,6 +315,8 @@ class Actor:
             raise ValueError("train_step: the batch has no response tokens in the loss mask")
         pl_fn = get_policy_loss(_cfg(loss_cfg, "policy_loss", "ppo"))
         pl_kwargs = self._policy_loss_kwargs(pl_fn, loss_cfg, rfpo_cfg)
+        if _cfg(loss_cfg, "policy_loss", "ppo") == "bapo":
+            pl_kwargs["bapo_clip_bounds"] = self._bapo_bounds(batch, masks, pl_kwargs)
         ent_coef = float(_cfg(loss_cfg, "entropy_coeff", 0.0) or 0.0)
         kl_coef = float(_cfg(loss_cfg, "kl_loss_coef", 0.0) or 0.0)
         kl_type = _cfg(loss_cfg, "kl_loss_type", "k3")
@@ -393,11 +395,26 @@ class Actor:
         out["train/update_skipped"] = 0.0 if ok else 1.0
         return out
 
+    def _bapo_bounds(self, batch: ActorBatch, masks: list, pl_kwargs: dict) -> tuple[float, float]:
+        """BAPO's adaptive (c_low, c_high) from the WHOLE step batch (one extra forward-only pass),
+        so the bounds do not depend on the micro-batch split."""
+        from rfpo_megatron.algos.policy_loss import bapo_bounds
+
+        now, _ = self.compute_logprobs(batch)
+        log_ratio = pad_tokens([n - o for n, o in zip(now, batch.old_logp)])
+        ratio = torch.exp(log_ratio.double().clamp(-20.0, 20.0))
+        if batch.log_roff is not None:
+            ratio = ratio * torch.exp(batch.log_roff.double()).unsqueeze(-1)
+        adv = pad_tokens(batch.advantages).double()
+        mask = pad_tokens(masks, fill=False, dtype=torch.bool)
+        kw = {k: v for k, v in pl_kwargs.items() if k.startswith("bapo_") and k != "bapo_clip_bounds"}
+        c_low, c_high, _ = bapo_bounds(ratio, adv, mask, **kw)
+        return float(c_low), float(c_high)
+
     @staticmethod
     def _policy_loss_kwargs(fn, loss_cfg: Any, rfpo_cfg: Any) -> dict:
         """Keyword arguments of the registry policy loss, filled from the configs by name."""
         params = inspect.signature(fn).parameters
-        has_var_kw = any(p.kind == p.VAR_KEYWORD for p in params.values())
         kw: dict[str, Any] = {}
         sources = [loss_cfg, rfpo_cfg]
         for name, p in params.items():
@@ -411,7 +428,6 @@ class Actor:
                     break
         if rfpo_cfg is not None and "loss_form" in params and hasattr(rfpo_cfg, "loss_form"):
             kw["loss_form"] = rfpo_cfg.loss_form
-        del has_var_kw
         return kw
 
     def lr(self) -> float:
