@@ -167,3 +167,28 @@ def test_cpu_compat_in_subprocess():
         pytest.skip("the compat layer is inactive on CUDA machines")
     r = subprocess.run([sys.executable, "-c", COMPAT_CHECK], capture_output=True, text=True, timeout=120)
     assert "COMPAT_OK" in r.stdout, r.stderr[-3000:]
+
+
+# ------------------------------------------------------------------ rendezvous
+def test_rendezvous_torchrun_and_slurm(monkeypatch):
+    from rfpo_megatron.actor.parallel import _rendezvous
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
+              "SLURM_LOCALID", "SLURM_NNODES"):
+        monkeypatch.delenv(k, raising=False)
+    assert _rendezvous() == (0, 1, 0)
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    assert _rendezvous() == (3, 4, 1)
+    monkeypatch.setenv("RANK", "2")  # torchrun variables win
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    assert _rendezvous()[:2] == (2, 8)
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.setenv("SLURM_NNODES", "2")
+    with pytest.raises(RuntimeError, match="MASTER_ADDR is not set for a multi-node Slurm job"):
+        _rendezvous()
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
+    monkeypatch.setenv("RANK", "9")
+    with pytest.raises(RuntimeError, match="RANK=9 is outside WORLD_SIZE=8"):
+        _rendezvous()

@@ -207,6 +207,16 @@ class Actor:
         ]
         return mine, mbs
 
+    def _run_eval(self, mbs: list, fn) -> list[dict]:
+        """Forward-only schedule with the model chunks in eval mode (restored afterwards)."""
+        for m in self.model:
+            m.eval()
+        try:
+            return run_schedule(self.model, mbs, fn, forward_only=True)
+        finally:
+            for m in self.model:
+                m.train()
+
     # --------------------------------------------------------------- logprobs
     @torch.no_grad()
     def compute_logprobs(
@@ -229,14 +239,10 @@ class Actor:
         def token_fn(mb: PackedMicroBatch, logp: torch.Tensor, ent: torch.Tensor):
             return logp.sum() * 0.0, {"logp": logp.detach(), "entropy": ent.detach()}
 
-        for m in self.model:
-            m.eval()
         fn = logprob_output_fn(
             token_fn, temperature=self.temperature, vocab_size=self.vocab_size, compute_entropy=compute_entropy
         )
-        stats = run_schedule(self.model, mbs, fn, forward_only=True)
-        for m in self.model:
-            m.train()
+        stats = self._run_eval(mbs, fn)
         for mb, st in zip(mbs, stats):
             pieces = torch.split(st["logp"].float(), mb.resp_lens)
             epieces = torch.split(st["entropy"].float(), mb.resp_lens) if compute_entropy else None
@@ -276,11 +282,7 @@ class Actor:
                 local = torch.cat(parts, dim=-1)
             return out.sum() * 0.0, {"logits": local}
 
-        for m in self.model:
-            m.eval()
-        stats = run_schedule(self.model, [mb], output_fn, forward_only=True)
-        for m in self.model:
-            m.train()
+        stats = self._run_eval([mb], output_fn)
         Vp = self.modules[0].vocab_size
         buf = torch.zeros(B, T, Vp, dtype=torch.float32, device=dev)
         if stats:

@@ -49,6 +49,13 @@ def _rendezvous() -> tuple[int, int, int]:
     rank = _env_int("RANK", "SLURM_PROCID", default=0)
     world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
     local = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
+    if "MASTER_ADDR" not in os.environ and (_env_int("SLURM_NNODES", default=1) or 1) > 1:
+        raise RuntimeError(
+            "MASTER_ADDR is not set for a multi-node Slurm job; export MASTER_ADDR=<first node of "
+            "$SLURM_JOB_NODELIST> (and MASTER_PORT) in the sbatch script"
+        )
+    if not 0 <= rank < world:
+        raise RuntimeError(f"RANK={rank} is outside WORLD_SIZE={world}; check the launcher's environment")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
     return int(rank), int(world), int(local)
