@@ -119,7 +119,23 @@ def table(summaries: dict, k: int, start: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _series(per_seed: dict, key: str, xkey: str, fixed_only: bool = False) -> tuple[list, list, list, list]:
+    """Mean (and min/max) over seeds of `key`, per step where every seed logged it; x = mean of `xkey`."""
+    by_step: dict[int, list] = {}
+    for run in per_seed.values():
+        for r in run["records"]:
+            if r.get(key) is None or (fixed_only and not r.get("rfpo/fixed_seq_frac", 0) > 0):
+                continue
+            by_step.setdefault(r["step"], []).append((r.get(xkey, r["step"]), r[key]))
+    n = len(per_seed)
+    steps = sorted(st for st, v in by_step.items() if len(v) == n or fixed_only)
+    xs = [sum(x for x, _ in by_step[st]) / len(by_step[st]) for st in steps]
+    ys = [[y for _, y in by_step[st]] for st in steps]
+    return xs, [sum(v) / len(v) for v in ys], [min(v) for v in ys], [max(v) for v in ys]
+
+
 def plot(runs: dict, k: int, path: str) -> None:
+    """Mean over seeds (line) and the min-max range (band) of each metric, GRPO vs RFPO."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -127,27 +143,30 @@ def plot(runs: dict, k: int, path: str) -> None:
 
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
     colors = {"grpo": "tab:blue", "rfpo": "tab:red"}
-    panels = [(f"eval/eval_hard/avg@{k}", "hard-split solve rate (no fix prompt)", "rollout/generations_total"),
-              (f"eval/eval_easy/avg@{k}", "easy-split accuracy", "rollout/generations_total"),
+    panels = [(f"eval/eval_hard/avg@{k}", "hard-split solve rate (avg@k, no fix prompt)", "rollout/generations_total"),
+              (f"eval/eval_easy/avg@{k}", "easy-split accuracy (avg@k)", "rollout/generations_total"),
               ("rfpo/zero_group_frac", "zero_group_frac", "step"),
               ("rfpo/fix_success_rate", "fix_success_rate (RFPO)", "step"),
-              ("rfpo/roff_mean", "R_off mean over fixed seqs (RFPO)", "step"),
+              ("rfpo/roff_mean", "R_off mean over fixed seqs (RFPO; dots: steps with fixes)", "step"),
               ("rollout/reward_mean", "rollout reward mean", "step")]
     for ax, (key, title, xkey) in zip(axes.flat, panels):
         for method, per_seed in runs.items():
-            for i, (seed, run) in enumerate(sorted(per_seed.items())):
-                pts = [(r.get(xkey, r["step"]), r[key]) for r in run["records"] if r.get(key) is not None
-                       and (key != "rfpo/roff_mean" or r.get("rfpo/fixed_seq_frac", 0) > 0)]
-                if not pts or (method == "grpo" and key.startswith("rfpo/fix") or method == "grpo" and "roff" in key):
-                    continue
-                xs, ys = zip(*pts)
-                ax.plot(xs, ys, color=colors[method], alpha=0.8, marker="o" if "eval" in key else None,
-                        ms=3, label=method.upper() if i == 0 else None)
-        ax.set_title(title)
-        ax.set_xlabel("sampled responses (budget)" if xkey != "step" else "step")
+            if method == "grpo" and (key.startswith("rfpo/fix") or "roff" in key):
+                continue
+            fixed_only = "roff" in key
+            xs, mean, lo, hi = _series(per_seed, key, xkey, fixed_only)
+            if not xs:
+                continue
+            style = {"marker": "o", "ms": 4} if ("eval" in key or fixed_only) else {}
+            ax.plot(xs, mean, color=colors[method], label=f"{method.upper()} (mean of {len(per_seed)} seeds)",
+                    linestyle="" if fixed_only else "-", **style)
+            if not fixed_only:
+                ax.fill_between(xs, lo, hi, color=colors[method], alpha=0.15)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("sampled responses (rollout budget, fixes included)" if xkey != "step" else "step")
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend()
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
