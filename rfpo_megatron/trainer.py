@@ -879,6 +879,7 @@ def setup(cfg: Config) -> Runtime:
             rt.log(f"--resume: no checkpoint in {cfg.trainer.save_dir}; starting from step 0")
         else:
             rt.step = load_checkpoint(rt, ckpt)
+            rt.last_checkpoint = ckpt
             resumed = True
             rt.log(f"resumed from {ckpt} (step {rt.step})")
     elif cfg.actor.load:  # start from a Megatron checkpoint's weights (fresh optimizer and data position)
