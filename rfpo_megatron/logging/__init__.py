@@ -46,8 +46,16 @@ class MetricsLogger:
         self.wandb: Optional[WandbRun] = None
         mode = resolve_wandb_mode(log_cfg.wandb_mode)
         if mode != "disabled":
-            self.wandb = WandbRun(log_cfg.project, log_cfg.run_name, mode, self.log_dir, config or {},
-                                  run_id=wandb_run_id)
+            try:
+                self.wandb = WandbRun(log_cfg.project, log_cfg.run_name, mode, self.log_dir, config or {},
+                                      run_id=wandb_run_id)
+            except Exception as exc:  # noqa: BLE001 - e.g. online without network: keep training, offline
+                if mode != "online":
+                    raise
+                print(f"[rfpo-megatron] W&B online init failed ({type(exc).__name__}: {exc}); "
+                      f"logging offline instead (upload later with `wandb sync`)", flush=True)
+                self.wandb = WandbRun(log_cfg.project, log_cfg.run_name, "offline", self.log_dir, config or {},
+                                      run_id=wandb_run_id)
 
     @property
     def wandb_run_id(self) -> Optional[str]:
