@@ -8,20 +8,20 @@
 #
 # usage: examples/tiny_cpu/run_demo.sh [section.key=value ...]   (overrides go to the trainer)
 # env:   PYTHON (default .venv/bin/python), RFPO_DEMO_CONFIG (default examples/tiny_cpu/config.yaml),
-#        OMP_NUM_THREADS (default 2), WANDB_API_KEY (set it to log online instead of offline)
+#        OMP_NUM_THREADS (default 1), WANDB_API_KEY (set it to log online instead of offline)
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$REPO"
 PY="${PYTHON:-$REPO/.venv/bin/python}"
 CONFIG="${RFPO_DEMO_CONFIG:-examples/tiny_cpu/config.yaml}"
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # the tiny model is faster single-threaded
 export TOKENIZERS_PARALLELISM=false
 export PYTHONWARNINGS="${PYTHONWARNINGS:-ignore}"
 
 start=$(date +%s)
 echo "== [1/2] warm start: tokenizer, data, tiny model, SFT (examples/tiny_cpu/prepare.py)"
-"$PY" examples/tiny_cpu/prepare.py --threads "$OMP_NUM_THREADS"
+"$PY" examples/tiny_cpu/prepare.py
 mid=$(date +%s)
 echo "== [1/2] done in $((mid - start))s"
 
