@@ -23,7 +23,7 @@ import torch
 
 from rfpo_megatron.actor.batch import ActorBatch, pad_tokens
 from rfpo_megatron.actor.forward import dp_sum, logprob_output_fn, pp_broadcast_from_last, run_schedule
-from rfpo_megatron.actor.model import build_model
+from rfpo_megatron.actor.model import build_model, uses_te_spec
 from rfpo_megatron.actor.packing import PackedMicroBatch, make_microbatches, pack_microbatch, split_for_dp
 from rfpo_megatron.algos.aggregation import aggregate
 from rfpo_megatron.algos.kl import kl_loss
@@ -85,7 +85,8 @@ class Actor:
             raise ValueError("actor.sequence_parallel=true is not supported by the actor yet; set it to false")
         self.hf_config = hf_config
         self.on_gpu = torch.cuda.is_available()
-        self.layout = "thd" if (self.on_gpu and spec != "local") else "pad"
+        # packed THD sequences need TransformerEngine attention; the local spec gets padded micro-batches
+        self.layout = "thd" if uses_te_spec(spec) else "pad"
         self.temperature = float(temperature)
         if self.cfg.bf16 and not self.on_gpu and with_optimizer:
             raise ValueError(

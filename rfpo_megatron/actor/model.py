@@ -146,7 +146,8 @@ def transformer_config_from_hf(
     return TransformerConfig(**kw)
 
 
-def _use_te(spec: str) -> bool:
+def uses_te_spec(spec: str) -> bool:
+    """True when ``spec`` resolves to the TransformerEngine layer spec (TE importable and a CUDA GPU)."""
     if spec == "local":
         return False
     if spec not in ("auto", "te"):
@@ -168,7 +169,7 @@ def layer_spec(config, spec: str = "auto"):
     """ModuleSpec for one transformer layer: TE on GPU when importable, else local."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
-    if _use_te(spec):
+    if uses_te_spec(spec):
         return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
     return specs.get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization=config.normalization)
 
