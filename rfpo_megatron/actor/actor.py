@@ -228,6 +228,7 @@ class Actor:
         Returns (logp, entropy): B CPU float32 tensors [R_i] each (entropy None
         unless ``compute_entropy``), identical on every rank.
         """
+        batch.validate()
         R = batch.response_lens
         offsets = [0]
         for r in R:
@@ -302,6 +303,7 @@ class Actor:
         """
         if self.optimizer is None:
             raise RuntimeError("Actor was built with with_optimizer=False; train_step needs the optimizer")
+        batch.validate()
         if batch.advantages is None or batch.old_logp is None:
             raise ValueError("train_step needs batch.advantages and batch.old_logp (run compute_logprobs first)")
         use_kl = bool(_cfg(loss_cfg, "use_kl_loss", False))

@@ -47,6 +47,10 @@ class ActorBatch:
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> "ActorBatch":
+        """Check shapes and convert fields in place (also after fields were assigned later); returns self."""
         B = len(self.input_ids)
         if len(self.prompt_lens) != B:
             raise ValueError(f"ActorBatch.prompt_lens has {len(self.prompt_lens)} entries, input_ids has {B}")
@@ -81,6 +85,7 @@ class ActorBatch:
             if v.numel() != B:
                 raise ValueError(f"ActorBatch.{name} has {v.numel()} values, expected {B}")
             setattr(self, name, v.bool() if name == "is_fixed" else v.float())
+        return self
 
     def __len__(self) -> int:
         return len(self.input_ids)
