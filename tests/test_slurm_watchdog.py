@@ -17,6 +17,7 @@ RANK = textwrap.dedent(
     import faulthandler, os, signal, sys, time
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     hb, steps, step_s = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+    open(sys.argv[4], "w").close()  # handlers installed (the trainer does this first thing)
 
     def touch():
         with open(hb, "a"):
@@ -38,8 +39,14 @@ def _rank(tmp: Path, r: int, hb: Path, steps: int, step_s: float, hang: bool = T
     src = tmp / f"rank{r}.py"
     src.write_text(RANK % (r, r))
     err = open(tmp / f"rank{r}.err", "w")
-    return subprocess.Popen([sys.executable, str(src), str(hb), str(steps), str(step_s)], stderr=err,
-                            env=dict(os.environ, HANG="1" if hang else "0"))
+    ready = tmp / f"rank{r}.ready"
+    p = subprocess.Popen([sys.executable, str(src), str(hb), str(steps), str(step_s), str(ready)], stderr=err,
+                         env=dict(os.environ, HANG="1" if hang else "0"))
+    deadline = time.time() + 60  # a loaded machine can take seconds to start Python
+    while not ready.exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.05)
+    assert ready.exists(), "rank did not start"
+    return p
 
 
 def _watchdog(hb: Path, log: Path, pids: list[int], minutes: float, startup: float | None = None, kill=True):
@@ -76,7 +83,7 @@ def test_stall_dumps_every_rank_then_kills(tmp_path):
 def test_progress_rearms_and_no_dump_while_steps_complete(tmp_path):
     hb = tmp_path / "heartbeat"
     rank = _rank(tmp_path, 0, hb, steps=12, step_s=0.25, hang=False)  # 3 s of steady steps, then exits
-    wd = _watchdog(hb, tmp_path / "wd.log", [rank.pid], minutes=1.0 / 60, startup=1.0 / 60)
+    wd = _watchdog(hb, tmp_path / "wd.log", [rank.pid], minutes=2.5 / 60, startup=2.5 / 60)
     try:
         assert rank.wait(timeout=30) == 0
         assert wd.wait(timeout=30) == 0  # all watched processes exited
