@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-slow test-all compare
+.PHONY: setup demo test test-slow test-all test-slurm compare
 
 setup:
 	@bash tools/setup_env.sh
@@ -21,3 +21,6 @@ test-all: setup
 
 compare: setup
 	@$(PY) examples/tiny_cpu/compare.py
+
+test-slurm: setup
+	@$(PY) -m pytest -q -m slurm tests/test_slurm_local.py
