@@ -25,13 +25,14 @@ def log(msg: str) -> None:
 
 
 def load_templates(config_path: str) -> tuple[dict, str]:
-    """The fix templates and variant from the RL config (so SFT's fix examples match RL's prompts)."""
+    """The fix templates and the reward fn name from the RL config (so SFT's fix examples and the
+    measurements match what RL will use)."""
     import yaml
 
     with open(config_path) as f:
         cfg = yaml.safe_load(f) or {}
     fix = (cfg.get("rfpo") or {}).get("fix") or {}
-    return dict(fix.get("templates") or {}), fix.get("variant", "reference")
+    return dict(fix.get("templates") or {}), (cfg.get("data") or {}).get("reward_fn", "addition")
 
 
 def _done(path: str, settings: dict) -> bool:
@@ -68,16 +69,16 @@ def make_data(out: str, seed: int, task: str = "carries") -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--force", action="store_true", help="rebuild everything")
-    p.add_argument("--sft-steps", type=int, default=1000)
+    p.add_argument("--sft-steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--fix-frac", type=float, default=0.5, help="share of SFT records also given as fix examples")
-    p.add_argument("--hard-fix-n", type=int, default=0,
+    p.add_argument("--fix-frac", type=float, default=1.0, help="share of SFT records also given as fix examples")
+    p.add_argument("--hard-fix-n", type=int, default=1500,
                    help="also add this many fix-format examples (reference variant) on train_hard problems")
     p.add_argument("--task", choices=sorted(TASKS), default="carries",
                    help="difficulty knob: carries (easy = no carry) or digits (easy = 1-2 digits)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--config", default=os.path.join(HERE, "config.yaml"))
     p.add_argument("--skip-measure", action="store_true")
     p.add_argument("--out", default=ART)
@@ -90,13 +91,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from rfpo_megatron.data.dataset import load_prompt_set
     from rfpo_megatron.fix.templates import VARIANTS
-    from rfpo_megatron.rewards.addition import AdditionVerifier
+    from rfpo_megatron.rewards import get_reward_fn
     from tiny_assets import build_tokenizer, tiny_qwen2_config
     from warmstart import accuracy, fix_rates, hf_generate_fn, sft_examples, train_sft
 
     t0 = time.time()
     tok_dir, data_dir, model_dir = (os.path.join(a.out, d) for d in ("tokenizer", "data", "model"))
-    templates, _ = load_templates(a.config)
+    templates, reward_name = load_templates(a.config)
 
     # 1) tokenizer
     if a.force or not _done(tok_dir, {"v": 2}):
@@ -149,10 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     if not a.skip_measure and (a.force or not os.path.exists(report_path)):
         model = Qwen2ForCausalLM.from_pretrained(model_dir).eval()
         gen = hf_generate_fn(model, tokenizer, max_new_tokens=64)
-        ver = AdditionVerifier()
+        ver = get_reward_fn(reward_name)
         ev_e = load_prompt_set(os.path.join(data_dir, "eval_easy.jsonl")).records
         ev_h = load_prompt_set(os.path.join(data_dir, "eval_hard.jsonl")).records
-        rep = {"easy_acc_greedy": accuracy(gen, tokenizer, ev_e, ver),
+        rep = {"reward_fn": reward_name, "easy_acc_greedy": accuracy(gen, tokenizer, ev_e, ver),
                "hard_acc_greedy": accuracy(gen, tokenizer, ev_h, ver),
                "easy_acc_t1": accuracy(gen, tokenizer, ev_e, ver, n=4, temperature=1.0, seed=1),
                "hard_acc_t1": accuracy(gen, tokenizer, ev_h, ver, n=4, temperature=1.0, seed=1)}
