@@ -45,7 +45,8 @@ def padded_vocab_size(vocab: int, tp: int, multiple: int = 128) -> int:
 
 
 def _rope_scaling(hf_config: Any) -> tuple[bool, float]:
-    rs = _get(hf_config, "rope_scaling") or None
+    # transformers >= 5 keeps the scaling in rope_parameters (config.json may hold only that key)
+    rs = _get(hf_config, "rope_scaling") or _get(hf_config, "rope_parameters") or None
     if not rs:
         return False, 8.0
     kind = rs.get("rope_type", rs.get("type"))
