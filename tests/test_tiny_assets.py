@@ -95,3 +95,31 @@ def test_prepare_end_to_end(tmp_path):
     assert set(rep["fix_on_hard"]) == {"rewrite", "reward", "error_info", "reference"}
     r2 = subprocess.run(cmd, capture_output=True, text=True, timeout=600)  # idempotent: nothing rebuilt
     assert r2.returncode == 0 and "exists" in r2.stdout and "warm-start SFT" not in r2.stdout
+
+
+def test_hf_generate_fn_logprobs_match_a_forward_pass(tmp_path):
+    """The HF-generate engine callable: n samples per prompt, ids end at EOS or the length limit,
+    reported log-probs equal log_softmax of a separate full forward pass (T = 1)."""
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    from rfpo_megatron.data.template import encode_prompt
+    from tiny_assets import build_tokenizer, tiny_qwen2_config
+    from warmstart import hf_generate_fn
+
+    tok = build_tokenizer(str(tmp_path))
+    torch.manual_seed(0)
+    m = Qwen2ForCausalLM(tiny_qwen2_config(tok, hidden=32, layers=1, heads=2, kv_heads=1)).eval()
+    gen = hf_generate_fn(m, tok, max_new_tokens=6)
+    prompts = [encode_prompt(tok, "12+3"), encode_prompt(tok, "1+1")]
+    out = gen(prompts, 2, {"temperature": 1.0, "seed": 3})
+    assert [len(o) for o in out] == [2, 2]
+    for p, group in zip(prompts, out):
+        for ids, lps, fin in group:
+            assert len(ids) == len(lps) and 1 <= len(ids) <= 6
+            assert fin == ("stop" if ids[-1] == tok.eos_token_id else "length")
+            with torch.no_grad():
+                logits = m(input_ids=torch.tensor([p + ids])).logits[0].double()
+            ref = torch.log_softmax(logits, -1)[len(p) - 1:-1].gather(-1, torch.tensor(ids)[:, None])[:, 0]
+            assert torch.allclose(torch.tensor(lps, dtype=torch.float64), ref, atol=1e-4)
+    assert gen(prompts, 2, {"temperature": 1.0, "seed": 3}) == out  # seeded
