@@ -120,17 +120,18 @@ def table(summaries: dict, k: int, start: dict) -> str:
 
 
 def _series(per_seed: dict, key: str, xkey: str, fixed_only: bool = False) -> tuple[list, list, list, list]:
-    """Mean (and min/max) over seeds of `key`, per step where every seed logged it; x = mean of `xkey`."""
-    by_step: dict[int, list] = {}
+    """Mean (and min/max) over seeds of `key`, aligned by the i-th record that has it (GRPO seeds may end at
+    different steps, so their final evals align by order); x = the mean of `xkey` at those records."""
+    per = []
     for run in per_seed.values():
-        for r in run["records"]:
-            if r.get(key) is None or (fixed_only and not r.get("rfpo/fixed_seq_frac", 0) > 0):
-                continue
-            by_step.setdefault(r["step"], []).append((r.get(xkey, r["step"]), r[key]))
-    n = len(per_seed)
-    steps = sorted(st for st, v in by_step.items() if len(v) == n or fixed_only)
-    xs = [sum(x for x, _ in by_step[st]) / len(by_step[st]) for st in steps]
-    ys = [[y for _, y in by_step[st]] for st in steps]
+        per.append([(r.get(xkey, r["step"]), r[key]) for r in run["records"] if r.get(key) is not None
+                    and (not fixed_only or r.get("rfpo/fixed_seq_frac", 0) > 0)])
+    if fixed_only:  # sparse (steps with fixes): plot every point of every seed
+        pts = sorted(p for seq in per for p in seq)
+        return [x for x, _ in pts], [y for _, y in pts], [y for _, y in pts], [y for _, y in pts]
+    n = min((len(seq) for seq in per), default=0)
+    xs = [sum(seq[i][0] for seq in per) / len(per) for i in range(n)]
+    ys = [[seq[i][1] for seq in per] for i in range(n)]
     return xs, [sum(v) / len(v) for v in ys], [min(v) for v in ys], [max(v) for v in ys]
 
 
@@ -147,7 +148,7 @@ def plot(runs: dict, k: int, path: str) -> None:
               (f"eval/eval_easy/avg@{k}", "easy-split accuracy (avg@k)", "rollout/generations_total"),
               ("rfpo/zero_group_frac", "zero_group_frac", "step"),
               ("rfpo/fix_success_rate", "fix_success_rate (RFPO)", "step"),
-              ("rfpo/roff_mean", "R_off mean over fixed seqs (RFPO; dots: steps with fixes)", "step"),
+              ("rfpo/roff_mean", "R_off mean over fixed seqs (RFPO; steps with fixes)", "step"),
               ("rollout/reward_mean", "rollout reward mean", "step")]
     for ax, (key, title, xkey) in zip(axes.flat, panels):
         for method, per_seed in runs.items():
@@ -158,7 +159,8 @@ def plot(runs: dict, k: int, path: str) -> None:
             if not xs:
                 continue
             style = {"marker": "o", "ms": 4} if ("eval" in key or fixed_only) else {}
-            ax.plot(xs, mean, color=colors[method], label=f"{method.upper()} (mean of {len(per_seed)} seeds)",
+            label = f"{method.upper()} ({'all seeds' if fixed_only else f'mean of {len(per_seed)} seeds'})"
+            ax.plot(xs, mean, color=colors[method], label=label,
                     linestyle="" if fixed_only else "-", **style)
             if not fixed_only:
                 ax.fill_between(xs, lo, hi, color=colors[method], alpha=0.15)
