@@ -112,6 +112,19 @@ if __name__ == "__main__":  # subprocess entry: python tests/test_trainer_fixtur
 
     torch.set_num_threads(1)
     register_test_reward()
+    if os.environ.get("RFPO_TEST_SIGTERM_IN_TRAIN_STEP"):  # a real SIGTERM at a deterministic point: inside
+        import signal                                       # the optimizer update of that RL step
+
+        from rfpo_megatron.actor.actor import Actor
+
+        at, real = int(os.environ["RFPO_TEST_SIGTERM_IN_TRAIN_STEP"]), Actor.train_step
+
+        def train_step(self, *a, **kw):
+            if self.step + 1 == at:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real(self, *a, **kw)
+
+        Actor.train_step = train_step
     if sys.argv[1] == "train":
         from rfpo_megatron.trainer import main
 

@@ -153,3 +153,23 @@ def test_sigterm_leaves_loadable_checkpoint_and_resumes(assets, tmp_path):
     p = _train(assets, out, "--resume", **{"trainer.steps": step + 1, "trainer.save_interval": 0})
     assert f"(step {step})" in p.stdout
     assert max(_metrics(out)) == step + 1
+
+
+def test_sigterm_during_update_finishes_the_step_then_resumes_exactly(assets, full_run, tmp_path):
+    """SIGTERM inside step 2's optimizer update: the step completes (no weight sync: the engine may be going
+    away), its checkpoint is written, the process exits 0; --resume then gives the uninterrupted step 3."""
+    out = str(tmp_path)
+    env = {**trainer_env(), "RFPO_TEST_SIGTERM_IN_TRAIN_STEP": "2"}
+    p = subprocess.run(run_trainer_cmd(_args(assets, out, **_eval_kv(assets), **{"trainer.steps": 3,
+                                                                                   "trainer.save_interval": 0})),
+                       env=env, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "got signal 15" in p.stderr and "SIGTERM: saved checkpoint at step 2" in p.stdout
+    assert sorted(_metrics(out)) == [1, 2]
+    assert "perf/weight_sync_time" not in _metrics(out)[2] and "perf/weight_sync_time" in _metrics(out)[1]
+    with open(os.path.join(out, "ckpt", "latest")) as fh:
+        assert fh.read().strip() == "step_000002"
+    _train(assets, out, "--resume", **_eval_kv(assets), **{"trainer.steps": 3, "trainer.save_interval": 0})
+    full_out, _ = full_run
+    a, b = _comparable(_metrics(full_out)[3]), _comparable(_metrics(out)[3])
+    assert a == b, {k: (a.get(k), b.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k)}
