@@ -82,7 +82,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     """Standalone eval: start the engine from actor.hf_model_path, load the checkpoint's weights into it
     (through the actor and the weight sync), evaluate, print JSON."""
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
-    from rfpo_megatron import trainer as T
+    from rfpo_megatron import train as T
     from rfpo_megatron.config import ConfigError, load_config
 
     try:
@@ -110,7 +110,7 @@ def evaluate_checkpoint(cfg: Any, checkpoint: Optional[str], k: Optional[int] = 
     """Evaluate the HF start weights (checkpoint=None) or a trainer checkpoint on cfg.data.eval_files."""
     from transformers import AutoTokenizer
 
-    from rfpo_megatron import trainer as T
+    from rfpo_megatron import train as T
     from rfpo_megatron.data.dataset import load_prompt_sets
     from rfpo_megatron.data.template import PromptFormat
     from rfpo_megatron.rewards import get_reward_fn

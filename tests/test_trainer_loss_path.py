@@ -12,7 +12,7 @@ import torch
 
 from test_trainer_fixtures import build_assets, tiny_overrides  # noqa: F401 (sys.path set up there)
 
-from rfpo_megatron import trainer as T
+from rfpo_megatron import train as T
 from rfpo_megatron.config import load_config
 from rfpo_megatron.data.types import RolloutGroup, Sample
 

@@ -36,7 +36,7 @@ def test_distributed_sync_equals_tensor_sync(tmp_path):
 
 
 def test_bad_weight_sync_choice_fails_early():
-    from rfpo_megatron import trainer as T
+    from rfpo_megatron import train as T
     from rfpo_megatron.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match="pipeline_model_parallel_size=1"):

@@ -1,0 +1,104 @@
+"""The stages of one RFPO step, used by rfpo_megatron.trainer (the loop) and rfpo_megatron.evaluate.
+
+    runtime      Runtime, Preempted, abortable/stop_requested (SIGTERM), timed, step_seed, touch, barrier
+    generation   rank 0: sampling_params, rollout, score_samples, fix_stage, dynamic_sampling, run_eval
+    batch        every rank: StepBatch, build_batch, logprob_pass, compute_roff, advantages,
+                 make_train_batch, update_policy
+    weight_sync  sync_weights, sync_mode, connect_weight_group, share_engine
+    checkpoint   capture_state, save/load/prune/latest_checkpoint, STATE_FILE
+    lifecycle    setup, teardown, check_paths, build_actor, launch_rollout_engine, engine_config
+
+The names below are re-exported so that `from rfpo_megatron import train as T; T.build_batch(...)` works.
+"""
+from rfpo_megatron.train.batch import (  # noqa: F401
+    StepBatch,
+    advantages,
+    build_batch,
+    compute_roff,
+    logprob_pass,
+    make_train_batch,
+    sequences_for_logprob,
+    subset_batch,
+    tis_weights,
+    update_policy,
+)
+from rfpo_megatron.train.checkpoint import (  # noqa: F401
+    LATEST_FILE,
+    STATE_FILE,
+    capture_state,
+    checkpoint_dir,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
+from rfpo_megatron.train.generation import dynamic_sampling, fix_stage, rollout, run_eval, sampling_params, score_samples  # noqa: F401
+from rfpo_megatron.train.runtime import (  # noqa: F401
+    SEED_EVAL,
+    SEED_FIX,
+    SEED_REFILL,
+    SEED_ROLLOUT,
+    Preempted,
+    Runtime,
+    abortable,
+    barrier,
+    broadcast_groups,
+    install_signal_handlers,
+    stop_requested,
+    step_seed,
+    timed,
+    touch,
+)
+from rfpo_megatron.train.lifecycle import build_actor, check_paths, engine_config, launch_rollout_engine, setup, teardown  # noqa: F401
+from rfpo_megatron.train.weight_sync import connect_weight_group, share_engine, sync_mode, sync_weights  # noqa: F401
+
+__all__ = [
+    "StepBatch",
+    "advantages",
+    "build_batch",
+    "compute_roff",
+    "logprob_pass",
+    "make_train_batch",
+    "sequences_for_logprob",
+    "subset_batch",
+    "tis_weights",
+    "update_policy",
+    "LATEST_FILE",
+    "STATE_FILE",
+    "capture_state",
+    "checkpoint_dir",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "prune_checkpoints",
+    "save_checkpoint",
+    "SEED_EVAL",
+    "SEED_FIX",
+    "SEED_REFILL",
+    "SEED_ROLLOUT",
+    "Preempted",
+    "Runtime",
+    "abortable",
+    "barrier",
+    "broadcast_groups",
+    "install_signal_handlers",
+    "stop_requested",
+    "step_seed",
+    "timed",
+    "touch",
+    "dynamic_sampling",
+    "fix_stage",
+    "rollout",
+    "run_eval",
+    "sampling_params",
+    "score_samples",
+    "build_actor",
+    "check_paths",
+    "engine_config",
+    "launch_rollout_engine",
+    "setup",
+    "teardown",
+    "connect_weight_group",
+    "share_engine",
+    "sync_mode",
+    "sync_weights",
+]

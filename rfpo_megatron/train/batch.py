@@ -1,0 +1,219 @@
+"""The actor-side batch of a step: StepBatch, the log-prob pass, R_off, advantages, TIS and the policy update.
+
+Runs on every rank after the groups were broadcast. N = sequences of the step, F = fixed ones among them,
+T = longest response.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from rfpo_megatron.config import Config, ConfigError
+from rfpo_megatron.data.types import RolloutGroup
+from rfpo_megatron.train.runtime import Runtime
+
+
+@dataclass
+class StepBatch:
+    """The step's sequences, flattened over groups (N sequences; F of them fixed).
+
+    prompt_ids:   N lists [P_i] (the PLAIN prompt q, also for fixed samples).
+    response_ids: N lists [T_i].
+    rollout_logp: N lists [T_i] (engine log-probs; under the fix prompt for fixed samples).
+    rewards: [N]; group_index: [N] long (dense 0..num_groups-1); is_fixed, use_tis: [N] bool.
+    response_mask: [N, T] bool (T = longest response).
+    fixed_rows: [F] rows of the fixed samples; orig_response_ids: F lists, the original wrong o of each.
+    """
+
+    prompt_ids: list
+    response_ids: list
+    rollout_logp: list
+    rewards: torch.Tensor
+    group_index: torch.Tensor
+    is_fixed: torch.Tensor
+    use_tis: torch.Tensor
+    response_mask: torch.Tensor
+    fixed_rows: list
+    orig_response_ids: list
+    num_groups: int
+
+    @property
+    def n(self) -> int:
+        return len(self.response_ids)
+
+
+def build_batch(groups: list[RolloutGroup], pad_id: int = 0) -> StepBatch:
+    """Flatten groups into a StepBatch (see its docstring for shapes)."""
+    from rfpo_megatron.data.batching import pad_right
+
+    prompt_ids, response_ids, rollout_logp, rewards, gidx, fixed, tis = [], [], [], [], [], [], []
+    fixed_rows, orig = [], []
+    for gi, g in enumerate(groups):
+        for s in g.samples:
+            if s.is_fixed:
+                if not s.fixed_from:
+                    raise ValueError("a fixed sample has no `fixed_from` (the original wrong response)")
+                fixed_rows.append(len(response_ids))
+                orig.append(list(s.fixed_from))
+            prompt_ids.append(list(s.prompt_ids))
+            response_ids.append(list(s.response_ids))
+            rollout_logp.append(list(s.rollout_logprobs))
+            rewards.append(float(s.reward))
+            gidx.append(gi)
+            fixed.append(bool(s.is_fixed))
+            tis.append(bool(s.use_tis) and not s.is_fixed)
+    _, mask = pad_right(response_ids, pad_id)
+    return StepBatch(prompt_ids, response_ids, rollout_logp, torch.tensor(rewards, dtype=torch.float32),
+                     torch.tensor(gidx, dtype=torch.long), torch.tensor(fixed, dtype=torch.bool),
+                     torch.tensor(tis, dtype=torch.bool), mask, fixed_rows, orig, len(groups))
+
+
+def sequences_for_logprob(batch: StepBatch, originals: bool = True) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, response ids) pairs for the actor's log-prob pass: the N batch rows, then (when
+    `originals`) for each fixed row its original wrong response o on the SAME plain prompt q."""
+    seqs = list(zip(batch.prompt_ids, batch.response_ids))
+    if originals:
+        seqs += [(batch.prompt_ids[r], o) for r, o in zip(batch.fixed_rows, batch.orig_response_ids)]
+    return seqs
+
+
+def _pad(rows: list, fill: float = 0.0) -> torch.Tensor:
+    """B tensors/lists [R_i] -> [B, R_max] float (right-padded with `fill`)."""
+    R = max([len(r) for r in rows] + [1])
+    out = torch.full((len(rows), R), fill, dtype=torch.float32)
+    for i, r in enumerate(rows):
+        if len(r):
+            out[i, :len(r)] = torch.as_tensor(r, dtype=torch.float32)
+    return out
+
+
+def compute_roff(cfg: Config, batch: StepBatch, old_logp: list, orig_logp: list) -> torch.Tensor:
+    """[N] log R_off per sequence, detached: gamma * (S(o) - S(o_f)) on the fixed rows (clamped to
+    +-rfpo.roff_clip), 0 elsewhere. old_logp: N tensors [T_i] (rows of the batch, plain prompt);
+    orig_logp: F tensors [T0_j] (the original wrong o of each fixed row, same plain prompt)."""
+    from rfpo_megatron.algos.rfpo import compute_log_roff
+
+    log_roff = torch.zeros(batch.n, dtype=torch.float32)
+    if not cfg.rfpo.enabled or not batch.fixed_rows:
+        return log_roff
+    rows = batch.fixed_rows
+    fixed_lp, fixed_mask = _pad([old_logp[r] for r in rows]), _pad_mask([len(old_logp[r]) for r in rows])
+    orig_lp, orig_mask = _pad(list(orig_logp)), _pad_mask([len(o) for o in orig_logp])
+    lr = compute_log_roff(orig_lp, orig_mask, fixed_lp, fixed_mask, torch.ones(len(rows), dtype=torch.bool),
+                          mode=cfg.rfpo.roff_mode, gamma=cfg.rfpo.gamma, clip=cfg.rfpo.roff_clip)
+    log_roff[torch.tensor(rows, dtype=torch.long)] = lr.float()
+    return log_roff.detach()
+
+
+def _pad_mask(lens: list) -> torch.Tensor:
+    """[B, max(lens)] bool, True on the first lens[i] positions of row i."""
+    T = max(lens + [1])
+    return torch.arange(T).unsqueeze(0) < torch.tensor(lens).unsqueeze(1)
+
+
+def advantages(cfg: Config, batch: StepBatch, old_logp: list, ref_logp: Optional[list]) -> torch.Tensor:
+    """[N, T] advantages from the registry estimator `algo.adv_estimator` (0 on padding); rows dropped by
+    the estimator's keep mask (reinforce_rej, raft) are zeroed in `batch.response_mask`."""
+    from rfpo_megatron.algos.advantages import compute_advantages, sample_keep_mask
+
+    a = cfg.algo
+    kw: dict[str, Any] = {"norm_adv_by_std": a.norm_adv_by_std, "gamma": a.gamma, "lam": a.lam,
+                          "old_logp": _pad(list(old_logp)), "kl_in_reward_coef": a.kl_in_reward_coef,
+                          "kl_in_reward_type": a.kl_loss_type}
+    if ref_logp is not None:
+        kw["ref_logp"] = _pad(list(ref_logp))
+    elif a.adv_estimator in ("reinforce_pp", "reinforce_pp_baseline"):
+        kw["ref_logp"] = kw["old_logp"]  # no reference model: the KL term is 0
+    if a.adv_estimator == "gae":
+        raise ConfigError("algo.adv_estimator=gae needs a critic, which this trainer does not build; "
+                          "use grpo, rloo, reinforce_pp, ... (docs/algorithms.md)")
+    if a.adv_estimator == "remax":
+        raise ConfigError("algo.adv_estimator=remax needs greedy baseline rollouts, not wired in this trainer; "
+                          "use grpo or rloo")
+    mask = batch.response_mask
+    adv, _ = compute_advantages(a.adv_estimator, rewards=batch.rewards, group_ids=batch.group_index,
+                                response_mask=mask, **kw)
+    keep = sample_keep_mask(a.adv_estimator, batch.rewards, batch.group_index)
+    batch.response_mask = mask & keep.unsqueeze(-1)
+    return adv.float() * batch.response_mask
+
+
+def make_train_batch(cfg: Config, batch: StepBatch, old_logp: list, ref_logp: Optional[list],
+                     log_roff: torch.Tensor, adv: torch.Tensor):
+    """The actor's ActorBatch for train_step. TIS weights min(exp(old - rollout), tis_cap) on unfixed
+    rows and exactly 1 on fixed rows (their rollout log-probs were under the fix prompt)."""
+    from rfpo_megatron.actor.batch import ActorBatch
+
+    lens = [len(r) for r in batch.response_ids]
+    tis = None
+    if cfg.algo.tis_cap is not None:
+        tis = [tis_weights(old_logp[i], batch.rollout_logp[i], cfg.algo.tis_cap, bool(batch.use_tis[i]))
+               for i in range(batch.n)]
+    return ActorBatch.from_prompt_response(
+        batch.prompt_ids, batch.response_ids,
+        advantages=[adv[i, :lens[i]] for i in range(batch.n)],
+        old_logp=[torch.as_tensor(old_logp[i]).float() for i in range(batch.n)],
+        ref_logp=[torch.as_tensor(r).float() for r in ref_logp] if ref_logp is not None else None,
+        rollout_logp=None, tis_weights=tis,
+        response_mask=[batch.response_mask[i, :lens[i]] for i in range(batch.n)],
+        log_roff=log_roff if cfg.rfpo.enabled else None, is_fixed=batch.is_fixed)
+
+
+def update_policy(rt: Runtime, tb: Any) -> dict[str, float]:
+    """actor.ppo_epochs passes over the batch in mini-batches of actor.global_batch_size sequences (None:
+    the whole batch), one optimizer step each; returns the train/* metrics averaged over the steps."""
+    cfg = rt.cfg
+    n, size = len(tb), cfg.actor.global_batch_size or len(tb)
+    sums: dict[str, float] = {}
+    steps = 0
+    for _ in range(cfg.actor.ppo_epochs):
+        for start in range(0, n, size):
+            mb = subset_batch(tb, list(range(start, min(n, start + size))))
+            if not any(bool(mb.mask_of(i).any()) for i in range(len(mb))):
+                continue  # nothing in the loss (e.g. every row dropped by the estimator's keep mask)
+            for k, v in rt.actor.train_step(mb, cfg.algo, cfg.rfpo if cfg.rfpo.enabled else None).items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            steps += 1
+    out = {k: v / steps for k, v in sums.items()} if steps else {"train/loss": 0.0, "train/grad_norm": 0.0}
+    out["train/optimizer_steps"] = float(steps)
+    return out
+
+
+def subset_batch(tb: Any, idx: list) -> Any:
+    """The ActorBatch rows `idx` (all per-sample fields sliced alike)."""
+    if len(idx) == len(tb):
+        return tb
+    from rfpo_megatron.actor.batch import ActorBatch
+
+    def pick(v):
+        return None if v is None else [v[i] for i in idx]
+
+    ix = torch.tensor(idx, dtype=torch.long)
+    return ActorBatch(input_ids=pick(tb.input_ids), prompt_lens=pick(tb.prompt_lens), advantages=pick(tb.advantages),
+                      old_logp=pick(tb.old_logp), ref_logp=pick(tb.ref_logp), rollout_logp=pick(tb.rollout_logp),
+                      tis_weights=pick(tb.tis_weights), response_mask=pick(tb.response_mask),
+                      log_roff=None if tb.log_roff is None else tb.log_roff[ix],
+                      is_fixed=None if tb.is_fixed is None else tb.is_fixed[ix])
+
+
+def tis_weights(old_logp, rollout_logp, cap: float, use_tis: bool) -> torch.Tensor:
+    """[T] truncated importance weights min(exp(old_logp - rollout_logp), cap) of one row (algos.tis_weight);
+    all 1 when `use_tis` is False (fixed samples) or the engine reported no log-probs."""
+    from rfpo_megatron.algos.objective import tis_weight
+
+    old = torch.as_tensor(old_logp, dtype=torch.float32)
+    if not use_tis or len(rollout_logp) != old.numel():
+        return torch.ones_like(old)
+    return tis_weight(old.unsqueeze(0), torch.as_tensor(rollout_logp, dtype=torch.float32).unsqueeze(0), cap)[0]
+
+
+def logprob_pass(actor: Any, seqs: list) -> list:
+    """Per-token log-probs of each (prompt ids, response ids) pair under `actor`: list of [T_i] tensors.
+    The prompt ids are exactly those given (for a fixed sample: the plain prompt q)."""
+    from rfpo_megatron.actor.batch import ActorBatch
+
+    prompts, responses = [list(p) for p, _ in seqs], [list(r) for _, r in seqs]
+    logp, _ = actor.compute_logprobs(ActorBatch.from_prompt_response(prompts, responses))
+    return logp

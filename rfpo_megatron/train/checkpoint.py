@@ -1,0 +1,112 @@
+"""Trainer checkpoints: `save_dir/step_NNNNNN/` (actor checkpoint + trainer_state.pt + config.yaml) and `latest`.
+
+A save goes to `step_N.tmp`, is renamed, then `latest` is replaced: a kill at any moment leaves the previous
+complete checkpoint as `latest`. `trainer_state.pt` holds what the actor's own checkpoint does not: the data
+sampler position, python/numpy/torch RNG states, the internalization tracker, budget counters, W&B run id.
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from typing import Optional
+
+import numpy as np
+import torch
+
+from rfpo_megatron.config import save_config, to_dict
+from rfpo_megatron.train.runtime import Runtime, barrier
+
+STATE_FILE = "trainer_state.pt"
+LATEST_FILE = "latest"
+
+
+def capture_state(rt: Runtime) -> dict:
+    """Everything besides the actor needed to continue exactly: data position, RNG states, tracker,
+    cumulative counters and the W&B run id."""
+    return {
+        "sampler": rt.sampler.state_dict() if rt.sampler is not None else None,
+        "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+        "tracker": rt.tracker.state_dict() if rt.tracker is not None else None,
+        "counters": dict(rt.counters),
+        "wandb_run_id": rt.logger.wandb_run_id if rt.logger is not None else None,
+    }
+
+
+def checkpoint_dir(save_dir: str, step: int) -> str:
+    return os.path.join(save_dir, f"step_{step:06d}")
+
+
+def save_checkpoint(rt: Runtime, step: int, state: dict) -> str:
+    """Write `save_dir/step_NNNNNN/` (actor checkpoint + trainer_state.pt), then point `latest` at it.
+    A kill at any moment leaves the previous complete checkpoint as `latest`."""
+    cfg = rt.cfg
+    final = checkpoint_dir(cfg.trainer.save_dir, step)
+    tmp = final + ".tmp"
+    if rt.is_rank0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp, exist_ok=True)
+    barrier(rt)
+    from rfpo_megatron.actor.checkpoint import save_checkpoint as save_actor
+
+    save_actor(rt.actor, os.path.join(tmp, "actor"), step=step)
+    barrier(rt)
+    if rt.is_rank0:
+        torch.save({"step": step, "config": to_dict(cfg), **state}, os.path.join(tmp, STATE_FILE))
+        save_config(cfg, os.path.join(tmp, "config.yaml"))
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        with open(os.path.join(cfg.trainer.save_dir, LATEST_FILE + ".tmp"), "w") as fh:
+            fh.write(os.path.basename(final) + "\n")
+        os.replace(os.path.join(cfg.trainer.save_dir, LATEST_FILE + ".tmp"),
+                   os.path.join(cfg.trainer.save_dir, LATEST_FILE))
+        prune_checkpoints(cfg.trainer.save_dir, cfg.trainer.keep_last)
+        rt.last_checkpoint = final
+    barrier(rt)
+    return final
+
+
+def prune_checkpoints(save_dir: str, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` complete step directories (keep_last <= 0 keeps all)."""
+    if keep_last <= 0:
+        return
+    steps = sorted(d for d in os.listdir(save_dir) if d.startswith("step_") and not d.endswith(".tmp"))
+    for d in steps[:-keep_last]:
+        shutil.rmtree(os.path.join(save_dir, d), ignore_errors=True)
+
+
+def latest_checkpoint(save_dir: str) -> Optional[str]:
+    """The directory `save_dir/latest` names, or None when there is no complete checkpoint."""
+    path = os.path.join(save_dir, LATEST_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as fh:
+        name = fh.read().strip()
+    d = os.path.join(save_dir, name)
+    if not os.path.isfile(os.path.join(d, STATE_FILE)):
+        raise FileNotFoundError(f"{path} names '{name}' but {d}/{STATE_FILE} is missing; "
+                                f"point {path} at a complete step_* directory or start without --resume")
+    return d
+
+
+def load_checkpoint(rt: Runtime, ckpt: str) -> int:
+    """Restore the actor and the trainer state from `ckpt`; returns its step."""
+    from rfpo_megatron.actor.checkpoint import load_checkpoint as load_actor
+
+    state = torch.load(os.path.join(ckpt, STATE_FILE), map_location="cpu", weights_only=False)
+    load_actor(rt.actor, os.path.join(ckpt, "actor"))
+    if state.get("sampler") and rt.sampler is not None:
+        rt.sampler.load_state_dict(state["sampler"])
+    rng = state["rng"]
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    if rt.tracker is not None:
+        rt.tracker.load_state_dict(state.get("tracker"))
+    rt.counters.update(state.get("counters") or {})
+    rt.resumed_wandb_id = state.get("wandb_run_id")
+    return int(state["step"])

@@ -1,0 +1,148 @@
+"""Building and tearing down the Runtime: input checks, actor (+ reference), rollout engine, resume, logger.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from rfpo_megatron.config import Config, ConfigError, to_dict
+from rfpo_megatron.train.checkpoint import latest_checkpoint, load_checkpoint
+from rfpo_megatron.train.runtime import Runtime, install_signal_handlers, touch
+from rfpo_megatron.train.weight_sync import share_engine, sync_mode, sync_weights
+
+
+def engine_config(cfg: Config) -> dict:
+    """The rollout section mapped onto rfpo_megatron.rollout.launch.EngineConfig field names."""
+    r = cfg.rollout
+    return {"backend": "external" if r.server_urls else r.engine, "urls": list(r.server_urls),
+            "model_path": cfg.actor.hf_model_path, "log_dir": os.path.join(cfg.logging.log_dir, "rollout_logs"),
+            "startup_timeout_s": r.startup_timeout_s, "request_timeout_s": r.request_timeout_s,
+            "watchdog_s": r.watchdog_s, "tp_size": r.sglang_tp, "num_gpus": r.num_servers * r.sglang_tp,
+            "server_args": dict(r.server_args), "threads": int(os.environ.get("OMP_NUM_THREADS", "1") or 1)}
+
+
+def check_paths(cfg: Config) -> None:
+    """Fail early, naming the config field, when an input path is missing."""
+    if not cfg.actor.hf_model_path or not os.path.isfile(os.path.join(cfg.actor.hf_model_path, "config.json")):
+        raise ConfigError(f"actor.hf_model_path='{cfg.actor.hf_model_path}' is not an HF model directory "
+                          f"(no config.json); for the demo run examples/tiny_cpu/prepare.py first")
+    if not cfg.data.train_files:
+        raise ConfigError("data.train_files is empty; list the jsonl/parquet prompt files to train on")
+    for path in list(cfg.data.train_files) + list(cfg.data.eval_files):
+        if not os.path.exists(path):
+            raise ConfigError(f"data file '{path}' not found (data.train_files / data.eval_files)")
+
+
+def build_actor(cfg: Config, with_optimizer: bool = True) -> Any:
+    """The megatron-core actor initialised from the HF weights of actor.hf_model_path."""
+    from transformers import AutoConfig
+
+    from rfpo_megatron.actor.actor import Actor
+    from rfpo_megatron.convert.offline import load_hf_into_model
+
+    hf_config = AutoConfig.from_pretrained(cfg.actor.hf_model_path)
+    actor = Actor(hf_config, cfg.actor, total_steps=max(1, cfg.trainer.steps),
+                  temperature=cfg.rollout.temperature, with_optimizer=with_optimizer)
+    load_hf_into_model(actor.modules, cfg.actor.hf_model_path)
+    return actor
+
+
+def setup(cfg: Config) -> Runtime:
+    """Parallel init, tokenizer, data, verifier, actor (+ reference), engine, resume, logger, signals."""
+    from transformers import AutoTokenizer
+
+    from rfpo_megatron.actor.parallel import init_parallel
+    from rfpo_megatron.data.dataset import load_prompt_sets
+    from rfpo_megatron.data.sampler import PromptSampler
+    from rfpo_megatron.data.template import PromptFormat
+    from rfpo_megatron.logging import MetricsLogger
+    from rfpo_megatron.logging.metrics import InternalizationTracker
+    from rfpo_megatron.rewards import get_reward_fn
+
+    check_paths(cfg)
+    sync_mode(cfg)  # a bad weight_sync choice fails now, not after the first step
+    data_kw = dict(skip_bad_records=cfg.data.skip_bad_records, prompt_key=cfg.data.prompt_key,
+                   answer_key=cfg.data.answer_key)
+    prompts = load_prompt_sets(list(cfg.data.train_files), **data_kw).records  # bad data fails before init
+    eval_sets = {os.path.splitext(os.path.basename(p))[0]: load_prompt_sets([p], **data_kw).records
+                 for p in cfg.data.eval_files}
+    from rfpo_megatron.rewards import available_rewards
+
+    if cfg.data.reward_fn not in available_rewards():
+        raise ConfigError(f"data.reward_fn='{cfg.data.reward_fn}' is unknown; choose one of: "
+                          f"{', '.join(available_rewards())}")
+    single = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")) or 1) == 1
+    if single and "MASTER_PORT" not in os.environ:  # a lone process: never collide on the default port
+        from rfpo_megatron.rollout.procs import free_port
+
+        os.environ["MASTER_PORT"] = str(free_port())
+    info = init_parallel(cfg.actor.tensor_model_parallel_size, cfg.actor.pipeline_model_parallel_size,
+                         seed=cfg.trainer.seed)
+    rt = Runtime(cfg, rank=info.rank, world_size=info.world_size, prompts=prompts,
+                 eval_sets=eval_sets if info.rank == 0 else {})
+    if rt.is_rank0:  # only rank 0 scores (a process-pool verifier would otherwise start on every rank)
+        rt.verifier = get_reward_fn(cfg.data.reward_fn)
+        if hasattr(rt.verifier, "close"):
+            rt.cleanup.append(rt.verifier.close)
+    install_signal_handlers(rt)
+    rt.tokenizer = AutoTokenizer.from_pretrained(cfg.actor.hf_model_path)
+    rt.pad_id = rt.tokenizer.pad_token_id if rt.tokenizer.pad_token_id is not None else 0
+    rt.eos_ids = [rt.tokenizer.eos_token_id] if rt.tokenizer.eos_token_id is not None else []
+    rt.prompt_format = PromptFormat(mode="auto" if cfg.data.chat_template else "plain")
+    rt.sampler = PromptSampler(len(rt.prompts), cfg.data.prompts_per_step, seed=cfg.trainer.seed,
+                               shuffle=cfg.data.shuffle)
+    rt.tracker = InternalizationTracker()
+    rt.actor = build_actor(cfg)
+    a = cfg.algo
+    if a.use_kl_loss or a.use_kl_in_reward or cfg.actor.use_reference:
+        rt.ref_actor = build_actor(cfg, with_optimizer=False)
+    if rt.is_rank0:
+        rt.engine = launch_rollout_engine(cfg)
+        rt.cleanup.append(rt.engine.shutdown)
+    share_engine(rt)
+    resumed = False
+    if cfg.trainer.resume:
+        ckpt = latest_checkpoint(cfg.trainer.save_dir)
+        if ckpt is None:
+            rt.log(f"--resume: no checkpoint in {cfg.trainer.save_dir}; starting from step 0")
+        else:
+            rt.step = load_checkpoint(rt, ckpt)
+            rt.last_checkpoint = ckpt
+            resumed = True
+            rt.log(f"resumed from {ckpt} (step {rt.step})")
+    elif cfg.actor.load:  # start from a Megatron checkpoint's weights (fresh optimizer and data position)
+        from rfpo_megatron.actor.checkpoint import load_checkpoint as load_actor
+
+        load_actor(rt.actor, cfg.actor.load, load_optimizer=False, load_rng=False)
+        resumed = True
+    if resumed:
+        sync_weights(rt)  # the engine serves the HF start weights; give it the restored ones
+    if rt.is_rank0:
+        rt.logger = MetricsLogger(cfg.logging, cfg.trainer.steps, config=to_dict(cfg), start_step=rt.step,
+                                  wandb_run_id=rt.resumed_wandb_id if resumed else None)
+        rt.cleanup.insert(0, rt.logger.finish)
+    touch(cfg.trainer.heartbeat_file)
+    return rt
+
+
+def launch_rollout_engine(cfg: Config) -> Any:
+    from rfpo_megatron.rollout.launch import launch_engine
+
+    return launch_engine(engine_config(cfg))
+
+
+def teardown(rt: Runtime) -> None:
+    """Finish the logger, stop the engine, tear down the process groups (errors here are printed, not raised)."""
+    for fn in rt.cleanup:
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - shutting down; report and go on
+            print(f"[rfpo-megatron] cleanup: {type(exc).__name__}: {exc}", file=sys.stderr)
+    rt.cleanup.clear()
+    try:
+        from rfpo_megatron.actor.parallel import destroy_parallel
+
+        destroy_parallel()
+    except Exception:  # noqa: BLE001
+        pass

@@ -1,0 +1,156 @@
+"""The trainer's runtime state and control: Runtime, SIGTERM -> Preempted, stage timing, seeds, heartbeat.
+
+`Runtime` is everything the loop holds. A SIGTERM sets `Runtime.stop`; inside an `abortable` block it raises
+`Preempted` at once (nothing changed yet: the step is dropped), elsewhere the loop checks `stop_requested`
+at step end. `step_seed` makes every sampling seed a pure function of (trainer.seed, step, stream).
+"""
+from __future__ import annotations
+
+import faulthandler
+import os
+import signal
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from rfpo_megatron.config import Config
+
+SEED_ROLLOUT, SEED_FIX, SEED_EVAL, SEED_REFILL = 0, 1, 2, 10  # sampling-seed streams (step_seed)
+
+
+class Preempted(Exception):
+    """Raised (by the SIGTERM handler or the loop) to stop a step before it changed any state."""
+
+
+@dataclass
+class Runtime:
+    """Everything the loop holds: config, parallel info, actor, engine, data, logger, tracker, step."""
+
+    cfg: Config
+    rank: int = 0
+    world_size: int = 1
+    actor: Any = None
+    ref_actor: Any = None
+    engine: Any = None
+    tokenizer: Any = None
+    prompt_format: Any = None
+    prompts: Any = None
+    sampler: Any = None
+    verifier: Any = None
+    eval_sets: dict = field(default_factory=dict)
+    logger: Any = None
+    tracker: Any = None
+    pad_id: int = 0
+    eos_ids: list = field(default_factory=list)
+    step: int = 0
+    snapshot: dict = field(default_factory=dict)
+    stop: bool = False  # SIGTERM seen
+    abortable: bool = False  # the current stage may be abandoned (no state changed yet)
+    cleanup: list = field(default_factory=list)
+    counters: dict = field(default_factory=dict)  # cumulative generations / tokens (rollout budget)
+    last_checkpoint: str = ""
+    resumed_wandb_id: Optional[str] = None
+    weight_group: Any = None  # rollout.weight_sync=distributed: the trainer -> servers process group
+
+    @property
+    def is_rank0(self) -> bool:
+        return self.rank == 0
+
+    def log(self, text: str) -> None:
+        if self.is_rank0:
+            print(f"[rfpo-megatron] {text}", flush=True)
+
+
+@contextmanager
+def timed(metrics: dict, key: str, accumulate: bool = False):
+    """Add the wall time of the block (seconds) to metrics[key]."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        dt = time.perf_counter() - t0
+        metrics[key] = metrics.get(key, 0.0) + dt if accumulate else dt
+
+
+@contextmanager
+def abortable(rt: Runtime, collective: bool = False):
+    """Inside the block a SIGTERM raises Preempted at once: nothing has changed state yet, so the step
+    is dropped and the checkpoint of the previous step is written. Blocks that run collectives are
+    abortable only in a single process (with several ranks the stop flag is agreed on at step end)."""
+    can = rt.world_size == 1 or (rt.is_rank0 and not collective)
+    if rt.stop and can:
+        raise Preempted()
+    rt.abortable = can
+    try:
+        yield
+    finally:
+        rt.abortable = False
+
+
+def install_signal_handlers(rt: Runtime) -> None:
+    """SIGTERM/SIGINT -> checkpoint and exit; SIGUSR1 -> dump all threads' stacks to stderr."""
+    def on_term(signum, frame):
+        first = not rt.stop
+        rt.stop = True
+        if first:
+            print(f"[rfpo-megatron] rank {rt.rank}: got signal {signum}; checkpointing and exiting",
+                  file=sys.stderr, flush=True)
+        if rt.abortable:
+            rt.abortable = False
+            raise Preempted()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
+
+
+def stop_requested(rt: Runtime) -> bool:
+    """Whether any rank saw SIGTERM (all ranks agree: MAX all-reduce when distributed)."""
+    if rt.world_size == 1:
+        return rt.stop
+    import torch.distributed as dist
+
+    flag = torch.tensor([1 if rt.stop else 0], dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    rt.stop = bool(flag.item())
+    return rt.stop
+
+
+def broadcast_groups(rt: Runtime, groups: Optional[list]) -> Optional[list]:
+    """Rank 0's groups to every rank (None means "preempted: stop before the update")."""
+    if rt.world_size == 1:
+        return groups
+    import torch.distributed as dist
+
+    box = [groups]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(rt: Runtime) -> None:
+    """All ranks wait here (a no-op in a single process)."""
+    if rt.world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def touch(path: Optional[str]) -> None:
+    """Create `path` or bump its mtime (the watchdog's liveness signal)."""
+    if not path:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a"):
+        os.utime(path, None)
+
+
+def step_seed(cfg: Config, step: int, stream: int = SEED_ROLLOUT) -> int:
+    """The sampling seed of `stream` (rollout, fix, eval, refill rounds) at `step`: a pure function of
+    (trainer.seed, step, stream), so a resumed run replays exactly what the uninterrupted one sampled."""
+    from rfpo_megatron.rollout.base import derive_seed
+
+    return derive_seed(int(cfg.trainer.seed), int(step), int(stream))
