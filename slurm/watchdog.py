@@ -1,6 +1,6 @@
 """Hang watchdog: when no training step completes for T minutes, dump every rank's Python stacks.
 
-Contract with the trainer (rfpo_megatron/trainer.py):
+Contract with the trainer (rfpo_megatron/trainer.py; the signal handling is in rfpo_megatron/train/runtime.py):
   * the trainer touches ``trainer.heartbeat_file`` after every completed step (the file's mtime is the signal;
     the sbatch scripts set it to ``$RFPO_RUN_DIR/heartbeat``);
   * every rank calls ``faulthandler.register(signal.SIGUSR1, all_threads=True)`` at start-up, so SIGUSR1
