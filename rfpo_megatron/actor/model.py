@@ -1,6 +1,7 @@
 """Megatron-core GPTModel construction from a Hugging Face config (Qwen2/2.5, Llama-3, Qwen3 dense).
 
-``transformer_config_from_hf`` maps the HF fields to a ``TransformerConfig``;
+``transformer_config_from_hf`` maps the validated ``convert.arch.Arch`` of an HF config (the
+single HF-config reader, shared with the conversion tools) to a ``TransformerConfig``;
 ``build_model`` builds this rank's pipeline stage(s) with the TransformerEngine
 layer spec on GPU when TE imports, and the local (pure megatron-core) spec
 otherwise. These names are relied on by ``rfpo_megatron.convert``: keep them stable.
@@ -8,34 +9,12 @@ otherwise. These names are relied on by ``rfpo_megatron.convert``: keep them sta
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
 from rfpo_megatron.actor.compat import enable_cpu_compat
-
-SUPPORTED_MODEL_TYPES = ("qwen2", "llama", "qwen3")
-
-
-def _get(cfg: Any, name: str, default: Any = None) -> Any:
-    if isinstance(cfg, Mapping):
-        return cfg.get(name, default)
-    return getattr(cfg, name, default)
-
-
-def _check_supported(hf_config: Any) -> str:
-    mt = _get(hf_config, "model_type")
-    if mt not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"unsupported HF model_type={mt!r}; the actor supports {', '.join(SUPPORTED_MODEL_TYPES)} "
-            "(dense Qwen2/2.5, Llama-3, Qwen3)"
-        )
-    if _get(hf_config, "num_experts", 0) or _get(hf_config, "num_local_experts", 0):
-        raise ValueError(f"model_type={mt!r} with experts (MoE) is not supported by the actor")
-    act = _get(hf_config, "hidden_act", "silu")
-    if act != "silu":
-        raise ValueError(f"model_type={mt!r}: hidden_act={act!r} is not supported (only silu/SwiGLU)")
-    return mt
+from rfpo_megatron.convert.arch import SUPPORTED_MODEL_TYPES, Arch, arch_from_hf_config, hf_config_dict  # noqa: F401
 
 
 def padded_vocab_size(vocab: int, tp: int, multiple: int = 128) -> int:
@@ -44,29 +23,21 @@ def padded_vocab_size(vocab: int, tp: int, multiple: int = 128) -> int:
     return ((vocab + step - 1) // step) * step
 
 
-def _rope_scaling(hf_config: Any) -> tuple[bool, float]:
-    # transformers >= 5 keeps the scaling in rope_parameters (config.json may hold only that key)
-    rs = _get(hf_config, "rope_scaling") or _get(hf_config, "rope_parameters") or None
-    if not rs:
+# megatron-core hard-codes these llama3 rope-scaling constants; only `factor` is configurable
+_MEGATRON_LLAMA3 = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def megatron_rope_scaling(arch: Arch) -> tuple[bool, float]:
+    """(rope_scaling, rope_scaling_factor) for GPTModel from ``arch.rope_scaling``; ValueError if megatron cannot express it."""
+    if arch.rope_type == "default":
         return False, 8.0
-    kind = rs.get("rope_type", rs.get("type"))
-    if kind in (None, "default"):
-        return False, 8.0
-    if kind != "llama3":
-        raise ValueError(f"rope_scaling.rope_type={kind!r} is not supported (only 'llama3' or none)")
-    expect = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-    for k, v in expect.items():
+    if arch.rope_type != "llama3":
+        raise ValueError(f"rope_scaling.rope_type={arch.rope_type!r} is not supported (only 'llama3' or none)")
+    rs = dict(arch.rope_scaling)
+    for k, v in _MEGATRON_LLAMA3.items():
         if k in rs and float(rs[k]) != float(v):
             raise ValueError(f"rope_scaling.{k}={rs[k]} unsupported (megatron-core fixes it at {v})")
     return True, float(rs.get("factor", 8.0))
-
-
-def _rope_theta(hf_config: Any) -> float:
-    theta = _get(hf_config, "rope_theta")
-    if theta is None:  # transformers >= 5 keeps it in rope_parameters
-        rp = _get(hf_config, "rope_parameters") or {}
-        theta = rp.get("rope_theta", 10000.0)
-    return float(theta)
 
 
 def transformer_config_from_hf(
@@ -77,52 +48,45 @@ def transformer_config_from_hf(
     params_dtype: torch.dtype = torch.float32,
     **overrides: Any,
 ):
-    """TransformerConfig for an HF Qwen2/2.5, Llama-3 or Qwen3 dense config.
+    """TransformerConfig for an HF Qwen2/2.5, Llama-3 or Qwen3 dense config (a dict or a PretrainedConfig).
 
-    Maps: num_attention_heads, num_key_value_heads -> num_query_groups (GQA),
-    head_dim -> kv_channels, intermediate_size -> ffn_hidden_size (SwiGLU:
-    gated_linear_unit + silu), rms_norm_eps -> layernorm_epsilon (RMSNorm),
-    qkv bias (Qwen2 always; Llama ``attention_bias``), q/k RMSNorm (Qwen3).
-    ``overrides`` are passed to TransformerConfig last (e.g. ``attention_dropout``).
-    On CPU, ``use_cpu_initialization`` is forced on.
+    The architecture comes from ``convert.arch.arch_from_hf_config`` (the one HF reader; its
+    ConversionError, a ValueError, names the bad field): num_kv_heads -> num_query_groups (GQA),
+    head_dim -> kv_channels, ffn_hidden_size -> SwiGLU (gated_linear_unit + silu), rms_norm_eps ->
+    layernorm_epsilon (RMSNorm), qkv_bias -> add_qkv_bias, qk_norm -> qk_layernorm (Qwen3).
+    Biases on o_proj / MLP (``mlp_bias``) are refused. ``overrides`` are passed to TransformerConfig
+    last (e.g. ``attention_dropout``). On CPU, ``use_cpu_initialization`` is forced on.
     """
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    mt = _check_supported(hf_config)
-    hidden = int(_get(hf_config, "hidden_size"))
-    heads = int(_get(hf_config, "num_attention_heads"))
-    kv_heads = int(_get(hf_config, "num_key_value_heads") or heads)
-    head_dim = _get(hf_config, "head_dim") or hidden // heads
-    layers = int(_get(hf_config, "num_hidden_layers"))
+    arch = arch_from_hf_config(hf_config)
+    cfg = hf_config_dict(hf_config)  # fields Arch does not carry (dropout, init std)
+    layers, heads, kv_heads = arch.num_layers, arch.num_heads, arch.num_kv_heads
     if layers % pp != 0:
         raise ValueError(f"num_hidden_layers={layers} is not divisible by actor.pp={pp}; choose pp dividing it")
     if heads % tp != 0:
         raise ValueError(f"num_attention_heads={heads} is not divisible by actor.tp={tp}")
     if kv_heads % tp != 0 and tp % kv_heads != 0:
         raise ValueError(f"num_key_value_heads={kv_heads} must divide or be a multiple of actor.tp={tp}")
-    if mt == "qwen2":
-        qkv_bias = True
-    else:
-        qkv_bias = bool(_get(hf_config, "attention_bias", False))
-    if _get(hf_config, "mlp_bias", False):
-        raise ValueError(f"model_type={mt!r} with mlp_bias=True is not supported")
+    if arch.mlp_bias:
+        raise ValueError(f"model_type={arch.model_type!r} with mlp_bias=True is not supported")
     on_gpu = torch.cuda.is_available()
     kw: dict[str, Any] = dict(
         num_layers=layers,
-        hidden_size=hidden,
-        ffn_hidden_size=int(_get(hf_config, "intermediate_size")),
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.ffn_hidden_size,
         num_attention_heads=heads,
         num_query_groups=kv_heads,
-        kv_channels=int(head_dim),
-        layernorm_epsilon=float(_get(hf_config, "rms_norm_eps", 1e-6)),
+        kv_channels=arch.head_dim,
+        layernorm_epsilon=arch.rms_norm_eps,
         normalization="RMSNorm",
-        qk_layernorm=(mt == "qwen3"),
+        qk_layernorm=arch.qk_norm,
         add_bias_linear=False,
-        add_qkv_bias=qkv_bias,
+        add_qkv_bias=arch.qkv_bias,
         gated_linear_unit=True,
         activation_func=torch.nn.functional.silu,
         hidden_dropout=0.0,
-        attention_dropout=float(_get(hf_config, "attention_dropout", 0.0) or 0.0),
+        attention_dropout=float(cfg.get("attention_dropout", 0.0) or 0.0),
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         sequence_parallel=False,
@@ -132,7 +96,7 @@ def transformer_config_from_hf(
         pipeline_dtype=params_dtype,
         use_cpu_initialization=not on_gpu,
         perform_initialization=True,
-        init_method_std=float(_get(hf_config, "initializer_range", 0.02)),
+        init_method_std=float(cfg.get("initializer_range", 0.02)),
         bias_activation_fusion=on_gpu,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
@@ -197,24 +161,24 @@ def build_model(
     tp = mpu.get_tensor_model_parallel_world_size()
     pp = mpu.get_pipeline_model_parallel_world_size()
     config = transformer_config_from_hf(hf_config, tp=tp, pp=pp, params_dtype=params_dtype, **overrides)
-    use_rs, rs_factor = _rope_scaling(hf_config)
-    vocab = int(_get(hf_config, "vocab_size"))
-    tie = bool(_get(hf_config, "tie_word_embeddings", False))
+    arch = arch_from_hf_config(hf_config)
+    use_rs, rs_factor = megatron_rope_scaling(arch)
+    theta = arch.rope_theta
     model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(config, spec),
-        vocab_size=padded_vocab_size(vocab, tp),
-        max_sequence_length=int(_get(hf_config, "max_position_embeddings", 4096)),
+        vocab_size=padded_vocab_size(arch.vocab_size, tp),
+        max_sequence_length=int(hf_config_dict(hf_config).get("max_position_embeddings", 4096)),
         pre_process=mpu.is_pipeline_first_stage(),
         post_process=mpu.is_pipeline_last_stage(),
         parallel_output=True,
-        share_embeddings_and_output_weights=tie,
+        share_embeddings_and_output_weights=arch.tie_embeddings,
         position_embedding_type="rope",
-        rotary_base=int(_rope_theta(hf_config)) if float(_rope_theta(hf_config)).is_integer() else _rope_theta(hf_config),
+        rotary_base=int(theta) if theta.is_integer() else theta,
         rope_scaling=use_rs,
         rope_scaling_factor=rs_factor,
     )
-    model.vocab_size_unpadded = vocab  # type: ignore[attr-defined]
+    model.vocab_size_unpadded = arch.vocab_size  # type: ignore[attr-defined]
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     for p in model.parameters():

@@ -81,7 +81,8 @@ class Arch:
         return asdict(self)
 
 
-def _cfg_dict(hf_config: Any) -> dict[str, Any]:
+def hf_config_dict(hf_config: Any) -> dict[str, Any]:
+    """A plain dict of an HF config given as a dict or a `transformers.PretrainedConfig` (its `to_dict()`)."""
     if isinstance(hf_config, Mapping):
         return dict(hf_config)
     if hasattr(hf_config, "to_dict"):
@@ -133,12 +134,19 @@ def arch_from_hf_config(hf_config: Any, *, where: str = "config.json") -> Arch:
     Raises ConversionError naming the field for unsupported families, missing/invalid fields,
     head counts that do not divide, and bias combinations megatron-core cannot express.
     """
-    cfg = _cfg_dict(hf_config)
+    cfg = hf_config_dict(hf_config)
     model_type = cfg.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ConversionError(
-            f"{where}: field 'model_type' is {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            f"{where}: unsupported HF model_type={model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)} "
+            "(dense Qwen2/2.5, Llama-3, Qwen3)"
         )
+    for moe_field in ("num_experts", "num_local_experts"):
+        if cfg.get(moe_field):
+            raise ConversionError(
+                f"{where}: field '{moe_field}'={cfg[moe_field]}: experts (MoE) are not supported; "
+                f"model_type={model_type!r} is supported only as a dense model"
+            )
     n_layers = _int_field(cfg, "num_hidden_layers", where)
     hidden = _int_field(cfg, "hidden_size", where)
     ffn = _int_field(cfg, "intermediate_size", where)
@@ -161,7 +169,7 @@ def arch_from_hf_config(hf_config: Any, *, where: str = "config.json") -> Arch:
         head_dim = _int_field(cfg, "head_dim", where)
     act = cfg.get("hidden_act", "silu")
     if act not in ("silu", "swish"):
-        raise ConversionError(f"{where}: field 'hidden_act' is {act!r}; only SwiGLU ('silu') is supported")
+        raise ConversionError(f"{where}: field hidden_act={act!r} is not supported; only SwiGLU ('silu') is")
     if model_type == "qwen2":
         qkv_bias, o_bias, mlp_bias, qk_norm = True, False, False, False
     else:
