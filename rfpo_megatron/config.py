@@ -151,6 +151,7 @@ class RolloutConfig:
     watchdog_s: float = 300.0
     weight_sync: str = "auto"  # auto | tensor | distributed | disk
     weight_sync_bucket_mb: int = 512
+    weight_sync_dir: Optional[str] = None  # weight_sync=disk: HF copies, shared FS (null: <trainer.save_dir>/weight_sync)
 
 
 @dataclass

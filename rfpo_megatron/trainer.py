@@ -29,7 +29,7 @@ from rfpo_megatron.logging.metrics import grad_signal_frac, group_flags, roff_me
 from rfpo_megatron.train.batch import (advantages, build_batch, compute_roff, logprob_pass, make_train_batch,
                                        sequences_for_logprob, update_policy)
 from rfpo_megatron.train.checkpoint import STATE_FILE, capture_state, latest_checkpoint, save_checkpoint  # noqa: F401
-from rfpo_megatron.train.generation import dynamic_sampling, fix_stage, rollout, run_eval
+from rfpo_megatron.train.generation import baseline_metrics, dynamic_sampling, fix_stage, rollout, run_eval
 from rfpo_megatron.train.runtime import (SEED_EVAL, SEED_FIX, Preempted, Runtime, abortable,  # noqa: F401
                                          broadcast_groups, step_seed, stop_requested, timed, touch)
 from rfpo_megatron.train.lifecycle import setup, teardown
@@ -122,6 +122,7 @@ def collect_groups(rt: Runtime, step: int, m: dict) -> Optional[list[RolloutGrou
             records = [rt.prompts[i] for i in rt.sampler.next_indices()]
             groups = rollout(rt, records, seed=step_seed(cfg, step))
         m.update(rollout_metrics(groups, cfg.rfpo.fix.success_threshold))
+        m.update(baseline_metrics(groups))  # remax: the greedy responses' mean reward
         rt.tracker.update(step, groups, cfg.rfpo.fix.threshold, cfg.rfpo.fix.success_threshold)
         if cfg.rfpo.enabled:
             with abortable(rt), timed(m, "perf/fix_time"):

@@ -1,12 +1,14 @@
-"""Weight sync modes: pushing HTTP tensors and broadcasting over a trainer->server process group
-(rollout.weight_sync=distributed; gloo on CPU, nccl on GPU) leave the engine with the same weights, so the
-runs' step metrics are identical (rollouts of steps 2+ are sampled from the synced weights)."""
+"""Weight sync modes: pushing HTTP tensors, broadcasting over a trainer->server process group
+(rollout.weight_sync=distributed; gloo on CPU, nccl on GPU) and writing an HF safetensors directory that the
+engine loads (rollout.weight_sync=disk) leave the engine with the same weights, so the runs' step metrics are
+identical (rollouts of steps 2+ are sampled from the synced weights)."""
 from __future__ import annotations
 
 import os
 import subprocess
 
 import pytest
+import torch
 
 from test_trainer_fixtures import ROOT, build_assets, run_trainer_cmd, tiny_overrides, trainer_env
 
@@ -16,8 +18,9 @@ EXTRA = {"data.reward_fn": "first_char_digit", "data.prompts_per_step": 4, "roll
          "rollout.colocate": "false", "logging.wandb_mode": "disabled"}
 
 
-def _run(assets, out, mode):
-    p = subprocess.run(run_trainer_cmd([CONFIG, *tiny_overrides(assets, out, **EXTRA, **{"rollout.weight_sync": mode})]),
+def _run(assets, out, mode, **extra):
+    p = subprocess.run(run_trainer_cmd([CONFIG, *tiny_overrides(assets, out, **EXTRA, **extra,
+                                                                **{"rollout.weight_sync": mode})]),
                        env=trainer_env(), capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stderr[-4000:]
     from rfpo_megatron.logging import read_metrics
@@ -26,13 +29,70 @@ def _run(assets, out, mode):
             for r in read_metrics(os.path.join(out, "logs", "metrics.jsonl"))]
 
 
-def test_distributed_sync_equals_tensor_sync(tmp_path):
-    assets = build_assets(str(tmp_path / "assets"))
-    a = _run(assets, str(tmp_path / "tensor"), "tensor")
-    b = _run(assets, str(tmp_path / "dist"), "distributed")
+@pytest.fixture(scope="module")
+def tensor_run(tmp_path_factory):
+    """(assets, metrics of the 3-step run with weight_sync=tensor), shared by the mode comparisons."""
+    root = tmp_path_factory.mktemp("weight_sync")
+    assets = build_assets(str(root / "assets"))
+    a = _run(assets, str(root / "tensor"), "tensor")
     assert [r["step"] for r in a] == [1, 2, 3]
     assert any(r["train/grad_norm"] > 0 for r in a[:2])  # the weights really changed before steps 2 and 3
-    assert a == b
+    return assets, a
+
+
+def test_distributed_sync_equals_tensor_sync(tensor_run, tmp_path):
+    assets, a = tensor_run
+    assert _run(assets, str(tmp_path / "dist"), "distributed") == a
+
+
+def test_disk_sync_equals_tensor_sync(tensor_run, tmp_path):
+    """weight_sync=disk: same metrics as tensor; the sync directory holds only the last complete HF copy
+    (3 syncs, no .tmp left), which transformers loads and which differs from the start weights."""
+    from safetensors.torch import load_file
+    from transformers import Qwen2ForCausalLM
+
+    assets, a = tensor_run
+    sync_dir = str(tmp_path / "shared_fs" / "weights")
+    assert _run(assets, str(tmp_path / "disk"), "disk", **{"rollout.weight_sync_dir": sync_dir}) == a
+    assert sorted(os.listdir(sync_dir)) == ["sync_000003"]
+    last = os.path.join(sync_dir, "sync_000003")
+    assert {"config.json", "model.safetensors.index.json"} <= set(os.listdir(last))
+    synced = Qwen2ForCausalLM.from_pretrained(last).state_dict()
+    start = load_file(os.path.join(assets["model"], "model.safetensors"))
+    assert set(start) <= set(synced)
+    assert any(not torch.equal(start[k], synced[k]) for k in start)  # the trained weights, not the start ones
+
+
+def test_disk_sync_pp2_torchrun_matches_tensor_sync(tensor_run, tmp_path):
+    """weight_sync=disk under `torchrun` with pipeline parallel 2: each stage writes its own shard of the one
+    directory (rank 0 renames it and alone tells the engine); a missing stage would change steps 2+."""
+    import sys
+
+    from rfpo_megatron.rollout.procs import free_port
+
+    assets, a = tensor_run
+    out = str(tmp_path / "pp2")
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    fixtures = os.path.join(ROOT, "tests", "test_trainer_fixtures.py")
+    p = subprocess.run([torchrun, "--nproc_per_node=2", f"--master_port={free_port()}", fixtures, "train", CONFIG,
+                        *tiny_overrides(assets, out, **EXTRA, **{"actor.pipeline_model_parallel_size": 2,
+                                                                 "rollout.weight_sync": "disk"})],
+                       env=trainer_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-4000:]
+    from rfpo_megatron.logging import read_metrics
+
+    b = [{k: v for k, v in r.items() if not k.startswith("perf/") and k != "time"}
+         for r in read_metrics(os.path.join(out, "logs", "metrics.jsonl"))]
+    assert [r["step"] for r in b] == [1, 2, 3]
+    for ra, rb in zip(a, b):
+        for k in ra:
+            if k.startswith("train/") and k not in ("train/lr", "train/update_skipped"):  # PP reduction order
+                assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-6), (ra["step"], k)
+            else:
+                assert rb[k] == ra[k], (ra["step"], k)
+    last = os.path.join(out, "ckpt", "weight_sync", "sync_000003")
+    assert sorted(f for f in os.listdir(last) if f.endswith(".safetensors")) == [
+        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]  # one shard per stage
 
 
 def test_bad_weight_sync_choice_fails_early():
@@ -43,3 +103,10 @@ def test_bad_weight_sync_choice_fails_early():
         T.sync_mode(load_config(CONFIG, ["rollout.weight_sync=distributed", "actor.pipeline_model_parallel_size=2"]))
     assert T.sync_mode(load_config(CONFIG, ["rollout.weight_sync=auto", "rollout.colocate=false"])) == "distributed"
     assert T.sync_mode(load_config(CONFIG, ["rollout.weight_sync=auto"])) == "tensor"
+    disk = load_config(CONFIG, ["rollout.weight_sync=disk", "trainer.save_dir=/x/ckpt",
+                                "actor.pipeline_model_parallel_size=2"])
+    assert T.sync_mode(disk) == "disk" and T.weight_sync_dir(disk) == "/x/ckpt/weight_sync"
+    disk.rollout.weight_sync_dir = "/shared/w"
+    assert T.weight_sync_dir(disk) == "/shared/w"
+    with pytest.raises(ConfigError, match="rollout.weight_sync"):
+        load_config(CONFIG, ["rollout.weight_sync=nfs"])

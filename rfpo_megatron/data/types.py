@@ -65,12 +65,16 @@ class RolloutGroup:
     samples:    the G (or more) samples.
     record:     the dataset record this prompt came from.
     prompt_text: the chat-formatted prompt string (optional, for logging/fix prompts).
+    baseline_reward: reward of one greedy (temperature 0) response to the prompt, the ReMax baseline
+                (algo.adv_estimator=remax; None otherwise). Every sample of the group, fixes included,
+                uses it.
     """
 
     prompt_ids: list[int]
     samples: list[Sample] = field(default_factory=list)
     record: dict[str, Any] = field(default_factory=dict)
     prompt_text: str = ""
+    baseline_reward: Optional[float] = None
 
     @property
     def rewards(self) -> list[float]:

@@ -1,10 +1,11 @@
 """The stages of one RFPO step, used by rfpo_megatron.trainer (the loop) and rfpo_megatron.evaluate.
 
     runtime      Runtime, Preempted, abortable/stop_requested (SIGTERM), timed, step_seed, touch, barrier
-    generation   rank 0: sampling_params, rollout, score_samples, fix_stage, dynamic_sampling, run_eval
+    generation   rank 0: sampling_params, rollout (+ ReMax greedy baselines), baseline_metrics, score_samples,
+                 fix_stage, dynamic_sampling, run_eval
     batch        every rank: StepBatch, build_batch, logprob_pass, compute_roff, advantages,
                  make_train_batch, update_policy
-    weight_sync  sync_weights, sync_mode, connect_weight_group, share_engine
+    weight_sync  sync_weights, sync_mode, connect_weight_group, share_engine, write_weights_dir
     checkpoint   capture_state, save/load/prune/latest_checkpoint, STATE_FILE
     lifecycle    setup, teardown, check_paths, build_actor, launch_rollout_engine, engine_config
 
@@ -32,7 +33,7 @@ from rfpo_megatron.train.checkpoint import (  # noqa: F401
     prune_checkpoints,
     save_checkpoint,
 )
-from rfpo_megatron.train.generation import dynamic_sampling, fix_stage, rollout, run_eval, sampling_params, score_samples  # noqa: F401
+from rfpo_megatron.train.generation import baseline_metrics, dynamic_sampling, fix_stage, rollout, run_eval, sampling_params, score_samples  # noqa: F401
 from rfpo_megatron.train.runtime import (  # noqa: F401
     SEED_EVAL,
     SEED_FIX,
@@ -50,7 +51,14 @@ from rfpo_megatron.train.runtime import (  # noqa: F401
     touch,
 )
 from rfpo_megatron.train.lifecycle import build_actor, check_paths, engine_config, launch_rollout_engine, setup, teardown  # noqa: F401
-from rfpo_megatron.train.weight_sync import connect_weight_group, share_engine, sync_mode, sync_weights  # noqa: F401
+from rfpo_megatron.train.weight_sync import (  # noqa: F401
+    connect_weight_group,
+    share_engine,
+    sync_mode,
+    sync_weights,
+    weight_sync_dir,
+    write_weights_dir,
+)
 
 __all__ = [
     "StepBatch",
@@ -85,6 +93,7 @@ __all__ = [
     "step_seed",
     "timed",
     "touch",
+    "baseline_metrics",
     "dynamic_sampling",
     "fix_stage",
     "rollout",
@@ -101,4 +110,6 @@ __all__ = [
     "share_engine",
     "sync_mode",
     "sync_weights",
+    "weight_sync_dir",
+    "write_weights_dir",
 ]

@@ -25,6 +25,8 @@ class StepBatch:
     rewards: [N]; group_index: [N] long (dense 0..num_groups-1); is_fixed, use_tis: [N] bool.
     response_mask: [N, T] bool (T = longest response).
     fixed_rows: [F] rows of the fixed samples; orig_response_ids: F lists, the original wrong o of each.
+    baseline_rewards: [N] the row's group `baseline_reward` (greedy reward, ReMax), or None when a group
+    has none.
     """
 
     prompt_ids: list
@@ -38,6 +40,7 @@ class StepBatch:
     fixed_rows: list
     orig_response_ids: list
     num_groups: int
+    baseline_rewards: Optional[torch.Tensor] = None
 
     @property
     def n(self) -> int:
@@ -65,9 +68,12 @@ def build_batch(groups: list[RolloutGroup], pad_id: int = 0) -> StepBatch:
             fixed.append(bool(s.is_fixed))
             tis.append(bool(s.use_tis) and not s.is_fixed)
     _, mask = pad_right(response_ids, pad_id)
+    base = None
+    if groups and all(g.baseline_reward is not None for g in groups):
+        base = torch.tensor([float(groups[gi].baseline_reward) for gi in gidx], dtype=torch.float32)
     return StepBatch(prompt_ids, response_ids, rollout_logp, torch.tensor(rewards, dtype=torch.float32),
                      torch.tensor(gidx, dtype=torch.long), torch.tensor(fixed, dtype=torch.bool),
-                     torch.tensor(tis, dtype=torch.bool), mask, fixed_rows, orig, len(groups))
+                     torch.tensor(tis, dtype=torch.bool), mask, fixed_rows, orig, len(groups), base)
 
 
 def sequences_for_logprob(batch: StepBatch, originals: bool = True) -> list[tuple[list[int], list[int]]]:
@@ -129,9 +135,11 @@ def advantages(cfg: Config, batch: StepBatch, old_logp: list, ref_logp: Optional
     if a.adv_estimator == "gae":
         raise ConfigError("algo.adv_estimator=gae needs a critic, which this trainer does not build; "
                           "use grpo, rloo, reinforce_pp, ... (docs/algorithms.md)")
-    if a.adv_estimator == "remax":
-        raise ConfigError("algo.adv_estimator=remax needs greedy baseline rollouts, not wired in this trainer; "
-                          "use grpo or rloo")
+    if a.adv_estimator == "remax":  # r_i - reward of the greedy response to the prompt (train.generation.rollout)
+        if batch.baseline_rewards is None:
+            raise ValueError("algo.adv_estimator=remax: a group has no baseline_reward (greedy response reward); "
+                             "the groups must come from train.generation.rollout(..., baseline=True)")
+        kw["baseline_rewards"] = batch.baseline_rewards
     mask = batch.response_mask
     adv, _ = compute_advantages(a.adv_estimator, rewards=batch.rewards, group_ids=batch.group_index,
                                 response_mask=mask, **kw)

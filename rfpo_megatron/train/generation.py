@@ -26,11 +26,17 @@ def sampling_params(cfg: Config, n: int, seed: Optional[int], eos_ids: list, tem
 
 
 def rollout(rt: Runtime, records: list, seed: int, n: Optional[int] = None,
-            temperature: Optional[float] = None) -> list[RolloutGroup]:
-    """Generate `n` (default rollout.n_samples) responses per record and score them -> one group each."""
+            temperature: Optional[float] = None, baseline: Optional[bool] = None) -> list[RolloutGroup]:
+    """Generate `n` (default rollout.n_samples) responses per record and score them -> one group each.
+
+    `baseline` (None: when algo.adv_estimator=remax): also generate ONE greedy (temperature 0) response per
+    prompt, score it and store its reward as `group.baseline_reward` (the ReMax baseline; counted in the
+    rollout budget, not a sample of the group)."""
     from rfpo_megatron.data.batching import build_prompts
 
     cfg = rt.cfg
+    if baseline is None:
+        baseline = cfg.algo.adv_estimator == "remax"
     items = build_prompts(records, rt.tokenizer, rt.prompt_format, cfg.data.max_prompt_len)
     params = sampling_params(cfg, n or cfg.rollout.n_samples, seed, rt.eos_ids, temperature=temperature)
     results = rt.engine.generate([it.prompt_ids for it in items], params)
@@ -46,7 +52,17 @@ def rollout(rt: Runtime, records: list, seed: int, n: Optional[int] = None,
     rt.counters["generations"] = rt.counters.get("generations", 0) + sum(len(g.samples) for g in groups)
     rt.counters["generated_tokens"] = rt.counters.get("generated_tokens", 0) + sum(
         len(s.response_ids) for g in groups for s in g.samples)
+    if baseline:
+        greedy = rollout(rt, [g.record for g in groups], seed, n=1, temperature=0.0, baseline=False)
+        for g, b in zip(groups, greedy):
+            g.baseline_reward = float(b.samples[0].reward)
     return groups
+
+
+def baseline_metrics(groups: list[RolloutGroup]) -> dict[str, float]:
+    """rollout/remax_baseline_reward_mean: mean greedy-response reward over the groups ({} without baselines)."""
+    base = [g.baseline_reward for g in groups if g.baseline_reward is not None]
+    return {"rollout/remax_baseline_reward_mean": sum(base) / len(base)} if base else {}
 
 
 def score_samples(rt: Runtime, samples: list[Sample]) -> None:

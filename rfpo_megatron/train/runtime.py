@@ -55,6 +55,7 @@ class Runtime:
     last_checkpoint: str = ""
     resumed_wandb_id: Optional[str] = None
     weight_group: Any = None  # rollout.weight_sync=distributed: the trainer -> servers process group
+    weight_syncs: int = 0  # rollout.weight_sync=disk: syncs written by this process (names the directories)
 
     @property
     def is_rank0(self) -> bool:
