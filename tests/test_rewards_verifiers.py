@@ -5,7 +5,7 @@ import pytest
 
 from rfpo_megatron.rewards import RewardResult, get_reward_fn, score_many
 from rfpo_megatron.rewards.addition import (AdditionVerifier, addition_solution, addition_steps, count_carries,
-                                            make_problem, make_split)
+                                            count_carry_ins, make_problem, make_split)
 from rfpo_megatron.rewards.exact_match import ExactMatchVerifier, extract_answer, last_boxed
 
 
@@ -37,6 +37,37 @@ def test_addition_generator_digits_and_answers():
     assert len({x["prompt"] for x in split}) == 40 and split == make_split(40, [3], seed=5)
     ev = make_split(40, [3], seed=6, exclude={x["prompt"] for x in split})
     assert not ({x["prompt"] for x in ev} & {x["prompt"] for x in split})
+
+
+def _carry_ins_by_hand(a: int, b: int) -> int:
+    """Columns that receive a carry, by grade-school addition on the digit lists."""
+    da, db = [int(c) for c in str(a)[::-1]], [int(c) for c in str(b)[::-1]]
+    carry, received = 0, 0
+    for i in range(max(len(da), len(db))):
+        received += carry
+        s = (da[i] if i < len(da) else 0) + (db[i] if i < len(db) else 0) + carry
+        carry = 1 if s >= 10 else 0
+    return received
+
+
+def test_carry_ins_knob_and_per_digit_bounds():
+    # 347+285: carries out of columns 1 and 2, received by columns 2 and 3; 73+52: only the top column carries
+    assert count_carry_ins(347, 285) == 2 and count_carry_ins(73, 52) == 0 and count_carries(73, 52) == 1
+    assert count_carry_ins(999, 1) == 2 and count_carry_ins(7, 5) == 0
+    rng = random.Random(1)
+    for _ in range(200):
+        a, b = rng.randint(0, 999), rng.randint(0, 999)
+        assert count_carry_ins(a, b) == _carry_ins_by_hand(a, b)
+    # the "compose" split of the tiny example: 1-2 digits unbounded, 3 digits without a received carry
+    easy = make_split(90, [1, 2, 3], seed=3, max_carries={3: 0}, carry_kind="carry_ins")
+    three = [r for r in easy if r["digits"] == 3]
+    assert len(three) == 30 and all(_carry_ins_by_hand(r["a"], r["b"]) == 0 for r in three)
+    assert any(r["carries"] == 1 for r in three)  # a carry out of the top column is allowed
+    assert any(_carry_ins_by_hand(r["a"], r["b"]) > 0 for r in easy if r["digits"] == 2)
+    hard = make_split(30, [3], seed=4, min_carries=1, carry_kind="carry_ins")
+    assert all(_carry_ins_by_hand(r["a"], r["b"]) >= 1 for r in hard)
+    with pytest.raises(ValueError, match="carry_kind"):
+        make_problem(rng, 2, carry_kind="borrows")
 
 
 def test_addition_verifier_messages():

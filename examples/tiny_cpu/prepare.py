@@ -51,10 +51,16 @@ def _mark(path: str, settings: dict) -> None:
 TASKS = {  # difficulty knob of the addition task
     "digits": dict(easy_digits=[1, 2], hard_digits=[3]),  # hard = longer than anything seen in SFT
     "carries": dict(easy_digits=[1, 2, 3], hard_digits=[2, 3], max_carries_easy=0, min_carries_hard=1),
+    # easy = 1-2 digit sums (carries included) and 3-digit sums without a carry; hard = 3-digit sums with
+    # >= 1 carry: reading 3 digits and carrying are both in the warm start, only their composition is new
+    "compose": dict(easy_digits=[1, 2, 3], hard_digits=[3], max_carries_easy={3: 0}, min_carries_hard=1),
+    # as compose, but a carry out of the top column alone counts as easy (hard = a column receives a carry)
+    "compose_carry_in": dict(easy_digits=[1, 2, 3], hard_digits=[3], max_carries_easy={3: 0},
+                             min_carries_hard=1, carry_kind="carry_ins"),
 }
 
 
-def make_data(out: str, seed: int, task: str = "carries") -> dict:
+def make_data(out: str, seed: int, task: str = "compose") -> dict:
     """train_easy (SFT), train_hard, train_rl (RL prompts: easy+hard interleaved), eval_easy, eval_hard."""
     from rfpo_megatron.rewards.addition import write_jsonl, write_splits
 
@@ -75,8 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fix-frac", type=float, default=1.0, help="share of SFT records also given as fix examples")
     p.add_argument("--hard-fix-n", type=int, default=1500,
                    help="also add this many fix-format examples (reference variant) on train_hard problems")
-    p.add_argument("--task", choices=sorted(TASKS), default="carries",
-                   help="difficulty knob: carries (easy = no carry) or digits (easy = 1-2 digits)")
+    p.add_argument("--task", choices=sorted(TASKS), default="compose",
+                   help="difficulty knob (TASKS): compose (hard = 3-digit sums with a carry; default), "
+                        "compose_carry_in, carries (easy = no carry at all) or digits (easy = 1-2 digits)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1 is fastest on a busy box; 2 helps only on an idle one)")
@@ -132,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
             seen = {r["prompt"] for f in ("train_hard", "eval_hard")
                     for r in load_prompt_set(os.path.join(data_dir, f + ".jsonl")).records}
             hard = make_split(a.hard_fix_n, TASKS[a.task]["hard_digits"], a.seed + 99, prefix="sftfix",
-                              exclude=seen, min_carries=TASKS[a.task].get("min_carries_hard", 0))
+                              exclude=seen, min_carries=TASKS[a.task].get("min_carries_hard", 0),
+                              carry_kind=TASKS[a.task].get("carry_kind", "carries"))
             examples += [ex for i, ex in enumerate(sft_examples(hard, tokenizer, templates, 1.0, ["reference"],
                                                                 seed=a.seed + 1)) if i % 2 == 1]
         log(f"warm-start SFT: {n_params / 1e6:.2f}M params, {len(examples)} examples "

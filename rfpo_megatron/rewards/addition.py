@@ -46,26 +46,41 @@ def count_carries(a: int, b: int) -> int:
     return sum(1 for st in addition_steps(a, b) if int(st.split("=")[1]) >= 10)
 
 
+def count_carry_ins(a: int, b: int) -> int:
+    """Number of columns that receive a carry ("+1" steps); a carry out of the top column is not one."""
+    return sum(1 for st in addition_steps(a, b) if st.split("=")[0].endswith("+1"))
+
+
+CARRY_COUNTS = {"carries": count_carries, "carry_ins": count_carry_ins}
+
+
 def make_problem(rng: random.Random, digits: int, min_carries: int = 0, pid: str = "",
-                 max_carries: int | None = None) -> dict[str, Any]:
+                 max_carries: int | None = None, carry_kind: str = "carries") -> dict[str, Any]:
     """One record {id, prompt, answer, solution, digits, carries, a, b} with `digits`-digit operands
-    and min_carries <= carries <= max_carries."""
+    and min_carries <= count <= max_carries, count = `carry_kind` ("carries": columns producing a carry;
+    "carry_ins": columns receiving one, so a sum >= 10 in the top column alone counts 0)."""
+    if carry_kind not in CARRY_COUNTS:
+        raise ValueError(f"carry_kind={carry_kind!r}: expected one of {sorted(CARRY_COUNTS)}")
+    count = CARRY_COUNTS[carry_kind]
     lo, hi = (0 if digits == 1 else 10 ** (digits - 1)), 10 ** digits - 1
     top = digits if max_carries is None else max_carries
     for _ in range(10_000):
         a, b = rng.randint(lo, hi), rng.randint(lo, hi)
-        if min_carries <= count_carries(a, b) <= top:
+        if min_carries <= count(a, b) <= top:
             break
     else:
-        raise ValueError(f"no {digits}-digit problem with {min_carries}..{top} carries")
+        raise ValueError(f"no {digits}-digit problem with {min_carries}..{top} {carry_kind}")
     return {"id": pid or f"add{digits}-{a}+{b}", "prompt": f"{a}+{b}", "answer": str(a + b),
             "solution": addition_solution(a, b), "digits": digits, "carries": count_carries(a, b),
             "a": a, "b": b}
 
 
 def make_split(n: int, digits: list[int], seed: int, min_carries: int = 0, prefix: str = "",
-               exclude: set[str] | None = None, max_carries: int | None = None) -> list[dict]:
+               exclude: set[str] | None = None, max_carries: int | dict[int, int] | None = None,
+               carry_kind: str = "carries") -> list[dict]:
     """`n` distinct problems, digit counts cycling through `digits`, deterministic in `seed`.
+
+    `max_carries` may be a {digits: max} dict (digit counts it does not name are unbounded).
 
     Prompts in `exclude` (e.g. the train split's) are skipped while distinct ones can still be found.
     """
@@ -73,7 +88,8 @@ def make_split(n: int, digits: list[int], seed: int, min_carries: int = 0, prefi
     tries = 0
     while len(out) < n:
         d = digits[len(out) % len(digits)]
-        rec = make_problem(rng, d, min_carries, max_carries=max_carries)
+        top = max_carries.get(d) if isinstance(max_carries, dict) else max_carries
+        rec = make_problem(rng, d, min_carries, max_carries=top, carry_kind=carry_kind)
         tries += 1
         if rec["prompt"] in seen and tries < 50 * n:
             continue
@@ -151,10 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-eval", type=int, default=128)
     p.add_argument("--min-carries-hard", type=int, default=0)
     p.add_argument("--max-carries-easy", type=int, default=None)
+    p.add_argument("--carry-kind", choices=sorted(CARRY_COUNTS), default="carries",
+                   help="what --min-carries-hard/--max-carries-easy count: carries made, or carries received")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     splits = write_splits(a.out, a.easy_digits, a.hard_digits, a.n_train_easy, a.n_train_hard,
-                          a.n_eval, a.min_carries_hard, a.seed, a.max_carries_easy)
+                          a.n_eval, a.min_carries_hard, a.seed, a.max_carries_easy, a.carry_kind)
     for name, recs in splits.items():
         print(f"wrote {len(recs):5d} records -> {os.path.join(a.out, name + '.jsonl')}")
     return 0
@@ -162,20 +180,22 @@ def main(argv: list[str] | None = None) -> int:
 
 def write_splits(out: str, easy_digits: list[int], hard_digits: list[int], n_train_easy: int,
                  n_train_hard: int, n_eval: int, min_carries_hard: int = 0, seed: int = 0,
-                 max_carries_easy: int | None = None) -> dict:
+                 max_carries_easy: int | dict[int, int] | None = None, carry_kind: str = "carries") -> dict:
     """Write train_easy/train_hard/eval_easy/eval_hard.jsonl into `out`; eval avoids train prompts.
 
-    Difficulty = digits (easy_digits vs hard_digits) and/or carries (max_carries_easy, min_carries_hard).
+    Difficulty = digits (easy_digits vs hard_digits) and/or carries (max_carries_easy, min_carries_hard,
+    counted as `carry_kind`, see make_problem).
     """
-    tr_e = make_split(n_train_easy, easy_digits, seed + 1, prefix="te", max_carries=max_carries_easy)
-    tr_h = make_split(n_train_hard, hard_digits, seed + 2, min_carries_hard, "th")
+    kw = dict(carry_kind=carry_kind)
+    tr_e = make_split(n_train_easy, easy_digits, seed + 1, prefix="te", max_carries=max_carries_easy, **kw)
+    tr_h = make_split(n_train_hard, hard_digits, seed + 2, min_carries_hard, "th", **kw)
     splits = {
         "train_easy": tr_e,
         "train_hard": tr_h,
         "eval_easy": make_split(n_eval, easy_digits, seed + 3, prefix="ee",
-                                exclude={r["prompt"] for r in tr_e}, max_carries=max_carries_easy),
+                                exclude={r["prompt"] for r in tr_e}, max_carries=max_carries_easy, **kw),
         "eval_hard": make_split(n_eval, hard_digits, seed + 4, min_carries_hard, "eh",
-                                exclude={r["prompt"] for r in tr_h}),
+                                exclude={r["prompt"] for r in tr_h}, **kw),
     }
     for name, recs in splits.items():
         write_jsonl(os.path.join(out, f"{name}.jsonl"), recs)
