@@ -75,7 +75,7 @@ class AlgoConfig:
 class FixConfig:
     """The RFPO fix stage (rollout side)."""
 
-    variant: str = "reference"  # rewrite | reward | error_info | reference
+    variant: list = field(default_factory=lambda: ["reference"])  # rewrite|reward|error_info|reference; a list cycles
     trigger: str = "all_wrong"  # all_wrong | any_wrong
     threshold: float = 0.0  # a group is "all wrong" when every reward <= threshold
     max_per_group: int = 2
@@ -342,7 +342,10 @@ def validate(cfg: Config) -> Config:
     choice("rfpo.roff_mode", r.roff_mode, ("seq_sum", "seq_mean"))
     choice("rfpo.loss_form", r.loss_form, ("faithful", "corrected"))
     rng("rfpo.roff_clip", r.roff_clip, 0, None)
-    choice("rfpo.fix.variant", f.variant, FIX_VARIANTS)
+    if not f.variant:
+        raise ConfigError("config field 'rfpo.fix.variant' is empty: name at least one of " + ", ".join(FIX_VARIANTS))
+    for name in f.variant:
+        choice("rfpo.fix.variant", name, FIX_VARIANTS)
     for name in f.templates:
         choice("rfpo.fix.templates", name, FIX_VARIANTS)
     choice("rfpo.fix.trigger", f.trigger, ("all_wrong", "any_wrong"))

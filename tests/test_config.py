@@ -1,4 +1,5 @@
 """Config loading, overrides and the one-line errors a user sees."""
+import os
 import subprocess
 import sys
 
@@ -68,3 +69,20 @@ def test_config_docs_are_current():
     tool = pathlib.Path(__file__).resolve().parent.parent / "tools" / "gen_config_docs.py"
     out = subprocess.run([sys.executable, str(tool), "--check"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+def test_fix_variant_list_reaches_the_fix_stage():
+    """rfpo.fix.variant takes one name, "a,b" or a YAML list; the fix stage cycles the list over targets."""
+    from rfpo_megatron.fix.stage import FixStageConfig
+
+    base = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "tiny_cpu",
+                        "config.yaml")
+    assert load_config(base, []).rfpo.fix.variant == ["reference"]
+    for text in ("error_info,reference", "[error_info, reference]"):
+        cfg = load_config(base, [f"rfpo.fix.variant={text}"])
+        assert cfg.rfpo.fix.variant == ["error_info", "reference"]
+        assert FixStageConfig.from_any(cfg.rfpo.fix).variants == ["error_info", "reference"]
+    with pytest.raises(ConfigError, match="'rfpo.fix.variant' is empty"):
+        load_config(base, ["rfpo.fix.variant="])
+    with pytest.raises(ConfigError, match="did you mean 'rewrite'"):
+        load_config(base, ["rfpo.fix.variant=reference,rewrit"])
