@@ -75,7 +75,7 @@ class AlgoConfig:
 class FixConfig:
     """The RFPO fix stage (rollout side)."""
 
-    variant: list = field(default_factory=lambda: ["reference"])  # rewrite|reward|error_info|reference; a list cycles
+    variant: list = field(default_factory=lambda: ["reference"])  # rewrite | reward | error_info | reference; a list cycles
     trigger: str = "all_wrong"  # all_wrong | any_wrong
     threshold: float = 0.0  # a group is "all wrong" when every reward <= threshold
     max_per_group: int = 2

@@ -38,7 +38,7 @@ def _comments(cls) -> dict[str, str]:
     for line in inspect.getsource(cls).splitlines():
         m = re.match(r"\s+(\w+):[^#]*#\s*(.*)$", line)
         if m:
-            out[m.group(1)] = m.group(2).strip()
+            out[m.group(1)] = m.group(2).strip().replace("|", "\\|")  # a bare | would split the table cell
     return out
 
 
