@@ -20,6 +20,7 @@ test-all: setup
 	@$(PY) -m pytest -q -m "not gpu"
 
 compare: setup
+	@$(PY) examples/tiny_cpu/prepare.py
 	@$(PY) examples/tiny_cpu/compare.py
 
 test-slurm: setup

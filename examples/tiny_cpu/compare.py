@@ -1,6 +1,6 @@
 """GRPO vs RFPO on the tiny CPU task: same warm start, same seeds, same rollout budget; a markdown table and a plot.
 
-    python examples/tiny_cpu/compare.py [--seeds 1 2 3] [--steps 30] [--out outputs/compare] [key=value ...]
+    python examples/tiny_cpu/compare.py [--seeds 1 2 3] [--steps 100] [--parallel 2] [--out outputs/compare] [key=value ...]
 
 For each seed, RFPO runs `--steps` steps first; its rollout budget is the number of sampled responses it
 generated, fix generations included (`rollout/generations_total`). GRPO (`rfpo.enabled=false`) then runs
@@ -176,11 +176,11 @@ def plot(runs: dict, k: int, path: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    p.add_argument("--steps", type=int, default=30, help="RFPO steps (GRPO gets the same rollout budget)")
+    p.add_argument("--steps", type=int, default=100, help="RFPO steps (GRPO gets the same rollout budget)")
     p.add_argument("--eval-interval", type=int, default=10)
     p.add_argument("--config", default=os.path.join("examples", "tiny_cpu", "config.yaml"))
     p.add_argument("--out", default=os.path.join("outputs", "compare"))
-    p.add_argument("--parallel", type=int, default=1, help="runs at a time (each run: trainer + engine process)")
+    p.add_argument("--parallel", type=int, default=2, help="runs at a time (each run: trainer + engine process)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides for both methods")
     a = p.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
