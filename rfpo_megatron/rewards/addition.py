@@ -1,7 +1,8 @@
 """Synthetic task: multi-digit addition written step by step (digit by digit with carries).
 
-Difficulty knob: number of digits per operand (and, optionally, a minimum number of carries). A tiny
-model trained on 1-2 digit sums solves them, but not 3+ digit sums, which is the RFPO demo's setup.
+Difficulty knobs: number of digits per operand and the number of carries (made or received). The RFPO demo
+(examples/tiny_cpu, split `compose`) warm-starts a tiny model on 1-2 digit sums and carry-free 3-digit sums;
+3-digit sums with a carry are its hard split.
 
 Format (prompt "347+285"), right-to-left columns "a+b+carry=sum", then the answer:
     7+5+0=12 4+8+1=13 3+2+1=6 ans=632
