@@ -26,6 +26,14 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
+from rfpo_megatron.convert.arch import (
+    SUPPORTED_MODEL_TYPES,
+    Arch,
+    ConversionError,
+    arch_from_hf_config,
+    hf_config_dict,
+)
+
 GiB = 1024**3
 # usable bytes reported by nvidia-smi: H100 SXM 80 GB = 81559 MiB, H200 141 GB = 143771 MiB
 GPU_CAPACITY = {"h100": 81559 * 2**20, "h200": 143771 * 2**20}
@@ -49,6 +57,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# appended to convert.arch's "unsupported HF model_type" error (which lists the supported families)
+_FAMILY_HINT = (" -- the planner plans what the actor builds; for another dense SwiGLU/RMSNorm decoder, set model_type"
+                " in a copy of its config.json to the closest family (llama: no biases, qwen2: q/k/v bias, qwen3:"
+                " q/k norm) for an estimate")
+
+
 class PlanError(ValueError):
     """A user-facing planner error (one line naming the field and the fix)."""
 
@@ -70,8 +84,39 @@ class ModelShape:
     qk_norm: bool
 
 
-def shape_from_hf(cfg: "Mapping[str, Any] | str | os.PathLike", name: Optional[str] = None) -> ModelShape:
-    """ModelShape from an HF config dict, a config.json path, a model directory or a preset name."""
+def shape_from_arch(arch: Arch, name: str) -> ModelShape:
+    """The planner's ModelShape of a validated `convert.arch.Arch` (the actor's own reading of the HF config).
+
+    Raises PlanError when the actor cannot build the architecture (biases on o_proj / the MLP).
+    """
+    if arch.mlp_bias or arch.o_bias:
+        raise PlanError(f"{name}: field 'mlp_bias'/'attention_bias'=True (biases on o_proj and the MLP) is not "
+                        "supported by the actor (megatron add_bias_linear=False); for an estimate set both to false in a copy "
+                        "of config.json (the biases are a negligible share of memory)")
+    return ModelShape(
+        name=name,
+        vocab_size=arch.vocab_size,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        num_layers=arch.num_layers,
+        num_heads=arch.num_heads,
+        num_kv_heads=arch.num_kv_heads,
+        head_dim=arch.head_dim,
+        tie_embeddings=arch.tie_embeddings,
+        qkv_bias=arch.qkv_bias,
+        qk_norm=arch.qk_norm,
+    )
+
+
+def shape_from_hf(cfg: Any, name: Optional[str] = None) -> ModelShape:
+    """ModelShape from an HF config (dict or `transformers.PretrainedConfig`), a config.json path, a model
+    directory or a preset name.
+
+    The config is read by `rfpo_megatron.convert.arch.arch_from_hf_config`, the same reader the actor and
+    the conversion tools use, so the planner accepts exactly the families the actor builds (SUPPORTED_MODEL_TYPES:
+    dense Qwen2/2.5, Llama-3, Qwen3) and decides qkv_bias / qk_norm / head_dim / kv heads the same way.
+    Errors are one-line PlanErrors naming the field.
+    """
     if isinstance(cfg, (str, os.PathLike)):
         key = str(cfg).lower()
         if key in PRESETS:
@@ -79,32 +124,29 @@ def shape_from_hf(cfg: "Mapping[str, Any] | str | os.PathLike", name: Optional[s
         path = os.path.join(cfg, "config.json") if os.path.isdir(cfg) else str(cfg)
         if not os.path.isfile(path):
             raise PlanError(f"--model {cfg!s}: not a preset ({', '.join(PRESETS)}) nor an HF config.json/dir")
-        with open(path) as f:
-            return shape_from_hf(json.load(f), name=name or str(cfg))
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, ValueError) as e:
+            raise PlanError(f"--model {cfg!s}: cannot read {path} as JSON ({e})") from None
+        return shape_from_hf(data, name=name or str(cfg))
+    d: dict[str, Any] = {}
     try:
-        hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
-        mt = cfg.get("model_type", "qwen2")
-        return ModelShape(
-            name=name or str(cfg.get("_name_or_path", mt)),
-            vocab_size=int(cfg["vocab_size"]),
-            hidden_size=hidden,
-            ffn_hidden_size=int(cfg["intermediate_size"]),
-            num_layers=int(cfg["num_hidden_layers"]),
-            num_heads=heads,
-            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-            head_dim=int(cfg.get("head_dim") or hidden // heads),
-            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            qkv_bias=True if mt == "qwen2" else bool(cfg.get("attention_bias", False)),
-            qk_norm=mt == "qwen3",
-        )
-    except KeyError as e:
-        raise PlanError(f"HF config {name or ''} lacks field {e.args[0]!r} (need a decoder config.json)") from None
+        d = hf_config_dict(cfg)
+        arch = arch_from_hf_config(d, where=name or "HF config")
+    except ConversionError as e:
+        hint = _FAMILY_HINT if d and d.get("model_type") not in SUPPORTED_MODEL_TYPES else ""
+        raise PlanError(f"{e}{hint}") from None
+    return shape_from_arch(arch, name or str(d.get("_name_or_path") or arch.model_type))
 
 
 def padded_vocab(vocab: int, tp: int, multiple: int = 128) -> int:
-    """Megatron's vocab padding: smallest size >= vocab divisible by ``multiple * tp``."""
-    step = multiple * tp
-    return -(-vocab // step) * step
+    """Megatron's vocab padding as the actor does it: `rfpo_megatron.actor.model.padded_vocab_size`
+    (smallest size >= vocab divisible by ``multiple * tp``). Imported on first use so that importing the
+    planner does not import torch."""
+    from rfpo_megatron.actor.model import padded_vocab_size
+
+    return padded_vocab_size(vocab, tp, multiple=multiple)
 
 
 def total_params(m: ModelShape, vocab_multiple: int = 128) -> int:
@@ -116,7 +158,8 @@ def stage_params(m: ModelShape, tp: int, pp: int, stage: int, vocab_multiple: in
     """This (tp rank, pp stage)'s parameters in GPTModel.named_parameters() order (local spec).
 
     Returns [(name, numel_on_this_rank, shared_embedding)]. Column/row-parallel weights and the
-    vocab-parallel embedding/output are divided by tp; norms (and row-parallel biases) are replicated.
+    vocab-parallel embedding/output are divided by tp (linear_qkv's fused rows too, also when tp > num_kv_heads);
+    norms (and row-parallel biases) are replicated.
     Layers are split evenly over pp; the first stage holds the embedding, the last the final norm and the
     output layer (with tied embeddings and pp > 1 the last stage holds a copy of the embedding).
     """
@@ -125,15 +168,20 @@ def stage_params(m: ModelShape, tp: int, pp: int, stage: int, vocab_multiple: in
     if m.num_heads % tp or (m.num_kv_heads % tp and tp % m.num_kv_heads):
         raise PlanError(f"tp={tp} must divide num_attention_heads={m.num_heads} (and fit {m.num_kv_heads} kv heads)")
     h, d = m.hidden_size, m.head_dim
-    kv_local = max(m.num_kv_heads // tp, 1)  # kv heads are replicated when tp > num_kv_heads
     q_local = m.num_heads // tp
+    # linear_qkv is one ColumnParallelLinear of (nq + 2 nkv) * d rows split evenly over tp, also when
+    # tp > num_kv_heads (megatron-core then all-gathers and slices; the weights are not replicated)
+    qkv_rows = (m.num_heads + 2 * m.num_kv_heads) * d
+    if qkv_rows % tp:
+        raise PlanError(f"tp={tp} must divide the fused qkv rows (num_attention_heads + 2*num_key_value_heads)"
+                        f" * head_dim = {qkv_rows}")
     v = padded_vocab(m.vocab_size, tp, vocab_multiple) // tp
     first, last = stage == 0, stage == pp - 1
     out: list[tuple[str, int, bool]] = []
     if first:
         out.append(("embedding.word_embeddings.weight", v * h, m.tie_embeddings and pp > 1))
     per = m.num_layers // pp
-    qkv_out = (q_local + 2 * kv_local) * d
+    qkv_out = qkv_rows // tp
     for i in range(per):
         p = f"decoder.layers.{i}."
         out.append((p + "input_layernorm.weight", h, False))

@@ -31,6 +31,10 @@ CASES = {
     "qwen2_tied_odd": dict(model_type="qwen2", vocab_size=300, hidden_size=40, intermediate_size=72,
                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                            tie_word_embeddings=True, max_position_embeddings=128),
+    # llama: no biases; a single kv head, replicated over tp=2 (num_query_groups < tp)
+    "llama_tied_1kv": dict(model_type="llama", vocab_size=300, hidden_size=64, intermediate_size=96,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+                           tie_word_embeddings=True, max_position_embeddings=128),
 }
 LAYOUTS = [(2, 1, 1), (1, 1, 2), (1, 2, 1)]  # (tp, pp, dp) over 2 processes
 DTYPES = ["fp32", "bf16"]

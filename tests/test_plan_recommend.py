@@ -48,10 +48,11 @@ def test_tp_sharding_of_7b():
     assert ps["decoder.layers.0.input_layernorm.weight"] == 3584
     with pytest.raises(P.PlanError, match="tp=8 must divide num_attention_heads=28"):
         P.stage_params(m, tp=8, pp=1, stage=0)
-    # Qwen3-32B at tp=16 > num_kv_heads=8: one kv head per rank (replicated), 4 query heads
+    # Qwen3-32B at tp=16 > num_kv_heads=8: megatron-core splits the fused (64 + 2*8) * 128 qkv rows evenly
+    # (it all-gathers and slices in the forward; no replicated kv weights): 5 * 128 rows per rank
     m3 = shape_from_hf("qwen3-32b")
     ps16 = dict((n, k) for n, k, _ in P.stage_params(m3, tp=16, pp=1, stage=0))
-    assert ps16["decoder.layers.0.self_attention.linear_qkv.weight"] == (4 + 2 * 1) * 128 * 5120
+    assert ps16["decoder.layers.0.self_attention.linear_qkv.weight"] == (64 + 2 * 8) * 128 // 16 * 5120
 
 
 def test_vocab_padding():
