@@ -146,6 +146,7 @@ class RolloutConfig:
     colocate: bool = True  # release SGLang memory during training
     server_args: dict = field(default_factory=dict)  # extra `sglang.launch_server` args
     server_urls: list = field(default_factory=list)  # use already-running servers instead of launching
+    router_url: Optional[str] = None  # with server_urls: their router (generation goes there, weight sync to each)
     request_timeout_s: float = 600.0
     startup_timeout_s: float = 600.0
     watchdog_s: float = 300.0
@@ -368,6 +369,9 @@ def validate(cfg: Config) -> Config:
     rng("rollout.top_p", o.top_p, 0, 1, lo_open=True)
     rng("rollout.max_new_tokens", o.max_new_tokens, 1)
     rng("rollout.mem_fraction_static", o.mem_fraction_static, 0, 1, lo_open=True)
+    if o.router_url and not o.server_urls:
+        raise ConfigError(f"config field 'rollout.router_url' ({o.router_url}) needs rollout.server_urls: the servers "
+                          "behind the router (weights are synced to each); set both or neither")
     rng("data.prompts_per_step", cfg.data.prompts_per_step, 1)
     choice("logging.wandb_mode", cfg.logging.wandb_mode, ("auto", "online", "offline", "disabled"))
     rng("trainer.steps", cfg.trainer.steps, 0)

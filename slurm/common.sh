@@ -131,6 +131,7 @@ rfpo_cleanup() {
 rfpo_start_sglang() {
   local offset="$1" nnodes="$2" gpn="$3" frac="$4" extra="$5"
   local model tp per_node base_port urls="" n i host
+  unset RFPO_ROUTER_URL  # set below only when a router is started here and answers /health
   model="$(cfg_get actor.hf_model_path)"; tp="$(cfg_get rollout.sglang_tp)"
   per_node=$(( gpn / tp )); [ "$per_node" -ge 1 ] || { echo "rfpo slurm: rollout.sglang_tp=$tp > $gpn GPUs per node" >&2; exit 2; }
   base_port=$(( MASTER_PORT + 100 ))
@@ -167,14 +168,17 @@ rfpo_start_sglang() {
     RFPO_SERVICE_PIDS="$RFPO_SERVICE_PIDS $!"
     export RFPO_ROUTER_URL="http://$host:$(( base_port + 99 ))"
     "$RFPO_PYTHON" "$RFPO_REPO/slurm/helpers.py" wait-http --timeout 300 "$RFPO_ROUTER_URL/health" \
-      || rfpo_log "router did not come up (the trainer round-robins over the servers instead)"
+      || { rfpo_log "router did not come up (the trainer round-robins over the servers instead)"; unset RFPO_ROUTER_URL; }
   fi
 }
 
-# server_urls override in the YAML flow-list form the config loader accepts
+# the trainer overrides for the servers started by rfpo_start_sglang, one per line (read them into an array:
+# `mapfile -t URLS < <(rfpo_urls_override)`): rollout.server_urls in the YAML flow-list form the config loader
+# accepts, and rollout.router_url when the router came up (generation goes to it, weight sync to each server)
 rfpo_urls_override() {
   local list; list="$(echo "$RFPO_SGLANG_URLS" | sed 's/ /,/g')"
   echo "rollout.server_urls=[$list]"
+  if [ -n "${RFPO_ROUTER_URL:-}" ]; then echo "rollout.router_url=$RFPO_ROUTER_URL"; fi
 }
 
 # ---- the SPMD trainer: one task per GPU (or per CPU rank), rank/world/master from SLURM_* via slurm/task.sh

@@ -16,6 +16,7 @@ def engine_config(cfg: Config) -> dict:
     """The rollout section mapped onto rfpo_megatron.rollout.launch.EngineConfig field names."""
     r = cfg.rollout
     return {"backend": "external" if r.server_urls else r.engine, "urls": list(r.server_urls),
+            "router_url": r.router_url or None,
             "model_path": cfg.actor.hf_model_path, "log_dir": os.path.join(cfg.logging.log_dir, "rollout_logs"),
             "startup_timeout_s": r.startup_timeout_s, "request_timeout_s": r.request_timeout_s,
             "watchdog_s": r.watchdog_s, "tp_size": r.sglang_tp, "num_gpus": r.num_servers * r.sglang_tp,
