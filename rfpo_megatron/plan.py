@@ -141,12 +141,10 @@ def shape_from_hf(cfg: Any, name: Optional[str] = None) -> ModelShape:
 
 
 def padded_vocab(vocab: int, tp: int, multiple: int = 128) -> int:
-    """Megatron's vocab padding as the actor does it: `rfpo_megatron.actor.model.padded_vocab_size`
-    (smallest size >= vocab divisible by ``multiple * tp``). Imported on first use so that importing the
-    planner does not import torch."""
-    from rfpo_megatron.actor.model import padded_vocab_size
+    """Megatron's vocab padding as the actor does it (`convert.arch.padded_vocab`, the one definition)."""
+    from rfpo_megatron.convert.arch import padded_vocab as _padded
 
-    return padded_vocab_size(vocab, tp, multiple=multiple)
+    return _padded(vocab, tp, multiple=multiple)
 
 
 def total_params(m: ModelShape, vocab_multiple: int = 128) -> int:

@@ -84,10 +84,14 @@ def test_per_rank_params_equal_conversion_shards(family, tp, tmp_path):
 
 
 def test_padding_rule_is_the_actors(monkeypatch):
-    """The planner has no padding rule of its own: it follows actor.model.padded_vocab_size."""
+    """The planner has no padding rule of its own: it follows convert.arch.padded_vocab, which the actor
+    uses too (actor.model.padded_vocab_size is that function)."""
+    from rfpo_megatron.convert import arch as arch_mod
+
+    assert actor_model.padded_vocab_size is arch_mod.padded_vocab
     for v, tp in [(300, 1), (300, 2), (151936, 8), (152064, 4), (128256, 8)]:
-        assert P.padded_vocab(v, tp) == padded_vocab_size(v, tp)
-    monkeypatch.setattr(actor_model, "padded_vocab_size", lambda vocab, tp, multiple=128: 7 * tp)
+        assert P.padded_vocab(v, tp) == padded_vocab_size(v, tp) == -(-v // (128 * tp)) * 128 * tp
+    monkeypatch.setattr(arch_mod, "padded_vocab", lambda vocab, tp, multiple=128: 7 * tp)
     assert P.padded_vocab(300, 2) == 14
     m = P.shape_from_hf("qwen2.5-7b")
     assert dict((n, k) for n, k, _ in P.stage_params(m, 2, 1, 0))["embedding.word_embeddings.weight"] == 7 * 3584

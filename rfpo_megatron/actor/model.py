@@ -14,13 +14,11 @@ from typing import Any
 import torch
 
 from rfpo_megatron.actor.compat import enable_cpu_compat
-from rfpo_megatron.convert.arch import SUPPORTED_MODEL_TYPES, Arch, arch_from_hf_config, hf_config_dict  # noqa: F401
+from rfpo_megatron.convert.arch import (SUPPORTED_MODEL_TYPES, Arch, arch_from_hf_config, hf_config_dict,  # noqa: F401
+                                        padded_vocab)
 
 
-def padded_vocab_size(vocab: int, tp: int, multiple: int = 128) -> int:
-    """Smallest size >= vocab divisible by ``multiple * tp`` (megatron's vocab padding)."""
-    step = multiple * tp
-    return ((vocab + step - 1) // step) * step
+padded_vocab_size = padded_vocab  # megatron's vocab padding (defined once, in convert.arch)
 
 
 # megatron-core hard-codes these llama3 rope-scaling constants; only `factor` is configurable

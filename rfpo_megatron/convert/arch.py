@@ -219,15 +219,9 @@ def compare_archs(expected: Arch, got: Arch, *, expected_name: str, got_name: st
 
 
 def padded_vocab(vocab_size: int, tp: int, multiple: int = 128) -> int:
-    """Vocab rows in megatron: vocab_size rounded up to a multiple of `multiple * tp`.
+    """Vocab rows in megatron: the smallest size >= vocab_size divisible by `multiple * tp`.
 
-    Prefers the actor's `padded_vocab_size` (single definition) when it is importable.
-    """
-    try:
-        from rfpo_megatron.actor.model import padded_vocab_size  # type: ignore[attr-defined]
-    except ImportError:  # the actor may be absent in pure-conversion use
-        padded_vocab_size = None
-    if padded_vocab_size is not None:
-        return int(padded_vocab_size(vocab_size, tp, multiple=multiple))
+    The one definition: the actor (`actor.model.padded_vocab_size`), the conversion tools and the planner
+    all use it (torch-free, so the planner stays light)."""
     step = multiple * tp
     return ((vocab_size + step - 1) // step) * step
