@@ -131,6 +131,20 @@ class ActorConfig:
 
 
 @dataclass
+class CriticConfig:
+    """The value model for algo.adv_estimator=gae (PPO with a critic): the actor's architecture and parallel layout,
+    trunk initialised from actor.hf_model_path, a zero-initialised value head; built only with gae."""
+
+    lr: float = 1e-5  # the critic's own Adam learning rate
+    min_lr: float = 0.0
+    warmup_steps: int = 0  # linear LR warm-up (critic optimizer steps)
+    weight_decay: float = 0.0
+    clip_grad: float = 1.0
+    cliprange_value: float = 0.5  # value clip ε: V is kept within V_old ± ε in the clipped value loss
+    ppo_epochs: int = 1  # passes of critic updates over each step's batch (mini-batches: actor.global_batch_size)
+
+
+@dataclass
 class RolloutConfig:
     """The rollout engine (embedded CPU engine or SGLang servers) and sampling."""
 
@@ -204,6 +218,7 @@ class Config:
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     rfpo: RFPOConfig = field(default_factory=RFPOConfig)
     actor: ActorConfig = field(default_factory=ActorConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     data: DataConfig = field(default_factory=DataConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -361,6 +376,14 @@ def validate(cfg: Config) -> Config:
     choice("actor.lr_decay_style", c.lr_decay_style, ("constant", "linear", "cosine"))
     rng("actor.lr", c.lr, 0, None)
     rng("actor.clip_grad", c.clip_grad, 0, None)
+    k = cfg.critic
+    rng("critic.lr", k.lr, 0, None)
+    rng("critic.min_lr", k.min_lr, 0, k.lr)
+    rng("critic.warmup_steps", k.warmup_steps, 0)
+    rng("critic.weight_decay", k.weight_decay, 0, None)
+    rng("critic.clip_grad", k.clip_grad, 0, None)
+    rng("critic.cliprange_value", k.cliprange_value, 0, None, lo_open=True)
+    rng("critic.ppo_epochs", k.ppo_epochs, 1)
     o = cfg.rollout
     choice("rollout.engine", o.engine, ("embedded", "sglang"))
     choice("rollout.weight_sync", o.weight_sync, ("auto", "tensor", "distributed", "disk"))

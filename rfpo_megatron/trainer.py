@@ -29,6 +29,7 @@ from rfpo_megatron.logging.metrics import grad_signal_frac, group_flags, roff_me
 from rfpo_megatron.train.batch import (advantages, build_batch, compute_roff, logprob_pass, make_train_batch,
                                        sequences_for_logprob, update_policy)
 from rfpo_megatron.train.checkpoint import STATE_FILE, capture_state, latest_checkpoint, save_checkpoint  # noqa: F401
+from rfpo_megatron.train.critic import update_critic, value_pass
 from rfpo_megatron.train.generation import baseline_metrics, dynamic_sampling, fix_stage, rollout, run_eval
 from rfpo_megatron.train.runtime import (SEED_EVAL, SEED_FIX, Preempted, Runtime, abortable,  # noqa: F401
                                          broadcast_groups, step_seed, stop_requested, timed, touch)
@@ -92,9 +93,11 @@ def train_one_step(rt: Runtime, step: int) -> dict[str, float]:
         old_logp, orig_logp = logp[:batch.n], logp[batch.n:]
         ref_logp = logprob_pass(rt.ref_actor, sequences_for_logprob(batch, originals=False)) \
             if rt.ref_actor is not None else None
+        values = value_pass(rt, batch)  # [N, T] critic values on the plain prompt (gae), else None
     log_roff = compute_roff(cfg, batch, old_logp, orig_logp)  # [N], detached, 0 for unfixed
-    adv = advantages(cfg, batch, old_logp, ref_logp)  # [N, T]
+    adv = advantages(cfg, batch, old_logp, ref_logp, values)  # [N, T] (gae: also batch.values / returns)
     with timed(m, "perf/train_time"):
+        m.update(update_critic(rt, batch))  # gae: clipped value loss towards the returns; {} otherwise
         m.update(update_policy(rt, make_train_batch(cfg, batch, old_logp, ref_logp, log_roff, adv)))
     if not stop_requested(rt):  # on SIGTERM the engine is going away: the checkpoint holds the weights
         with timed(m, "perf/weight_sync_time"):

@@ -41,11 +41,12 @@ def test_missing_and_malformed_data(capsys, tmp_path):
     assert rc == 2 and f"{bad}:2" in err and "prompt" in err
 
 
-def test_gae_needs_a_critic():
+def test_gae_without_critic_values_is_refused():
+    """gae is wired (tests/test_critic.py); called without the critic's values it names what is missing."""
     from rfpo_megatron.config import ConfigError, load_config
 
     cfg = load_config(CONFIG, ["algo.adv_estimator=gae"])
-    with pytest.raises(ConfigError, match="critic"):
+    with pytest.raises(ConfigError, match="critic's values"):
         T.advantages(cfg, None, [], None)
 
 

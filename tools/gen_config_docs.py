@@ -15,7 +15,7 @@ from rfpo_megatron import config as C
 
 DOC = pathlib.Path(__file__).resolve().parent.parent / "docs" / "configs.md"
 SECTIONS = [("algo", C.AlgoConfig), ("rfpo", C.RFPOConfig), ("rfpo.fix", C.FixConfig), ("actor", C.ActorConfig),
-            ("rollout", C.RolloutConfig), ("data", C.DataConfig), ("logging", C.LoggingConfig),
+            ("critic", C.CriticConfig), ("rollout", C.RolloutConfig), ("data", C.DataConfig), ("logging", C.LoggingConfig),
             ("trainer", C.TrainerConfig)]
 HEADER = """# Configuration reference
 

@@ -8,6 +8,7 @@ Modules (import them directly; importing this package does not import megatron):
   packing     make_microbatches() by token budget, split_for_dp(), pack_microbatch() (pad / thd)
   forward     run_schedule() through get_forward_backward_func, logprob_output_fn()
   actor       Actor: compute_logprobs(), train_step(), forward_logits()
+  critic      Critic (an Actor with a value head): compute_values(), train_step() (clipped value loss)
   checkpoint  save_checkpoint(), load_checkpoint(), latest_checkpoint()
   launch      spawn_world(): run a function on N local gloo ranks
 """

@@ -107,7 +107,7 @@ class Actor:
                 overrides.setdefault("recompute_num_layers", 1)
         elif self.cfg.recompute != "none":
             raise ValueError(f"actor.recompute={self.cfg.recompute!r} must be none, selective or full")
-        chunks = build_model(hf_config, params_dtype=dtype, spec=spec, **overrides)
+        chunks = self._prepare_chunks(build_model(hf_config, params_dtype=dtype, spec=spec, **overrides))
         self.vocab_size = int(chunks[0].vocab_size_unpadded)
         self.use_dist_opt = bool(self.cfg.use_distributed_optimizer and self.on_gpu)
         ddp_cfg = DistributedDataParallelConfig(
@@ -176,6 +176,10 @@ class Actor:
             wd_incr_steps=self.total_steps,
             wd_incr_style="constant",
         )
+
+    def _prepare_chunks(self, chunks: list) -> list:
+        """Hook run on the bare GPTModel chunks before DDP wrapping and the optimizer (the critic swaps its head here)."""
+        return chunks
 
     @property
     def modules(self) -> list:
@@ -367,6 +371,20 @@ class Actor:
             stats["train/pg_clipfrac"] = (clip.detach().float() * frac) if clip is not None else torch.zeros((), device=dev)
             return loss, stats
 
+        fn = logprob_output_fn(token_fn, temperature=self.temperature, vocab_size=self.vocab_size)
+        keys = ("train/loss", "train/pg_loss", "train/kl_loss", "train/entropy", "train/ppo_kl", "train/pg_clipfrac")
+        out, grad_norm, ok = self._optimizer_step(batch, fn, keys)
+        out["train/grad_norm"] = grad_norm
+        out["train/lr"] = self._last_lr
+        out["train/update_skipped"] = 0.0 if ok else 1.0
+        return out
+
+    def _optimizer_step(self, batch: ActorBatch, output_fn, keys: tuple) -> tuple[dict[str, float], float, bool]:
+        """Forward-backward of this rank's micro-batches with ``output_fn``, then one optimizer step.
+
+        Returns ({key: sum over micro-batches and DP ranks of the 0-dim stats}, grad norm, step applied).
+        The learning rate the step used is left in ``self._last_lr``.
+        """
         if self._param_sync_pending:
             self.optimizer.reload_model_params()
             self._param_sync_pending = False
@@ -374,8 +392,7 @@ class Actor:
         for m in self.model:
             m.zero_grad_buffer()
         _, mbs = self._my_microbatches(batch)
-        fn = logprob_output_fn(token_fn, temperature=self.temperature, vocab_size=self.vocab_size)
-        stats = run_schedule(self.model, mbs, fn, forward_only=False)
+        stats = run_schedule(self.model, mbs, output_fn, forward_only=False)
         if not mbs:
             dev0 = next(self.model[0].parameters()).device
             # this DP rank got no samples: still join the gradient reduction (zero gradients)
@@ -383,22 +400,18 @@ class Actor:
 
             finalize_model_grads(self.model, num_tokens=torch.zeros((), dtype=torch.int, device=dev0))
         dev = next(self.model[0].parameters()).device
-        keys = ("train/loss", "train/pg_loss", "train/kl_loss", "train/entropy", "train/ppo_kl", "train/pg_clipfrac")
         acc = torch.zeros(len(keys), dtype=torch.float64, device=dev)
         for st in stats:
             acc += torch.stack([st[k].double().reshape(()) for k in keys]).to(dev)
         pp_broadcast_from_last(acc)
         dp_sum(acc)
         ok, grad_norm, _ = self.optimizer.step()
-        lr = float(self.optimizer.param_groups[0]["lr"])
+        self._last_lr = float(self.optimizer.param_groups[0]["lr"])
         if ok:
             self.scheduler.step(increment=1)
         self.step += 1
         out = {k: float(v) for k, v in zip(keys, acc.tolist())}
-        out["train/grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
-        out["train/lr"] = lr
-        out["train/update_skipped"] = 0.0 if ok else 1.0
-        return out
+        return out, float(grad_norm) if grad_norm is not None else float("nan"), bool(ok)
 
     def _bapo_bounds(self, batch: ActorBatch, masks: list, pl_kwargs: dict) -> tuple[float, float]:
         """BAPO's adaptive (c_low, c_high) from the WHOLE step batch (one extra forward-only pass),

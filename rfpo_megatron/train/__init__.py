@@ -5,6 +5,7 @@
                  fix_stage, dynamic_sampling, run_eval
     batch        every rank: StepBatch, build_batch, logprob_pass, compute_roff, advantages,
                  make_train_batch, update_policy
+    critic       algo.adv_estimator=gae: build_critic, value_pass, update_critic
     weight_sync  sync_weights, sync_mode, connect_weight_group, share_engine, write_weights_dir
     checkpoint   capture_state, save/load/prune/latest_checkpoint, STATE_FILE
     lifecycle    setup, teardown, check_paths, build_actor, launch_rollout_engine, engine_config

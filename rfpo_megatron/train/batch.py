@@ -27,6 +27,7 @@ class StepBatch:
     fixed_rows: [F] rows of the fixed samples; orig_response_ids: F lists, the original wrong o of each.
     baseline_rewards: [N] the row's group `baseline_reward` (greedy reward, ReMax), or None when a group
     has none.
+    values, returns: [N, T] critic values and GAE returns (algo.adv_estimator=gae only, set by `advantages`).
     """
 
     prompt_ids: list
@@ -41,6 +42,8 @@ class StepBatch:
     orig_response_ids: list
     num_groups: int
     baseline_rewards: Optional[torch.Tensor] = None
+    values: Optional[torch.Tensor] = None
+    returns: Optional[torch.Tensor] = None
 
     @property
     def n(self) -> int:
@@ -119,9 +122,11 @@ def _pad_mask(lens: list) -> torch.Tensor:
     return torch.arange(T).unsqueeze(0) < torch.tensor(lens).unsqueeze(1)
 
 
-def advantages(cfg: Config, batch: StepBatch, old_logp: list, ref_logp: Optional[list]) -> torch.Tensor:
+def advantages(cfg: Config, batch: StepBatch, old_logp: list, ref_logp: Optional[list],
+               values: Optional[torch.Tensor] = None) -> torch.Tensor:
     """[N, T] advantages from the registry estimator `algo.adv_estimator` (0 on padding); rows dropped by
-    the estimator's keep mask (reinforce_rej, raft) are zeroed in `batch.response_mask`."""
+    the estimator's keep mask (reinforce_rej, raft) are zeroed in `batch.response_mask`. gae needs the critic's
+    `values` [N, T] (train.critic.value_pass); it stores them and the returns [N, T] on the batch."""
     from rfpo_megatron.algos.advantages import compute_advantages, sample_keep_mask
 
     a = cfg.algo
@@ -133,16 +138,20 @@ def advantages(cfg: Config, batch: StepBatch, old_logp: list, ref_logp: Optional
     elif a.adv_estimator in ("reinforce_pp", "reinforce_pp_baseline"):
         kw["ref_logp"] = kw["old_logp"]  # no reference model: the KL term is 0
     if a.adv_estimator == "gae":
-        raise ConfigError("algo.adv_estimator=gae needs a critic, which this trainer does not build; "
-                          "use grpo, rloo, reinforce_pp, ... (docs/algorithms.md)")
+        if values is None:
+            raise ConfigError("algo.adv_estimator=gae needs the critic's values (train.critic.value_pass); "
+                              "the trainer builds the critic when algo.adv_estimator=gae")
+        kw["values"] = values.float()
     if a.adv_estimator == "remax":  # r_i - reward of the greedy response to the prompt (train.generation.rollout)
         if batch.baseline_rewards is None:
             raise ValueError("algo.adv_estimator=remax: a group has no baseline_reward (greedy response reward); "
                              "the groups must come from train.generation.rollout(..., baseline=True)")
         kw["baseline_rewards"] = batch.baseline_rewards
     mask = batch.response_mask
-    adv, _ = compute_advantages(a.adv_estimator, rewards=batch.rewards, group_ids=batch.group_index,
-                                response_mask=mask, **kw)
+    adv, returns = compute_advantages(a.adv_estimator, rewards=batch.rewards, group_ids=batch.group_index,
+                                      response_mask=mask, **kw)
+    if a.adv_estimator == "gae":
+        batch.values, batch.returns = values.float() * mask, returns.float() * mask
     keep = sample_keep_mask(a.adv_estimator, batch.rewards, batch.group_index)
     batch.response_mask = mask & keep.unsqueeze(-1)
     return adv.float() * batch.response_mask

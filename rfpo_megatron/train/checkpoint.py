@@ -1,4 +1,4 @@
-"""Trainer checkpoints: `save_dir/step_NNNNNN/` (actor checkpoint + trainer_state.pt + config.yaml) and `latest`.
+"""Trainer checkpoints: `save_dir/step_NNNNNN/` (actor checkpoint [+ critic/ with gae] + trainer_state.pt + config.yaml) and `latest`.
 
 A save goes to `step_N.tmp`, is renamed, then `latest` is replaced: a kill at any moment leaves the previous
 complete checkpoint as `latest`. `trainer_state.pt` holds what the actor's own checkpoint does not: the data
@@ -14,7 +14,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from rfpo_megatron.config import save_config, to_dict
+from rfpo_megatron.config import ConfigError, save_config, to_dict
 from rfpo_megatron.train.runtime import Runtime, barrier
 
 STATE_FILE = "trainer_state.pt"
@@ -51,6 +51,8 @@ def save_checkpoint(rt: Runtime, step: int, state: dict) -> str:
     from rfpo_megatron.actor.checkpoint import save_checkpoint as save_actor
 
     save_actor(rt.actor, os.path.join(tmp, "actor"), step=step)
+    if rt.critic is not None:  # algo.adv_estimator=gae: the value model, same format
+        save_actor(rt.critic, os.path.join(tmp, "critic"), step=step)
     barrier(rt)
     if rt.is_rank0:
         torch.save({"step": step, "config": to_dict(cfg), **state}, os.path.join(tmp, STATE_FILE))
@@ -92,11 +94,16 @@ def latest_checkpoint(save_dir: str) -> Optional[str]:
 
 
 def load_checkpoint(rt: Runtime, ckpt: str) -> int:
-    """Restore the actor and the trainer state from `ckpt`; returns its step."""
+    """Restore the actor (and the critic, with gae) and the trainer state from `ckpt`; returns its step."""
     from rfpo_megatron.actor.checkpoint import load_checkpoint as load_actor
 
     state = torch.load(os.path.join(ckpt, STATE_FILE), map_location="cpu", weights_only=False)
     load_actor(rt.actor, os.path.join(ckpt, "actor"))
+    if rt.critic is not None:
+        if not os.path.isdir(os.path.join(ckpt, "critic")):
+            raise ConfigError(f"--resume with algo.adv_estimator=gae: {ckpt} has no critic/ checkpoint (saved "
+                              f"without gae?); resume with the estimator it was saved with or start a new save_dir")
+        load_actor(rt.critic, os.path.join(ckpt, "critic"), load_rng=False)
     if state.get("sampler") and rt.sampler is not None:
         rt.sampler.load_state_dict(state["sampler"])
     rng = state["rng"]

@@ -1,4 +1,4 @@
-"""Building and tearing down the Runtime: input checks, actor (+ reference), rollout engine, resume, logger.
+"""Building and tearing down the Runtime: input checks, actor (+ reference, + critic for gae), rollout engine, resume, logger.
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def build_actor(cfg: Config, with_optimizer: bool = True) -> Any:
 
 
 def setup(cfg: Config) -> Runtime:
-    """Parallel init, tokenizer, data, verifier, actor (+ reference), engine, resume, logger, signals."""
+    """Parallel init, tokenizer, data, verifier, actor (+ reference, + critic), engine, resume, logger, signals."""
     from transformers import AutoTokenizer
 
     from rfpo_megatron.actor.parallel import init_parallel
@@ -98,6 +98,10 @@ def setup(cfg: Config) -> Runtime:
     a = cfg.algo
     if a.use_kl_loss or a.use_kl_in_reward or cfg.actor.use_reference:
         rt.ref_actor = build_actor(cfg, with_optimizer=False)
+    if a.adv_estimator == "gae":  # PPO with a critic
+        from rfpo_megatron.train.critic import build_critic
+
+        rt.critic = build_critic(cfg)
     if rt.is_rank0:
         rt.engine = launch_rollout_engine(cfg)
         rt.cleanup.append(rt.engine.shutdown)

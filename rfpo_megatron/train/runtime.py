@@ -35,6 +35,7 @@ class Runtime:
     world_size: int = 1
     actor: Any = None
     ref_actor: Any = None
+    critic: Any = None  # algo.adv_estimator=gae: the value model (rfpo_megatron.actor.critic.Critic)
     engine: Any = None
     tokenizer: Any = None
     prompt_format: Any = None
