@@ -181,17 +181,24 @@ def test_tp2_matches_tp1(worlds):
 
 # ------------------------------------------------------------------ trainer end-to-end (PPO with GAE + RFPO)
 
-def _train(assets, out, *flags, **extra):
+def _train(assets, out, *flags, nproc: int = 1, **extra):
+    """A real trainer subprocess with PPO-GAE (under `torchrun --nproc_per_node nproc` when nproc > 1)."""
     import subprocess
+    import sys
 
     from test_trainer_fixtures import ROOT, run_trainer_cmd, tiny_overrides, trainer_env
+
+    from rfpo_megatron.rollout.procs import free_port
 
     kv = {"algo.adv_estimator": "gae", "data.reward_fn": "first_char_digit", "data.prompts_per_step": 3,
           "rfpo.fix.attempts": 2, "rfpo.fix.max_per_group": 2, "rollout.colocate": "false",
           "logging.wandb_mode": "disabled", "critic.lr": 1e-3, **extra}
-    p = subprocess.run(run_trainer_cmd([os.path.join(ROOT, "examples", "tiny_cpu", "config.yaml"),
-                                        *tiny_overrides(assets, out, **kv), *flags]),
-                       env=trainer_env(), capture_output=True, text=True, timeout=240)
+    cmd = run_trainer_cmd([os.path.join(ROOT, "examples", "tiny_cpu", "config.yaml"),
+                           *tiny_overrides(assets, out, **kv), *flags])
+    if nproc > 1:
+        torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+        cmd = [torchrun, f"--nproc_per_node={nproc}", f"--master_port={free_port()}", *cmd[1:]]
+    p = subprocess.run(cmd, env=trainer_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-4000:]
     from rfpo_megatron.logging import read_metrics
 
@@ -234,6 +241,27 @@ def test_trainer_gae_with_rfpo_trains_and_resumes_the_critic(tmp_path):
     resumed = _train(assets, out, "--resume", **{"trainer.steps": 3})
     strip = lambda r: {k: v for k, v in r.items() if not k.startswith("perf/") and k != "time"}  # noqa: E731
     assert strip(resumed[-1]) == strip(full[-1])
+
+
+def test_trainer_gae_pipeline_parallel_matches_single_process(tmp_path):
+    """PPO-GAE with RFPO under torchrun, pipeline parallel 2 (critic and actor split over 2 stages, values
+    broadcast from the last stage): the step metrics equal the single-process run's (critic/* and train/* up to
+    the PP reduction order)."""
+    from test_trainer_fixtures import build_assets
+
+    assets = build_assets(str(tmp_path / "assets"))
+    strip = lambda r: {k: v for k, v in r.items() if not k.startswith("perf/") and k != "time"}  # noqa: E731
+    one = [strip(r) for r in _train(assets, str(tmp_path / "pp1"), **{"trainer.steps": 2})]
+    two = [strip(r) for r in _train(assets, str(tmp_path / "pp2"), nproc=2,
+                                    **{"trainer.steps": 2, "actor.pipeline_model_parallel_size": 2})]
+    assert [r["step"] for r in two] == [1, 2] and one[1]["critic/values_mean"] != 0.0
+    for ra, rb in zip(one, two):
+        assert ra.keys() == rb.keys()
+        for k in ra:
+            if k.startswith(("train/", "critic/")) and not k.endswith(("/lr", "/update_skipped", "/optimizer_steps")):
+                assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-6), (ra["step"], k)
+            else:
+                assert rb[k] == ra[k], (ra["step"], k)
 
 
 def test_critic_config_errors_name_the_field():
