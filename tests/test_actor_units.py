@@ -124,9 +124,9 @@ def test_config_llama3_and_qwen3():
 def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match="unsupported HF model_type='mistral'"):
         transformer_config_from_hf(dict(QWEN25, model_type="mistral"), tp=1, pp=1)
-    with pytest.raises(ValueError, match="num_hidden_layers=4 is not divisible by actor.pp=3"):
+    with pytest.raises(ValueError, match="num_hidden_layers=4 is not divisible by actor.pipeline_model_parallel_size=3"):
         transformer_config_from_hf(QWEN25, tp=1, pp=3)
-    with pytest.raises(ValueError, match="num_attention_heads=4 is not divisible by actor.tp=8"):
+    with pytest.raises(ValueError, match="num_attention_heads=4 is not divisible by actor.tensor_model_parallel_size=8"):
         transformer_config_from_hf(QWEN25, tp=8, pp=1)
     with pytest.raises(ValueError, match="hidden_act='gelu'"):
         transformer_config_from_hf(dict(QWEN25, hidden_act="gelu"), tp=1, pp=1)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from rfpo_megatron.actor.compat import enable_cpu_compat
+from rfpo_megatron.config import ConfigError
 from rfpo_megatron.convert.arch import (SUPPORTED_MODEL_TYPES, Arch, arch_from_hf_config, hf_config_dict,  # noqa: F401
                                         padded_vocab)
 
@@ -61,13 +62,15 @@ def transformer_config_from_hf(
     cfg = hf_config_dict(hf_config)  # fields Arch does not carry (dropout, init std)
     layers, heads, kv_heads = arch.num_layers, arch.num_heads, arch.num_kv_heads
     if layers % pp != 0:
-        raise ValueError(f"num_hidden_layers={layers} is not divisible by actor.pp={pp}; choose pp dividing it")
+        raise ConfigError(f"num_hidden_layers={layers} is not divisible by actor.pipeline_model_parallel_size={pp}; "
+                          f"choose a pipeline size that divides it")
     if heads % tp != 0:
-        raise ValueError(f"num_attention_heads={heads} is not divisible by actor.tp={tp}")
+        raise ConfigError(f"num_attention_heads={heads} is not divisible by actor.tensor_model_parallel_size={tp}")
     if kv_heads % tp != 0 and tp % kv_heads != 0:
-        raise ValueError(f"num_key_value_heads={kv_heads} must divide or be a multiple of actor.tp={tp}")
+        raise ConfigError(f"num_key_value_heads={kv_heads} must divide or be a multiple of "
+                          f"actor.tensor_model_parallel_size={tp}")
     if arch.mlp_bias:
-        raise ValueError(f"model_type={arch.model_type!r} with mlp_bias=True is not supported")
+        raise ConfigError(f"model_type={arch.model_type!r} with mlp_bias=True is not supported")
     on_gpu = torch.cuda.is_available()
     kw: dict[str, Any] = dict(
         num_layers=layers,
