@@ -182,20 +182,35 @@ def update_policy(rt: Runtime, tb: Any) -> dict[str, float]:
     """actor.ppo_epochs passes over the batch in mini-batches of actor.global_batch_size sequences (None:
     the whole batch), one optimizer step each; returns the train/* metrics averaged over the steps."""
     cfg = rt.cfg
-    n, size = len(tb), cfg.actor.global_batch_size or len(tb)
-    sums: dict[str, float] = {}
-    steps = 0
-    for _ in range(cfg.actor.ppo_epochs):
-        for start in range(0, n, size):
-            mb = subset_batch(tb, list(range(start, min(n, start + size))))
-            if not any(bool(mb.mask_of(i).any()) for i in range(len(mb))):
-                continue  # nothing in the loss (e.g. every row dropped by the estimator's keep mask)
-            for k, v in rt.actor.train_step(mb, cfg.algo, cfg.rfpo if cfg.rfpo.enabled else None).items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-            steps += 1
-    out = {k: v / steps for k, v in sums.items()} if steps else {"train/loss": 0.0, "train/grad_norm": 0.0}
+
+    def step(idx: list) -> Optional[dict]:
+        mb = subset_batch(tb, idx)
+        if not any(bool(mb.mask_of(i).any()) for i in range(len(mb))):
+            return None  # nothing in the loss (e.g. every row dropped by the estimator's keep mask)
+        return rt.actor.train_step(mb, cfg.algo, cfg.rfpo if cfg.rfpo.enabled else None)
+
+    out, steps = minibatch_updates(len(tb), cfg.actor.global_batch_size, cfg.actor.ppo_epochs, step)
+    if not steps:
+        out = {"train/loss": 0.0, "train/grad_norm": 0.0}
     out["train/optimizer_steps"] = float(steps)
     return out
+
+
+def minibatch_updates(n: int, size: Optional[int], epochs: int, step) -> tuple[dict[str, float], int]:
+    """`epochs` passes over rows 0..n-1 in mini-batches of `size` rows (None: all), calling step(rows) -> metrics
+    dict (None: skipped, no optimizer step). Returns (metrics averaged over the steps taken, steps taken)."""
+    size = size or n
+    sums: dict[str, float] = {}
+    steps = 0
+    for _ in range(epochs):
+        for start in range(0, n, size):
+            m = step(list(range(start, min(n, start + size))))
+            if m is None:
+                continue
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            steps += 1
+    return ({k: v / steps for k, v in sums.items()} if steps else {}), steps
 
 
 def subset_batch(tb: Any, idx: list) -> Any:

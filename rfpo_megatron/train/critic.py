@@ -46,29 +46,23 @@ def update_critic(rt: Runtime, batch: Any) -> dict[str, float]:
     if rt.critic is None:
         return {}
     from rfpo_megatron.actor.batch import ActorBatch
+    from rfpo_megatron.train.batch import minibatch_updates
 
     cfg = rt.cfg
     if batch.values is None or batch.returns is None:
         raise ValueError("update_critic: the StepBatch has no values / returns (run train.batch.advantages first)")
     lens = [len(r) for r in batch.response_ids]
-    rows = list(range(batch.n))
-    size = cfg.actor.global_batch_size or batch.n
-    sums: dict[str, float] = {}
-    steps = 0
-    for _ in range(cfg.critic.ppo_epochs):
-        for start in range(0, batch.n, size):
-            idx = rows[start:start + size]
-            mask = [batch.response_mask[i, :lens[i]] for i in idx]
-            if not any(bool(m.any()) for m in mask):
-                continue
-            ab = ActorBatch.from_prompt_response([batch.prompt_ids[i] for i in idx],
-                                                 [batch.response_ids[i] for i in idx], response_mask=mask)
-            m = rt.critic.train_step(ab, [batch.values[i, :lens[i]] for i in idx],
-                                     [batch.returns[i, :lens[i]] for i in idx],
-                                     cliprange_value=cfg.critic.cliprange_value, loss_cfg=cfg.algo)
-            for k, v in m.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-            steps += 1
-    out = {k: v / steps for k, v in sums.items()} if steps else {}
+
+    def step(idx: list) -> Optional[dict]:
+        mask = [batch.response_mask[i, :lens[i]] for i in idx]
+        if not any(bool(m.any()) for m in mask):
+            return None
+        ab = ActorBatch.from_prompt_response([batch.prompt_ids[i] for i in idx],
+                                             [batch.response_ids[i] for i in idx], response_mask=mask)
+        return rt.critic.train_step(ab, [batch.values[i, :lens[i]] for i in idx],
+                                    [batch.returns[i, :lens[i]] for i in idx],
+                                    cliprange_value=cfg.critic.cliprange_value, loss_cfg=cfg.algo)
+
+    out, steps = minibatch_updates(batch.n, cfg.actor.global_batch_size, cfg.critic.ppo_epochs, step)
     out["critic/optimizer_steps"] = float(steps)
     return out
