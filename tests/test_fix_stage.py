@@ -105,7 +105,7 @@ def test_all_wrong_replace_records_plain_prompt_and_original(tok):
     assert m["rfpo/fixed_seq_frac"] == pytest.approx(1 / 9)
     assert m["rfpo/fixed_group_frac"] == pytest.approx(1 / 3)
     assert [a.success for a in res.attempts] == [False, True, False, False]
-    assert "expected 46" in res.attempts[0].message
+    assert res.attempts[0].message == "final answer wrong; the ones column step is missing"  # fix 'ans=1'
 
 
 def test_any_wrong_append_and_max_per_group(tok):
@@ -131,7 +131,8 @@ def test_mixed_variants_cycle_and_error_info_prompt(tok):
     gen = ScriptedGenerate(tok, ["ans=0", addition_solution(11, 11)])
     res = run_fix_stage(groups, gen, AdditionVerifier(), {"variant": ["error_info", "rewrite"]}, tok)
     p0, p1 = (tok.decode(p) for p in gen.calls[0][0])
-    assert "Verifier feedback: " + msg0 in p0 and "first wrong step 1: '7+5+0=12'" in p0
+    assert msg0 == "final answer wrong; first wrong step: the ones column (wrong digits)"
+    assert "Verifier feedback: " + msg0 in p0 and "46" not in p0
     assert "Review the attempt" in p1 and "Verifier feedback" not in p1
     m = res.metrics
     assert m["rfpo/fix_success_rate/error_info"] == 0.0 and m["rfpo/fix_success_rate/rewrite"] == 1.0

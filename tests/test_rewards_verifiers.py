@@ -76,16 +76,26 @@ def test_addition_verifier_messages():
     assert v.score("7+5+0=12 4+8+1=13 3+2+1=6 ans=632", "632", rec) == RewardResult(1.0, "")
     r = v.score("7+5+0=12 4+8+1=12 3+2+1=6 ans=622", "632", rec)
     assert r.reward == 0.0
-    assert r.message == "extracted answer 622, expected 632; first wrong step 2: '4+8+1=12'"
+    assert r.message == "final answer wrong; first wrong step: the tens column (wrong sum)"
+    r = v.score("7+5+0=12 4+8+0=12 3+2+1=6 ans=622", "632", rec)
+    assert r.message == "final answer wrong; first wrong step: the tens column (wrong carry)"
+    r = v.score("7+5+0=12 5+8+1=14 3+2+1=6 ans=642", "632", rec)
+    assert r.message == "final answer wrong; first wrong step: the tens column (wrong digits)"
     r = v.score("7+5+0=12 4+8+1=13 ans=32", "632", rec)
-    assert r.reward == 0.0 and "step 3 missing" in r.message and "extracted answer 32" in r.message
+    assert r == RewardResult(0.0, "final answer wrong; the hundreds column step is missing")
+    r = v.score("7+5+0=12 4+8+1=13 3+2+1=6 0+0+0=0 ans=6320", "632", rec)
+    assert r.message == "final answer wrong; extra step after the hundreds column"
+    r = v.score("7+5+0=12 4+8+1=13 3+2+1=6 ans=633", "632", rec)
+    assert r.message == "final answer wrong; every column step is right, ans= does not follow from them"
+    assert v.score("ans=633", "633", {"answer": "633"}) == RewardResult(1.0, "")
+    assert v.score("ans=634", "633", {"answer": "633"}) == RewardResult(0.0, "final answer wrong")  # no operands
     r = v.score("blah", "632", rec)
     assert r.reward == 0.0 and r.message.startswith("unparsable")
     # right answer with wrong steps: rewarded unless require_steps
     bad_steps = "7+5+0=11 4+8+1=13 3+2+1=6 ans=632"
     assert v.score(bad_steps, "632", rec).reward == 1.0
     r = AdditionVerifier(require_steps=True).score(bad_steps, "632", rec)
-    assert r.reward == 0.0 and "first wrong step 1: '7+5+0=11'" in r.message
+    assert r == RewardResult(0.0, "answer right but steps wrong; first wrong step: the ones column (wrong sum)")
     # the last ans= counts
     assert v.score("ans=1 ... ans=632", "632", rec).reward == 1.0
 
@@ -98,10 +108,16 @@ def test_exact_match():
     assert v.score(r"thus \boxed{Paris}.", "paris", {}).reward == 1.0
     assert v.score("The answer is: 42.", "42", {}).reward == 1.0
     r = v.score(r"\boxed{41}", "42", {})
-    assert r == RewardResult(0.0, "extracted answer '41', expected '42'")
+    assert r == RewardResult(0.0, "extracted answer '41' is wrong")
+    # a quote of the response's own text that contains the answer is dropped, never the answer shown
+    assert v.score(r"\boxed{420}", "42", {}) == RewardResult(0.0, "the extracted answer is wrong")
     assert ExactMatchVerifier(lowercase=False).score(r"\boxed{paris}", "Paris", {}).reward == 0.0
     r = v.score("x = 1\nx = 3\n\\boxed{3}", "2", {"solution": "x = 1\nx = 2\n2"})
-    assert "step 2 ('x = 3')" in r.message
+    assert r.message == "extracted answer '3' is wrong; first step differing from the reference: step 2 ('x = 3')"
+    r = v.score("x = 1\nx = 2\nso x is 5\n\\boxed{5}", "2", {"solution": "x = 1\nx = 2\nx is 2\n2"})
+    assert r.message == "extracted answer '5' is wrong; first step differing from the reference: step 3 ('so x is 5')"
+    r = v.score("x = 1\ny = 12\n\\boxed{5}", "12", {"solution": "x = 1\nx = 12\n12"})
+    assert r.message == "extracted answer '5' is wrong; first step differing from the reference: step 2"
     assert v.score("", "1", {}).message.startswith("unparsable")
 
 
@@ -123,7 +139,7 @@ def test_math_verify_equivalences(math_verifier):
     ]
     res = math_verifier.score_batch([(r, a, {}) for r, a, _ in cases])
     assert [x.reward for x in res] == [c[2] for c in cases]
-    assert res[4].message == "extracted answer '0.4', expected '1/2'"
+    assert res[4].message == "extracted answer '0.4' is wrong"  # never the expected answer
     assert res[5].message.startswith("unparsable")
     assert res[0].message == ""
     # single-item API and score_many go through the same pool

@@ -6,7 +6,8 @@ Difficulty knobs: number of digits per operand and the number of carries (made o
 
 Format (prompt "347+285"), right-to-left columns "a+b+carry=sum", then the answer:
     7+5+0=12 4+8+1=13 3+2+1=6 ans=632
-The verifier checks the final `ans=` and locates the first wrong step.
+The verifier checks the final `ans=` and locates the first wrong column step and what is wrong in it
+(digits, carry, sum), without showing the expected answer.
 """
 from __future__ import annotations
 
@@ -107,10 +108,54 @@ def _operands(record: dict[str, Any]) -> tuple[int, int] | None:
     return (int(m.group(1)), int(m.group(2))) if m else None
 
 
+COLUMN_NAMES = ("ones", "tens", "hundreds", "thousands", "ten-thousands", "hundred-thousands", "millions",
+                "ten-millions", "hundred-millions", "billions", "ten-billions", "hundred-billions")
+
+
+def column_name(i: int) -> str:
+    """Name of column `i` (0 = ones) for messages, in words (a digit in a message could be an answer's)."""
+    return COLUMN_NAMES[i] if i < len(COLUMN_NAMES) else f"column {i + 1} from the right"
+
+
+def step_problems(got: tuple[int, int, int, int], want: tuple[int, int, int, int]) -> list[str]:
+    """What is wrong with a column step a+b+c=s against the right one, without any right value:
+    "wrong digits" (a, b are not the operands' digits of that column), "wrong carry" (c), "wrong sum"
+    (s != a + b + c, i.e. an arithmetic slip in the step's own terms)."""
+    out = []
+    if got[:2] != want[:2]:
+        out.append("wrong digits")
+    if got[2] != want[2]:
+        out.append("wrong carry")
+    if got[3] != got[0] + got[1] + got[2]:
+        out.append("wrong sum")
+    return out
+
+
+def locate_step_error(response_text: str, a: int, b: int) -> str:
+    """The first wrong / missing / extra column step of `response_text` for a+b ("" when all are right).
+
+    Names the column in words and what is wrong in it (`step_problems`); quotes no value, so the message
+    carries no digit of the answer (or of any right step)."""
+    want = [tuple(int(x) for x in re.split(r"[+=]", st)) for st in addition_steps(a, b)]
+    got = [tuple(int(x) for x in m) for m in _STEP.findall(response_text)]
+    for i, w in enumerate(want):
+        if i >= len(got):
+            return f"the {column_name(i)} column step is missing"
+        if got[i] != w:
+            return f"first wrong step: the {column_name(i)} column ({', '.join(step_problems(got[i], w))})"
+    if len(got) > len(want):
+        return f"extra step after the {column_name(len(want) - 1)} column"
+    return ""
+
+
 class AdditionVerifier:
     """reward 1.0 iff the final `ans=` equals the answer (and, with require_steps, every step is right).
 
-    The message names the extracted vs expected answer and the first wrong (or missing) step.
+    The message says whether `ans=` is missing, wrong, or right with wrong steps, and locates the first
+    wrong (missing, extra) column step and what is wrong in it. It never shows the expected answer or a
+    right step (the answer reaches a fix prompt only through `{reference}`/`{solution}`), e.g.
+        "final answer wrong; first wrong step: the tens column (wrong sum)"
+        "final answer wrong; every column step is right, ans= does not follow from them"
     """
 
     def __init__(self, require_steps: bool = False):
@@ -119,30 +164,18 @@ class AdditionVerifier:
     def score(self, response_text: str, answer: str, record: dict[str, Any]) -> RewardResult:
         finals = _ANS.findall(response_text)
         ops = _operands(record or {})
-        step_msg = ""
-        if ops is not None:
-            want = addition_steps(*ops)
-            got = ["{}+{}+{}={}".format(*m) for m in _STEP.findall(response_text)]
-            for i, step in enumerate(want):
-                if i >= len(got):
-                    step_msg = f"step {i + 1} missing"
-                    break
-                if got[i] != step:
-                    step_msg = f"first wrong step {i + 1}: '{got[i]}'"
-                    break
-            else:
-                if len(got) > len(want):
-                    step_msg = f"extra step {len(want) + 1}: '{got[len(want)]}'"
+        step_msg = locate_step_error(response_text, *ops) if ops is not None else ""
         if not finals:
             return RewardResult(0.0, "unparsable: no 'ans=<number>'" + (f"; {step_msg}" if step_msg else ""))
         final = finals[-1]
         ok = final.lstrip("0") == str(answer).strip().lstrip("0")
         if ok and not (self.require_steps and step_msg):
             return RewardResult(1.0, "")
-        parts = [f"extracted answer {final}, expected {answer}" if not ok else "answer right but steps wrong"]
-        if step_msg:
-            parts.append(step_msg)
-        return RewardResult(0.0, "; ".join(parts))
+        if ok:
+            return RewardResult(0.0, f"answer right but steps wrong; {step_msg}")
+        if not step_msg and ops is not None:
+            step_msg = "every column step is right, ans= does not follow from them"
+        return RewardResult(0.0, "final answer wrong" + (f"; {step_msg}" if step_msg else ""))
 
 
 def write_jsonl(path: str, records: list[dict]) -> None:

@@ -1,8 +1,11 @@
 """Verifier protocol: `score(response_text, answer, record) -> RewardResult(reward, message)`.
 
 Every verifier returns a scalar reward and a short error message (empty when correct). The message is
-what the fix stage's `error_info` variant shows the policy: unparsable output, the extracted vs the
-expected answer, and the first wrong step when the data has a step-by-step `solution`.
+what the fix stage's `error_info` variant shows the policy: unparsable output, that (and which) extracted
+answer is wrong, and the first wrong step when the data has a step-by-step `solution` or the task has step
+semantics. A message never contains the reference answer: the answer reaches a fix prompt only through the
+`{reference}`/`{solution}` template fields, so `error_info` measures feedback, not answer copying.
+Quote the response's own text with `safe_quote`, which drops a quote that contains the answer.
 """
 from __future__ import annotations
 
@@ -56,17 +59,29 @@ def clip_text(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def safe_quote(text: str, answer: str, limit: int = 30) -> str:
+    """`'text'` (single-line, clipped to `limit`) for a message, or "" when the clipped text contains the
+    reference `answer` (case- and whitespace-insensitive), so a message never carries the answer even when
+    the response's own text does (e.g. a near miss "6320" for "632", or a right intermediate step)."""
+    shown = clip_text(text, limit)
+    ref = " ".join(str(answer).split()).lower()
+    if ref and ref in " ".join(shown.split()).lower():
+        return ""
+    return f"'{shown}'"
+
+
 def split_steps(text: str) -> list[str]:
     """Split a step-by-step solution into non-empty, whitespace-normalised steps (lines, or ';')."""
     parts = re.split(r"\n|;", text)
     return [" ".join(p.split()) for p in parts if p.strip()]
 
 
-def first_divergent_step(response_text: str, solution: str) -> str:
+def first_divergent_step(response_text: str, solution: str, answer: str = "") -> str:
     """Generic first-wrong-step locator against a reference `solution` ("" if none found).
 
     Steps are lines (or ';'-separated). Returns e.g. "first step differing from the reference: step 2
-    ('x = 3')". Task verifiers with real step semantics (see `addition.py`) do better.
+    ('x = 3')" — the response's step, never the reference's; the quote is dropped when it contains
+    `answer` (see `safe_quote`). Task verifiers with real step semantics (see `addition.py`) do better.
     """
     ref, got = split_steps(solution), split_steps(response_text)
     if len(ref) < 2:
@@ -75,5 +90,6 @@ def first_divergent_step(response_text: str, solution: str) -> str:
         if i >= len(got):
             return f"solution stops after step {i} of {len(ref)}"
         if got[i] != step:
-            return f"first step differing from the reference: step {i + 1} ('{clip_text(got[i], 40)}')"
+            quote = safe_quote(got[i], answer, 40)
+            return f"first step differing from the reference: step {i + 1}" + (f" ({quote})" if quote else "")
     return ""

@@ -1,14 +1,15 @@
 """Exact-match verifier: extract the final answer (\\boxed{}, '####', 'answer is', last line) and compare.
 
 Normalisation: strip whitespace, surrounding $ and a trailing period, collapse inner spaces, and
-(optionally) lowercase. reward 1.0 on a match, else 0.0 with an extracted-vs-expected message.
+(optionally) lowercase. reward 1.0 on a match, else 0.0 with a message naming the extracted (wrong) answer;
+the message never contains the reference answer (`base.safe_quote`).
 """
 from __future__ import annotations
 
 import re
 from typing import Any
 
-from rfpo_megatron.rewards.base import RewardResult, clip_text, first_divergent_step
+from rfpo_megatron.rewards.base import RewardResult, first_divergent_step, safe_quote
 
 
 def last_boxed(text: str) -> str | None:
@@ -61,8 +62,9 @@ class ExactMatchVerifier:
             return RewardResult(0.0, "unparsable: empty response")
         if normalize(got, self.lowercase) == normalize(answer, self.lowercase):
             return RewardResult(1.0, "")
-        msg = f"extracted answer '{clip_text(got, 30)}', expected '{clip_text(answer, 30)}'"
+        quote = safe_quote(got, answer)
+        msg = f"extracted answer {quote} is wrong" if quote else "the extracted answer is wrong"
         if isinstance(record, dict) and record.get("solution"):
-            step = first_divergent_step(response_text, str(record["solution"]))
+            step = first_divergent_step(response_text, str(record["solution"]), str(answer))
             msg = f"{msg}; {step}" if step else msg
         return RewardResult(0.0, msg)

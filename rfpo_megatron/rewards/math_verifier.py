@@ -1,14 +1,15 @@
 """Math verifier on `math-verify`, run in worker processes (its timeouts use SIGALRM, not thread-safe).
 
 reward = 1.0 when the gold answer and the response's extracted answer are equivalent (1/2 == 0.5,
-\\boxed{...}, LaTeX vs plain), else 0.0. The message says: unparsable, or which answer was extracted vs
-expected, plus the first step that differs from the record's `solution` when it has one.
+\\boxed{...}, LaTeX vs plain), else 0.0. The message says: unparsable, or which extracted answer is wrong,
+plus the first step that differs from the record's `solution` when it has one; it never contains the
+reference answer (`base.safe_quote`).
 """
 from __future__ import annotations
 
 from typing import Any, Sequence
 
-from rfpo_megatron.rewards.base import RewardResult, ScoreItem, clip_text, first_divergent_step
+from rfpo_megatron.rewards.base import RewardResult, ScoreItem, first_divergent_step, safe_quote
 from rfpo_megatron.rewards.pool import ProcessPool
 
 
@@ -29,14 +30,15 @@ def math_verify_one(response_text: str, answer: str, parse_timeout: int = 5) -> 
 
     gold = parse(_gold_text(answer), parsing_timeout=parse_timeout)
     if not gold:
-        return 0.0, f"reference answer '{clip_text(answer, 30)}' could not be parsed"
+        return 0.0, "the reference answer could not be parsed (a data error, not the response's)"
     pred = parse(response_text, parsing_timeout=parse_timeout)
     if not pred:
         return 0.0, "unparsable: no final answer found (put it in \\boxed{...})"
     if verify(gold, pred, timeout_seconds=parse_timeout):
         return 1.0, ""
     got = pred[-1] if isinstance(pred[-1], str) else str(pred[0])
-    return 0.0, f"extracted answer '{clip_text(got, 30)}', expected '{clip_text(answer, 30)}'"
+    quote = safe_quote(got, answer)
+    return 0.0, (f"extracted answer {quote} is wrong" if quote else "the extracted answer is wrong")
 
 
 class MathVerifier:
@@ -54,13 +56,13 @@ class MathVerifier:
         """items: [(response_text, answer, record)] -> one RewardResult each, in order."""
         outs = self.pool.map([(r, str(a), self.parse_timeout) for r, a, _ in items])
         results = []
-        for (resp, _, rec), out in zip(items, outs):
+        for (resp, ans, rec), out in zip(items, outs):
             if not out.ok:
                 results.append(RewardResult(0.0, f"verifier failed: {out.error}"))
                 continue
             reward, msg = out.value
             if reward <= 0 and isinstance(rec, dict) and rec.get("solution"):
-                step = first_divergent_step(resp, str(rec["solution"]))
+                step = first_divergent_step(resp, str(rec["solution"]), str(ans))
                 msg = f"{msg}; {step}" if step else msg
             results.append(RewardResult(float(reward), msg))
         return results
