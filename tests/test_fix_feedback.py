@@ -5,6 +5,9 @@
    many generated addition records and near-miss answers — contains the answer string beyond what the
    policy already had (its prompt and its own wrong response), while every `reference` prompt does.
    Before: the verifier messages read "extracted answer 5, expected 46; ..." and the test fails.
+2. Fix success is judged on correctness (the verifier's score before DAPO overlong shaping): with
+   L_max = 28 and L_cache = 10 a correct 23-token fix has training reward 0.5 < success_threshold 1.0 and
+   is still placed (carrying the shaped reward 0.5). Before: it was not placed.
 """
 from __future__ import annotations
 
@@ -192,3 +195,86 @@ def test_exact_match_feedback_never_shows_the_answer(tok):
         run_fix_stage(groups, gen, v, {"variant": variant, "prompt_format": PromptFormat(mode="plain")}, tok)
         for text, prompt in zip(wrong, gen.prompts):
             assert "42" not in prompt.replace(text, "<o>"), prompt
+
+
+# ------------------------------------------------------------------ success on correctness, not shaping
+
+class OneFixEngine:
+    """Rollout: wrong answers ('ans=0'); fix prompts (the second call): the right 23-token solution."""
+
+    def __init__(self, tok, fix_text):
+        self.tok, self.fix_text, self.calls = tok, fix_text, 0
+
+    def generate(self, prompts, params):
+        from rfpo_megatron.rollout.base import GenerateResult
+
+        self.calls += 1
+        text = "ans=0" if self.calls == 1 else self.fix_text
+        ids = self.tok(text, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
+        return [[GenerateResult(list(ids), [-0.5] * len(ids), "stop") for _ in range(params.n)] for _ in prompts]
+
+
+def test_overlong_shaping_does_not_fail_a_correct_fix(tok):
+    from rfpo_megatron.config import load_config
+    from rfpo_megatron.train import Runtime, fix_stage, rollout
+
+    cfg = load_config(TINY_CONFIG, ["algo.max_response_len=28", "algo.overlong_buffer_len=10",
+                                    "rollout.max_new_tokens=28", "rollout.n_samples=2", "rfpo.fix.attempts=1",
+                                    "rfpo.fix.max_per_group=1", "rfpo.fix.variant=error_info"])
+    assert cfg.rfpo.fix.success_threshold == 1.0
+    rec = {"id": "r0", "prompt": "15+42", "answer": "57", "a": 15, "b": 42}
+    good = addition_solution(15, 42)  # "5+2+0=7 1+4+0=5 ans=57": 22 characters + EOS = 23 tokens
+    assert len(tok(good, add_special_tokens=False)["input_ids"]) + 1 == 23
+    engine = OneFixEngine(tok, good)
+    rt = Runtime(cfg, tokenizer=tok, prompt_format=PromptFormat(mode="plain"), verifier=AdditionVerifier(),
+                 engine=engine, eos_ids=[tok.eos_token_id])
+    groups = rollout(rt, [rec], seed=3)
+    assert groups[0].rewards == [0.0, 0.0]  # 'ans=0' + EOS: 6 tokens, no shaping; wrong
+    groups, m = fix_stage(rt, groups, seed=4)
+
+    # a correct fix: placed, counted as a success ...
+    fixed = groups[0].samples[0]
+    assert fixed.is_fixed and fixed.response_text == good
+    # ... whose training reward is shaped: 1 + ((28 - 10) - 23) / 10 = 0.5 < success_threshold
+    assert len(fixed.response_ids) == 23 and fixed.reward == pytest.approx(0.5)
+    assert m["rfpo/fix_success_rate"] == 1.0 and m["rfpo/fix_target_success_rate"] == 1.0
+    assert m["rfpo/fix_generations"] == 1.0 and m["rfpo/fix_generated_tokens"] == 23.0
+    assert not groups[0].samples[1].is_fixed and groups[0].samples[1].reward == 0.0
+
+
+def test_score_callback_returns_correctness_for_success(tok):
+    """run_fix_stage(score=...): success uses the verifier scores the callback returns (before shaping);
+    a callback that returns None keeps the old contract (success on `reward`)."""
+    rec = {"id": "x", "prompt": "1+2", "answer": "3", "a": 1, "b": 2}
+    ids = tok("ans=0", add_special_tokens=False)["input_ids"]
+
+    def groups():
+        return [RolloutGroup([1], [Sample([1], list(ids), [], 0.0, "final answer wrong", record=rec,
+                                          response_text="ans=0")], rec)]
+
+    def gen(prompts, n, sampling):
+        good = tok(addition_solution(1, 2), add_special_tokens=False)["input_ids"]
+        return [[(good, [0.0] * len(good), "stop")] * n for _ in prompts]
+
+    def shaped(samples):  # verifier says right, shaping halves the training reward
+        for s in samples:
+            s.reward, s.reward_message = 0.5, ""
+        return [1.0] * len(samples)
+
+    def shaped_silent(samples):
+        shaped(samples)
+
+    fmt = PromptFormat(mode="plain")
+    g = groups()
+    res = run_fix_stage(g, gen, None, {"prompt_format": fmt}, tok, score=shaped)
+    assert g[0].samples[0].is_fixed and g[0].samples[0].reward == 0.5
+    assert [(a.success, a.reward, a.verifier_reward) for a in res.attempts] == [(True, 0.5, 1.0)]
+    g = groups()
+    res = run_fix_stage(g, gen, None, {"prompt_format": fmt}, tok, score=shaped_silent)
+    assert not g[0].samples[0].is_fixed and res.attempts[0].verifier_reward == 0.5
+
+    def short(samples):
+        return []
+
+    with pytest.raises(RuntimeError, match="score returned 0 verifier scores for 1 fixes"):
+        run_fix_stage(groups(), gen, None, {"prompt_format": fmt}, tok, score=short)

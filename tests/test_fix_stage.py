@@ -106,6 +106,7 @@ def test_all_wrong_replace_records_plain_prompt_and_original(tok):
     assert m["rfpo/fixed_group_frac"] == pytest.approx(1 / 3)
     assert [a.success for a in res.attempts] == [False, True, False, False]
     assert res.attempts[0].message == "final answer wrong; the ones column step is missing"  # fix 'ans=1'
+    assert [a.verifier_reward for a in res.attempts] == [0.0, 1.0, 0.0, 0.0]
 
 
 def test_any_wrong_append_and_max_per_group(tok):

@@ -5,7 +5,8 @@ Engine boundary is a plain callable
     generate(prompts_token_ids: list[list[int]], n: int, sampling: dict)
         -> list (one per prompt) of n tuples (response_ids, logprobs, finish_reason)
 so the stage runs without servers. Fixes are scored on the ORIGINAL prompt with the same reward fn;
-a fix counts at reward >= success_threshold. A successful fix becomes a `Sample` whose prompt_ids are
+a fix counts when its CORRECTNESS (the verifier's score before any reward shaping, e.g. DAPO's overlong
+penalty) is >= success_threshold; shaping only changes the training reward the placed fix carries. A successful fix becomes a `Sample` whose prompt_ids are
 the group's PLAIN prompt ids (never the fix prompt), with fixed_from = the wrong response's ids and
 use_tis = False (its rollout log-probs are under the fix prompt).
 """
@@ -96,9 +97,10 @@ class FixAttempt:
     variant: str
     fix_prompt_text: str
     response_text: str
-    reward: float
+    reward: float                       # the training reward (after shaping, if the scorer shapes)
     message: str
     success: bool
+    verifier_reward: Optional[float] = None  # correctness: the verifier's score before shaping
 
 
 @dataclass
@@ -165,7 +167,8 @@ def run_fix_stage(groups: list[RolloutGroup], generate: GenerateFn, reward_fn: A
         (engine result objects with .output_ids/.logprobs/.finish_reason are accepted too).
     reward_fn: a Verifier or callable (see rewards.score_many), scored on the ORIGINAL record.
     score: alternative to reward_fn, `score(samples)` fills `reward`/`reward_message` in place (lets
-        the trainer add reward shaping); one of the two is required.
+        the trainer add reward shaping) and returns the verifier's scores before shaping, one per sample
+        (success is judged on them); returning None means `reward` is unshaped. One of the two is required.
     cfg: FixStageConfig, dict, the config's `rfpo.fix` section, or the whole run Config (then
         `rfpo.fix` is used and `data.chat_template` picks the prompt format).
     tokenizer: HF tokenizer (encodes the fix prompt through the chat template, decodes responses).
@@ -218,13 +221,19 @@ def run_fix_stage(groups: list[RolloutGroup], generate: GenerateFn, reward_fn: A
                                 fixed_from_logprobs=list(orig.rollout_logprobs),
                                 fix_variant=target_variant[k], finish_reason=finish, use_tis=False,
                                 record=g.record or orig.record, response_text=_decode(tokenizer, ids)))
+    correct: list[float] = []  # per candidate: the verifier's score before shaping (success is judged on it)
     if cands:
         if score is not None:
-            score(cands)
+            verdict = score(cands)
+            correct = [c.reward for c in cands] if verdict is None else [float(x) for x in verdict]
+            if len(correct) != len(cands):
+                raise RuntimeError(f"fix stage: score returned {len(correct)} verifier scores for "
+                                   f"{len(cands)} fixes")
         else:
             answers = [(c.response_text, str(c.record.get("answer", "")), c.record) for c in cands]
             for c, res in zip(cands, score_many(reward_fn, answers)):
                 c.reward, c.reward_message = float(res.reward), res.message
+            correct = [c.reward for c in cands]
 
     # 3) place the first successful attempt of each target
     attempts: list[FixAttempt] = []
@@ -234,12 +243,12 @@ def run_fix_stage(groups: list[RolloutGroup], generate: GenerateFn, reward_fn: A
     appended: dict[int, list[Sample]] = {}
     for k, (gi, si) in enumerate(targets):
         chosen = None
-        for c in cands[k * n:(k + 1) * n]:
-            ok = c.reward >= cfg.success_threshold
+        for c, corr in zip(cands[k * n:(k + 1) * n], correct[k * n:(k + 1) * n]):
+            ok = corr >= cfg.success_threshold
             tries[c.fix_variant] += 1
             oks[c.fix_variant] += int(ok)
             attempts.append(FixAttempt(gi, si, c.fix_variant, fix_texts[k], c.response_text, c.reward,
-                                       c.reward_message, ok))
+                                       c.reward_message, ok, corr))
             if ok and chosen is None:
                 chosen = c
         if chosen is None:

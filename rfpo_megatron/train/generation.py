@@ -65,9 +65,11 @@ def baseline_metrics(groups: list[RolloutGroup]) -> dict[str, float]:
     return {"rollout/remax_baseline_reward_mean": sum(base) / len(base)} if base else {}
 
 
-def score_samples(rt: Runtime, samples: list[Sample]) -> None:
+def score_samples(rt: Runtime, samples: list[Sample]) -> list[float]:
     """Fill `reward` and `reward_message` of each sample (verifier on the decoded text; DAPO overlong
-    shaping added when algo.overlong_buffer_len > 0)."""
+    shaping added when algo.overlong_buffer_len > 0) and return the verifier's scores BEFORE shaping, one
+    per sample: correctness, which the fix stage judges fix success on (shaping is for the training
+    reward only; a correct fix that is long is still a correct fix)."""
     from rfpo_megatron.rewards import score_many
 
     answer_key = rt.cfg.data.answer_key
@@ -76,6 +78,7 @@ def score_samples(rt: Runtime, samples: list[Sample]) -> None:
     a = rt.cfg.algo
     for s, res in zip(samples, results):
         s.reward, s.reward_message = float(res.reward), res.message
+    correct = [float(res.reward) for res in results]
     if a.overlong_buffer_len > 0 and samples:
         from rfpo_megatron.algos.shaping import overlong_penalty
 
@@ -84,11 +87,14 @@ def score_samples(rt: Runtime, samples: list[Sample]) -> None:
                                overlong_penalty_factor=a.overlong_penalty_factor)  # [N]
         for s, p in zip(samples, pen.tolist()):
             s.reward += float(p)
+    return correct
 
 
 def fix_stage(rt: Runtime, groups: list[RolloutGroup], seed: int) -> tuple[list[RolloutGroup], dict]:
     """RFPO fix stage on rank 0 (rfpo_megatron.fix.run_fix_stage): places the successful fixes into
-    `groups` and returns (groups, rfpo/* metrics). Fix generations are counted for the rollout budget."""
+    `groups` and returns (groups, rfpo/* metrics). Fix generations are counted for the rollout budget.
+    A fix succeeds on its verifier score (before overlong shaping); a placed fix carries the shaped
+    training reward like every other sample."""
     from rfpo_megatron.fix import run_fix_stage
 
     cfg = rt.cfg
