@@ -29,7 +29,8 @@ ADV_ESTIMATOR_NAMES = (
 )
 POLICY_LOSS_NAMES = ("ppo", "gspo", "cispo", "gppo", "aspo", "ecpo", "bapo", "reinforce_loss", "raft_pp")
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
-KL_TYPES = ("k1", "k2", "k3")
+KL_TYPES = ("k1", "k2", "k3", "k1+", "k3+")
+LOSS_FORMS = ("faithful", "corrected", "weighted")
 FIX_VARIANTS = ("rewrite", "reward", "error_info", "reference")
 
 
@@ -40,17 +41,20 @@ class AlgoConfig:
     adv_estimator: str = "grpo"
     policy_loss: str = "ppo"
     norm_adv_by_std: bool = True
-    loss_agg_mode: str = "token-mean"
-    loss_agg_max_len: Optional[int] = None  # L_max for seq-mean-token-sum-norm (defaults to max_response_len)
-    clip_ratio_low: float = 0.2
-    clip_ratio_high: float = 0.2  # clip-higher (DAPO): e.g. 0.28
+    loss_agg_mode: Optional[str] = None  # null: token-mean (gspo: seq-mean-token-mean)
+    loss_agg_max_len: Optional[int] = None  # constant L_max of seq-mean-token-sum-norm (null: algo.max_response_len)
+    clip_ratio_low: Optional[float] = None  # null: 0.2 (gspo: 3e-4)
+    clip_ratio_high: Optional[float] = None  # null: 0.2 (gspo: 4e-4); clip-higher (DAPO): e.g. 0.28
     clip_ratio_c: Optional[float] = None  # dual-clip constant c > 1 (e.g. 3.0); None = off
     entropy_coeff: float = 0.0
     use_kl_loss: bool = False
     kl_loss_coef: float = 0.001
-    kl_loss_type: str = "k3"
-    use_kl_in_reward: bool = False
-    kl_in_reward_coef: float = 0.001
+    kl_loss_type: str = "k3"  # k1 | k2 | k3 (clamped ±10) | k1+ | k3+ (straight-through: value k1/k3, gradient k2)
+    use_kl_in_reward: bool = False  # token reward −β·k(old, ref) for every estimator (needs the reference model)
+    kl_in_reward_coef: float = 0.001  # β (initial value when kl_target is set)
+    kl_in_reward_type: str = "k1"
+    kl_target: Optional[float] = None  # adaptive KL controller target (PPO/verl); null = fixed β
+    kl_horizon: int = 10000  # adaptive controller horizon (sequences)
     gamma: float = 1.0  # GAE / REINFORCE++ discount
     lam: float = 1.0  # GAE lambda
     ecpo_delta: float = 0.1
@@ -61,8 +65,8 @@ class AlgoConfig:
     bapo_b_high: float = 3.0
     bapo_delta_high: float = 0.05
     bapo_delta_low: float = 0.02
-    pos_nll_coef: float = 0.0  # VAPO positive-example NLL
-    chord_mu: float = 0.0  # CHORD weight on fixed/expert tokens
+    pos_nll_coef: float = 0.0  # VAPO positive-example NLL on correct responses (reward >= rfpo.fix.success_threshold)
+    chord_mu: float = 0.0  # CHORD-phi: (1-mu)·policy + mu·SFT on fixed (expert) tokens
     tis_cap: Optional[float] = None  # truncated importance sampling cap C; None = off
     overlong_buffer_len: int = 0  # DAPO L_cache; 0 = off
     overlong_penalty_factor: float = 1.0
@@ -94,8 +98,9 @@ class RFPOConfig:
     enabled: bool = True
     gamma: float = 1.0
     roff_mode: str = "seq_mean"  # seq_sum (the blog's form) | seq_mean (length-normalised)
-    roff_clip: float = 2.0
-    loss_form: str = "faithful"  # faithful | corrected
+    roff_clip: float = 2.0  # log C: |log R_off| <= roff_clip, R_off in [1/C, C]; at most 29.7 (fp32 loss)
+    loss_form: str = "weighted"  # weighted (R_off a bounded sequence weight) | faithful (the blog) | corrected
+    wrong_advantage: str = "group"  # group (as the estimator gives) | zero: wrong samples of a group with a fix get 0
     fix: FixConfig = field(default_factory=FixConfig)
 
 
@@ -159,6 +164,8 @@ class RolloutConfig:
     mem_fraction_static: float = 0.7
     colocate: bool = True  # release SGLang memory during training
     server_args: dict = field(default_factory=dict)  # extra `sglang.launch_server` args
+    router_args: dict = field(default_factory=dict)  # extra `sglang_router.launch_router` args (docs/rollout.md)
+    deterministic_inference: bool = False  # SGLang --enable-deterministic-inference: sampling seeds honoured (slower)
     server_urls: list = field(default_factory=list)  # use already-running servers instead of launching
     router_url: Optional[str] = None  # with server_urls: their router (generation goes there, weight sync to each)
     request_timeout_s: float = 600.0
@@ -323,6 +330,59 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
     return tree
 
 
+# |log R_off| bound for the fp32 loss (algos.policy_loss.max_log_roff(torch.float32), torch-free here): R_off²·ρ·|A|
+# with ρ <= e^20 and |A| <= 1e4 stays finite: (log(3.4028e38) - 20 - log(1e4)) / 2
+ROFF_CLIP_MAX = 29.75
+# the policy losses' own defaults for knobs left null (GSPO: Zheng et al. 2025)
+LOSS_DEFAULTS = {"gspo": {"clip_ratio_low": 3e-4, "clip_ratio_high": 4e-4, "loss_agg_mode": "seq-mean-token-mean"}}
+GENERIC_LOSS_DEFAULTS = {"clip_ratio_low": 0.2, "clip_ratio_high": 0.2, "loss_agg_mode": "token-mean"}
+
+
+def resolve_loss_defaults(a: Any) -> Any:
+    """Fill algo.clip_ratio_low/high and loss_agg_mode left null with the policy loss's own defaults (gspo:
+    3e-4 / 4e-4, seq-mean-token-mean; others 0.2 / 0.2, token-mean); values the user set are kept. The clip
+    ratios stay null for losses that have none (reinforce_loss; bapo adapts its own bounds). In place."""
+    loss = getattr(a, "policy_loss", "ppo")
+    own = LOSS_DEFAULTS.get(loss, {})
+    for k, v in GENERIC_LOSS_DEFAULTS.items():
+        if k.startswith("clip_ratio") and loss in _NO_CLIP_RATIO:
+            continue
+        if getattr(a, k, None) is None:
+            setattr(a, k, own.get(k, v))
+    return a
+
+
+_NO_CLIP_RATIO = ("reinforce_loss", "bapo")
+
+
+def _inactive_algo_knobs(a: Any) -> None:
+    """Refuse an algo.* knob set to a non-default value where it cannot act (one line naming it and why)."""
+    d = AlgoConfig()
+    pl, est = a.policy_loss, a.adv_estimator
+    rules = [
+        ("norm_adv_by_std", est == "grpo", "acts only with algo.adv_estimator=grpo"),
+        ("gamma", est in ("gae", "reinforce_pp", "reinforce_pp_baseline"), "acts only with adv_estimator gae / reinforce_pp(_baseline)"),
+        ("lam", est == "gae", "acts only with algo.adv_estimator=gae"),
+        ("clip_ratio_c", pl not in ("cispo", "reinforce_loss"), f"policy_loss={pl} has no dual clip"),
+        ("clip_ratio_low", pl not in _NO_CLIP_RATIO, f"policy_loss={pl} has no ratio clip (bapo adapts its own bounds)"),
+        ("clip_ratio_high", pl not in _NO_CLIP_RATIO, f"policy_loss={pl} has no ratio clip (bapo adapts its own bounds)"),
+        ("ecpo_delta", pl == "ecpo", "acts only with algo.policy_loss=ecpo"),
+        ("loss_agg_max_len", (a.loss_agg_mode or LOSS_DEFAULTS.get(pl, {}).get("loss_agg_mode")) == "seq-mean-token-sum-norm",
+         "acts only with algo.loss_agg_mode=seq-mean-token-sum-norm"),
+        ("kl_loss_coef", a.use_kl_loss, "acts only with algo.use_kl_loss=true"),
+        ("kl_loss_type", a.use_kl_loss, "acts only with algo.use_kl_loss=true"),
+        ("kl_in_reward_coef", a.use_kl_in_reward, "acts only with algo.use_kl_in_reward=true"),
+        ("kl_in_reward_type", a.use_kl_in_reward, "acts only with algo.use_kl_in_reward=true"),
+        ("kl_target", a.use_kl_in_reward, "acts only with algo.use_kl_in_reward=true"),
+        ("kl_horizon", a.use_kl_in_reward and a.kl_target is not None, "acts only with use_kl_in_reward=true and kl_target set"),
+    ] + [(k, pl == "bapo", "acts only with algo.policy_loss=bapo") for k in
+         ("bapo_rho0", "bapo_a_low", "bapo_a_high", "bapo_b_low", "bapo_b_high", "bapo_delta_high", "bapo_delta_low")]
+    for name, active, why in rules:
+        if not active and getattr(a, name) != getattr(d, name):
+            raise ConfigError(f"config field 'algo.{name}': {getattr(a, name)!r} would have no effect: it {why}; "
+                              "remove it or change that setting")
+
+
 def validate(cfg: Config) -> Config:
     """Check choices and ranges; raise ConfigError naming the field, the value and what is allowed."""
 
@@ -343,10 +403,20 @@ def validate(cfg: Config) -> Config:
     a, r, f = cfg.algo, cfg.rfpo, cfg.rfpo.fix
     choice("algo.adv_estimator", a.adv_estimator, ADV_ESTIMATOR_NAMES)
     choice("algo.policy_loss", a.policy_loss, POLICY_LOSS_NAMES)
+    _inactive_algo_knobs(a)
+    resolve_loss_defaults(a)
     choice("algo.loss_agg_mode", a.loss_agg_mode, LOSS_AGG_MODES)
     choice("algo.kl_loss_type", a.kl_loss_type, KL_TYPES)
+    choice("algo.kl_in_reward_type", a.kl_in_reward_type, KL_TYPES)
+    rng("algo.kl_target", a.kl_target, 0, None, lo_open=True)
+    rng("algo.kl_horizon", a.kl_horizon, 1)
+    rng("algo.kl_in_reward_coef", a.kl_in_reward_coef, 0, None)
+    rng("algo.kl_loss_coef", a.kl_loss_coef, 0, None)
     rng("algo.clip_ratio_low", a.clip_ratio_low, 0, 1)
     rng("algo.clip_ratio_high", a.clip_ratio_high, 0, None)
+    rng("algo.loss_agg_max_len", a.loss_agg_max_len, 1)
+    rng("algo.pos_nll_coef", a.pos_nll_coef, 0, None)
+    rng("algo.chord_mu", a.chord_mu, 0, 1)
     if a.clip_ratio_c is not None and a.clip_ratio_c <= 1:
         raise ConfigError(f"config field 'algo.clip_ratio_c': {a.clip_ratio_c} must be > 1 (dual-clip constant) or null")
     rng("algo.tis_cap", a.tis_cap, 0, None, lo_open=True)
@@ -356,8 +426,9 @@ def validate(cfg: Config) -> Config:
     rng("algo.overlong_buffer_len", a.overlong_buffer_len, 0, a.max_response_len)
     rng("algo.max_gen_batches", a.max_gen_batches, 1)
     choice("rfpo.roff_mode", r.roff_mode, ("seq_sum", "seq_mean"))
-    choice("rfpo.loss_form", r.loss_form, ("faithful", "corrected"))
-    rng("rfpo.roff_clip", r.roff_clip, 0, None)
+    choice("rfpo.loss_form", r.loss_form, LOSS_FORMS)
+    choice("rfpo.wrong_advantage", r.wrong_advantage, ("group", "zero"))
+    rng("rfpo.roff_clip", r.roff_clip, 0, ROFF_CLIP_MAX, lo_open=True)
     if not f.variant:
         raise ConfigError("config field 'rfpo.fix.variant' is empty: name at least one of " + ", ".join(FIX_VARIANTS))
     for name in f.variant:

@@ -26,8 +26,8 @@ import torch
 from rfpo_megatron.config import Config, ConfigError, load_config
 from rfpo_megatron.data.types import RolloutGroup
 from rfpo_megatron.logging.metrics import grad_signal_frac, group_flags, roff_metrics, rollout_metrics
-from rfpo_megatron.train.batch import (advantages, build_batch, compute_roff, logprob_pass, make_train_batch,
-                                       sequences_for_logprob, update_policy)
+from rfpo_megatron.train.batch import (build_batch, compute_roff, logprob_pass, make_train_batch,
+                                       sequences_for_logprob, step_advantages, update_policy)
 from rfpo_megatron.train.checkpoint import STATE_FILE, capture_state, latest_checkpoint, save_checkpoint  # noqa: F401
 from rfpo_megatron.train.critic import update_critic, value_pass
 from rfpo_megatron.train.generation import baseline_metrics, dynamic_sampling, fix_stage, rollout, run_eval
@@ -95,7 +95,7 @@ def train_one_step(rt: Runtime, step: int) -> dict[str, float]:
             if rt.ref_actor is not None else None
         values = value_pass(rt, batch)  # [N, T] critic values on the plain prompt (gae), else None
     log_roff = compute_roff(cfg, batch, old_logp, orig_logp)  # [N], detached, 0 for unfixed
-    adv = advantages(cfg, batch, old_logp, ref_logp, values)  # [N, T] (gae: also batch.values / returns)
+    adv = step_advantages(rt, batch, old_logp, ref_logp, values, m)  # [N, T] (gae: also batch.values / returns)
     with timed(m, "perf/train_time"):
         m.update(update_critic(rt, batch))  # gae: clipped value loss towards the returns; {} otherwise
         m.update(update_policy(rt, make_train_batch(cfg, batch, old_logp, ref_logp, log_roff, adv)))

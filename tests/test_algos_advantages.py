@@ -147,8 +147,8 @@ def test_reinforce_rej_and_keep_mask():
         constant = max(vals) == min(vals)
         for i in idx:
             assert bool(keep[i]) == (not constant)
-            want = 0.0 if constant else float(r[i])
-            assert all(float(adv[i, t]) == want for t in valid_positions(m[i]))
+            want = 0.0 if constant else 2.0 * float(r[i]) - 1.0  # the paper's ±1 reward
+            assert all(float(adv[i, t]) == pytest.approx(want, abs=1e-6) for t in valid_positions(m[i]))
     assert torch.equal(sample_keep_mask("grpo", r, ids), torch.ones_like(keep))
 
 
@@ -157,8 +157,8 @@ def test_raft_keeps_group_max():
     ids = torch.tensor([0, 0, 0, 1, 1, 2, 2])
     m = torch.ones(7, 2, dtype=torch.bool)
     adv, _ = compute_advantages("raft", rewards=r, group_ids=ids, response_mask=m)
-    assert adv[:, 0].tolist() == [1, 0, 1, 1, 1, 1, 0]
-    assert sample_keep_mask("raft", r, ids).tolist() == [True, False, True, True, True, True, False]
+    assert adv[:, 0].tolist() == [1, 0, 1, 0, 0, 1, 0]  # the all-wrong group 1 keeps nothing
+    assert sample_keep_mask("raft", r, ids).tolist() == [True, False, True, False, False, True, False]
     adv, _ = compute_advantages("raft", rewards=r, group_ids=ids, response_mask=m, raft_min_reward=1.0)
     assert adv[:, 0].tolist() == [1, 0, 1, 0, 0, 0, 0]
 
@@ -187,6 +187,28 @@ def test_raft_matches_reference(seed, min_reward):
     for idx in groups_of(ids).values():
         best = max(float(r[i]) for i in idx)
         for i in idx:
-            want[i] = 1.0 if float(r[i]) == best and (min_reward is None or float(r[i]) >= min_reward) else 0.0
+            want[i] = 1.0 if (float(r[i]) == best and float(r[i]) > 0
+                              and (min_reward is None or float(r[i]) >= min_reward)) else 0.0
     torch.testing.assert_close(adv, _expand(want, m), rtol=0, atol=0)
     assert keep.tolist() == [w == 1.0 for w in want]
+
+
+def test_issue14_raft_all_wrong_group_is_not_positive():
+    """issue 14 fact 3: RAFT trains only on positively rewarded samples (was [1,1,1,1,1,0,1,0])."""
+    r = torch.tensor([0, 0, 0, 0, 1, 0, 1, 0], dtype=torch.float32)
+    ids = torch.tensor([0] * 4 + [1] * 4)
+    m = torch.ones(8, 3, dtype=torch.bool)
+    adv, _ = compute_advantages("raft", rewards=r, group_ids=ids, response_mask=m)
+    assert adv[:, 0].tolist() == [0, 0, 0, 0, 1, 0, 1, 0]
+    assert sample_keep_mask("raft", r, ids).tolist() == [False] * 4 + [True, False, True, False]
+
+
+def test_issue14_reinforce_rej_pushes_down_wrong_answers():
+    """issue 14 fact 3: with {0,1} rewards Reinforce-Rej must not become positive-only: rewards are mapped to the
+    paper's ±1 (wrong −1, correct +1); all-0 and all-1 groups are dropped."""
+    r = torch.tensor([0, 0, 0, 0, 1, 0, 1, 0, 1, 1, 1, 1], dtype=torch.float32)
+    ids = torch.tensor([0] * 4 + [1] * 4 + [2] * 4)
+    m = torch.ones(12, 2, dtype=torch.bool)
+    adv, _ = compute_advantages("reinforce_rej", rewards=r, group_ids=ids, response_mask=m)
+    assert adv[:, 0].tolist() == [0] * 4 + [1, -1, 1, -1] + [0] * 4
+    assert sample_keep_mask("reinforce_rej", r, ids).tolist() == [False] * 4 + [True] * 4 + [False] * 4

@@ -25,10 +25,10 @@ from rfpo_megatron.actor.batch import ActorBatch, pad_tokens
 from rfpo_megatron.actor.forward import dp_sum, logprob_output_fn, pp_broadcast_from_last, run_schedule
 from rfpo_megatron.actor.model import build_model, uses_te_spec
 from rfpo_megatron.actor.packing import PackedMicroBatch, make_microbatches, pack_microbatch, split_for_dp
-from rfpo_megatron.algos.aggregation import aggregate
-from rfpo_megatron.algos.kl import kl_loss
 from rfpo_megatron.algos.registry import get_policy_loss
 from rfpo_megatron.config import ActorConfig
+
+FUSED_LOSSES = ("ppo", "raft_pp")  # policy losses the fused token-loss kernel computes (kernels/loss.py)
 
 METRIC_KEYS = (
     "train/loss",
@@ -300,36 +300,67 @@ class Actor:
     def train_step(self, batch: ActorBatch, loss_cfg: Any, rfpo_cfg: Any = None) -> dict[str, float]:
         """One optimizer step on the whole batch; returns ``train/*`` metrics (floats, same on every rank).
 
-        loss_cfg: ``AlgoConfig``-like (policy_loss, loss_agg_mode, loss_agg_max_len,
-        clip_ratio_low/high/c, entropy_coeff, use_kl_loss, kl_loss_coef, kl_loss_type, ...).
+        loss_cfg: ``AlgoConfig``-like (policy_loss, loss_agg_mode, loss_agg_max_len / max_response_len,
+        clip_ratio_low/high/c, entropy_coeff, use_kl_loss, kl_loss_coef, kl_loss_type, pos_nll_coef, chord_mu,
+        loss-specific keys ...); null clip ratios / aggregation take the policy loss's own defaults.
         rfpo_cfg: ``RFPOConfig``-like (loss_form) or None.
-        Requires batch.advantages and batch.old_logp (batch.ref_logp with use_kl_loss).
+        Requires batch.advantages and batch.old_logp (batch.ref_logp with use_kl_loss, batch.is_positive with
+        pos_nll_coef > 0). The micro-batch loss is the library objective
+        ``algos.objective.compute_actor_loss`` with whole-step counts; with ``actor.use_fused_kernels`` and a
+        ppo-type loss the per-token policy loss (ratio, clip, dual clip, R_off, TIS) comes from the fused loss
+        kernel (``kernels.loss``: Triton on CUDA, its torch twin elsewhere).
         """
+        import copy
+
+        from rfpo_megatron.algos.objective import StepCounts, compute_actor_loss
+        from rfpo_megatron.config import resolve_loss_defaults
+
         if self.optimizer is None:
             raise RuntimeError("Actor was built with with_optimizer=False; train_step needs the optimizer")
         batch.validate()
         if batch.advantages is None or batch.old_logp is None:
             raise ValueError("train_step needs batch.advantages and batch.old_logp (run compute_logprobs first)")
-        use_kl = bool(_cfg(loss_cfg, "use_kl_loss", False))
+        a = resolve_loss_defaults(copy.copy(loss_cfg))
+        use_kl = bool(_cfg(a, "use_kl_loss", False))
         if use_kl and batch.ref_logp is None:
             raise ValueError("algorithm.use_kl_loss=true needs batch.ref_logp")
-        mode = _cfg(loss_cfg, "loss_agg_mode", "token-mean")
-        max_len = _cfg(loss_cfg, "loss_agg_max_len", None)
-        if mode == "seq-mean-token-sum-norm" and not max_len:
-            max_len = max(batch.response_lens)
+        policy = _cfg(a, "policy_loss", "ppo")
+        mode = _cfg(a, "loss_agg_mode", None) or "token-mean"
+        max_len = None
+        if mode == "seq-mean-token-sum-norm":
+            # Dr.GRPO: a constant L_max (never the batch's longest response)
+            max_len = _cfg(a, "loss_agg_max_len", None) or _cfg(a, "max_response_len", None)
+            if not max_len:
+                raise ValueError("loss_agg_mode=seq-mean-token-sum-norm needs algo.loss_agg_max_len or "
+                                 "algo.max_response_len (the constant L_max)")
+        pos_coef = float(_cfg(a, "pos_nll_coef", 0.0) or 0.0)
+        chord_mu = float(_cfg(a, "chord_mu", 0.0) or 0.0)
+        if pos_coef and batch.is_positive is None:
+            raise ValueError("algo.pos_nll_coef > 0 needs batch.is_positive (the correct responses)")
         masks = [batch.mask_of(i) for i in range(len(batch))]
         n_tok = int(sum(int(m.sum()) for m in masks))
         n_seq = int(sum(1 for m in masks if bool(m.any())))
         if n_tok == 0:
             raise ValueError("train_step: the batch has no response tokens in the loss mask")
-        pl_fn = get_policy_loss(_cfg(loss_cfg, "policy_loss", "ppo"))
-        pl_kwargs = self._policy_loss_kwargs(pl_fn, loss_cfg, rfpo_cfg)
-        if _cfg(loss_cfg, "policy_loss", "ppo") == "bapo":
-            pl_kwargs["bapo_clip_bounds"] = self._bapo_bounds(batch, masks, pl_kwargs)
-        ent_coef = float(_cfg(loss_cfg, "entropy_coeff", 0.0) or 0.0)
-        kl_coef = float(_cfg(loss_cfg, "kl_loss_coef", 0.0) or 0.0)
-        kl_type = _cfg(loss_cfg, "kl_loss_type", "k3")
-        agg = dict(global_num_tokens=n_tok, global_num_seqs=n_seq, max_len=max_len)
+        pos = batch.is_positive if batch.is_positive is not None else torch.zeros(len(batch), dtype=torch.bool)
+        fixed = batch.is_fixed if batch.is_fixed is not None else torch.zeros(len(batch), dtype=torch.bool)
+        counts = StepCounts(float(n_tok), float(n_seq),
+                            float(sum(int(m.sum()) for m, p in zip(masks, pos.tolist()) if p)),
+                            float(sum(int(m.sum()) for m, f in zip(masks, fixed.tolist()) if f)))
+        loss_form = _cfg(rfpo_cfg, "loss_form", "faithful") if rfpo_cfg is not None else "faithful"
+        pl_fn = get_policy_loss(policy)
+        pl_kwargs = self._policy_loss_kwargs(pl_fn, a, rfpo_cfg)
+        pl_kwargs.pop("loss_form", None)
+        if policy == "bapo":
+            pl_kwargs["bapo_clip_bounds"] = self._bapo_bounds(batch, masks, pl_kwargs, loss_form)
+        fused = bool(getattr(self.cfg, "use_fused_kernels", False)) and policy in FUSED_LOSSES
+        obj_kw = dict(
+            loss_agg_mode=mode, counts=counts, loss_agg_max_len=max_len, loss_form=loss_form,
+            entropy_coeff=float(_cfg(a, "entropy_coeff", 0.0) or 0.0), use_kl_loss=use_kl,
+            kl_loss_coef=float(_cfg(a, "kl_loss_coef", 0.0) or 0.0), kl_loss_type=_cfg(a, "kl_loss_type", "k3"),
+            pos_nll_coef=pos_coef, chord_mu=chord_mu,
+        )
+        extra_keys = (("train/pos_nll",) if pos_coef else ()) + (("train/chord_sft",) if chord_mu else ())
 
         def per_sample(values, ids, dev, fill=0.0):
             return pad_tokens([values[i] for i in ids], fill=fill).to(dev)
@@ -343,41 +374,72 @@ class Actor:
             old = per_sample(batch.old_logp, ids, dev)
             adv = per_sample(batch.advantages, ids, dev)
             log_roff = batch.log_roff[ids].to(dev) if batch.log_roff is not None else None
-            tok_loss, pl_metrics = pl_fn(lp, old, adv, mask, log_roff=log_roff, **pl_kwargs)
-            if batch.tis_weights is not None:
-                tok_loss = tok_loss * per_sample(batch.tis_weights, ids, dev, fill=1.0)
-            pg_loss = aggregate(tok_loss, mask, mode, **agg)
-            ent_agg = aggregate(en, mask, mode, **agg)
-            loss = pg_loss - ent_coef * ent_agg
-            klv = torch.zeros((), device=dev)
-            if use_kl:
-                klv = aggregate(kl_loss(lp, per_sample(batch.ref_logp, ids, dev), mask, kl_type), mask, mode, **agg)
-                loss = loss + kl_coef * klv
+            tis = per_sample(batch.tis_weights, ids, dev, fill=1.0) if batch.tis_weights is not None else None
+            pg_tokens = None
+            if fused:
+                pg_tokens = self._fused_token_loss(mb, logp, batch, masks, ids, loss_form, a, lp.shape[1])
+            total, met = compute_actor_loss(
+                policy, lp, old, adv, mask, log_roff=log_roff, is_fixed=fixed[ids].to(dev),
+                is_positive=pos[ids].to(dev), tis_weights=tis, pg_tokens=pg_tokens, entropy=en,
+                ref_logp=per_sample(batch.ref_logp, ids, dev) if use_kl else None, **obj_kw, **pl_kwargs,
+            )
             # token-mean style metrics, summed over micro-batches / DP ranks
             frac = mask.sum().float() / n_tok
             mf = mask.float()
+            zero = torch.zeros((), device=dev)
             stats = {
-                "train/loss": loss.detach(),
-                "train/pg_loss": pg_loss.detach(),
-                "train/kl_loss": klv.detach(),
+                "train/loss": total.detach(),
+                "train/pg_loss": met["pg_loss"],
+                "train/kl_loss": met.get("kl_loss", zero),
                 "train/entropy": (en.detach() * mf).sum() / n_tok,
                 "train/ppo_kl": ((old - lp.detach()) * mf).sum() / n_tok,
             }
-            clip = None
-            for key in ("pg_clipfrac", "clipfrac", "clip_frac"):
-                if key in pl_metrics:
-                    clip = pl_metrics[key]
-                    break
-            stats["train/pg_clipfrac"] = (clip.detach().float() * frac) if clip is not None else torch.zeros((), device=dev)
-            return loss, stats
+            if pos_coef:
+                stats["train/pos_nll"] = met["pos_nll"]
+            if chord_mu:
+                stats["train/chord_sft"] = met["chord_sft"]
+            clip = met.get("clipfrac")
+            stats["train/pg_clipfrac"] = (clip.detach().float() * frac) if clip is not None else zero
+            return total, stats
 
         fn = logprob_output_fn(token_fn, temperature=self.temperature, vocab_size=self.vocab_size)
-        keys = ("train/loss", "train/pg_loss", "train/kl_loss", "train/entropy", "train/ppo_kl", "train/pg_clipfrac")
+        keys = ("train/loss", "train/pg_loss", "train/kl_loss", "train/entropy", "train/ppo_kl",
+                "train/pg_clipfrac") + extra_keys
         out, grad_norm, ok = self._optimizer_step(batch, fn, keys)
         out["train/grad_norm"] = grad_norm
         out["train/lr"] = self._last_lr
         out["train/update_skipped"] = 0.0 if ok else 1.0
         return out
+
+    @staticmethod
+    def _fused_token_loss(mb: PackedMicroBatch, logp: torch.Tensor, batch: ActorBatch, masks: list, ids: list,
+                          loss_form: str, a: Any, width: int) -> tuple[torch.Tensor, dict]:
+        """Per-token ppo loss of one packed micro-batch from the fused loss kernel (ratio, clip, dual clip, R_off
+        in the chosen form, TIS weights): ([b, width] padded, {clipfrac, ppo_kl})."""
+        from rfpo_megatron.kernels.loss import fused_rfpo_token_loss
+
+        dev = logp.device
+        mask = torch.cat([masks[i] for i in ids]).to(dev)
+        old = torch.cat([batch.old_logp[i] for i in ids]).to(dev)
+        adv = torch.cat([batch.advantages[i] for i in ids]).to(dev)
+        zero = torch.zeros((), dtype=old.dtype, device=dev)
+        old, adv = torch.where(mask, old, zero), torch.where(mask, adv, zero)
+        lens = torch.tensor([0] + list(mb.resp_lens), dtype=torch.int64)
+        cu = torch.cumsum(lens, 0).to(dev)
+        log_roff = batch.log_roff[ids].to(dev) if batch.log_roff is not None else torch.zeros(len(ids), device=dev)
+        from rfpo_megatron.algos.policy_loss import max_log_roff
+
+        bound = max_log_roff(torch.float32)  # as the registry losses: R_off², ρ, A stay finite in fp32
+        log_roff = log_roff.clamp(-bound, bound)
+        w = torch.cat([batch.tis_weights[i] for i in ids]).to(dev) if batch.tis_weights is not None else None
+        loss, st = fused_rfpo_token_loss(
+            logp, old, adv, cu, log_roff.float(), float(_cfg(a, "clip_ratio_low", 0.2)),
+            float(_cfg(a, "clip_ratio_high", 0.2)), _cfg(a, "clip_ratio_c", None), form=loss_form, weights=w,
+        )
+        n = mask.sum().clamp(min=1)
+        met = {"clipfrac": (st["clipped"] & mask).sum().float() / n,
+               "ppo_kl": torch.where(mask, old - logp.detach(), zero).sum() / n}
+        return pad_tokens(list(torch.split(loss.to(logp.dtype), mb.resp_lens))), met
 
     def _optimizer_step(self, batch: ActorBatch, output_fn, keys: tuple) -> tuple[dict[str, float], float, bool]:
         """Forward-backward of this rank's micro-batches with ``output_fn``, then one optimizer step.
@@ -413,7 +475,7 @@ class Actor:
         out = {k: float(v) for k, v in zip(keys, acc.tolist())}
         return out, float(grad_norm) if grad_norm is not None else float("nan"), bool(ok)
 
-    def _bapo_bounds(self, batch: ActorBatch, masks: list, pl_kwargs: dict) -> tuple[float, float]:
+    def _bapo_bounds(self, batch: ActorBatch, masks: list, pl_kwargs: dict, loss_form: str = "faithful") -> tuple[float, float]:
         """BAPO's adaptive (c_low, c_high) from the WHOLE step batch (one extra forward-only pass),
         so the bounds do not depend on the micro-batch split."""
         from rfpo_megatron.algos.policy_loss import bapo_bounds
@@ -421,7 +483,7 @@ class Actor:
         now, _ = self.compute_logprobs(batch)
         log_ratio = pad_tokens([n - o for n, o in zip(now, batch.old_logp)])
         ratio = torch.exp(log_ratio.double().clamp(-20.0, 20.0))
-        if batch.log_roff is not None:
+        if batch.log_roff is not None and loss_form != "weighted":  # weighted: R_off is not in the ratio
             ratio = ratio * torch.exp(batch.log_roff.double()).unsqueeze(-1)
         adv = pad_tokens(batch.advantages).double()
         mask = pad_tokens(masks, fill=False, dtype=torch.bool)

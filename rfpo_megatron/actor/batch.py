@@ -32,6 +32,7 @@ class ActorBatch:
     response_mask: B tensors [R_i] bool, tokens that count in the loss; None = all response tokens.
     log_roff:     [B] float, RFPO log R_off per sequence (0 for unfixed); None = all 0.
     is_fixed:     [B] bool, the sample is an RFPO fix o_f.
+    is_positive:  [B] bool, the sample is a correct response (VAPO positive-example NLL).
     """
 
     input_ids: list[torch.Tensor]
@@ -44,6 +45,7 @@ class ActorBatch:
     response_mask: Optional[list[torch.Tensor]] = None
     log_roff: Optional[torch.Tensor] = None
     is_fixed: Optional[torch.Tensor] = None
+    is_positive: Optional[torch.Tensor] = None
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -77,14 +79,14 @@ class ActorBatch:
                     )
                 conv.append(t.bool() if name == "response_mask" else t.float())
             setattr(self, name, conv)
-        for name in ("log_roff", "is_fixed"):
+        for name in ("log_roff", "is_fixed", "is_positive"):
             v = getattr(self, name)
             if v is None:
                 continue
             v = torch.as_tensor(v).reshape(-1)
             if v.numel() != B:
                 raise ValueError(f"ActorBatch.{name} has {v.numel()} values, expected {B}")
-            setattr(self, name, v.bool() if name == "is_fixed" else v.float())
+            setattr(self, name, v.float() if name == "log_roff" else v.bool())
         return self
 
     def __len__(self) -> int:

@@ -150,10 +150,10 @@ class Critic(Actor):
         for name, xs in (("values_old", values_old), ("returns", returns)):
             if len(xs) != B or any(x.numel() != r for x, r in zip(xs, R)):
                 raise ValueError(f"Critic.train_step: {name} must be {B} tensors with the response lengths {R}")
-        mode = _cfg(loss_cfg, "loss_agg_mode", "token-mean")
-        max_len = _cfg(loss_cfg, "loss_agg_max_len", None)
-        if mode == "seq-mean-token-sum-norm" and not max_len:
-            max_len = max(R)
+        mode = _cfg(loss_cfg, "loss_agg_mode", None) or "token-mean"
+        max_len = _cfg(loss_cfg, "loss_agg_max_len", None) or _cfg(loss_cfg, "max_response_len", None)
+        if mode == "seq-mean-token-sum-norm" and not max_len:  # a constant L_max (Dr.GRPO), not the batch's longest
+            raise ValueError("loss_agg_mode=seq-mean-token-sum-norm needs algo.loss_agg_max_len or algo.max_response_len")
         masks = [batch.mask_of(i) for i in range(B)]
         n_tok = int(sum(int(m.sum()) for m in masks))
         n_seq = int(sum(1 for m in masks if bool(m.any())))

@@ -209,21 +209,24 @@ def gae_advantage(
 @register_adv_estimator("reinforce_rej")
 @torch.no_grad()
 def reinforce_rej_advantage(*, rewards, group_ids, response_mask, **_):
-    """Reinforce-Rej: A_i = r_i if the group's rewards are not all equal, else 0 and the group is dropped
-    (see sample_keep_mask); no std normalisation."""
+    """Reinforce-Rej (Xiong et al. 2025): the paper's binary reward is ±1, so a verifier reward r ∈ [0, 1] is
+    mapped to 2r − 1 (correct +1, wrong −1); A_i = 2r_i − 1 on groups whose rewards are not all equal. Groups
+    that are all correct or all wrong are dropped (advantage 0 here, removed by sample_keep_mask)."""
     _check(rewards, group_ids, response_mask)
     st = group_stats(rewards, group_ids)
-    r = rewards.to(torch.float64)
+    r = 2.0 * rewards.to(torch.float64) - 1.0
     a = torch.where(st["all_equal"], torch.zeros_like(r), r)
     out = _broadcast(a, response_mask, _out_dtype(rewards))
     return out, out.clone()
 
 
 def raft_keep(rewards: Tensor, group_ids: Tensor, raft_min_reward: float | None = None) -> Tensor:
-    """RAFT selection [B] bool: r_i equals its group's maximum (and r_i ≥ raft_min_reward when given)."""
+    """RAFT selection [B] bool: positively rewarded samples only — r_i > 0 (or r_i ≥ raft_min_reward when
+    given) and r_i equal to its group's maximum (best-of-G; for binary rewards: every correct sample). An
+    all-wrong group keeps nothing."""
     st = group_stats(rewards, group_ids)
     r = rewards.to(torch.float64)
-    keep = r == st["max"]
+    keep = (r == st["max"]) & (r > 0)
     if raft_min_reward is not None:
         keep = keep & (r >= raft_min_reward)
     return keep
@@ -232,9 +235,9 @@ def raft_keep(rewards: Tensor, group_ids: Tensor, raft_min_reward: float | None 
 @register_adv_estimator("raft")
 @torch.no_grad()
 def raft_advantage(*, rewards, group_ids, response_mask, raft_min_reward: float | None = None, **_):
-    """RAFT (rejection-sampling fine-tuning): A_i = 1 on kept samples (group-max reward, optionally
-    ≥ raft_min_reward), 0 on the others, so `reinforce_loss` = NLL on kept samples and `raft_pp` = clipped
-    ratio on them. Drop the others with sample_keep_mask."""
+    """RAFT (rejection-sampling fine-tuning, Dong et al. 2023; as in Xiong et al. 2025): A_i = 1 on kept samples
+    (positive reward, group max), 0 on the others, so `reinforce_loss` = NLL on kept samples and `raft_pp` =
+    clipped ratio on them. Drop the others with sample_keep_mask."""
     _check(rewards, group_ids, response_mask)
     keep = raft_keep(rewards, group_ids, raft_min_reward)
     out = _broadcast(keep.to(torch.float64), response_mask, _out_dtype(rewards))

@@ -3,8 +3,11 @@
 With Δ = ref_logp − logp (per token, [B, T]):
   k1 = −Δ            (= logp − ref_logp; unbiased, can be negative)
   k2 = ½·Δ²
-  k3 = exp(Δ) − Δ − 1 (≥ 0, "low-variance KL", Schulman 2020)
-No clamping is applied (the values are exact); inputs come from finite log-probs.
+  k3 = exp(Δ) − Δ − 1 (≥ 0, "low-variance KL", Schulman 2020), clamped to [−10, 10] as verl's low_var_kl
+  k1+, k3+ = straight-through variants (verl): the value of k1 / k3, the gradient of k2 (i.e.
+             k2 − sg(k2) + sg(k)), so the loss reports the unbiased estimate and trains with the k2 gradient.
+KL in reward: fixed coefficient β, or `AdaptiveKLController` (PPO / verl): β ← β·(1 + clip(KL/target − 1,
+±0.2)·n/horizon) after every step, n = sequences in the step.
 """
 
 from __future__ import annotations
@@ -15,19 +18,23 @@ from torch import Tensor
 from rfpo_megatron.algos.registry import unknown_name_message
 from rfpo_megatron.algos.stats import masked_mean, place_at_last_token
 
-KL_TYPES = ("k1", "k2", "k3")
+KL_TYPES = ("k1", "k2", "k3", "k1+", "k3+")
+K3_CLAMP = 10.0  # verl clamps low_var_kl (k3) to ±10
 
 
 def kl_estimate(logp: Tensor, ref_logp: Tensor, kl_type: str = "k3") -> Tensor:
     """Per-token KL estimate [B, T] of π_θ ‖ π_ref from log-probs logp, ref_logp [B, T]."""
+    if kl_type not in KL_TYPES:
+        raise ValueError(unknown_name_message("kl_loss_type", kl_type, KL_TYPES))
     delta = ref_logp - logp
+    if kl_type.endswith("+"):  # straight-through: forward value of k1 / k3, backward of k2
+        k2 = 0.5 * delta * delta
+        return k2 - k2.detach() + kl_estimate(logp, ref_logp, kl_type[:-1]).detach()
     if kl_type == "k1":
         return -delta
     if kl_type == "k2":
         return 0.5 * delta * delta
-    if kl_type == "k3":
-        return torch.expm1(delta) - delta
-    raise ValueError(unknown_name_message("kl_loss_type", kl_type, KL_TYPES))
+    return torch.clamp(torch.expm1(delta) - delta, -K3_CLAMP, K3_CLAMP)
 
 
 def kl_loss(logp: Tensor, ref_logp: Tensor, response_mask: Tensor, kl_type: str = "k3") -> Tensor:
@@ -60,3 +67,28 @@ def apply_kl_in_reward(
     kl = torch.where(response_mask.bool(), kl, torch.zeros_like(kl))
     out = token_scores - kl_in_reward_coef * kl.to(token_scores.dtype)
     return out, {"kl_in_reward": masked_mean(kl, response_mask).detach()}
+
+
+class AdaptiveKLController:
+    """β for the KL in the reward. Fixed (target None) or adaptive as in PPO (Ziegler et al. 2019) / verl:
+    after each step, β ← β·(1 + clip(KL/target − 1, −0.2, 0.2)·n_steps/horizon), KL = the step's mean
+    per-sequence KL (mean over each sequence's tokens, then over sequences), n_steps = its sequences."""
+
+    def __init__(self, init_coef: float, target: float | None = None, horizon: int = 10000):
+        if target is not None and not target > 0:
+            raise ValueError(f"algo.kl_target: must be > 0 or null (got {target})")
+        if not horizon > 0:
+            raise ValueError(f"algo.kl_horizon: must be > 0 (got {horizon})")
+        self.value, self.target, self.horizon = float(init_coef), target, int(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        if self.target is None:
+            return
+        err = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + err * n_steps / self.horizon
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.value = float(sd["value"])

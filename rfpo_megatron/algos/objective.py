@@ -85,6 +85,8 @@ def compute_actor_loss(
     is_fixed: Tensor | None = None,
     rollout_logp: Tensor | None = None,
     tis_cap: float | None = None,
+    tis_weights: Tensor | None = None,
+    pg_tokens: tuple[Tensor, dict] | None = None,
     entropy: Tensor | None = None,
     entropy_coeff: float = 0.0,
     ref_logp: Tensor | None = None,
@@ -98,13 +100,23 @@ def compute_actor_loss(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Scalar loss for this (micro-)batch and detached metrics. Shapes: logp/old_logp/advantages/response_mask/
     rollout_logp/entropy/ref_logp [B, T]; log_roff/is_fixed/is_positive [B]. `counts` = whole-step StepCounts
-    (default: this batch's). loss_kw go to the policy loss (clip_ratio_low/high/c, ecpo_delta, bapo_*, …)."""
+    (default: this batch's). loss_kw go to the policy loss (clip_ratio_low/high/c, ecpo_delta, bapo_*, …).
+    tis_weights [B, T]: precomputed TIS weights (instead of tis_cap + rollout_logp). pg_tokens = (per-token
+    policy loss [B, T], metrics) computed elsewhere (the fused loss kernel, TIS already applied): used instead
+    of calling the registry loss; every add-on and the aggregation are still done here."""
     fn = get_policy_loss(policy_loss)
     m = response_mask.bool()
     c = counts or StepCounts.local(m, is_positive, is_fixed)
     agg = dict(global_num_tokens=c.num_tokens, global_num_seqs=c.num_seqs, max_len=loss_agg_max_len)
-    pg, metrics = fn(logp, old_logp, advantages, m, log_roff=log_roff, loss_form=loss_form, **loss_kw)
-    if tis_cap is not None:
+    if pg_tokens is not None:
+        pg, metrics = pg_tokens[0], dict(pg_tokens[1])
+    else:
+        pg, metrics = fn(logp, old_logp, advantages, m, log_roff=log_roff, loss_form=loss_form, **loss_kw)
+    if tis_weights is not None and pg_tokens is None:
+        w = tis_weights.detach().to(pg.dtype)
+        pg = pg * w
+        metrics["tis_weight_mean"] = masked_mean(w, m)
+    elif tis_cap is not None and pg_tokens is None:
         if rollout_logp is None:
             raise ValueError("tis_cap is set but rollout_logp was not given (the rollout engine's log-probs)")
         w = tis_weight(old_logp, rollout_logp, tis_cap, is_fixed)

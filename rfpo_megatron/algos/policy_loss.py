@@ -12,9 +12,12 @@ introspection); unknown keywords are ignored so one bag of config values can be 
 ρ = exp(logp − old_logp) (log-ratio clamped to [−20, 20]). RFPO (algorithms.md §RFPO 5): R = exp(log_roff)
 per sequence (detached; 1 for unfixed rows). Clipped-surrogate losses (ppo, gspo, gppo, ecpo, bapo, raft_pp):
     faithful:  L = −min(ρR·A, clip(ρR)·R·A)        corrected: L = −min(ρR·A, clip(ρR)·A)
+    weighted:  L = −sg(R)·min(ρA, clip(ρ)·A)       (every loss: R multiplies the base per-token loss)
 (the dual-clip bound uses the clipped-branch advantage, −c·R·A resp. −c·A). Single-term losses (cispo, aspo,
-reinforce_loss): R multiplies the ratio, and in the faithful form also the advantage. With log_roff None
-nothing is multiplied; with log_roff ≡ 0 every product is by exactly 1.0, so results equal the base loss.
+reinforce_loss): R multiplies the ratio, and in the faithful form also the advantage; in the weighted form R
+multiplies the base loss (the trust region / IS weight acts on the real policy change ρ only). With log_roff
+None nothing is multiplied; with log_roff ≡ 0 every product is by exactly 1.0, so results equal the base loss.
+log_roff is clamped to ±max_log_roff(dtype) (so exp(2·log R)·ρ·A stays finite in the loss dtype).
 
 `logp_sg` (default logp.detach()) is the value used inside stop-gradients (sg); passing a fixed tensor lets
 torch.autograd.gradcheck verify the gradient of losses that use sg.
@@ -30,7 +33,7 @@ from torch import Tensor
 from rfpo_megatron.algos.registry import register_policy_loss, unknown_name_message
 from rfpo_megatron.algos.stats import masked_mean, masked_sum
 
-LOSS_FORMS = ("faithful", "corrected")
+LOSS_FORMS = ("faithful", "corrected", "weighted")
 LOSS_NAMES = ("ppo", "gspo", "cispo", "gppo", "aspo", "ecpo", "bapo", "reinforce_loss", "raft_pp")
 _LOG_RATIO_CLAMP = 20.0
 
@@ -63,16 +66,27 @@ def _sg(logp: Tensor, logp_sg: Tensor | None) -> Tensor:
     return logp.detach() if logp_sg is None else logp_sg.detach()
 
 
-def _roff(log_roff: Tensor | None, loss_form: str, advantages: Tensor) -> tuple[Tensor | None, Tensor]:
-    """(R [B, 1] or None, advantage used in the clipped / single-term branch)."""
+def max_log_roff(dtype: torch.dtype) -> float:
+    """Largest |log R_off| for which every loss form stays finite in `dtype`: R² (faithful single-term losses)
+    times ρ ≤ e^20 times |A|·(1 + ε) up to 1e4 must not overflow: (log(finfo.max) − 20 − log 1e4) / 2
+    (29.7 for fp32/bf16, 340 for fp64; fp16 cannot hold R_off ≠ 1 safely: 0)."""
+    return max(0.0, (math.log(torch.finfo(dtype).max) - _LOG_RATIO_CLAMP - math.log(1e4)) / 2)
+
+
+def _roff(log_roff: Tensor | None, loss_form: str, advantages: Tensor) -> tuple[Tensor | None, Tensor, Tensor | None]:
+    """(R [B, 1] multiplying the ratio or None, advantage used in the clipped / single-term branch,
+    w [B, 1] multiplying the per-token loss (weighted form) or None)."""
     if loss_form not in LOSS_FORMS:
         raise ValueError(unknown_name_message("rfpo.loss_form", loss_form, LOSS_FORMS))
     if log_roff is None:
-        return None, advantages
+        return None, advantages, None
     if log_roff.dim() != 1 or log_roff.shape[0] != advantages.shape[0]:
         raise ValueError(f"log_roff must have shape [B]={advantages.shape[0]}, got {tuple(log_roff.shape)}")
-    r = torch.exp(log_roff.detach().to(advantages.dtype)).unsqueeze(-1)
-    return r, (advantages * r if loss_form == "faithful" else advantages)
+    bound = max_log_roff(advantages.dtype)
+    r = torch.exp(log_roff.detach().to(advantages.dtype).clamp(-bound, bound)).unsqueeze(-1)
+    if loss_form == "weighted":
+        return None, advantages, r
+    return r, (advantages * r if loss_form == "faithful" else advantages), None
 
 
 def _times_r(x: Tensor, r: Tensor | None) -> Tensor:
@@ -142,11 +156,11 @@ def ppo_loss(
     """Vanilla PPO clip (DAPO clip-higher via clip_ratio_low ≠ clip_ratio_high; dual-clip via clip_ratio_c):
     L = −min(ρA, clip(ρ, 1−ε_low, 1+ε_high)A); for A < 0, L = min(L, −c·A)."""
     logp, old_logp, advantages, _ = _clean(response_mask, logp, old_logp, advantages)
-    r, adv_c = _roff(log_roff, loss_form, advantages)
+    r, adv_c, w_roff = _roff(log_roff, loss_form, advantages)
     ratio = _times_r(torch.exp(_log_ratio(logp, old_logp)), r)
     loss, met = clipped_surrogate(ratio, advantages, adv_c, response_mask, lo=1 - clip_ratio_low, hi=1 + clip_ratio_high, clip_ratio_c=clip_ratio_c)
     met["ppo_kl"] = _ppo_kl(logp, old_logp, response_mask)
-    return loss, met
+    return _times_r(loss, w_roff), met
 
 
 @register_policy_loss("raft_pp")
@@ -179,11 +193,11 @@ def gspo_loss(
     sg = _sg(logp, logp_sg)
     n = m.sum(-1, keepdim=True).clamp(min=1).to(logp.dtype)
     seq_lr = torch.clamp(masked_sum(sg - old_logp, m, dim=-1).unsqueeze(-1) / n, -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
-    r, adv_c = _roff(log_roff, loss_form, advantages)
+    r, adv_c, w_roff = _roff(log_roff, loss_form, advantages)
     s_tok = _times_r(torch.exp(seq_lr + logp - sg), r)
     loss, met = clipped_surrogate(s_tok, advantages, adv_c, m, lo=1 - clip_ratio_low, hi=1 + clip_ratio_high, clip_ratio_c=clip_ratio_c)
     met["ppo_kl"] = _ppo_kl(logp, old_logp, m)
-    return loss, met
+    return _times_r(loss, w_roff), met
 
 
 @register_policy_loss("gppo")
@@ -194,7 +208,7 @@ def gppo_loss(
     """GPPO (gradient-preserving clip): forward value of `ppo`; gradient weight on ∇logp is 1−ε_low where
     ρ < 1−ε_low and A < 0, 1+ε_high where ρ > 1+ε_high and A > 0, ρ otherwise (c for dual-clipped tokens)."""
     logp, old_logp, advantages, logp_sg = _clean(response_mask, logp, old_logp, advantages, logp_sg)
-    r, adv_c = _roff(log_roff, loss_form, advantages)
+    r, adv_c, w_roff = _roff(log_roff, loss_form, advantages)
     ratio = _times_r(torch.exp(_log_ratio(logp, old_logp)), r)
     ratio_sg = _times_r(torch.exp(_log_ratio(_sg(logp, logp_sg), old_logp)), r)
     loss, met = clipped_surrogate(
@@ -202,7 +216,7 @@ def gppo_loss(
         clip_ratio_c=clip_ratio_c, keep_grad=True, ratio_sg=ratio_sg,
     )
     met["ppo_kl"] = _ppo_kl(logp, old_logp, response_mask)
-    return loss, met
+    return _times_r(loss, w_roff), met
 
 
 @register_policy_loss("cispo")
@@ -212,7 +226,7 @@ def cispo_loss(
 ):
     """CISPO: L = −sg(clip(ρ, 1−ε_low, 1+ε_high))·A·logp_t (gradient = −clip(ρ)·A·∇logp for every token)."""
     logp, old_logp, advantages, logp_sg = _clean(response_mask, logp, old_logp, advantages, logp_sg)
-    r, adv_c = _roff(log_roff, loss_form, advantages)
+    r, adv_c, w_roff = _roff(log_roff, loss_form, advantages)
     ratio_sg = _times_r(torch.exp(_log_ratio(_sg(logp, logp_sg), old_logp)), r)
     w = torch.clamp(ratio_sg, 1 - clip_ratio_low, 1 + clip_ratio_high).detach()
     loss = -w * adv_c * logp
@@ -221,7 +235,7 @@ def cispo_loss(
         "clipfrac": masked_mean((w != ratio_sg).to(logp.dtype), m).detach(),
         "ppo_kl": _ppo_kl(logp, old_logp, m),
     }
-    return _masked(loss, m), met
+    return _times_r(_masked(loss, m), w_roff), met
 
 
 @register_policy_loss("aspo")
@@ -236,7 +250,7 @@ def aspo_loss(
     weight's value exceeds c, L = −A·sg(c)·logp_t (gradient c·A·∇logp kept)."""
     logp, old_logp, advantages, logp_sg = _clean(response_mask, logp, old_logp, advantages, logp_sg)
     _check_c(clip_ratio_c)
-    r, adv_c = _roff(log_roff, loss_form, advantages)
+    r, adv_c, w_roff = _roff(log_roff, loss_form, advantages)
     ratio = _times_r(torch.exp(_log_ratio(logp, old_logp)), r)
     ratio_sg = _times_r(torch.exp(_log_ratio(_sg(logp, logp_sg), old_logp)), r)
     pos = advantages >= 0
@@ -255,7 +269,7 @@ def aspo_loss(
         dual = (w_val > clip_ratio_c) & ~frozen
         loss = torch.where(dual, -adv_c * clip_ratio_c * logp, loss)
         met["clipfrac_dual"] = masked_mean(dual.to(logp.dtype), m).detach()
-    return _masked(loss, m), met
+    return _times_r(_masked(loss, m), w_roff), met
 
 
 @register_policy_loss("ecpo")
@@ -268,13 +282,13 @@ def ecpo_loss(
     logp, old_logp, advantages, logp_sg = _clean(response_mask, logp, old_logp, advantages, logp_sg)
     if not ecpo_delta > 0:
         raise ValueError(f"ecpo_delta: must be > 0 (got {ecpo_delta})")
-    r, adv_c = _roff(log_roff, loss_form, advantages)
+    r, adv_c, w_roff = _roff(log_roff, loss_form, advantages)
     denom = torch.maximum(_sg(logp, logp_sg) - math.log(1 + clip_ratio_high + ecpo_delta), old_logp)
     ratio = _times_r(torch.exp(_log_ratio(logp, denom)), r)
     loss, met = clipped_surrogate(ratio, advantages, adv_c, response_mask, lo=1 - clip_ratio_low, hi=1 + clip_ratio_high, clip_ratio_c=clip_ratio_c)
     met["ppo_kl"] = _ppo_kl(logp, old_logp, response_mask)
     met["ecpo_capfrac"] = masked_mean((denom != old_logp).to(logp.dtype), response_mask).detach()
-    return loss, met
+    return _times_r(loss, w_roff), met
 
 
 def bapo_candidate_sums(
@@ -361,7 +375,7 @@ def bapo_loss(
     bapo_clip_bounds=(c_low, c_high), e.g. computed once on the whole step batch): L = −min(ρA, clip(ρ, c_low,
     c_high)A). Metrics add bapo_c_low, bapo_c_high, bapo_pos_share."""
     logp, old_logp, advantages, _ = _clean(response_mask, logp, old_logp, advantages)
-    r, adv_c = _roff(log_roff, loss_form, advantages)
+    r, adv_c, w_roff = _roff(log_roff, loss_form, advantages)
     ratio = _times_r(torch.exp(_log_ratio(logp, old_logp)), r)
     if bapo_clip_bounds is None:
         c_low, c_high, share = bapo_bounds(
@@ -376,14 +390,14 @@ def bapo_loss(
     met["bapo_c_low"] = torch.tensor(c_low, dtype=logp.dtype)
     met["bapo_c_high"] = torch.tensor(c_high, dtype=logp.dtype)
     met["bapo_pos_share"] = torch.tensor(share, dtype=logp.dtype)
-    return loss, met
+    return _times_r(loss, w_roff), met
 
 
 @register_policy_loss("reinforce_loss")
 def reinforce_loss(logp, old_logp, advantages, response_mask, *, log_roff=None, loss_form="faithful", **_):
     """REINFORCE: L = −A·logp_t (no ratio). With R_off: −R·A'·logp_t, A' = R·A (faithful) or A (corrected)."""
     logp, old_logp, advantages, _ = _clean(response_mask, logp, old_logp, advantages)
-    r, adv_c = _roff(log_roff, loss_form, advantages)
+    r, adv_c, w_roff = _roff(log_roff, loss_form, advantages)
     loss = -_times_r(adv_c, r) * logp
     m = response_mask.bool()
-    return _masked(loss, m), {"ppo_kl": _ppo_kl(logp, old_logp, m)}
+    return _times_r(_masked(loss, m), w_roff), {"ppo_kl": _ppo_kl(logp, old_logp, m)}

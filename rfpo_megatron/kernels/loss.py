@@ -1,12 +1,14 @@
 """Fused RFPO/PPO token loss over packed sequences (ratios, per-sequence R_off, clipped surrogate) and segment sums.
 
 `fused_rfpo_token_loss(logp [N], old_logp [N], advantages [N], cu_seqlens [S+1], log_roff [S], clip_low,
-clip_high, clip_c=None, form="faithful") -> (loss [N] fp32, stats)`: per token t of sequence s, with
-ρ = exp(clamp(logp − old_logp, ±20)), R = exp(log_roff[s]) (R_off; log_roff 0 → unfixed), r = ρ·R, and
+clip_high, clip_c=None, form="faithful", weights=None) -> (loss [N] fp32, stats)`: per token t of sequence s,
+with ρ = exp(clamp(logp − old_logp, ±20)), R = exp(log_roff[s]) (R_off; log_roff 0 → unfixed), r = ρ·R, and
 R' = R (faithful) or 1 (corrected):
 
   L = −min(r·A, clip(r, 1−ε_low, 1+ε_high)·R'·A)
   dual clip (clip_c = c > 1): for A < 0, L = min(L, −c·R'·A)
+  weighted: r = ρ, R' = 1 above, then L ← R·L (R_off a bounded sequence weight; the clip acts on ρ)
+  weights [N] (optional, e.g. TIS): L ← w_t·L (constants)
 
 (algorithms.md, RFPO step 5, with the conventions of the algos registry's `ppo`: the dual-clip bound uses the
 clipped branch's advantage; with log_roff ≡ 0 both forms are the vanilla `ppo` loss.) Only `logp` gets a
@@ -24,7 +26,7 @@ import torch
 
 from .dispatch import use_triton
 
-FORMS = ("faithful", "corrected")
+FORMS = ("faithful", "corrected", "weighted")
 LOG_RATIO_CLAMP = 20.0  # same constant as loss_triton and the algos registry
 
 
@@ -39,7 +41,7 @@ def _check_cu(cu_seqlens: torch.Tensor, n: int) -> None:
                              f"{c.tolist()[:8]}{'...' if c.numel() > 8 else ''}")
 
 
-def _check(logp, old_logp, advantages, cu_seqlens, log_roff, clip_low, clip_high, clip_c, form):
+def _check(logp, old_logp, advantages, cu_seqlens, log_roff, clip_low, clip_high, clip_c, form, weights=None):
     n = logp.shape[0] if logp.dim() == 1 else -1
     devs = {t.device for t in (logp, old_logp, advantages, cu_seqlens, log_roff)}
     if len(devs) > 1:
@@ -51,6 +53,8 @@ def _check(logp, old_logp, advantages, cu_seqlens, log_roff, clip_low, clip_high
         raise ValueError(f"cu_seqlens must be an int [S+1] tensor of cumulative lengths starting at 0, got "
                          f"{cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
     _check_cu(cu_seqlens, n)
+    if weights is not None and (weights.shape != (n,) or weights.device != logp.device):
+        raise ValueError(f"weights must be [N]={n} on {logp.device}, got {tuple(weights.shape)} on {weights.device}")
     if log_roff.shape != (cu_seqlens.shape[0] - 1,):
         raise ValueError(f"log_roff must be [S]={cu_seqlens.shape[0] - 1} (one per sequence), got {tuple(log_roff.shape)}")
     if form not in FORMS:
@@ -61,7 +65,7 @@ def _check(logp, old_logp, advantages, cu_seqlens, log_roff, clip_low, clip_high
         raise ValueError(f"clip_c={clip_c} must be > 1 (dual-clip constant clip_ratio_c) or None")
 
 
-def _torch_token_loss(logp, old_logp, adv, cu, log_roff, lo, hi, clip_c, faithful):
+def _torch_token_loss(logp, old_logp, adv, cu, log_roff, lo, hi, clip_c, form, weights=None):
     """Torch twin of the loss kernel: same outputs (loss, coef, ratio fp32 [N], flags int8 [N])."""
     lens = (cu[1:] - cu[:-1]).long()
     cdt = torch.float64 if logp.dtype == torch.float64 else torch.float32
@@ -69,8 +73,11 @@ def _torch_token_loss(logp, old_logp, adv, cu, log_roff, lo, hi, clip_c, faithfu
     R = torch.exp(lr_tok)
     A = adv.to(cdt)
     log_ratio = logp.to(cdt) - old_logp.to(cdt)
-    r = torch.exp(log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)) * R
-    Rp = R if faithful else torch.ones_like(R)
+    weighted = form == "weighted"
+    r = torch.exp(log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    if not weighted:
+        r = r * R
+    Rp = R if form == "faithful" else torch.ones_like(R)
     l1 = -A * r
     l2 = -r.clamp(lo, hi) * Rp * A
     g1 = -A * r
@@ -85,6 +92,11 @@ def _torch_token_loss(logp, old_logp, adv, cu, log_roff, lo, hi, clip_c, faithfu
         flags = flags + 8 * (neg & (l3 < loss)).to(torch.int8)
         loss = torch.where(neg, torch.minimum(loss, l3), loss)
     coef = torch.where(log_ratio.abs() <= LOG_RATIO_CLAMP, coef, torch.zeros_like(coef))
+    if weighted:
+        loss, coef = loss * R, coef * R
+    if weights is not None:
+        w = weights.to(cdt)
+        loss, coef = loss * w, coef * w
     return loss, coef, r, flags
 
 
@@ -98,13 +110,14 @@ def _torch_segment_sum(x, cu):
 
 class _TokenLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logp, old_logp, adv, cu, log_roff, lo, hi, clip_c, faithful, triton_path):
+    def forward(ctx, logp, old_logp, adv, cu, log_roff, lo, hi, clip_c, form, triton_path, weights):
         args = (logp.contiguous(), old_logp.contiguous(), adv.contiguous(), cu.contiguous(), log_roff.contiguous())
         if triton_path:
             from .loss_triton import token_loss
         else:
             token_loss = _torch_token_loss
-        loss, coef, ratio, flags = token_loss(*args, lo, hi, clip_c, faithful)
+        w = None if weights is None else weights.detach().contiguous()
+        loss, coef, ratio, flags = token_loss(*args, lo, hi, clip_c, form, w)
         ctx.save_for_backward(coef)
         ctx.logp_dtype = logp.dtype
         ctx.mark_non_differentiable(ratio, flags)
@@ -114,7 +127,7 @@ class _TokenLoss(torch.autograd.Function):
     def backward(ctx, g_loss, _g_ratio, _g_flags):
         (coef,) = ctx.saved_tensors
         g = None if g_loss is None else (g_loss.to(coef.dtype) * coef).to(ctx.logp_dtype)
-        return g, None, None, None, None, None, None, None, None, None
+        return g, None, None, None, None, None, None, None, None, None, None
 
 
 class _SegmentSum(torch.autograd.Function):
@@ -148,19 +161,20 @@ def _decode(ratio: torch.Tensor, flags: torch.Tensor) -> dict[str, torch.Tensor]
     }
 
 
-def _loss_impl(logp, old_logp, advantages, cu_seqlens, log_roff, clip_low, clip_high, clip_c, form, triton_path):
-    _check(logp, old_logp, advantages, cu_seqlens, log_roff, clip_low, clip_high, clip_c, form)
+def _loss_impl(logp, old_logp, advantages, cu_seqlens, log_roff, clip_low, clip_high, clip_c, form, triton_path,
+               weights=None):
+    _check(logp, old_logp, advantages, cu_seqlens, log_roff, clip_low, clip_high, clip_c, form, weights)
     lo, hi = 1.0 - float(clip_low), 1.0 + float(clip_high)
     loss, ratio, flags = _TokenLoss.apply(
         logp, old_logp.detach(), advantages.detach(), cu_seqlens, log_roff.detach(), lo, hi,
-        None if clip_c is None else float(clip_c), form == "faithful", triton_path,
+        None if clip_c is None else float(clip_c), form, triton_path, weights,
     )
     return loss, _decode(ratio, flags)
 
 
 def fused_rfpo_token_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
                           cu_seqlens: torch.Tensor, log_roff: torch.Tensor, clip_low: float, clip_high: float,
-                          clip_c: float | None = None, form: str = "faithful"):
+                          clip_c: float | None = None, form: str = "faithful", weights: torch.Tensor | None = None):
     """Per-token RFPO/PPO loss over packed sequences; autograd to `logp` only.
 
     Args:
@@ -169,25 +183,28 @@ def fused_rfpo_token_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages
         log_roff: [S] per-sequence log R_off (0 for unfixed sequences); detached.
         clip_low, clip_high: ε_low, ε_high (ratio clipped to [1 − ε_low, 1 + ε_high]).
         clip_c: dual-clip constant c > 1, or None for no dual clip.
-        form: "faithful" or "corrected" (algorithms.md, RFPO step 5).
+        form: "faithful", "corrected" or "weighted" (algorithms.md, RFPO step 5).
+        weights: optional [N] per-token loss weights (TIS), constants.
     Returns:
         loss [N] and stats: ratio [N] (ρ·R_off) and bool [N] masks clipped, clipped_low, clipped_high,
         dual_clipped. Math and outputs are fp32, or fp64 when logp is fp64.
     """
     return _loss_impl(logp, old_logp, advantages, cu_seqlens, log_roff, clip_low, clip_high, clip_c, form,
-                      use_triton(logp))
+                      use_triton(logp), weights)
 
 
 def fused_rfpo_token_loss_torch(logp, old_logp, advantages, cu_seqlens, log_roff, clip_low, clip_high,
-                                clip_c=None, form="faithful"):
+                                clip_c=None, form="faithful", weights=None):
     """Torch twin of `fused_rfpo_token_loss` (same signature and outputs)."""
-    return _loss_impl(logp, old_logp, advantages, cu_seqlens, log_roff, clip_low, clip_high, clip_c, form, False)
+    return _loss_impl(logp, old_logp, advantages, cu_seqlens, log_roff, clip_low, clip_high, clip_c, form, False,
+                      weights)
 
 
 def fused_rfpo_token_loss_triton(logp, old_logp, advantages, cu_seqlens, log_roff, clip_low, clip_high,
-                                 clip_c=None, form="faithful"):
+                                 clip_c=None, form="faithful", weights=None):
     """Triton path of `fused_rfpo_token_loss`, forced (CPU needs TRITON_INTERPRET=1)."""
-    return _loss_impl(logp, old_logp, advantages, cu_seqlens, log_roff, clip_low, clip_high, clip_c, form, True)
+    return _loss_impl(logp, old_logp, advantages, cu_seqlens, log_roff, clip_low, clip_high, clip_c, form, True,
+                      weights)
 
 
 def _segsum_impl(x, cu_seqlens, triton_path):

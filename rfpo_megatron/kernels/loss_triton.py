@@ -5,6 +5,8 @@ logp is fp64; clip bounds are compile-time constants):
   R = exp(log_roff[s]),  r = exp(clamp(logp - old_logp, ±20))·R,  R' = R (faithful) or 1 (corrected)
   L1 = -A·r,  L2 = -clip(r, 1-eps_low, 1+eps_high)·R'·A,  L = max(L1, L2)
   dual clip (c set and A < 0): L = min(L, -c·R'·A)  (bound on the clipped branch's advantage R'·A)
+  weighted form (WEIGHTED): r = ρ and R' = 1 in the above, then L ← R·L (R a per-sequence loss weight)
+  per-token weights (HAS_W, e.g. TIS): L ← w_t·L
 The kernel also writes dL/dlogp (ties split equally, like torch.maximum/minimum; the clamp passes the
 gradient on its closed interval, like torch.clamp) and a bit field of clip flags:
   1 = clipped branch strictly larger (L2 > L1), 2 = r < 1-eps_low, 4 = r > 1+eps_high, 8 = dual clip active.
@@ -29,10 +31,11 @@ LOG_RATIO_CLAMP = 20.0  # logp - old_logp is clamped to ±20 before exp (as the 
 
 
 def _loss_kernel(
-    logp_ptr, old_ptr, adv_ptr, cu_ptr, lroff_ptr,
+    logp_ptr, old_ptr, adv_ptr, cu_ptr, lroff_ptr, w_ptr,
     loss_ptr, coef_ptr, ratio_ptr, flag_ptr,
     lo: tl.constexpr, hi: tl.constexpr, clip_c: tl.constexpr, CDT: tl.constexpr,
-    FAITHFUL: tl.constexpr, DUAL: tl.constexpr, BLOCK: tl.constexpr, LOG_RATIO_CLAMP: tl.constexpr,
+    FAITHFUL: tl.constexpr, WEIGHTED: tl.constexpr, HAS_W: tl.constexpr, DUAL: tl.constexpr,
+    BLOCK: tl.constexpr, LOG_RATIO_CLAMP: tl.constexpr,
 ):
     seg = tl.program_id(0)
     start = tl.load(cu_ptr + seg).to(tl.int64)
@@ -48,7 +51,10 @@ def _loss_kernel(
         A = tl.load(adv_ptr + idx, mask=msk, other=0.0).to(CDT)
         lr_tok = lp - old
         lr_in = (lr_tok >= -LOG_RATIO_CLAMP) & (lr_tok <= LOG_RATIO_CLAMP)
-        r = tl.exp(tl.minimum(tl.maximum(lr_tok, -LOG_RATIO_CLAMP), LOG_RATIO_CLAMP)) * R
+        if WEIGHTED:
+            r = tl.exp(tl.minimum(tl.maximum(lr_tok, -LOG_RATIO_CLAMP), LOG_RATIO_CLAMP))
+        else:
+            r = tl.exp(tl.minimum(tl.maximum(lr_tok, -LOG_RATIO_CLAMP), LOG_RATIO_CLAMP)) * R
         if FAITHFUL:
             Rp = R
         else:
@@ -69,6 +75,13 @@ def _loss_kernel(
             flags = flags + tl.where(neg & (l3 < loss), 8, 0)
             loss = tl.where(neg, tl.minimum(loss, l3), loss)
         coef = tl.where(lr_in, coef, 0.0)
+        if WEIGHTED:
+            loss = loss * R
+            coef = coef * R
+        if HAS_W:
+            w = tl.load(w_ptr + idx, mask=msk, other=0.0).to(CDT)
+            loss = loss * w
+            coef = coef * w
         tl.store(loss_ptr + idx, loss, mask=msk)
         tl.store(coef_ptr + idx, coef, mask=msk)
         tl.store(ratio_ptr + idx, r, mask=msk)
@@ -87,8 +100,9 @@ def _segsum_kernel(x_ptr, cu_ptr, out_ptr, CDT: tl.constexpr, BLOCK: tl.constexp
     tl.store(out_ptr + seg, tl.reduce(acc, 0, _ADD))
 
 
-def token_loss(logp, old_logp, adv, cu, log_roff, lo, hi, clip_c, faithful):
-    """Launch the loss kernel; returns (loss, coef, ratio) [N] (fp64 if logp is fp64, else fp32), flags [N] int8."""
+def token_loss(logp, old_logp, adv, cu, log_roff, lo, hi, clip_c, form, weights=None):
+    """Launch the loss kernel; returns (loss, coef, ratio) [N] (fp64 if logp is fp64, else fp32), flags [N] int8.
+    form: faithful | corrected | weighted; weights: optional per-token [N] loss weights (TIS)."""
     n = logp.shape[0]
     cdt = torch.float64 if logp.dtype == torch.float64 else torch.float32
     loss = torch.empty(n, dtype=cdt, device=logp.device)
@@ -97,9 +111,11 @@ def token_loss(logp, old_logp, adv, cu, log_roff, lo, hi, clip_c, faithful):
     n_seg = cu.shape[0] - 1
     if n > 0 and n_seg > 0:
         jit(_loss_kernel)[(n_seg,)](
-            logp, old_logp, adv, cu, log_roff, loss, coef, ratio, flags,
+            logp, old_logp, adv, cu, log_roff, logp if weights is None else weights, loss, coef, ratio, flags,
             lo=float(lo), hi=float(hi), clip_c=float(clip_c or 0.0),
-            CDT=tl.float64 if cdt == torch.float64 else tl.float32, FAITHFUL=bool(faithful), DUAL=clip_c is not None, BLOCK=BLOCK, LOG_RATIO_CLAMP=LOG_RATIO_CLAMP,
+            CDT=tl.float64 if cdt == torch.float64 else tl.float32, FAITHFUL=form == "faithful",
+            WEIGHTED=form == "weighted", HAS_W=weights is not None, DUAL=clip_c is not None, BLOCK=BLOCK,
+            LOG_RATIO_CLAMP=LOG_RATIO_CLAMP,
             **GPU_OPTS if logp.is_cuda else {},
         )
     return loss, coef, ratio, flags

@@ -122,21 +122,76 @@ def _pad_mask(lens: list) -> torch.Tensor:
     return torch.arange(T).unsqueeze(0) < torch.tensor(lens).unsqueeze(1)
 
 
-def advantages(cfg: Config, batch: StepBatch, old_logp: list, ref_logp: Optional[list],
-               values: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """[N, T] advantages from the registry estimator `algo.adv_estimator` (0 on padding); rows dropped by
-    the estimator's keep mask (reinforce_rej, raft) are zeroed in `batch.response_mask`. gae needs the critic's
-    `values` [N, T] (train.critic.value_pass); it stores them and the returns [N, T] on the batch."""
-    from rfpo_megatron.algos.advantages import compute_advantages, sample_keep_mask
+def kl_controller(cfg: Config):
+    """The step-to-step β of the KL in the reward: fixed `algo.kl_in_reward_coef`, or adaptive (PPO/verl) when
+    `algo.kl_target` is set (horizon `algo.kl_horizon`). Keep one per run and pass it to `advantages`."""
+    from rfpo_megatron.algos.kl import AdaptiveKLController
 
     a = cfg.algo
+    return AdaptiveKLController(a.kl_in_reward_coef, a.kl_target, a.kl_horizon)
+
+
+def step_advantages(rt: Runtime, batch: StepBatch, old_logp: list, ref_logp: Optional[list],
+                    values: Optional[torch.Tensor], metrics: dict) -> torch.Tensor:
+    """`advantages` for the trainer's step: the adaptive KL-in-reward β lives in rt.counters
+    ("kl_in_reward_coef"), so it is checkpointed and resumed with the other counters."""
+    cfg = rt.cfg
+    ctrl = None
+    if cfg.algo.use_kl_in_reward:
+        ctrl = kl_controller(cfg)
+        ctrl.value = float(rt.counters.get("kl_in_reward_coef", ctrl.value))
+    adv = advantages(cfg, batch, old_logp, ref_logp, values, kl_ctrl=ctrl, metrics=metrics)
+    if ctrl is not None:
+        rt.counters["kl_in_reward_coef"] = ctrl.value
+    return adv
+
+
+def advantages(cfg: Config, batch: StepBatch, old_logp: list, ref_logp: Optional[list],
+               values: Optional[torch.Tensor] = None, kl_ctrl: Any = None,
+               metrics: Optional[dict] = None) -> torch.Tensor:
+    """[N, T] advantages from the registry estimator `algo.adv_estimator` (0 on padding); rows dropped by
+    the estimator's keep mask (reinforce_rej, raft) are zeroed in `batch.response_mask`. gae needs the critic's
+    `values` [N, T] (train.critic.value_pass); it stores them and the returns [N, T] on the batch.
+
+    KL in the reward (only with `algo.use_kl_in_reward`, any estimator; needs ref_logp): per-token penalty
+    −β·k(old_logp, ref_logp) with k = `algo.kl_in_reward_type`; token-level estimators (reinforce_pp(_baseline),
+    gae) get it per token, the others get the sequence reward r_i − β·Σ_t k_t (as verl). β comes from `kl_ctrl`
+    (`kl_controller(cfg)`; adaptive when algo.kl_target is set: updated here with this step's KL) or is
+    algo.kl_in_reward_coef. Keep masks (reinforce_rej, raft) and wrong/positive flags use the outcome rewards.
+    `rfpo.wrong_advantage=zero`: the wrong samples of a group that holds a fix get advantage 0 (the fix alone
+    carries the signal). `metrics` (optional dict) receives rfpo/kl_in_reward and train/kl_in_reward_coef."""
+    from rfpo_megatron.algos.advantages import compute_advantages, sample_keep_mask
+    from rfpo_megatron.algos.kl import kl_estimate
+    from rfpo_megatron.algos.stats import place_at_last_token
+
+    a = cfg.algo
+    mask = batch.response_mask
+    old = _pad(list(old_logp))
     kw: dict[str, Any] = {"norm_adv_by_std": a.norm_adv_by_std, "gamma": a.gamma, "lam": a.lam,
-                          "old_logp": _pad(list(old_logp)), "kl_in_reward_coef": a.kl_in_reward_coef,
-                          "kl_in_reward_type": a.kl_loss_type}
-    if ref_logp is not None:
-        kw["ref_logp"] = _pad(list(ref_logp))
-    elif a.adv_estimator in ("reinforce_pp", "reinforce_pp_baseline"):
-        kw["ref_logp"] = kw["old_logp"]  # no reference model: the KL term is 0
+                          "old_logp": old, "kl_in_reward_coef": 0.0, "kl_in_reward_type": a.kl_in_reward_type}
+    rewards = batch.rewards
+    if a.use_kl_in_reward:
+        if ref_logp is None:
+            raise ConfigError("algo.use_kl_in_reward=true needs the reference model's log-probs (the trainer builds "
+                              "the reference actor when use_kl_in_reward is set)")
+        ref = _pad(list(ref_logp))
+        kw["ref_logp"] = ref
+        beta = float(kl_ctrl.value) if kl_ctrl is not None else float(a.kl_in_reward_coef)
+        m = mask
+        kl = torch.where(m, kl_estimate(old.double(), ref.double(), a.kl_in_reward_type), torch.zeros((), dtype=torch.float64))
+        if a.adv_estimator in ("reinforce_pp", "reinforce_pp_baseline"):
+            kw["kl_in_reward_coef"] = beta  # the estimator subtracts β·k per token itself
+        elif a.adv_estimator == "gae":
+            kw["token_level_rewards"] = place_at_last_token(rewards.double(), m) - beta * kl
+        else:
+            rewards = (rewards.double() - beta * kl.sum(-1)).to(rewards.dtype)
+        n_tok = m.sum(-1).clamp(min=1)
+        cur_kl = float((kl.sum(-1) / n_tok)[m.any(-1)].mean()) if bool(m.any()) else 0.0
+        if metrics is not None:
+            metrics["rfpo/kl_in_reward"] = cur_kl
+            metrics["train/kl_in_reward_coef"] = beta
+        if kl_ctrl is not None:
+            kl_ctrl.update(cur_kl, batch.n)
     if a.adv_estimator == "gae":
         if values is None:
             raise ConfigError("algo.adv_estimator=gae needs the critic's values (train.critic.value_pass); "
@@ -147,14 +202,18 @@ def advantages(cfg: Config, batch: StepBatch, old_logp: list, ref_logp: Optional
             raise ValueError("algo.adv_estimator=remax: a group has no baseline_reward (greedy response reward); "
                              "the groups must come from train.generation.rollout(..., baseline=True)")
         kw["baseline_rewards"] = batch.baseline_rewards
-    mask = batch.response_mask
-    adv, returns = compute_advantages(a.adv_estimator, rewards=batch.rewards, group_ids=batch.group_index,
+    adv, returns = compute_advantages(a.adv_estimator, rewards=rewards, group_ids=batch.group_index,
                                       response_mask=mask, **kw)
     if a.adv_estimator == "gae":
         batch.values, batch.returns = values.float() * mask, returns.float() * mask
     keep = sample_keep_mask(a.adv_estimator, batch.rewards, batch.group_index)
     batch.response_mask = mask & keep.unsqueeze(-1)
-    return adv.float() * batch.response_mask
+    adv = adv.float() * batch.response_mask
+    if cfg.rfpo.enabled and cfg.rfpo.wrong_advantage == "zero" and bool(batch.is_fixed.any()):
+        has_fix = torch.zeros(batch.num_groups, dtype=torch.bool).index_fill_(0, batch.group_index[batch.is_fixed], True)
+        wrong = (batch.rewards <= cfg.rfpo.fix.threshold) & ~batch.is_fixed & has_fix[batch.group_index]
+        adv = torch.where(wrong.unsqueeze(-1), torch.zeros_like(adv), adv)
+    return adv
 
 
 def make_train_batch(cfg: Config, batch: StepBatch, old_logp: list, ref_logp: Optional[list],
@@ -175,7 +234,8 @@ def make_train_batch(cfg: Config, batch: StepBatch, old_logp: list, ref_logp: Op
         ref_logp=[torch.as_tensor(r).float() for r in ref_logp] if ref_logp is not None else None,
         rollout_logp=None, tis_weights=tis,
         response_mask=[batch.response_mask[i, :lens[i]] for i in range(batch.n)],
-        log_roff=log_roff if cfg.rfpo.enabled else None, is_fixed=batch.is_fixed)
+        log_roff=log_roff if cfg.rfpo.enabled else None, is_fixed=batch.is_fixed,
+        is_positive=batch.rewards >= cfg.rfpo.fix.success_threshold)
 
 
 def update_policy(rt: Runtime, tb: Any) -> dict[str, float]:
@@ -227,7 +287,8 @@ def subset_batch(tb: Any, idx: list) -> Any:
                       old_logp=pick(tb.old_logp), ref_logp=pick(tb.ref_logp), rollout_logp=pick(tb.rollout_logp),
                       tis_weights=pick(tb.tis_weights), response_mask=pick(tb.response_mask),
                       log_roff=None if tb.log_roff is None else tb.log_roff[ix],
-                      is_fixed=None if tb.is_fixed is None else tb.is_fixed[ix])
+                      is_fixed=None if tb.is_fixed is None else tb.is_fixed[ix],
+                      is_positive=None if tb.is_positive is None else tb.is_positive[ix])
 
 
 def tis_weights(old_logp, rollout_logp, cap: float, use_tis: bool) -> torch.Tensor:
