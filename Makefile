@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-slow test-all test-slurm compare
+.PHONY: setup demo test test-slow test-all test-slurm compare gpu-check-wheels
 
 setup:
 	@bash tools/setup_env.sh
@@ -25,3 +25,6 @@ compare: setup
 
 test-slurm: setup
 	@$(PY) -m pytest -q -m slurm tests/test_slurm_local.py
+
+gpu-check-wheels:
+	@bash tools/gpu_check_wheels.sh

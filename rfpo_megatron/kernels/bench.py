@@ -9,6 +9,7 @@
 - `fused(inplace)`   log-probs only, gradient written into the logits' storage
 - `naive`            logits.float().log_softmax(-1).gather(...)
 - `megatron`         -megatron.core.tensor_parallel.vocab_parallel_cross_entropy (megatron-core)
+- `megatron_fused`   -megatron.core.fusions.fused_cross_entropy.fused_vocab_parallel_cross_entropy (torch.compile'd)
 - `liger`            -LigerCrossEntropyLoss(reduction="none") (only when liger-kernel is installed)
 
 plus the peak extra memory of one forward+backward (torch.cuda.max_memory_allocated above the inputs). It
@@ -32,7 +33,7 @@ from typing import Callable
 
 import torch
 
-IMPLS = ("fused", "fused+entropy", "fused(inplace)", "naive", "megatron", "liger")
+IMPLS = ("fused", "fused+entropy", "fused(inplace)", "naive", "megatron", "megatron_fused", "liger")
 GOAL_FLOOR_FRAC = 0.60  # fwd+bwd >= 60 % of the bandwidth floor at N = 32768, V = 152064
 GOAL_SPEEDUP = 3.0  # fwd+bwd >= 3x faster than megatron-core at N = 8192, V = 131072
 
@@ -83,6 +84,16 @@ def copy_bandwidth_gbps(nbytes: int = 1 << 31, warmup: int = 25, rep: int = 200)
     ms = _time_ms(lambda: b.copy_(a), True, warmup, rep)
     del a, b
     return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def matmul_tflops(n: int = 8192, warmup: int = 25, rep: int = 200) -> float:
+    """Measured dense bf16 matmul rate in TFLOP/s: median of do_bench over an [n, n] @ [n, n] product of random data."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16, generator=g)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16, generator=g)
+    ms = _time_ms(lambda: a @ b, True, warmup, rep)
+    del a, b
+    return 2 * n**3 / (ms * 1e-3) / 1e12
 
 
 def floor_ms(n: int, v: int, gbps: float, backward: bool) -> float:
@@ -163,6 +174,18 @@ def make_impl(name: str, device: str = "cuda") -> Callable[[torch.Tensor, torch.
             return lp, lp
 
         return mega
+    if name == "megatron_fused":
+        _megatron_ce(device)  # initialises the process group and the TP = 1 groups
+        from megatron.core import parallel_state
+        from megatron.core.fusions.fused_cross_entropy import fused_vocab_parallel_cross_entropy
+
+        group = parallel_state.get_tensor_model_parallel_group()
+
+        def mega_fused(x, y):
+            lp = -fused_vocab_parallel_cross_entropy(x, y, group)
+            return lp, lp
+
+        return mega_fused
     if name == "liger":
         liger = _liger_ce()
 
