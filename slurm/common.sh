@@ -128,11 +128,17 @@ rfpo_cleanup() {
 
 # ---- SGLang servers started by the batch script (one srun step per node, one server per sglang_tp GPUs)
 # rfpo_start_sglang NODE_OFFSET NUM_NODES GPUS_PER_NODE MEM_FRACTION EXTRA_FLAGS -> sets RFPO_SGLANG_URLS
+# Each server: --tp-size, --mem-fraction-static, EXTRA_FLAGS (--enable-memory-saver when colocated) and
+# --enable-deterministic-inference when rollout.deterministic_inference is true (SGLang ignores sampling
+# seeds without it). The router (several servers): Prometheus on a port of its own next to the servers'
+# (0.3.x would bind 0.0.0.0:29000), the health check on /get_model_info (SGLang's /health generates a token
+# on an idle server, on released memory when colocated) and no router retries (same rid resent on a 5xx).
 rfpo_start_sglang() {
   local offset="$1" nnodes="$2" gpn="$3" frac="$4" extra="$5"
   local model tp per_node base_port urls="" n i host
   unset RFPO_ROUTER_URL  # set below only when a router is started here and answers /health
   model="$(cfg_get actor.hf_model_path)"; tp="$(cfg_get rollout.sglang_tp)"
+  if [ "$(cfg_get rollout.deterministic_inference)" = true ]; then extra="$extra --enable-deterministic-inference"; fi
   per_node=$(( gpn / tp )); [ "$per_node" -ge 1 ] || { echo "rfpo slurm: rollout.sglang_tp=$tp > $gpn GPUs per node" >&2; exit 2; }
   base_port=$(( MASTER_PORT + 100 ))
   mkdir -p "$RFPO_RUN_DIR/sglang"
@@ -146,7 +152,7 @@ rfpo_start_sglang() {
       -o "$RFPO_RUN_DIR/sglang/node$(( offset + n )).log" bash -c '
         for i in $(seq 0 '"$(( per_node - 1 ))"'); do
           CUDA_VISIBLE_DEVICES=$(seq -s, $(( i * '"$tp"' )) $(( i * '"$tp"' + '"$tp"' - 1 ))) \
-          '"$RFPO_PYTHON"' -m sglang.launch_server --model-path '"$model"' --tp '"$tp"' --host 0.0.0.0 \
+          '"$RFPO_PYTHON"' -m sglang.launch_server --model-path '"$model"' --tp-size '"$tp"' --host 0.0.0.0 \
             --port $(( '"$base_port"' + i )) --mem-fraction-static '"$frac"' '"$extra"' &
         done
         wait' &
@@ -164,7 +170,9 @@ rfpo_start_sglang() {
     # shellcheck disable=SC2086
     srun --overlap --nodes=1 --ntasks=1 --relative="$offset" -J rfpo-router -o "$RFPO_RUN_DIR/sglang/router.log" \
       "$RFPO_PYTHON" -m sglang_router.launch_router --host 0.0.0.0 --port $(( base_port + 99 )) \
-      --worker-urls $RFPO_SGLANG_URLS &
+      --worker-urls $RFPO_SGLANG_URLS --prometheus-host 0.0.0.0 --prometheus-port $(( base_port + 98 )) \
+      --health-check-endpoint /get_model_info --disable-retries \
+      --request-timeout-secs "$(cfg_get rollout.request_timeout_s | cut -d. -f1)" &
     RFPO_SERVICE_PIDS="$RFPO_SERVICE_PIDS $!"
     export RFPO_ROUTER_URL="http://$host:$(( base_port + 99 ))"
     "$RFPO_PYTHON" "$RFPO_REPO/slurm/helpers.py" wait-http --timeout 300 "$RFPO_ROUTER_URL/health" \

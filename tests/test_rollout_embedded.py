@@ -155,8 +155,9 @@ def test_weight_update_from_tensors_equals_fresh_engine(client, models):
     assert before == _fresh_reference(models[0], PROMPTS, P_CMP)
     new = state_of(models[1])
     half = len(new) // 2
-    client.update_weights_from_tensors(new[:half], weight_version="v1")  # two buckets
-    client.update_weights_from_tensors(new[half:], weight_version="v2")
+    with client.weight_update_session():
+        client.update_weights_from_tensors(new[:half], weight_version="v1")  # two buckets
+        client.update_weights_from_tensors(new[half:], weight_version="v2")
     after = client.generate(PROMPTS, P_CMP)
     assert _flat(after) == _fresh_reference(models[1], PROMPTS, P_CMP)
     assert _flat(after) != before
@@ -173,8 +174,9 @@ def test_weight_update_distributed_gloo_equals_fresh_engine(client, models):
     try:
         assert group.size() == 2 and group.rank() == 0
         new = state_of(models[1])
-        client.push_weights_distributed(group, new[:5], group_name="wu_test")
-        client.push_weights_distributed(group, new[5:], group_name="wu_test")
+        with client.weight_update_session():
+            client.push_weights_distributed(group, new[:5], group_name="wu_test")
+            client.push_weights_distributed(group, new[5:], group_name="wu_test")
         assert _flat(client.generate(PROMPTS, P_CMP)) == _fresh_reference(models[1], PROMPTS, P_CMP)
     finally:
         client.destroy_weights_update_group(group, group_name="wu_test")
@@ -182,16 +184,87 @@ def test_weight_update_distributed_gloo_equals_fresh_engine(client, models):
 
 
 def test_release_resume_then_push(client, models):
+    """As SGLang >= 0.5.6: a tag-less release frees weights, KV cache and CUDA graphs; generation is refused
+    until every tag is resumed (resuming only weights + kv_cache, the old trainer's calls, is not enough)."""
     before = _flat(client.generate(PROMPTS, P_CMP))
+    assert client.memory_tags == ["weights", "kv_cache", "cuda_graph"]
     client.release_memory()
+    assert sorted(client.server_info()["released"]) == ["cuda_graph", "kv_cache", "weights"]
     with pytest.raises(EngineRequestError, match="resume_memory_occupation") as e:
         client.generate(PROMPTS, P_CMP)
     assert e.value.status == 400
-    assert client.health()
-    client.resume_memory()
+    seen = client.server_info()["health_while_released"]
+    assert not client.health()  # SGLang's /health would generate on released memory: 503 and counted
+    assert client.server_info()["health_while_released"] == seen + 1
+    client.resume_memory(["weights"])
+    with client.weight_update_session():
+        client.update_weights_from_tensors(state_of(models[0]))
+    client.resume_memory(["kv_cache"])
+    with pytest.raises(EngineRequestError, match="cuda_graph"):
+        client.generate(PROMPTS, P_CMP)
+    client.resume_memory(["cuda_graph"])
     client.flush_cache()
-    client.update_weights_from_tensors(state_of(models[0]))
     assert _flat(client.generate(PROMPTS, P_CMP)) == before
+
+
+def test_weight_updates_need_a_session_like_sglang_0_5_21(client, models):
+    """Outside /begin_weight_update ... /end_weight_update tensor and distributed updates get SGLang's 400."""
+    assert client.needs_weight_session and client.protocol_version == (0, 5, 23)
+    with pytest.raises(EngineRequestError, match="between begin_weight_update\\(\\) and end_weight_update") as e:
+        client.update_weights_from_tensors(state_of(models[0])[:1])
+    assert e.value.status == 400
+    body = {"names": ["a"], "dtypes": ["float32"], "shapes": [[1]], "group_name": "g"}
+    r = requests.post(client.url + "/update_weights_from_distributed", json=body)
+    assert r.status_code == 400 and "begin_weight_update" in r.json()["message"]
+    client.begin_weight_update()
+    try:
+        r = requests.post(client.url + "/begin_weight_update", json={})
+        assert r.status_code == 400 and "already open" in r.json()["message"]
+        assert client.server_info()["weight_update_session"] is True
+    finally:
+        client.end_weight_update()
+    r = requests.post(client.url + "/end_weight_update", json={})
+    assert r.status_code == 400 and "no weight-update session" in r.json()["message"]
+    with pytest.raises(RuntimeError, match="boom"):  # a failed update still closes the session
+        with client.weight_update_session():
+            raise RuntimeError("boom")
+    assert client.server_info()["weight_update_session"] is False
+
+
+def test_context_overflow_fails_the_request_unless_auto_truncate(client, models, tmp_path):
+    """SGLang 400s prompt + max_new_tokens > context length (the embedded engine used to clip silently)."""
+    ctx = client.server_info()["context_length"]
+    with pytest.raises(EngineRequestError, match="maximum context length") as e:
+        client.generate([[3] * (ctx - 4)], SamplingParams(max_new_tokens=8, ignore_eos=True))
+    assert e.value.status == 400
+    out = client.generate([[3] * (ctx - 8)], SamplingParams(max_new_tokens=8, ignore_eos=True))
+    assert len(out[0][0].output_ids) == 8  # exactly at the limit is fine
+    trunc = launch_engine({"backend": "embedded", "model_path": str(models[0]), "log_dir": str(tmp_path),
+                           "allow_auto_truncate": True})
+    try:
+        res = trunc.generate([[3] * (ctx - 4)], SamplingParams(max_new_tokens=8, ignore_eos=True))[0][0]
+        assert len(res.output_ids) == 4 and res.finish_reason == "length"
+    finally:
+        trunc.shutdown()
+
+
+def test_flush_and_release_refused_while_generating(client):
+    """SGLang flushes the cache and releases memory only when idle; the client retries the busy flush."""
+    box = {}
+    th = threading.Thread(target=lambda: box.setdefault(
+        "out", client.generate([[3, 4]] * 2, SamplingParams(max_new_tokens=400, ignore_eos=True, seed=3))))
+    start = client.server_info()["progress"]
+    th.start()
+    deadline = time.time() + 30
+    while client.server_info()["progress"] < start + 3 and time.time() < deadline:
+        time.sleep(0.01)
+    r = requests.post(client.url + "/flush_cache")
+    assert r.status_code == 400 and "running" in r.text
+    r = requests.post(client.url + "/release_memory_occupation", json={})
+    assert r.status_code == 400 and "idle" in r.json()["message"]
+    client.flush_cache(attempts=200, wait_s=0.1)  # retried until the batch is done
+    th.join(60)
+    assert len(box["out"][0][0].output_ids) == 400
 
 
 def test_abort_all_ends_running_request(client):
@@ -250,7 +323,6 @@ MALFORMED = [
     ("/generate", {"input_ids": [1], "sampling_params": {"bogus": 1}}, "unknown sampling_params"),
     ("/generate", {"input_ids": [1], "sampling_params": {"frequency_penalty": 0.5}}, "frequency_penalty"),
     ("/generate", {"input_ids": [[1], [2]], "sampling_params": [{}]}, "1 entries for 2 prompts"),
-    ("/generate", {"input_ids": [1], "nonsense_field": 1}, "unknown /generate fields"),
     ("/update_weights_from_tensor", {"serialized_named_tensors": ["AAAA"], "load_format": "rfpo_safetensors_b64"}, "safetensors"),
     ("/update_weights_from_tensor", {"load_format": "rfpo_safetensors_b64"}, "serialized_named_tensors"),
     ("/update_weights_from_disk", {"model_path": "/nonexistent/dir"}, "no *.safetensors"),
@@ -264,21 +336,31 @@ MALFORMED = [
 
 @pytest.mark.parametrize("path,body,needle", MALFORMED)
 def test_malformed_requests_get_400(client, path, body, needle):
-    if isinstance(body, bytes):
-        r = requests.post(client.url + path, data=body, headers={"Content-Type": "application/json"})
-    else:
-        r = requests.post(client.url + path, json=body)
+    with client.weight_update_session():  # so the update endpoints check their bodies, not the session
+        if isinstance(body, bytes):
+            r = requests.post(client.url + path, data=body, headers={"Content-Type": "application/json"})
+        else:
+            r = requests.post(client.url + path, json=body)
     assert r.status_code == 400, r.text
     msg = r.json()["message"]
     assert needle in msg and r.json()["code"] == 400
 
 
+def test_unknown_top_level_generate_fields_are_ignored_like_sglang(client):
+    """SGLang's GenerateRequest ignores unknown keys (sglang_router adds model, return_bytes, return_entropy);
+    unknown sampling_params keys stay an error (SGLang's SamplingParams rejects them)."""
+    body = {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 2, "temperature": 0}, "model": "m",
+            "return_bytes": False, "return_entropy": False}
+    r = requests.post(client.url + "/generate", json=body)
+    assert r.status_code == 200 and len(r.json()["output_ids"]) == 2
+
+
 def test_bad_weight_names_and_shapes_rejected_without_partial_update(client, models):
     before = _flat(client.generate(PROMPTS, P_CMP))
     good = state_of(models[1])[:2]
-    with pytest.raises(EngineRequestError, match="unknown weight names"):
+    with pytest.raises(EngineRequestError, match="unknown weight names"), client.weight_update_session():
         client.update_weights_from_tensors(good + [("model.not_a_weight", torch.zeros(2))])
-    with pytest.raises(EngineRequestError, match="shape mismatch"):
+    with pytest.raises(EngineRequestError, match="shape mismatch"), client.weight_update_session():
         client.update_weights_from_tensors(good[1:] + [(good[0][0], torch.zeros(3, 3))])
     assert _flat(client.generate(PROMPTS, P_CMP)) == before  # nothing was applied
     r = requests.get(client.url + "/generate")
@@ -289,7 +371,8 @@ def test_bad_weight_names_and_shapes_rejected_without_partial_update(client, mod
 def test_sglang_tensor_payload_refused_by_embedded_with_clear_message(client, models):
     payload = {"serialized_named_tensors": W.encode_sglang_named_tensors(state_of(models[1])[:1]), "load_format": None,
                "flush_cache": True}
-    r = requests.post(client.url + "/update_weights_from_tensor", json=payload)
+    with client.weight_update_session():
+        r = requests.post(client.url + "/update_weights_from_tensor", json=payload)
     assert r.status_code == 400 and "rfpo_safetensors_b64" in r.json()["message"]
 
 

@@ -63,9 +63,11 @@ def test_disk_sync_equals_tensor_sync(tensor_run, tmp_path):
     assert any(not torch.equal(start[k], synced[k]) for k in start)  # the trained weights, not the start ones
 
 
-def test_disk_sync_pp2_torchrun_matches_tensor_sync(tensor_run, tmp_path):
-    """weight_sync=disk under `torchrun` with pipeline parallel 2: each stage writes its own shard of the one
-    directory (rank 0 renames it and alone tells the engine); a missing stage would change steps 2+."""
+@pytest.mark.parametrize("mode", ["disk", "distributed"])
+def test_pp2_torchrun_sync_matches_tensor_sync(tensor_run, tmp_path, mode):
+    """Pipeline parallel 2 under `torchrun`. disk: each stage writes its own shard of the one directory (rank 0
+    renames it and alone tells the engine). distributed: stage 1's sender relays its buckets to rank 0, the
+    update group's only broadcaster (the 72B disaggregated recipe's layout). A missing stage changes steps 2+."""
     import sys
 
     from rfpo_megatron.rollout.procs import free_port
@@ -76,7 +78,7 @@ def test_disk_sync_pp2_torchrun_matches_tensor_sync(tensor_run, tmp_path):
     fixtures = os.path.join(ROOT, "tests", "test_trainer_fixtures.py")
     p = subprocess.run([torchrun, "--nproc_per_node=2", f"--master_port={free_port()}", fixtures, "train", CONFIG,
                         *tiny_overrides(assets, out, **EXTRA, **{"actor.pipeline_model_parallel_size": 2,
-                                                                 "rollout.weight_sync": "disk"})],
+                                                                 "rollout.weight_sync": mode})],
                        env=trainer_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-4000:]
     from rfpo_megatron.logging import read_metrics
@@ -90,19 +92,34 @@ def test_disk_sync_pp2_torchrun_matches_tensor_sync(tensor_run, tmp_path):
                 assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-6), (ra["step"], k)
             else:
                 assert rb[k] == ra[k], (ra["step"], k)
-    last = os.path.join(out, "ckpt", "weight_sync", "sync_000003")
-    assert sorted(f for f in os.listdir(last) if f.endswith(".safetensors")) == [
-        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]  # one shard per stage
+    if mode == "disk":
+        last = os.path.join(out, "ckpt", "weight_sync", "sync_000003")
+        assert sorted(f for f in os.listdir(last) if f.endswith(".safetensors")) == [
+            "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]  # one shard per stage
 
 
-def test_bad_weight_sync_choice_fails_early():
+def test_bad_weight_sync_choice_fails_early(monkeypatch):
     from rfpo_megatron import train as T
     from rfpo_megatron.config import ConfigError, load_config
 
-    with pytest.raises(ConfigError, match="pipeline_model_parallel_size=1"):
-        T.sync_mode(load_config(CONFIG, ["rollout.weight_sync=distributed", "actor.pipeline_model_parallel_size=2"]))
+    for key in ("SLURM_NNODES", "SLURM_JOB_NUM_NODES", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    # distributed with PP > 1: stage senders relay to rank 0 (fact 12 of the SGLang issue), no longer refused
+    assert T.sync_mode(load_config(CONFIG, ["rollout.weight_sync=distributed", "actor.pipeline_model_parallel_size=2"])) \
+        == "distributed"
     assert T.sync_mode(load_config(CONFIG, ["rollout.weight_sync=auto", "rollout.colocate=false"])) == "distributed"
     assert T.sync_mode(load_config(CONFIG, ["rollout.weight_sync=auto"])) == "tensor"
+    # colocated across nodes: CUDA-IPC handles cannot leave the node, NCCL cannot pair ranks sharing a GPU -> disk
+    sgl = ["rollout.engine=sglang"]
+    assert T.sync_mode(load_config(CONFIG, ["rollout.weight_sync=auto", *sgl]), nodes=4) == "disk"
+    monkeypatch.setenv("SLURM_NNODES", "8")
+    assert T.job_nodes() == 8 and T.sync_mode(load_config(CONFIG, ["rollout.weight_sync=auto", *sgl])) == "disk"
+    with pytest.raises(ConfigError, match="weight_sync=tensor on 8 nodes.*CUDA-IPC"):
+        T.sync_mode(load_config(CONFIG, ["rollout.weight_sync=tensor", *sgl]))
+    monkeypatch.delenv("SLURM_NNODES")
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert T.job_nodes() == 2
     disk = load_config(CONFIG, ["rollout.weight_sync=disk", "trainer.save_dir=/x/ckpt",
                                 "actor.pipeline_model_parallel_size=2"])
     assert T.sync_mode(disk) == "disk" and T.weight_sync_dir(disk) == "/x/ckpt/weight_sync"

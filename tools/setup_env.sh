@@ -13,6 +13,7 @@ PY="$VENV/bin/python"
 stamp="$VENV/.rfpo_installed"
 want=$(cat setup.py | sha1sum | cut -c1-12)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$PY" -c "import torch, megatron.core, rfpo_megatron" 2>/dev/null; then
+  "$PY" tools/fetch_sglang_ref.py  # SGLang's own code for the tests (pinned wheel, unpacked once)
   exit 0
 fi
 if ! "$PY" -c "import torch" 2>/dev/null; then
@@ -22,3 +23,4 @@ fi
 echo "[setup] installing rfpo_megatron[dev] (editable)"
 "$PY" -m pip install -q -e ".[dev]" "megatron-core>=0.16,<0.17"
 echo "$want" > "$stamp"
+"$PY" tools/fetch_sglang_ref.py

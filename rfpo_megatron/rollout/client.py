@@ -1,11 +1,18 @@
 """EngineClient: the one HTTP client the trainer uses for SGLang servers and the embedded server alike.
 
-Generation goes to one entry URL (a single server or the sglang_router) as SGLang /generate batches
-(n expanded by the client: one item per sample, each with its own `sampling_seed` and rid);
-control calls (weight updates, flush, release/resume, abort) go to every worker. The payload of
-/update_weights_from_tensor is SGLang's pickled MultiprocessingSerializer format for SGLang servers
-and base64 safetensors (load_format "rfpo_safetensors_b64") for the embedded engine — picked from
-/get_server_info ("engine": "rfpo-embedded").
+Generation goes to one entry URL (a single server or the sglang_router). n is expanded by the client:
+one item per sample, each with its own `sampling_seed` and rid. To a server the items travel as
+/generate batches (lists of input_ids / sampling_params / rid); through sglang_router, which takes one
+sampling_params dict and one string rid per request (router 0.3.x answers 422 to lists), as one request
+per item. Control calls (weight updates, flush, release/resume, abort) go to every worker. The payload
+of /update_weights_from_tensor is SGLang's pickled MultiprocessingSerializer format for SGLang servers
+(encoded separately for every server and TP rank) and base64 safetensors (load_format
+"rfpo_safetensors_b64") for the embedded engine — picked from /get_server_info ("engine": "rfpo-embedded").
+
+SGLang versions (`protocol_version`: the server's version, or the SGLang version the embedded server
+imitates): >= 0.5.21 accepts weight updates only inside /begin_weight_update ... /end_weight_update
+(`weight_update_session`); >= 0.5.6 releases the CUDA-graph memory too on a tag-less
+/release_memory_occupation (`memory_tags`).
 
 Robustness: every request has a timeout; connection errors are retried with exponential backoff;
 while /generate is in flight a watchdog checks the managed server processes: a dead process, or no
@@ -15,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import threading
 import time
@@ -30,7 +38,9 @@ from .base import (EngineConnectionError, EngineError, EngineRequestError, Engin
 from .procs import ManagedProcess
 
 EMBEDDED_ENGINE = "rfpo-embedded"
-MIN_SGLANG = (0, 5)
+MIN_SGLANG = (0, 5, 4)
+WEIGHT_SESSION_SINCE = (0, 5, 21)  # /begin_weight_update ... /end_weight_update required around updates
+CUDA_GRAPH_TAG_SINCE = (0, 5, 6)   # release_memory_occupation without tags also releases "cuda_graph"
 
 
 def _version_tuple(v: str) -> tuple[int, ...]:
@@ -54,13 +64,16 @@ class EngineClient:
     def __init__(self, url: str | None, worker_urls: list[str] | None = None, processes: Iterable[ManagedProcess] = (),
                  *, tp_size: int = 1, request_timeout_s: float = 3600.0, control_timeout_s: float = 600.0,
                  connect_timeout_s: float = 10.0, retries: int = 4, backoff_s: float = 0.5,
-                 watchdog_s: float = 300.0, max_items_per_request: int = 64, max_concurrency: int = 16):
+                 watchdog_s: float = 300.0, max_items_per_request: int = 64, max_concurrency: int = 16,
+                 router: bool | None = None):
         if not url and not worker_urls:
             raise ValueError("EngineClient needs a url or worker_urls")
         self.worker_urls = [u.rstrip("/") for u in (worker_urls or [url])]
         # url=None: no router; /generate chunks are spread round-robin over the workers
         self.url = url.rstrip("/") if url else None
         self.generate_urls = [self.url] if self.url else list(self.worker_urls)
+        # router: /generate goes through sglang_router (one item per request); default: url is not a worker
+        self.via_router = bool(self.url and self.url not in self.worker_urls) if router is None else bool(router)
         self.processes = list(processes)
         self.tp_size = int(tp_size)
         self.request_timeout_s = float(request_timeout_s)
@@ -72,7 +85,20 @@ class EngineClient:
         self.max_items_per_request = int(max_items_per_request)
         self.max_concurrency = int(max_concurrency)
         self._kind: str | None = None
+        self._version: tuple[int, ...] | None = None
         self._session = requests.Session()
+
+    def spec(self) -> dict[str, Any]:
+        """What another process needs to talk to the same deployment (`from_spec`): URLs, TP size, router."""
+        return {"url": self.url, "worker_urls": list(self.worker_urls), "tp_size": self.tp_size,
+                "router": self.via_router, "request_timeout_s": self.request_timeout_s,
+                "control_timeout_s": self.control_timeout_s}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> "EngineClient":
+        """A client of the servers described by `spec()` that does not own them (never shuts them down)."""
+        spec = dict(spec)
+        return cls(spec.pop("url"), spec.pop("worker_urls"), **spec)
 
     # ------------------------------------------------------------------ plumbing
     def _proc_for(self, url: str) -> ManagedProcess | None:
@@ -157,17 +183,26 @@ class EngineClient:
             info = self.server_info()
             if info.get("engine") == EMBEDDED_ENGINE:
                 self._kind = "embedded"
+                self._version = _version_tuple(info.get("sglang_compat") or "0.5.23")
             else:
                 self.check_sglang_version(info.get("version"))
                 self._kind = "sglang"
+                self._version = _version_tuple(info.get("version"))
         return self._kind
+
+    @property
+    def protocol_version(self) -> tuple[int, ...]:
+        """SGLang version whose HTTP behaviour the servers have (the embedded server reports the one it imitates)."""
+        _ = self.kind
+        return self._version or ()
 
     def check_sglang_version(self, version: str | None) -> None:
         v = _version_tuple(version or "")
-        if not v or v[:2] < MIN_SGLANG:
+        if not v or v[:3] < MIN_SGLANG:
+            want = ".".join(map(str, MIN_SGLANG))
             raise EngineError(
                 f"rollout server {self.worker_urls[0]} runs SGLang {version or 'of unknown version'}; rfpo_megatron "
-                f"speaks SGLang >= {'.'.join(map(str, MIN_SGLANG))} (pip install 'sglang[all]>=0.5')"
+                f"speaks SGLang >= {want} (pip install 'sglang[all]>={want}')"
             )
 
     def health(self) -> bool:
@@ -184,7 +219,10 @@ class EngineClient:
     # ------------------------------------------------------------------ generate
     def build_generate_payloads(self, prompts: list[list[int]], params: SamplingParams,
                                 rid_prefix: str | None = None) -> list[tuple[dict, list[tuple[int, int]]]]:
-        """The /generate bodies for prompts x n samples: [(payload, [(prompt i, sample j) per item])]."""
+        """The /generate bodies for prompts x n samples: [(payload, [(prompt i, sample j) per item])].
+
+        To a server: batches of up to max_items_per_request items (lists). Through the router: one body
+        per item with a single input_ids list, one sampling_params dict and a string rid."""
         params.validate()
         if not prompts:
             return []
@@ -193,13 +231,20 @@ class EngineClient:
                 raise ValueError(f"prompt {i} is empty: every prompt needs at least one token id")
         prefix = rid_prefix or uuid.uuid4().hex[:12]
         index = [(i, j) for i in range(len(prompts)) for j in range(int(params.n))]
+
+        def seed(i: int, j: int) -> int | None:
+            return None if params.seed is None else derive_seed(params.seed, i, j)
+
+        if self.via_router:
+            return [({"input_ids": [int(t) for t in prompts[i]], "sampling_params": params.to_sglang(seed(i, j)),
+                      "rid": f"{prefix}-{i}-{j}", "return_logprob": True, "logprob_start_len": -1}, [(i, j)])
+                    for i, j in index]
         out = []
         for s in range(0, len(index), self.max_items_per_request):
             chunk = index[s:s + self.max_items_per_request]
             payload = {
                 "input_ids": [[int(t) for t in prompts[i]] for i, _ in chunk],
-                "sampling_params": [params.to_sglang(None if params.seed is None else derive_seed(params.seed, i, j))
-                                    for i, j in chunk],
+                "sampling_params": [params.to_sglang(seed(i, j)) for i, j in chunk],
                 "rid": [f"{prefix}-{i}-{j}" for i, j in chunk],
                 "return_logprob": True,
                 "logprob_start_len": -1,
@@ -330,21 +375,59 @@ class EngineClient:
     def update_weights_from_tensors(self, named_tensors: Iterable[tuple[str, torch.Tensor]], flush_cache: bool = True,
                                     weight_version: str | None = None) -> None:
         """Push HF-named tensors (a bucket or all of them) to every worker."""
+        self._all_workers("POST", "/update_weights_from_tensor",
+                          self.tensor_payloads(named_tensors, flush_cache, weight_version))
+
+    def tensor_payloads(self, named_tensors: Iterable[tuple[str, torch.Tensor]], flush_cache: bool = True,
+                        weight_version: str | None = None, kind: str | None = None) -> list[dict]:
+        """The /update_weights_from_tensor body for each worker. SGLang: a separate ForkingPickler dump for
+        every server and every TP rank of it (shared handles are opened once); embedded: one base64
+        safetensors copy (by value) that serves every worker."""
         named = list(named_tensors)
-        if self.kind == "embedded":
-            payload = {"serialized_named_tensors": [W.encode_safetensors_b64(named)], "load_format": W.SAFETENSORS_B64}
-        else:
-            payload = {"serialized_named_tensors": W.encode_sglang_named_tensors(named, self.tp_size), "load_format": None}
-        payload["flush_cache"] = bool(flush_cache)
+        extra: dict[str, Any] = {"flush_cache": bool(flush_cache)}
         if weight_version is not None:
-            payload["weight_version"] = str(weight_version)
-        self._all_workers("POST", "/update_weights_from_tensor", payload)
+            extra["weight_version"] = str(weight_version)
+        if (kind or self.kind) == "embedded":
+            body = {"serialized_named_tensors": [W.encode_safetensors_b64(named)], "load_format": W.SAFETENSORS_B64,
+                    **extra}
+            return [body] * len(self.worker_urls)
+        return [{"serialized_named_tensors": W.encode_sglang_named_tensors(named, self.tp_size), "load_format": None,
+                 **extra} for _ in self.worker_urls]
+
+    @property
+    def needs_weight_session(self) -> bool:
+        """True when the servers accept weight updates only inside begin/end_weight_update (SGLang >= 0.5.21)."""
+        return self.protocol_version >= WEIGHT_SESSION_SINCE
+
+    def begin_weight_update(self) -> None:
+        self._all_workers("POST", "/begin_weight_update", {"selector": "all"})
+
+    def end_weight_update(self) -> None:
+        self._all_workers("POST", "/end_weight_update", {})
+
+    @contextlib.contextmanager
+    def weight_update_session(self):
+        """Open SGLang's weight-update session on every worker around a group of updates (a no-op before
+        0.5.21). The session is closed even when an update fails, so the servers can serve again."""
+        if not self.needs_weight_session:
+            yield
+            return
+        self.begin_weight_update()
+        try:
+            yield
+        except BaseException:
+            try:
+                self.end_weight_update()
+            except EngineError:
+                pass  # the update's own error is the one to report
+            raise
+        self.end_weight_update()
 
     def update_weights_from_disk(self, path: str, load_format: str | None = None, weight_version: str | None = None) -> None:
         payload: dict[str, Any] = {"model_path": str(path), "load_format": load_format}
         if weight_version is not None:
             payload["weight_version"] = str(weight_version)
-        self._all_workers("POST", "/update_weights_from_disk", payload)
+        self._retry_busy(lambda: self._all_workers("POST", "/update_weights_from_disk", payload))
 
     def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
                                   group_name: str = "weight_update_group", backend: str = "nccl") -> None:
@@ -368,21 +451,27 @@ class EngineClient:
                                      backend: str = "nccl", timeout_s: float = 600.0):
         """Trainer side: build the update group (trainer = rank 0, servers after it) and return it."""
         world = 1 + self.tp_size * len(self.worker_urls)
-        err: list[BaseException] = []
+        done: list[Any] = []
 
-        def call():
+        def join():
             try:
-                self.init_weights_update_group(master_address, master_port, 1, world, group_name, backend)
+                done.append(W.init_weights_update_group(master_address, master_port, 0, world, group_name, backend,
+                                                        timeout_s))
             except BaseException as e:  # noqa: BLE001 - re-raised below
-                err.append(e)
+                done.append(e)
 
-        th = threading.Thread(target=call, daemon=True)
+        th = threading.Thread(target=join, daemon=True, name="weight-group-rendezvous")
         th.start()
-        group = W.init_weights_update_group(master_address, master_port, 0, world, group_name, backend, timeout_s)
+        # the servers' answer comes once every rank has joined; a refusal (bad backend, group exists, ...) comes
+        # at once and is raised here instead of leaving the trainer in the rendezvous until timeout_s
+        self.init_weights_update_group(master_address, master_port, 1, world, group_name, backend)
         th.join(timeout_s)
-        if err:
-            raise err[0]
-        return group
+        if not done:
+            raise EngineTimeoutError(f"weight-update group {group_name} at {master_address}:{master_port}: the servers "
+                                     f"answered but the trainer's rendezvous did not finish within {timeout_s:.0f}s")
+        if isinstance(done[0], BaseException):
+            raise done[0]
+        return done[0]
 
     def push_weights_distributed(self, group, named_tensors: Iterable[tuple[str, torch.Tensor]],
                                  group_name: str = "weight_update_group", flush_cache: bool = True,
@@ -398,12 +487,25 @@ class EngineClient:
             except BaseException as e:  # noqa: BLE001
                 err.append(e)
 
-        th = threading.Thread(target=call, daemon=True)
+        th = threading.Thread(target=call, daemon=True, name="update-weights-from-distributed")
         th.start()
-        W.broadcast_named_tensors(group, named)
-        th.join(self.control_timeout_s)
+        # asynchronous broadcasts, polled: a server that refuses the call (HTTP 400 before it receives anything)
+        # fails the sync at once with its message instead of leaving the broadcast waiting until the group timeout
+        works = W.broadcast_named_tensors(group, named, async_op=True)
+        deadline = time.time() + self.control_timeout_s
+        while not all(w.is_completed() for w in works):
+            if err or not th.is_alive():
+                break
+            if time.time() > deadline:
+                raise EngineTimeoutError(f"weight broadcast to {self.worker_urls} did not finish within "
+                                         f"{self.control_timeout_s:.0f}s (rollout.control_timeout_s)")
+            time.sleep(0.002)
+        th.join(max(0.0, deadline - time.time()))
         if err:
-            raise err[0]
+            raise EngineError(f"weight sync over the update group failed; the group '{group_name}' cannot be used "
+                              f"again (restart the run): {err[0]}") from err[0]
+        for w in works:
+            w.wait()
 
     def destroy_weights_update_group(self, group=None, group_name: str = "weight_update_group") -> None:
         self._all_workers("POST", "/destroy_weights_update_group", {"group_name": group_name})
@@ -411,17 +513,27 @@ class EngineClient:
             W.destroy_group(group)
 
     # ------------------------------------------------------------------ memory / cache / lifecycle
-    def flush_cache(self, attempts: int = 20, wait_s: float = 0.5) -> None:
-        """Flush every worker's prefix cache. SGLang answers 400 while requests are still running, so
-        that answer is retried (attempts x wait_s) before it is raised."""
+    @staticmethod
+    def _retry_busy(call, attempts: int = 20, wait_s: float = 0.5) -> Any:
+        """Run call(); SGLang answers 400 to a cache flush (also the one after a disk update) while requests
+        are still running, so that answer is retried (attempts x wait_s) before it is raised."""
         for k in range(attempts):
             try:
-                self._all_workers("POST", "/flush_cache", None)
-                return
+                return call()
             except EngineRequestError as e:
                 if e.status != 400 or k == attempts - 1:
                     raise
                 time.sleep(wait_s)
+
+    def flush_cache(self, attempts: int = 20, wait_s: float = 0.5) -> None:
+        """Flush every worker's prefix cache (retried while the servers are busy, see _retry_busy)."""
+        self._retry_busy(lambda: self._all_workers("POST", "/flush_cache", None), attempts, wait_s)
+
+    @property
+    def memory_tags(self) -> list[str]:
+        """What a tag-less /release_memory_occupation releases on these servers (resume them all afterwards)."""
+        tags = ["weights", "kv_cache"]
+        return tags + ["cuda_graph"] if self.protocol_version >= CUDA_GRAPH_TAG_SINCE else tags
 
     def release_memory(self, tags: list[str] | None = None) -> None:
         self._all_workers("POST", "/release_memory_occupation", {"tags": tags})

@@ -11,7 +11,15 @@ Sampling follows SGLang 0.5.x (python/sglang/srt/layers/sampler.py, torch fallba
   its last output token: finish_reason {"type": "stop", "matched": id}; otherwise
   {"type": "length", "length": n_generated}; aborted samples {"type": "abort", ...}.
 * `sampling_seed` seeds a per-sample torch.Generator, so a seeded sample does not depend on the
-  other samples in the batch.
+  other samples in the batch. (SGLang honours sampling_seed only with --enable-deterministic-inference;
+  see docs/rollout.md for what is reproducible on GPU.)
+
+Server behaviour follows SGLang `SGLANG_COMPAT` (0.5.23), so the CPU suite drives the client paths a
+cluster takes: weight updates from tensors / the update group only inside /begin_weight_update ...
+/end_weight_update; a tag-less release frees weights, KV cache and CUDA graphs (`MEMORY_TAGS`) and
+generation is refused until all are resumed; prompt + max_new_tokens over the context length fails
+the request unless `allow_auto_truncate`; flushing the cache (also after a disk update) fails while
+requests run.
 """
 from __future__ import annotations
 
@@ -30,6 +38,8 @@ import torch
 from . import weights as W
 
 GREEDY_EPS = 1e-6  # SGLang's _SAMPLING_EPS
+SGLANG_COMPAT = "0.5.23"  # the SGLang release whose HTTP behaviour this engine imitates
+MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")  # released by a tag-less /release_memory_occupation
 SUPPORTED_SAMPLING_KEYS = {
     "max_new_tokens", "stop_token_ids", "temperature", "top_p", "top_k", "min_p", "n", "ignore_eos",
     "sampling_seed", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim",
@@ -129,7 +139,8 @@ class EmbeddedEngine:
 
     def __init__(self, model_path: str, dtype: str = "float32", attn_implementation: str = "eager",
                  max_batch_size: int = 64, return_original_logprob: bool = False,
-                 weights_cpu_backup: bool = False, log_every_s: float = 2.0, device: str = "cpu"):
+                 weights_cpu_backup: bool = False, log_every_s: float = 2.0, device: str = "cpu",
+                 allow_auto_truncate: bool = False):
         path = Path(model_path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"model_path '{model_path}' has no config.json: pass an HF model directory")
@@ -170,6 +181,10 @@ class EmbeddedEngine:
         self._abort_epoch = 0
         self._abort_lock = threading.Lock()
         self.groups: dict[str, Any] = {}
+        self.allow_auto_truncate = bool(allow_auto_truncate)
+        self.weight_session = False  # inside /begin_weight_update ... /end_weight_update
+        self.health_generations = 0  # one-token health-check generations run (SGLang's /health does one)
+        self.health_while_released = 0  # health checks that would have generated on released memory
 
     # ------------------------------------------------------------------ generation
     def _log(self, msg: str) -> None:
@@ -191,12 +206,21 @@ class EmbeddedEngine:
             if bad:
                 raise RequestError(f"request {it.rid}: token ids {bad[:5]} outside the vocabulary [0, {self.vocab_size})")
             if len(it.input_ids) >= self.max_context:
-                raise RequestError(f"request {it.rid}: prompt of {len(it.input_ids)} tokens >= context length {self.max_context}")
+                raise RequestError(f"The input ({len(it.input_ids)} tokens) is longer than the model's context "
+                                   f"length ({self.max_context} tokens).")
+            total = len(it.input_ids) + it.max_new_tokens
+            if total > self.max_context and not self.allow_auto_truncate:
+                raise RequestError(f"Requested token count exceeds the model's maximum context length of "
+                                   f"{self.max_context} tokens. You requested a total of {total} tokens: "
+                                   f"{len(it.input_ids)} tokens from the input messages and {it.max_new_tokens} "
+                                   f"tokens for the completion (request {it.rid}; start the server with "
+                                   f"--allow-auto-truncate to clip max_new_tokens instead)")
         with self._abort_lock:  # abort_all also cancels requests still waiting for the lock
             epoch = self._abort_epoch
         with self.lock:
-            if "weights" in self.released:
-                raise RequestError("weights are released (/release_memory_occupation); call /resume_memory_occupation and push weights first")
+            if self.released:
+                raise RequestError(f"memory {sorted(self.released)} is released (/release_memory_occupation); call "
+                                   f"/resume_memory_occupation for every released tag (and push weights) first")
             self.busy = True
             try:
                 out: list[dict] = []
@@ -371,7 +395,27 @@ class EmbeddedEngine:
             named.extend(load_file(str(f)).items())
         return self.load_named_tensors([(n, t) for n, t in named if not n.endswith("rotary_emb.inv_freq")])
 
+    def _require_session(self, what: str) -> None:
+        if not self.weight_session:
+            raise RequestError(f"{what} must run between begin_weight_update() and end_weight_update()")
+
+    def begin_weight_update(self) -> None:
+        if self.weight_session:
+            raise RequestError("a weight-update session is already open; call end_weight_update() first")
+        self.weight_session = True
+
+    def end_weight_update(self) -> None:
+        if not self.weight_session:
+            raise RequestError("no weight-update session is open; call begin_weight_update() first")
+        self.weight_session = False
+
+    def flush_cache(self) -> None:
+        """SGLang flushes only a fully idle server; otherwise the call fails (HTTP 400)."""
+        if self.busy:
+            raise RequestError("Flush cache failed: requests are running (retry when the server is idle)")
+
     def update_weights_from_tensor(self, serialized: list[str], load_format: str | None) -> int:
+        self._require_session("update_weights_from_tensor")
         if load_format != W.SAFETENSORS_B64:
             raise RequestError(
                 f"load_format={load_format!r}: the embedded engine takes load_format='{W.SAFETENSORS_B64}' "
@@ -395,6 +439,7 @@ class EmbeddedEngine:
                                                               world_size, group_name, backend)
 
     def update_weights_from_distributed(self, names, dtypes, shapes, group_name: str) -> int:
+        self._require_session("update_weights_from_distributed")
         if group_name not in self.groups:
             raise RequestError(f"no weight update group '{group_name}': call /init_weights_update_group first")
         try:
@@ -410,8 +455,11 @@ class EmbeddedEngine:
 
     # ------------------------------------------------------------------ memory
     def release_memory(self, tags: list[str] | None) -> None:
-        """Free the weights ("weights" tag; content lost unless weights_cpu_backup). KV cache is per call."""
-        tags = ["weights", "kv_cache"] if not tags else list(tags)
+        """Free the weights ("weights" tag; content lost unless weights_cpu_backup). KV cache is per call;
+        no tags = all of MEMORY_TAGS. Like SGLang, only an idle server releases (else HTTP 400)."""
+        tags = list(MEMORY_TAGS) if not tags else list(tags)
+        if self.busy:
+            raise RequestError("release_memory_occupation needs an idle server: requests are still running")
         with self.lock:
             if "weights" in tags and "weights" not in self.released:
                 for n, p in self.model.named_parameters():
@@ -422,7 +470,7 @@ class EmbeddedEngine:
             self.released.update(tags)
 
     def resume_memory(self, tags: list[str] | None) -> None:
-        tags = ["weights", "kv_cache"] if not tags else list(tags)
+        tags = list(MEMORY_TAGS) if not tags else list(tags)
         with self.lock:
             if "weights" in tags and "weights" in self.released:
                 for n, p in self.model.named_parameters():

@@ -37,6 +37,7 @@ class EngineConfig:
     max_batch_size: int = 64
     attn_implementation: str = "eager"
     return_original_logprob: bool = False
+    allow_auto_truncate: bool = False  # clip max_new_tokens to the context instead of a 400 (SGLang flag of the same name)
     threads: int = 1
     # sglang
     num_gpus: int = 1
@@ -103,6 +104,8 @@ def launch_engine(cfg: Any) -> EngineClient:
         extra = ["--dtype", c.dtype, "--max-batch-size", str(c.max_batch_size), "--attn-implementation", c.attn_implementation]
         if c.return_original_logprob:
             extra.append("--return-original-logprob")
+        if c.allow_auto_truncate:
+            extra.append("--allow-auto-truncate")
         return launch_embedded_server(c.model_path, host=c.host, port=c.port, log_dir=c.log_dir,
                                       startup_timeout_s=c.startup_timeout_s, extra_args=extra, threads=c.threads,
                                       **_client_kwargs(c))

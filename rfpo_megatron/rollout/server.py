@@ -1,16 +1,21 @@
 """`rfpo-megatron serve`: the embedded engine behind SGLang's HTTP endpoints (the subset the trainer uses).
 
-Endpoints (same paths, fields and answers as SGLang 0.5.x's http_server.py):
-  GET  /health, /health_generate          200 when the engine can generate (or is busy making progress)
-  GET  /get_server_info, /get_model_info  JSON; get_server_info has "version" and "engine": "rfpo-embedded"
-  POST /generate                          GenerateReqInput subset: input_ids, sampling_params, rid, return_logprob
-  GET|POST /flush_cache                   no prefix cache here: always succeeds
+Endpoints (same paths, fields and answers as SGLang 0.5.23's http_server.py; embedded.SGLANG_COMPAT):
+  GET  /health, /health_generate          200 after a one-token generation when idle (as SGLang); 503 when the
+                                          memory is released (SGLang would generate on released memory)
+  GET  /get_server_info, /get_model_info  JSON; get_server_info has "version", "sglang_compat" and
+                                          "engine": "rfpo-embedded"
+  POST /generate                          GenerateRequest subset: input_ids, sampling_params, rid, return_logprob;
+                                          unknown top-level fields are ignored (the router adds some), unknown
+                                          sampling_params keys are refused — both as SGLang
+  GET|POST /flush_cache                   400 while requests run (SGLang flushes only an idle server)
+  POST /begin_weight_update, /end_weight_update   the weight-update session (SGLang >= 0.5.21)
   POST /update_weights_from_tensor        serialized_named_tensors (load_format "rfpo_safetensors_b64"), flush_cache
   POST /update_weights_from_disk          model_path, load_format
   POST /init_weights_update_group         master_address, master_port, rank_offset, world_size, group_name, backend
   POST /update_weights_from_distributed   names, dtypes, shapes, group_name, flush_cache
   POST /destroy_weights_update_group      group_name
-  GET|POST /release_memory_occupation, /resume_memory_occupation   tags
+  GET|POST /release_memory_occupation, /resume_memory_occupation   tags (none = weights, kv_cache, cuda_graph)
   POST /abort_request                     rid, abort_all
   POST /shutdown                          (embedded only) stop the server
 Malformed requests get HTTP 400 with {"object": "error", "message": ..., "code": 400}.
@@ -27,18 +32,12 @@ import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
-from .embedded import EmbeddedEngine, GenItem, RequestError, new_rid, parse_sampling_params
+from .embedded import SGLANG_COMPAT, EmbeddedEngine, GenItem, RequestError, new_rid, parse_sampling_params
 
 ENGINE_NAME = "rfpo-embedded"
 
-# GenerateReqInput fields accepted (those outside the supported subset must keep their default value).
-_GEN_FIELDS = {
-    "input_ids", "text", "sampling_params", "rid", "return_logprob", "logprob_start_len", "top_logprobs_num",
-    "token_ids_logprob", "return_text_in_logprobs", "stream", "log_metrics", "return_hidden_states", "modalities",
-    "lora_path", "lora_id", "custom_logit_processor", "session_params", "data_parallel_rank", "routed_dp_rank",
-    "priority", "input_embeds", "image_data", "video_data", "audio_data", "bootstrap_host", "bootstrap_port",
-    "bootstrap_room", "no_logs", "background", "extra_key", "conversation_id",
-}
+# GenerateRequest fields that must keep their default value here (other unknown fields are ignored, as SGLang's
+# GenerateRequest does: "unknown keys ignored"; sglang_router adds model, return_bytes, return_entropy).
 _GEN_DEFAULT_ONLY = {"text", "input_embeds", "image_data", "video_data", "audio_data", "lora_path",
                      "custom_logit_processor", "session_params", "token_ids_logprob", "return_hidden_states"}
 
@@ -47,9 +46,6 @@ def parse_generate_request(body: Any, vocab_size: int) -> tuple[list[GenItem], b
     """SGLang /generate JSON -> (items, is_single). n > 1 is expanded prompt-major like SGLang."""
     if not isinstance(body, dict):
         raise RequestError("request body must be a JSON object")
-    unknown = sorted(set(body) - _GEN_FIELDS)
-    if unknown:
-        raise RequestError(f"unknown /generate fields {unknown}")
     for key in _GEN_DEFAULT_ONLY:
         if body.get(key):
             raise RequestError(f"/generate field '{key}' is not supported by the embedded engine (send input_ids)")
@@ -195,10 +191,14 @@ def _require(body: dict, key: str, kind):
 @_route("GET|POST", "/health_generate")
 def _health(h: _Handler, body: Any) -> None:
     eng = _engine(h)
-    if "weights" in eng.released:
-        return h._reply(200, text="")
+    if eng.released:  # SGLang would run its one-token check on released memory: count it, answer 503
+        eng.health_while_released += 1
+        print(f"[rfpo-embedded] health check while memory {sorted(eng.released)} is released "
+              f"(SGLang would generate on released memory)", flush=True)
+        return h._reply(503, text="memory released")
     if eng.lock.acquire(blocking=False):
         eng.lock.release()
+        eng.health_generations += 1
         eng.generate([GenItem(rid="HEALTH_CHECK_" + new_rid(), input_ids=[0], max_new_tokens=1, temperature=0.0)])
         return h._reply(200, text="")
     if time.time() - eng.last_progress < h.server.health_stall_s:  # type: ignore[attr-defined]
@@ -212,7 +212,10 @@ def _server_info(h: _Handler, body: Any) -> None:
 
     eng = _engine(h)
     h._reply(200, {
-        "engine": ENGINE_NAME, "version": __version__, "model_path": eng.model_path, "tp_size": 1, "dp_size": 1,
+        "engine": ENGINE_NAME, "version": __version__, "sglang_compat": SGLANG_COMPAT, "model_path": eng.model_path,
+        "tp_size": 1, "dp_size": 1, "allow_auto_truncate": eng.allow_auto_truncate,
+        "weight_update_session": eng.weight_session, "health_generations": eng.health_generations,
+        "health_while_released": eng.health_while_released,
         "dtype": str(eng.dtype).removeprefix("torch."), "vocab_size": eng.vocab_size, "context_length": eng.max_context,
         "max_batch_size": eng.max_batch_size, "return_original_logprob": eng.return_original_logprob,
         "weight_version": eng.weight_version, "progress": eng.progress, "last_progress_time": eng.last_progress,
@@ -243,7 +246,20 @@ def _generate(h: _Handler, body: Any) -> None:
 
 @_route("GET|POST", "/flush_cache")
 def _flush(h: _Handler, body: Any) -> None:
+    _engine(h).flush_cache()
     h._reply(200, text="Cache flushed.\n")
+
+
+@_route("POST", "/begin_weight_update")
+def _begin_update(h: _Handler, body: Any) -> None:
+    _engine(h).begin_weight_update()
+    h._reply(200, {"success": True, "message": "Success"})
+
+
+@_route("POST", "/end_weight_update")
+def _end_update(h: _Handler, body: Any) -> None:
+    _engine(h).end_weight_update()
+    h._reply(200, {"success": True, "message": "Success"})
 
 
 def _weight_reply(h: _Handler, body: dict, fn: Callable[[], int], what: str) -> None:
@@ -270,6 +286,8 @@ def _update_disk(h: _Handler, body: Any) -> None:
     if body.get("load_format") not in (None, "auto", "safetensors"):
         raise RequestError(f"load_format={body['load_format']!r} not supported (use 'auto' or 'safetensors')")
     eng = _engine(h)
+    if body.get("flush_cache", True):  # SGLang flushes after loading; that fails while requests run
+        eng.flush_cache()
     n = eng.update_weights_from_disk(path)
     eng.model_path = path
     msg = f"Succeeded to update model weights ({n} tensors, disk)."
@@ -379,6 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1") or 1), help="torch CPU threads")
     p.add_argument("--parent-pid", type=int, default=None, help="exit when this process is gone")
     p.add_argument("--tp-size", type=int, default=1, help="accepted for SGLang command-line compatibility; must be 1")
+    p.add_argument("--allow-auto-truncate", action="store_true",
+                   help="clip max_new_tokens to the context instead of failing the request (SGLang flag of the same name)")
     return p
 
 
@@ -394,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         engine = EmbeddedEngine(args.model_path, dtype=args.dtype, attn_implementation=args.attn_implementation,
                                 max_batch_size=args.max_batch_size, return_original_logprob=args.return_original_logprob,
                                 weights_cpu_backup=args.enable_weights_cpu_backup, log_every_s=args.log_every_s,
-                                device=args.device)
+                                device=args.device, allow_auto_truncate=args.allow_auto_truncate)
     except (FileNotFoundError, ValueError) as e:
         print(f"rfpo-megatron serve: {e}", file=sys.stderr)
         return 2

@@ -6,6 +6,12 @@ Servers get CUDA_VISIBLE_DEVICES for their GPU group; when there are several, `s
 (`python -m sglang_router.launch_router --worker-urls ...`) fronts /generate, and control calls go
 to every server directly. The installed SGLang version is checked before anything starts, and each
 server's /get_server_info version once it is up.
+
+Router defaults (`ROUTER_DEFAULTS`, each overridable in router_args): Prometheus on the router's own host
+at a free port (0.3.x binds 0.0.0.0:29000 otherwise, so a second router on a host fails to start), the
+worker health check on /get_model_info (SGLang's /health runs a one-token generation on an idle server:
+in colocated training that would run on released memory), no router retries (a 5xx is resent with the
+same rid; the client reports the server's error instead) and the request timeout of the client.
 """
 from __future__ import annotations
 
@@ -34,7 +40,7 @@ def check_sglang_installed(min_version: tuple[int, int] = MIN_SGLANG) -> str:
             f"rollout.backend=sglang needs SGLang >= {want}, which is not installed (pip install 'sglang[all]>={want}' "
             f"on a GPU node); without a GPU use rollout.backend=embedded"
         ) from None
-    if _version_tuple(v)[:2] < tuple(min_version):
+    if _version_tuple(v)[:3] < tuple(min_version):
         raise EngineError(f"SGLang {v} is installed; rfpo_megatron needs SGLang >= {want} (pip install -U 'sglang[all]>={want}')")
     return v
 
@@ -67,10 +73,21 @@ def build_server_cmd(model_path: str, host: str, port: int, tp_size: int, server
             "--tp-size", str(tp_size), *args_to_cli(server_args)]
 
 
+ROUTER_DEFAULTS: dict[str, Any] = {"health_check_endpoint": "/get_model_info", "disable_retries": True}
+
+
 def build_router_cmd(worker_urls: list[str], host: str, port: int, router_args: dict[str, Any] | None = None,
-                     python: str = sys.executable) -> list[str]:
+                     python: str = sys.executable, prometheus_port: int | None = None,
+                     request_timeout_s: float | None = None) -> list[str]:
+    """Command line of sglang_router in front of worker_urls (ROUTER_DEFAULTS under router_args)."""
+    args: dict[str, Any] = dict(ROUTER_DEFAULTS)
+    args["prometheus_host"] = host
+    args["prometheus_port"] = prometheus_port or free_port(host)
+    if request_timeout_s:
+        args["request_timeout_secs"] = int(request_timeout_s)
+    args.update(router_args or {})
     return [python, "-m", "sglang_router.launch_router", "--worker-urls", *worker_urls, "--host", host,
-            "--port", str(port), *args_to_cli(router_args)]
+            "--port", str(port), *args_to_cli(args)]
 
 
 def gpu_groups(num_gpus: int, tp_size: int, visible: str | None = None) -> list[str]:
@@ -114,7 +131,9 @@ def launch_sglang(model_path: str, *, num_gpus: int = 1, tp_size: int = 1, serve
             if router:
                 rport = (port + len(groups)) if port else free_port(host)
                 rurl = f"http://{host}:{rport}"
-                procs.append(spawn("sglang-router", build_router_cmd(worker_urls, host, rport, router_args),
+                rcmd = build_router_cmd(worker_urls, host, rport, router_args,
+                                        request_timeout_s=client_kwargs.get("request_timeout_s"))
+                procs.append(spawn("sglang-router", rcmd,
                                    log_dir / f"sglang_router_{stamp}.log", env=base_env, url=rurl))
                 wait_healthy(rurl, procs[-1], startup_timeout_s, path="/health")
                 entry = rurl

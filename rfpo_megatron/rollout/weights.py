@@ -2,10 +2,11 @@
 
 Two payload formats travel in `serialized_named_tensors` of /update_weights_from_tensor:
 
-* SGLang's own (`load_format=None`): one base64 string per TP rank, each the ForkingPickler dump of a
-  list of (hf_name, tensor) — what sglang.srt.utils.MultiprocessingSerializer.serialize(..., output_str=True)
-  produces. For CUDA tensors the pickle carries CUDA IPC handles, so it only works colocated
-  (same node, the tensors stay alive on the trainer until the call returns).
+* SGLang's own (`load_format=None`): one base64 string per TP rank of the server, each its own
+  ForkingPickler dump of a list of (hf_name, tensor) — what sglang.srt.utils.MultiprocessingSerializer
+  .serialize(..., output_str=True) produces, CUDA devices recorded by GPU UUID. For CUDA tensors the pickle
+  carries CUDA IPC handles, so it only works on the same node (the tensors stay alive on the trainer
+  until the call returns).
 * The embedded engine's (`load_format="rfpo_safetensors_b64"`): one base64 string holding the bytes of
   a safetensors file of the named tensors (safe to decode: no pickle), copied by value.
 
@@ -51,21 +52,59 @@ def decode_safetensors_b64(payload: str) -> list[tuple[str, torch.Tensor]]:
     return list(tensors.items())
 
 
-def encode_sglang_named_tensors(named_tensors: Iterable[tuple[str, torch.Tensor]], tp_size: int = 1) -> list[str]:
-    """SGLang's payload: [base64(ForkingPickler(list[(name, tensor)]))] * tp_size.
+# Index of the device in torch's rebuild_cuda_tensor arguments (torch.multiprocessing.reductions.reduce_tensor);
+# SGLang's patched rebuild reads a GPU UUID there (sglang/srt/utils/patch_torch.py, _REDUCE_TENSOR_ARG_DEVICE_INDEX).
+CUDA_DEVICE_ARG = 6
 
-    Same bytes as MultiprocessingSerializer.serialize(named_tensors, output_str=True) (without
-    SGLang's torch-reduction patch, which only changes how CUDA device ids are recorded).
-    """
+
+def _device_uuid(index: int) -> str:
+    return str(torch.cuda.get_device_properties(index).uuid)
+
+
+def with_device_uuid(rebuild, args: tuple, uuid_of=_device_uuid) -> tuple:
+    """(rebuild_fn, args) of a reduced tensor with a CUDA device *index* replaced by that GPU's UUID.
+
+    An index names another GPU in a server started with a different CUDA_VISIBLE_DEVICES; SGLang maps the
+    UUID back to its own index. CPU tensors (any other rebuild function) are returned unchanged."""
+    from torch.multiprocessing import reductions
+
+    if rebuild is reductions.rebuild_cuda_tensor and isinstance(args[CUDA_DEVICE_ARG], int):
+        args = (*args[:CUDA_DEVICE_ARG], uuid_of(args[CUDA_DEVICE_ARG]), *args[CUDA_DEVICE_ARG + 1:])
+    return rebuild, args
+
+
+def _dump_for_sglang(items: list[tuple[str, torch.Tensor]]) -> str:
+    """One base64 ForkingPickler dump of items, CUDA devices recorded by UUID (as SGLang's patched reducer)."""
     from multiprocessing.reduction import ForkingPickler
 
+    from torch.multiprocessing import reductions
+
+    def reduce(t):
+        return with_device_uuid(*reductions.reduce_tensor(t))
+
+    buf = io.BytesIO()
+    pickler = ForkingPickler(buf)
+    pickler.dispatch_table = dict(pickler.dispatch_table)
+    for cls, fn in list(pickler.dispatch_table.items()):
+        if fn is reductions.reduce_tensor:
+            pickler.dispatch_table[cls] = reduce
+    pickler.dump(items)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def encode_sglang_named_tensors(named_tensors: Iterable[tuple[str, torch.Tensor]], tp_size: int = 1) -> list[str]:
+    """SGLang's payload for one server: tp_size *separate* base64 ForkingPickler dumps of list[(name, tensor)].
+
+    TP rank r of the server decodes entry [r] only (sglang tp_worker.deserialize_own_rank): each dump shares
+    the tensors once (a CPU tensor's shared-memory handle, a CUDA tensor's IPC handle and ref-counter), so
+    a copy decoded by two ranks or two servers fails (EOFError on CPU) or breaks CUDA-IPC refcounting.
+    Encode once per server. Same format as sglang MultiprocessingSerializer.serialize(..., output_str=True)
+    under SGLang's monkey_patch_torch_reductions (CUDA devices by UUID).
+    """
     import torch.multiprocessing  # noqa: F401  (registers the tensor reducers with ForkingPickler)
 
     items = [(name, t.detach()) for name, t in named_tensors]
-    buf = io.BytesIO()
-    ForkingPickler(buf).dump(items)
-    text = base64.b64encode(buf.getvalue()).decode("ascii")
-    return [text] * int(tp_size)
+    return [_dump_for_sglang(items) for _ in range(int(tp_size))]
 
 
 def decode_sglang_named_tensors(payload: str) -> list[tuple[str, torch.Tensor]]:
@@ -98,12 +137,16 @@ def init_weights_update_group(master_address: str, master_port: int, rank: int, 
     server joins with rank = rank_offset + its tp rank. Returns the ProcessGroup to pass to
     broadcast_named_tensors / receive_named_tensors.
     """
+    import torch.distributed as dist
     from torch.distributed import distributed_c10d as c10d
 
     timeout = timedelta(seconds=timeout_s)
-    init_method = f"tcp://{master_address}:{int(master_port)}"
-    store, rank, world_size = next(c10d.rendezvous(init_method, int(rank), int(world_size), timeout=timeout))
-    store.set_timeout(timeout)
+    rank, world_size = int(rank), int(world_size)
+    # The store is built directly, not through c10d.rendezvous("tcp://..."): under torchrun
+    # (TORCHELASTIC_USE_AGENT_STORE=True) rendezvous makes every rank a client of the agent's store, so the
+    # trainer (rank 0) would never host this group's store and both sides wait until the timeout.
+    store = dist.TCPStore(master_address, int(master_port), world_size, is_master=(rank == 0), timeout=timeout,
+                          wait_for_workers=False)
     store = c10d.PrefixStore(group_name, store)
     pg, _ = c10d._new_process_group_helper(
         world_size, rank, [], c10d.Backend(backend), store, group_name=group_name, timeout=timeout
@@ -112,16 +155,20 @@ def init_weights_update_group(master_address: str, master_port: int, rank: int, 
     return pg
 
 
-def broadcast_named_tensors(group, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+def broadcast_named_tensors(group, named_tensors: Iterable[tuple[str, torch.Tensor]], async_op: bool = False) -> list:
     """Trainer side (rank 0): broadcast each tensor, in order, to every server in `group`.
 
     The matching HTTP call /update_weights_from_distributed (names, dtypes, shapes in the same order)
-    must be in flight at the same time: issue it from another thread first.
-    """
+    must be in flight at the same time: issue it from another thread first. async_op: return the
+    pending works (poll `is_completed()`; the tensors must stay alive until they complete)."""
     import torch.distributed as dist
 
+    works = []
     for _, t in named_tensors:
-        dist.broadcast(t.detach().contiguous(), src=0, group=group)
+        w = dist.broadcast(t.detach().contiguous(), src=0, group=group, async_op=async_op)
+        if async_op:
+            works.append(w)
+    return works
 
 
 def receive_named_tensors(group, names: list[str], dtypes: list[str], shapes: list[list[int]],

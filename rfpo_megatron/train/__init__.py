@@ -54,6 +54,7 @@ from rfpo_megatron.train.runtime import (  # noqa: F401
 from rfpo_megatron.train.lifecycle import build_actor, check_paths, engine_config, launch_rollout_engine, setup, teardown  # noqa: F401
 from rfpo_megatron.train.weight_sync import (  # noqa: F401
     connect_weight_group,
+    job_nodes,
     share_engine,
     sync_mode,
     sync_weights,
@@ -108,6 +109,7 @@ __all__ = [
     "setup",
     "teardown",
     "connect_weight_group",
+    "job_nodes",
     "share_engine",
     "sync_mode",
     "sync_weights",

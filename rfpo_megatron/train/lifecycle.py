@@ -12,6 +12,26 @@ from rfpo_megatron.train.runtime import Runtime, install_signal_handlers, touch
 from rfpo_megatron.train.weight_sync import share_engine, sync_mode, sync_weights
 
 
+def sglang_server_args(cfg: Config) -> dict:
+    """rollout.server_args plus what the rollout section says about the servers: mem_fraction_static (SGLang
+    sizes its pool from it), the memory saver when colocated (release/resume need it) and deterministic
+    inference (SGLang ignores sampling_seed without it). A server_args entry that contradicts the section
+    is a ConfigError."""
+    r = cfg.rollout
+    args = dict(r.server_args)
+    want = {"mem_fraction_static": r.mem_fraction_static}
+    if r.colocate:
+        want["enable_memory_saver"] = True
+    if r.deterministic_inference:
+        want["enable_deterministic_inference"] = True
+    for key, value in want.items():
+        if key in args and args[key] != value:
+            raise ConfigError(f"rollout.server_args.{key}={args[key]!r} contradicts the rollout section (which asks "
+                              f"for {value!r}); set it in one place")
+        args[key] = value
+    return args
+
+
 def engine_config(cfg: Config) -> dict:
     """The rollout section mapped onto rfpo_megatron.rollout.launch.EngineConfig field names."""
     r = cfg.rollout
@@ -20,7 +40,8 @@ def engine_config(cfg: Config) -> dict:
             "model_path": cfg.actor.hf_model_path, "log_dir": os.path.join(cfg.logging.log_dir, "rollout_logs"),
             "startup_timeout_s": r.startup_timeout_s, "request_timeout_s": r.request_timeout_s,
             "watchdog_s": r.watchdog_s, "tp_size": r.sglang_tp, "num_gpus": r.num_servers * r.sglang_tp,
-            "server_args": dict(r.server_args), "threads": int(os.environ.get("OMP_NUM_THREADS", "1") or 1)}
+            "server_args": sglang_server_args(cfg) if r.engine == "sglang" else dict(r.server_args),
+            "router_args": dict(r.router_args), "threads": int(os.environ.get("OMP_NUM_THREADS", "1") or 1)}
 
 
 def check_paths(cfg: Config) -> None:

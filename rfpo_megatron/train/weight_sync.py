@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from typing import Any
 
 import torch
@@ -15,50 +16,123 @@ from rfpo_megatron.train.runtime import Runtime, barrier
 
 def sync_weights(rt: Runtime, resume_memory: bool = False) -> None:
     """Push the actor's weights to the rollout engine as HF-named tensors, in buckets
-    (rollout.weight_sync_bucket_mb). Collective over TP (gathers shards); with PP each stage pushes its own
-    layers; only TP rank 0 / DP rank 0 of each stage talks to the engine. `disk`: every rank writes its part
-    of one HF directory (`write_weights_dir`), then rank 0 alone asks the engine to load it. `resume_memory`:
-    the engine released its memory (rollout.colocate): re-allocate the weights first, the KV cache after."""
-    from rfpo_megatron.convert.export import iter_hf_weights
-
-    if resume_memory and rt.is_rank0:
-        rt.engine.resume_memory(["weights"])
-    barrier(rt)
-    bucket_bytes = int(rt.cfg.rollout.weight_sync_bucket_mb) * (1 << 20)
-    sender = rt.engine is not None and _is_sync_sender()
+    (rollout.weight_sync_bucket_mb). Collective over TP (gathers shards); with PP each stage's TP rank 0 /
+    DP rank 0 pushes its own layers (`tensor`), or relays them to global rank 0, the update group's only
+    sender (`distributed`). `disk`: every rank writes its part of one HF directory (`write_weights_dir`),
+    then rank 0 alone asks the engine to load it. Tensor and distributed updates run inside one SGLang
+    weight-update session (opened and closed by rank 0; SGLang >= 0.5.21 refuses updates outside one).
+    `resume_memory`: the engine released its memory (rollout.colocate): re-allocate the weights first,
+    everything else it released (KV cache, and CUDA graphs from SGLang 0.5.6) after the update."""
     mode = sync_mode(rt.cfg)
-    if mode == "disk":
-        path = write_weights_dir(rt, bucket_bytes)
-        if rt.is_rank0 and rt.engine is not None:
-            rt.engine.update_weights_from_disk(path)
-            _remove_old_dirs(os.path.dirname(path), keep=os.path.basename(path))
-    else:
-        if mode == "distributed" and rt.is_rank0 and rt.weight_group is None:
-            rt.weight_group = connect_weight_group(rt)
-        for bucket in iter_hf_weights(rt.actor.modules, rt.actor.hf_config, bucket_bytes):
-            if sender and mode == "distributed":
-                rt.engine.push_weights_distributed(rt.weight_group, list(bucket), flush_cache=False)
-            elif sender:
-                rt.engine.update_weights_from_tensors(list(bucket), flush_cache=False)
-    barrier(rt)
+    session = None
     if rt.is_rank0 and rt.engine is not None:
         if resume_memory:
-            rt.engine.resume_memory(["kv_cache"])
+            rt.engine.resume_memory(["weights"])
+        if mode != "disk":
+            session = rt.engine.weight_update_session()
+            session.__enter__()
+    ok = False
+    try:
+        barrier(rt)
+        bucket_bytes = int(rt.cfg.rollout.weight_sync_bucket_mb) * (1 << 20)
+        if mode == "disk":
+            path = write_weights_dir(rt, bucket_bytes)
+            if rt.is_rank0 and rt.engine is not None:
+                rt.engine.update_weights_from_disk(path)
+                _remove_old_dirs(os.path.dirname(path), keep=os.path.basename(path))
+        elif mode == "distributed":
+            _push_distributed(rt, bucket_bytes)
+        else:
+            _push_tensors(rt, bucket_bytes)
+        barrier(rt)
+        ok = True
+    finally:
+        if session is not None:
+            session.__exit__(*((None, None, None) if ok else sys.exc_info()))
+    if rt.is_rank0 and rt.engine is not None:
+        if resume_memory:
+            rt.engine.resume_memory([t for t in rt.engine.memory_tags if t != "weights"])
         rt.engine.flush_cache()
 
 
-def sync_mode(cfg: Config) -> str:
+def _push_tensors(rt: Runtime, bucket_bytes: int) -> None:
+    """rollout.weight_sync=tensor: every stage's sender posts its buckets to every server itself."""
+    from rfpo_megatron.convert.export import iter_hf_weights
+
+    sender = rt.engine is not None and _is_sync_sender()
+    for bucket in iter_hf_weights(rt.actor.modules, rt.actor.hf_config, bucket_bytes):
+        if sender:
+            rt.engine.update_weights_from_tensors(list(bucket), flush_cache=False)
+
+
+def _push_distributed(rt: Runtime, bucket_bytes: int) -> None:
+    """rollout.weight_sync=distributed: global rank 0 broadcasts every bucket over the update group. With PP,
+    the sender of each later stage (TP 0 / DP 0, in rank 0's pipeline group) sends its buckets to rank 0 point
+    to point (names/shapes/dtypes as an object, then the tensors), stage after stage, ending with None."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as mpu
+
+    from rfpo_megatron.convert.export import iter_hf_weights
+
+    if rt.is_rank0 and rt.weight_group is None:
+        rt.weight_group = connect_weight_group(rt)
+    pp = mpu.get_pipeline_model_parallel_world_size()
+    sender = _is_sync_sender()
+    for bucket in iter_hf_weights(rt.actor.modules, rt.actor.hf_config, bucket_bytes):
+        if rt.is_rank0:
+            rt.engine.push_weights_distributed(rt.weight_group, list(bucket), flush_cache=False)
+        elif sender:
+            dist.send_object_list([[(n, list(t.shape), t.dtype) for n, t in bucket]], dst=0)
+            for _, t in bucket:
+                dist.send(t.detach().contiguous(), dst=0)
+    if pp == 1:
+        return
+    if sender and not rt.is_rank0:
+        dist.send_object_list([None], dst=0)
+    if rt.is_rank0:
+        device = next(rt.actor.modules[0].parameters()).device
+        for src in dist.get_process_group_ranks(mpu.get_pipeline_model_parallel_group())[1:]:
+            while True:
+                box: list[Any] = [None]
+                dist.recv_object_list(box, src=src)
+                if box[0] is None:
+                    break
+                bucket = []
+                for name, shape, dtype in box[0]:
+                    t = torch.empty(shape, dtype=dtype, device=device)
+                    dist.recv(t, src=src)
+                    bucket.append((name, t))
+                rt.engine.push_weights_distributed(rt.weight_group, bucket, flush_cache=False)
+
+
+def sync_mode(cfg: Config, nodes: int | None = None) -> str:
     """rollout.weight_sync resolved: `tensor` (HTTP, colocated or CPU), `distributed` (a NCCL/gloo group
     trainer -> servers, for servers on other nodes) or `disk` (an HF directory on a filesystem the servers
-    share, `weight_sync_dir`). `auto` = distributed when not colocated and PP = 1, else tensor."""
+    share, `weight_sync_dir`). `auto`: distributed when not colocated; colocated, tensor on one node and disk
+    across nodes (`tensor` pushes CUDA-IPC handles, which only a server on the sender's node can open; NCCL
+    cannot join a trainer rank and a server sharing one GPU). nodes: the job's node count (`job_nodes()`)."""
     mode = cfg.rollout.weight_sync
-    pp = cfg.actor.pipeline_model_parallel_size
+    nodes = job_nodes() if nodes is None else nodes
     if mode == "auto":
-        return "distributed" if (not cfg.rollout.colocate and pp == 1) else "tensor"
-    if mode == "distributed" and pp > 1:
-        raise ConfigError("rollout.weight_sync=distributed needs actor.pipeline_model_parallel_size=1 (the update "
-                          "group's sender is rank 0); use weight_sync=tensor with pipeline parallelism")
+        if not cfg.rollout.colocate:
+            return "distributed"
+        return "tensor" if nodes == 1 else "disk"
+    if mode == "tensor" and nodes > 1 and cfg.rollout.engine == "sglang":
+        raise ConfigError(f"rollout.weight_sync=tensor on {nodes} nodes: SGLang's tensor updates carry CUDA-IPC "
+                          f"handles that only a server on the sender's node can open; use weight_sync=disk (shared "
+                          f"filesystem) or, with the servers on their own GPUs, weight_sync=distributed")
     return mode
+
+
+def job_nodes() -> int:
+    """Nodes of the training job: SLURM_NNODES / SLURM_JOB_NUM_NODES, else WORLD_SIZE / LOCAL_WORLD_SIZE, else 1."""
+    for key in ("SLURM_NNODES", "SLURM_JOB_NUM_NODES"):
+        if os.environ.get(key, "").isdigit():
+            return max(1, int(os.environ[key]))
+    world, local = os.environ.get("WORLD_SIZE", ""), os.environ.get("LOCAL_WORLD_SIZE", "")
+    if world.isdigit() and local.isdigit() and int(local) > 0:
+        return max(1, int(world) // int(local))
+    return 1
 
 
 def weight_sync_dir(cfg: Config) -> str:
@@ -119,11 +193,10 @@ def share_engine(rt: Runtime) -> None:
 
     from rfpo_megatron.rollout.client import EngineClient
 
-    box = [(rt.engine.url, rt.engine.worker_urls) if rt.is_rank0 else None]
+    box = [rt.engine.spec() if rt.is_rank0 else None]  # URLs, TP size (entries per tensor payload), router
     dist.broadcast_object_list(box, src=0)
     if not rt.is_rank0 and _is_sync_sender():
-        url, workers = box[0]
-        rt.engine = EngineClient(url, workers, request_timeout_s=rt.cfg.rollout.request_timeout_s)
+        rt.engine = EngineClient.from_spec(box[0])
 
 
 def _is_sync_sender() -> bool:
