@@ -26,9 +26,15 @@ def test_build_server_and_router_cmds():
                    "--tp-size", "2", "--dtype", "bfloat16", "--skip-tokenizer-init"]
     with pytest.raises(ValueError, match="must not set \\['port'\\]"):
         build_server_cmd("/m", "h", 1, 1, {"port": 5})
-    rc = build_router_cmd(["http://a:1", "http://b:2"], "0.0.0.0", 30000, {"policy": "cache_aware"}, python="py")
+    rc = build_router_cmd(["http://a:1", "http://b:2"], "0.0.0.0", 30000, {"policy": "cache_aware"}, python="py",
+                          prometheus_port=30099)
     assert rc == ["py", "-m", "sglang_router.launch_router", "--worker-urls", "http://a:1", "http://b:2", "--host",
-                  "0.0.0.0", "--port", "30000", "--policy", "cache_aware"]
+                  "0.0.0.0", "--port", "30000", "--health-check-endpoint", "/get_model_info", "--disable-retries",
+                  "--prometheus-host", "0.0.0.0", "--prometheus-port", "30099", "--policy", "cache_aware"]
+    # router_args override the defaults (e.g. back to SGLang's generating /health check)
+    rc = build_router_cmd(["http://a:1"], "h", 1, {"health_check_endpoint": "/health", "disable_retries": False},
+                          prometheus_port=2)
+    assert "--disable-retries" not in rc and rc[rc.index("--health-check-endpoint") + 1] == "/health"
 
 
 def test_gpu_groups():
@@ -43,11 +49,11 @@ def test_gpu_groups():
 
 def test_version_checks():
     c = EngineClient("http://127.0.0.1:1")
-    c.check_sglang_version("0.5.2")
+    c.check_sglang_version("0.5.4")
     c.check_sglang_version("0.5.10rc1")
     c.check_sglang_version("1.0.0")
-    for bad in ("0.4.10", None, "garbage"):
-        with pytest.raises(EngineError, match="SGLang >= 0.5"):
+    for bad in ("0.5.3", "0.4.10", None, "garbage"):
+        with pytest.raises(EngineError, match="SGLang >= 0.5.4"):
             c.check_sglang_version(bad)
     if importlib.util.find_spec("sglang") is None:
         with pytest.raises(EngineError, match="not installed .*rollout.backend=embedded"):
@@ -57,14 +63,34 @@ def test_version_checks():
 
 
 def test_sglang_tensor_payload_roundtrip():
-    """The payload is what SGLang's MultiprocessingSerializer.deserialize reads: base64 ForkingPickler of [(name, t)]."""
+    """One separate dump per TP rank (SGLang's own decoder is the other end in test_rollout_sglang_ref.py)."""
     named = [("model.embed_tokens.weight", torch.randn(5, 3)), ("lm_head.weight", torch.arange(6.0).reshape(2, 3).bfloat16())]
     payload = W.encode_sglang_named_tensors(named, tp_size=2)
-    assert len(payload) == 2 and payload[0] == payload[1] and isinstance(payload[0], str)
-    back = W.decode_sglang_named_tensors(payload[0])
-    assert [n for n, _ in back] == [n for n, _ in named]
-    for (_, a), (_, b) in zip(named, back):
-        assert a.dtype == b.dtype and torch.equal(a, b)
+    assert len(payload) == 2 and payload[0] != payload[1] and isinstance(payload[0], str)
+    for entry in payload:
+        back = W.decode_sglang_named_tensors(entry)
+        assert [n for n, _ in back] == [n for n, _ in named]
+        for (_, a), (_, b) in zip(named, back):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_version_dependent_protocol():
+    """Sessions from 0.5.21, the cuda_graph release tag from 0.5.6 (the client reads /get_server_info once)."""
+    from rfpo_megatron.rollout import EngineConnectionError
+
+    c = EngineClient("http://127.0.0.1:1", retries=0)
+    for version, session, tags in [("0.5.4", False, ["weights", "kv_cache"]),
+                                   ("0.5.6", False, ["weights", "kv_cache", "cuda_graph"]),
+                                   ("0.5.20", False, ["weights", "kv_cache", "cuda_graph"]),
+                                   ("0.5.21", True, ["weights", "kv_cache", "cuda_graph"])]:
+        c._kind, c._version = "sglang", tuple(int(x) for x in version.split("."))
+        assert c.needs_weight_session is session and c.memory_tags == tags, version
+        if session:  # /begin_weight_update is called (and fails: nothing listens on port 1)
+            with pytest.raises(EngineConnectionError, match="begin_weight_update"), c.weight_update_session():
+                pass
+        else:  # before 0.5.21: no HTTP call at all
+            with c.weight_update_session():
+                pass
 
 
 def test_safetensors_payload_roundtrip_and_errors():
@@ -102,7 +128,8 @@ def test_launch_two_servers_without_router_fans_out(tmp_path):
         assert all(a > b for a, b in zip(after, before))  # both workers generated
         from safetensors.torch import load_file
 
-        client.update_weights_from_tensors(load_file(str(m2 / "model.safetensors")).items())
+        with client.weight_update_session():
+            client.update_weights_from_tensors(load_file(str(m2 / "model.safetensors")).items())
         out2 = client.generate(prompts, params)
         assert [[r.output_ids for r in row] for row in out2] != [[r.output_ids for r in row] for row in out1]
         single = EngineClient(client.worker_urls[1])  # each worker got the update: same answers from either

@@ -1,17 +1,13 @@
 """The trainer against already-running servers (rollout.server_urls + rollout.router_url, the Slurm multi-node
-path): an embedded server started here (not by the trainer) behind a tiny counting HTTP proxy standing in for
-sglang_router. The 3-step run equals the same run with the engine the trainer launches itself (rollouts of
-steps 2+ are sampled from weights synced to the external server), generation goes through the router, weight
-sync goes to the server directly, and the server outlives the trainer (it is not the trainer's to stop)."""
+path): two embedded servers started here (not by the trainer) behind the real sglang_router 0.3.2. The 3-step
+run equals the same run with the engine the trainer launches itself (rollouts of steps 2+ are sampled from
+weights synced to both servers), generation goes through the router to both servers, weight sync goes to each
+server directly, and the servers outlive the trainer (they are not the trainer's to stop)."""
 from __future__ import annotations
 
 import os
 import subprocess
-import threading
-import urllib.error
-import urllib.request
-from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import time
 
 import pytest
 import requests
@@ -25,8 +21,8 @@ EXTRA = {"data.reward_fn": "first_char_digit", "data.prompts_per_step": 4, "roll
 
 
 def _run(assets, out, **extra):
-    p = subprocess.run(run_trainer_cmd([CONFIG, *tiny_overrides(assets, out, **EXTRA, **extra)]),
-                       env=trainer_env(), capture_output=True, text=True, timeout=240)
+    p = subprocess.run(run_trainer_cmd([CONFIG, *tiny_overrides(assets, out, **{**EXTRA, **extra})]),
+                       env=trainer_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-4000:]
     from rfpo_megatron.logging import read_metrics
 
@@ -34,69 +30,61 @@ def _run(assets, out, **extra):
             for r in read_metrics(os.path.join(out, "logs", "metrics.jsonl"))]
 
 
-class _Router:
-    """Forwards every request to one server and counts (method, path): a stand-in for sglang_router."""
+def _start_router(workers: list[str], log_dir: str):
+    """The real sglang_router in front of `workers`, launched with the project's router command line
+    (loopback Prometheus port, /get_model_info health check); health checks every second, so a check that
+    generated would hit the servers while the colocated trainer has their memory released."""
+    from rfpo_megatron.rollout.procs import free_port, spawn, wait_healthy
+    from rfpo_megatron.rollout.sglang import build_router_cmd
 
-    def __init__(self, target: str):
-        self.seen: Counter = Counter()
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _forward(self):
-                outer.seen[(self.command, self.path)] += 1
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0)) or None
-                req = urllib.request.Request(target + self.path, data=body, method=self.command,
-                                             headers={"Content-Type": self.headers.get("Content-Type", "application/json")})
-                try:
-                    with urllib.request.urlopen(req, timeout=600) as r:
-                        status, data, ctype = r.status, r.read(), r.headers.get("Content-Type", "application/json")
-                except urllib.error.HTTPError as e:
-                    status, data, ctype = e.code, e.read(), e.headers.get("Content-Type", "text/plain")
-                self.send_response(status)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_GET = do_POST = _forward
-
-            def log_message(self, *a):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    port = free_port()
+    cmd = build_router_cmd(workers, "127.0.0.1", port, {"health_check_interval_secs": 1}, request_timeout_s=300)
+    proc = spawn("sglang-router", cmd, os.path.join(log_dir, "router.log"), env=trainer_env(),
+                 url=f"http://127.0.0.1:{port}")
+    try:
+        wait_healthy(proc.url, proc, 120, path="/health")
+    except BaseException:
+        proc.stop()
+        raise
+    return proc
 
 
-def test_trainer_on_external_server_behind_router_equals_launched_engine(tmp_path):
+def test_trainer_on_two_servers_behind_the_real_router_equals_launched_engine(tmp_path):
     from rfpo_megatron.rollout.launch import launch_embedded_server
 
     assets = build_assets(str(tmp_path / "assets"))
-    server = launch_embedded_server(assets["model"], log_dir=str(tmp_path / "server_logs"), env=trainer_env(),
-                                    threads=1, startup_timeout_s=120)
-    (proc,), url = server.processes, server.worker_urls[0]
-    router = _Router(url)
+    servers = [launch_embedded_server(assets["model"], log_dir=str(tmp_path / f"server{k}"), env=trainer_env(),
+                                      threads=1, startup_timeout_s=120) for k in range(2)]
+    urls = [s.worker_urls[0] for s in servers]
+    procs = [s.processes[0] for s in servers]
+    router = _start_router(urls, str(tmp_path))
     try:
-        ext = _run(assets, str(tmp_path / "external"),
-                   **{"rollout.server_urls": f"[{url}]", "rollout.router_url": router.url})
-        # the trainer exited and left the server it did not start running, with its trained weights
-        assert proc.alive(), "the trainer stopped an external server"
-        assert requests.get(url + "/health", timeout=10).status_code == 200
-        gen = router.seen[("POST", "/generate")]
-        assert gen >= 3, router.seen  # every step's rollouts went through the router ...
-        assert not [k for k in router.seen if "weight" in k[1]], router.seen  # ... weight updates did not
+        before = [requests.get(u + "/get_server_info", timeout=10).json() for u in urls]
+        ext = _run(assets, str(tmp_path / "external"), **{"rollout.server_urls": f"[{urls[0]},{urls[1]}]",
+                                                          "rollout.router_url": router.url, "rollout.colocate": "true"})
+        after = [requests.get(u + "/get_server_info", timeout=10).json() for u in urls]
+        assert router.alive() and all(p.alive() for p in procs), "the trainer stopped processes it did not start"
+        # both servers generated (the router spread the one-item requests), both got every weight update
+        assert all(a["progress"] > b["progress"] for a, b in zip(after, before)), (before, after)
+        assert after[0]["weight_version"] == after[1]["weight_version"]
+        # the router's checks never generated on released memory (colocated: memory released while training)
+        assert [a["health_while_released"] for a in after] == [0, 0]
+        assert all(a["released"] == [] and not a["weight_update_session"] for a in after)
         assert not list((tmp_path / "external" / "logs").glob("rollout_logs/embedded_*.log"))  # nothing launched
+        log = open(os.path.join(tmp_path, "router.log")).read()
+        assert "/generate" in log and "update_weights" not in log  # weight updates bypass the router
     finally:
-        router.close()
-        server.processes = []  # the client only wraps it; stop it explicitly below and check it went
-        proc.stop()
-    assert not proc.alive()
-    with pytest.raises(requests.ConnectionError):
-        requests.get(url + "/health", timeout=5)
+        router.stop()
+        for p in procs:
+            p.stop()
+    time.sleep(0.5)
+    assert not router.alive() and not any(p.alive() for p in procs)
+    ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    left = [ln for ln in ps.splitlines() if str(tmp_path) in ln or f"--port {router.url.rsplit(':', 1)[1]}" in ln]
+    assert not left, left
+    for u in urls:
+        with pytest.raises(requests.ConnectionError):
+            requests.get(u + "/health", timeout=5)
 
     own = _run(assets, str(tmp_path / "launched"))
     assert [r["step"] for r in own] == [1, 2, 3]
