@@ -184,7 +184,7 @@ def test_weight_update_distributed_gloo_equals_fresh_engine(client, models):
 
 
 def test_release_resume_then_push(client, models):
-    """As SGLang >= 0.5.6: a tag-less release frees weights, KV cache and CUDA graphs; generation is refused
+    """As SGLang >= 0.5.5: a tag-less release frees weights, KV cache and CUDA graphs; generation is refused
     until every tag is resumed (resuming only weights + kv_cache, the old trainer's calls, is not enough)."""
     before = _flat(client.generate(PROMPTS, P_CMP))
     assert client.memory_tags == ["weights", "kv_cache", "cuda_graph"]

@@ -75,12 +75,12 @@ def test_sglang_tensor_payload_roundtrip():
 
 
 def test_version_dependent_protocol():
-    """Sessions from 0.5.21, the cuda_graph release tag from 0.5.6 (the client reads /get_server_info once)."""
+    """Sessions from 0.5.21, the cuda_graph release tag from 0.5.5 (the client reads /get_server_info once)."""
     from rfpo_megatron.rollout import EngineConnectionError
 
     c = EngineClient("http://127.0.0.1:1", retries=0)
     for version, session, tags in [("0.5.4", False, ["weights", "kv_cache"]),
-                                   ("0.5.6", False, ["weights", "kv_cache", "cuda_graph"]),
+                                   ("0.5.5", False, ["weights", "kv_cache", "cuda_graph"]),
                                    ("0.5.20", False, ["weights", "kv_cache", "cuda_graph"]),
                                    ("0.5.21", True, ["weights", "kv_cache", "cuda_graph"])]:
         c._kind, c._version = "sglang", tuple(int(x) for x in version.split("."))

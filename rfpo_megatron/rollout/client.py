@@ -11,7 +11,7 @@ of /update_weights_from_tensor is SGLang's pickled MultiprocessingSerializer for
 
 SGLang versions (`protocol_version`: the server's version, or the SGLang version the embedded server
 imitates): >= 0.5.21 accepts weight updates only inside /begin_weight_update ... /end_weight_update
-(`weight_update_session`); >= 0.5.6 releases the CUDA-graph memory too on a tag-less
+(`weight_update_session`); >= 0.5.5 releases the CUDA-graph memory too on a tag-less
 /release_memory_occupation (`memory_tags`).
 
 Robustness: every request has a timeout; connection errors are retried with exponential backoff;
@@ -40,7 +40,7 @@ from .procs import ManagedProcess
 EMBEDDED_ENGINE = "rfpo-embedded"
 MIN_SGLANG = (0, 5, 4)
 WEIGHT_SESSION_SINCE = (0, 5, 21)  # /begin_weight_update ... /end_weight_update required around updates
-CUDA_GRAPH_TAG_SINCE = (0, 5, 6)   # release_memory_occupation without tags also releases "cuda_graph"
+CUDA_GRAPH_TAG_SINCE = (0, 5, 5)   # release_memory_occupation without tags also releases "cuda_graph"
 
 
 def _version_tuple(v: str) -> tuple[int, ...]:

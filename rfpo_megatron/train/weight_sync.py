@@ -22,7 +22,7 @@ def sync_weights(rt: Runtime, resume_memory: bool = False) -> None:
     then rank 0 alone asks the engine to load it. Tensor and distributed updates run inside one SGLang
     weight-update session (opened and closed by rank 0; SGLang >= 0.5.21 refuses updates outside one).
     `resume_memory`: the engine released its memory (rollout.colocate): re-allocate the weights first,
-    everything else it released (KV cache, and CUDA graphs from SGLang 0.5.6) after the update."""
+    everything else it released (KV cache, and CUDA graphs from SGLang 0.5.5) after the update."""
     mode = sync_mode(rt.cfg)
     session = None
     if rt.is_rank0 and rt.engine is not None:
