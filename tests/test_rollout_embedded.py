@@ -10,7 +10,7 @@ import pytest
 import requests
 import torch
 
-from rfpo_megatron.rollout import EngineRequestError, SamplingParams, derive_seed, launch_engine
+from rfpo_megatron.rollout import EngineError, EngineRequestError, SamplingParams, derive_seed, launch_engine
 from rfpo_megatron.rollout import weights as W
 from rfpo_megatron.rollout.embedded import EmbeddedEngine, GenItem
 from rfpo_megatron.rollout.procs import free_port
@@ -181,6 +181,21 @@ def test_weight_update_distributed_gloo_equals_fresh_engine(client, models):
     finally:
         client.destroy_weights_update_group(group, group_name="wu_test")
         client.update_weights_from_disk(str(models[0]))
+
+
+def test_distributed_update_refused_by_the_server_fails_fast(client, models):
+    """A server that refuses /update_weights_from_distributed (here: no session open) answers 400 before it
+    receives anything; the trainer's broadcast must fail with that message, not wait for the group timeout."""
+    port = free_port()
+    group = client.connect_weights_update_group("127.0.0.1", port, group_name="wu_refused", backend="gloo",
+                                                timeout_s=60)
+    t0 = time.time()
+    with pytest.raises(EngineError, match="begin_weight_update") as e:
+        client.push_weights_distributed(group, state_of(models[1])[:3], group_name="wu_refused")
+    assert time.time() - t0 < 30, "the refused broadcast waited instead of failing"
+    assert "cannot be used again" in str(e.value)
+    client._all_workers("POST", "/destroy_weights_update_group", {"group_name": "wu_refused"})
+    assert _flat(client.generate(PROMPTS, P_CMP)) == _fresh_reference(models[0], PROMPTS, P_CMP)  # nothing applied
 
 
 def test_release_resume_then_push(client, models):
