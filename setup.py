@@ -33,7 +33,7 @@ setup(
     install_requires=install_requires,
     extras_require={
         # apex is deliberately absent: the PyPI package named `apex` is an unrelated web toolkit.
-        "gpu": ["sglang[all]>=0.5", "transformer-engine[pytorch]"],
+        "gpu": ["sglang[all]>=0.5.4", "sglang-router>=0.3", "transformer-engine[pytorch]"],
         # sglang-router: the real router in the rollout tests; msgspec..orjson: what SGLang's own request schema,
         # serializer and CLI parser need when the tests load them from the pinned wheel (tools/fetch_sglang_ref.py)
         "dev": ["pytest>=7", "pytest-timeout", "matplotlib", "pyarrow", "sglang-router==0.3.2", "msgspec", "pybase64",
