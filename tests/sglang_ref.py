@@ -69,28 +69,25 @@ def _err(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
-def _op_generate_requests(bodies: list) -> list:
-    api = _load_sglang()("sglang.api.v1.api_types")
+def _validate(struct: str, values: list) -> list:
+    """None for each value SGLang's api_types.<struct> accepts, else its error message."""
+    cls = getattr(_load_sglang()("sglang.api.v1.api_types"), struct)
     out = []
-    for b in bodies:
+    for v in values:
         try:
-            api.GenerateRequest.from_json_value(b)
+            cls.from_json_value(v)
             out.append(None)
         except Exception as e:  # noqa: BLE001 - the schema's message is the answer
             out.append(_err(e))
     return out
 
 
+def _op_generate_requests(bodies: list) -> list:
+    return _validate("GenerateRequest", bodies)
+
+
 def _op_generate_responses(replies: list) -> list:
-    api = _load_sglang()("sglang.api.v1.api_types")
-    out = []
-    for r in replies:
-        try:
-            api.GenerateResponse.from_json_value(r)
-            out.append(None)
-        except Exception as e:  # noqa: BLE001
-            out.append(_err(e))
-    return out
+    return _validate("GenerateResponse", replies)
 
 
 def _op_decode(entries: list) -> list:
