@@ -26,8 +26,7 @@ import torch
 from rfpo_megatron.config import Config, ConfigError, load_config
 from rfpo_megatron.data.types import RolloutGroup
 from rfpo_megatron.logging.metrics import grad_signal_frac, group_flags, roff_metrics, rollout_metrics
-from rfpo_megatron.train.batch import (build_batch, compute_roff, logprob_pass, make_train_batch,
-                                       sequences_for_logprob, step_advantages, update_policy)
+from rfpo_megatron.train.batch import build_batch, compute_roff, logprob_pass, make_step, step_advantages, update_policy
 from rfpo_megatron.train.checkpoint import STATE_FILE, capture_state, latest_checkpoint, save_checkpoint  # noqa: F401
 from rfpo_megatron.train.critic import update_critic, value_pass
 from rfpo_megatron.train.generation import baseline_metrics, dynamic_sampling, fix_stage, rollout, run_eval
@@ -89,16 +88,15 @@ def train_one_step(rt: Runtime, step: int) -> dict[str, float]:
 
     with abortable(rt, collective=True), timed(m, "perf/logprob_time"):
         batch = build_batch(groups, rt.pad_id)
-        logp = logprob_pass(rt.actor, sequences_for_logprob(batch))  # N + F tensors [T_i]
-        old_logp, orig_logp = logp[:batch.n], logp[batch.n:]
-        ref_logp = logprob_pass(rt.ref_actor, sequences_for_logprob(batch, originals=False)) \
-            if rt.ref_actor is not None else None
+        old_logp, orig_logp = logprob_pass(rt.actor, batch)  # [N, T], [F, T0] (originals of the fixed rows)
+        ref_logp = logprob_pass(rt.ref_actor, batch, originals=False)[0] if rt.ref_actor is not None else None
         values = value_pass(rt, batch)  # [N, T] critic values on the plain prompt (gae), else None
     log_roff = compute_roff(cfg, batch, old_logp, orig_logp)  # [N], detached, 0 for unfixed
-    adv = step_advantages(rt, batch, old_logp, ref_logp, values, m)  # [N, T] (gae: also batch.values / returns)
+    adv = step_advantages(rt, batch, old_logp, ref_logp, values, m)  # advantages, loss mask (+ gae returns)
+    step_data = make_step(cfg, batch, old_logp, ref_logp, values, log_roff, adv)  # everything [N, T], padded once
     with timed(m, "perf/train_time"):
-        m.update(update_critic(rt, batch))  # gae: clipped value loss towards the returns; {} otherwise
-        m.update(update_policy(rt, make_train_batch(cfg, batch, old_logp, ref_logp, log_roff, adv)))
+        m.update(update_critic(rt, step_data))  # gae: clipped value loss towards the returns; {} otherwise
+        m.update(update_policy(rt, step_data))
     if not stop_requested(rt):  # on SIGTERM the engine is going away: the checkpoint holds the weights
         with timed(m, "perf/weight_sync_time"):
             sync_weights(rt, resume_memory=cfg.rollout.colocate)
@@ -106,7 +104,8 @@ def train_one_step(rt: Runtime, step: int) -> dict[str, float]:
     n_tok = sum(len(r) for r in batch.response_ids) + sum(len(p) for p in batch.prompt_ids)
     if rt.is_rank0:
         m.update(roff_metrics(log_roff, batch.is_fixed, cfg.rfpo.roff_clip))
-        m["rfpo/grad_signal_frac"] = grad_signal_frac(adv.abs().sum(-1), batch.group_index, batch.num_groups)
+        m["rfpo/grad_signal_frac"] = grad_signal_frac(step_data.advantages.abs().sum(-1), batch.group_index,
+                                                     batch.num_groups)
         m.update(rt.tracker.metrics())
         m["rollout/generations_total"] = float(rt.counters.get("generations", 0))
         m["rollout/generated_tokens_total"] = float(rt.counters.get("generated_tokens", 0))

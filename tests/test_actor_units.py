@@ -89,6 +89,8 @@ def test_actor_batch_validation_and_helpers():
     with pytest.raises(ValueError, match="log_roff has 1 values, expected 2"):
         ActorBatch.from_prompt_response([[1], [2]], [[3], [4]], log_roff=[0.0])
     assert pad_tokens([torch.tensor([1.0, 2.0]), torch.tensor([3.0])], fill=-1).tolist() == [[1, 2], [3, -1]]
+    ids = pad_tokens([[1, 2, 3], [4], []], fill=9, dtype=torch.long)  # lists too: the package's one padding helper
+    assert ids.dtype == torch.long and ids.tolist() == [[1, 2, 3], [4, 9, 9], [9, 9, 9]]
     # fields assigned after construction are checked and converted by validate()
     b.old_logp = [[-1.0, -2.0, -3.0], torch.tensor([-0.5], dtype=torch.float64)]
     assert b.validate() is b and b.old_logp[1].dtype == torch.float32 and torch.is_tensor(b.old_logp[0])

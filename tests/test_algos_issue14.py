@@ -181,8 +181,11 @@ def _step_batch(rewards, groups, lens, fixed=None):
 
 
 def _logps(lens, seed):
+    """[N, T] right-padded log-probs (the trainer's padded-once layout) of rows of these lengths."""
+    from rfpo_megatron.actor.batch import pad_tokens
+
     g = torch.Generator().manual_seed(seed)
-    return [-torch.rand(L, generator=g) for L in lens]
+    return pad_tokens([-torch.rand(L, generator=g) for L in lens])
 
 
 def test_fact2_kl_in_reward_off_means_off_even_with_a_reference_model():
@@ -193,9 +196,9 @@ def test_fact2_kl_in_reward_off_means_off_even_with_a_reference_model():
     cfg = load_config(None, ["algo.adv_estimator=reinforce_pp", "algo.use_kl_loss=true", "rfpo.enabled=false"])
     b = _step_batch([1.0, 0.0, 1.0, 0.0], [0, 0, 1, 1], lens)
     old, ref_lp = _logps(lens, 1), _logps(lens, 2)
-    a_with_ref = advantages(cfg, b, old, ref_lp)
+    a_with_ref = advantages(cfg, b, old, ref_lp).advantages
     b2 = _step_batch([1.0, 0.0, 1.0, 0.0], [0, 0, 1, 1], lens)
-    a_no_kl = advantages(cfg, b2, old, old)  # ref = old: every KL estimate is 0
+    a_no_kl = advantages(cfg, b2, old, old).advantages  # ref = old: every KL estimate is 0
     torch.testing.assert_close(a_with_ref, a_no_kl, rtol=0, atol=0)
 
 
@@ -212,10 +215,10 @@ def test_fact2_kl_in_reward_acts_for_grpo(kl_type):
     groups = [0, 0, 0, 1, 1, 1]
     old, ref_lp = _logps(lens, 3), _logps(lens, 4)
     metrics = {}
-    adv = advantages(cfg, _step_batch(rewards, groups, lens), old, ref_lp, metrics=metrics)
+    adv = advantages(cfg, _step_batch(rewards, groups, lens), old, ref_lp, metrics=metrics).advantages
     seq = []
-    for r, o, f in zip(rewards, old, ref_lp):
-        ks = [ref.ref_kl(float(a), float(b_), kl_type) for a, b_ in zip(o.double(), f.double())]
+    for r, o, f, L in zip(rewards, old, ref_lp, lens):
+        ks = [ref.ref_kl(float(a), float(b_), kl_type) for a, b_ in zip(o[:L].double(), f[:L].double())]
         seq.append(r - beta * sum(ks))
     want = ref.ref_grpo(seq, groups)
     for i, L in enumerate(lens):
@@ -298,8 +301,9 @@ def test_wrong_advantage_zero_silences_the_wrong_samples_of_fixed_groups():
     groups = [0, 0, 0, 0, 1, 1]
     fixed = [True, False, False, False, False, False]
     old = _logps(lens, 7)
-    a_group = advantages(load_config(None, []), _step_batch(rewards, groups, lens, fixed), old, None)
-    a_zero = advantages(load_config(None, ["rfpo.wrong_advantage=zero"]), _step_batch(rewards, groups, lens, fixed), old, None)
+    a_group = advantages(load_config(None, []), _step_batch(rewards, groups, lens, fixed), old, None).advantages
+    a_zero = advantages(load_config(None, ["rfpo.wrong_advantage=zero"]), _step_batch(rewards, groups, lens, fixed), old,
+                        None).advantages
     g = ref.ref_grpo(rewards, groups)
     assert a_group[:, 0].tolist() == pytest.approx(g, abs=1e-5)
     assert a_zero[:, 0].tolist() == pytest.approx([g[0], 0.0, 0.0, 0.0, g[4], g[5]], abs=1e-5)

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from rfpo_megatron.data.batching import build_prompts, chunks, pad_right
+from rfpo_megatron.data.batching import build_prompts, chunks
 from rfpo_megatron.data.dataset import DataError, load_prompt_set, load_prompt_sets
 from rfpo_megatron.data.sampler import PromptSampler
 from rfpo_megatron.data.template import PromptFormat, encode_prompt, format_prompt
@@ -116,9 +116,6 @@ def test_build_prompts_and_padding(tiny_tok):
     assert [len(i.prompt_ids) for i in items] == [5, 7] and items[1].prompt_text == "<|user|>10+20<|assistant|>"
     with pytest.raises(ValueError, match="record 'b'.*max_prompt_length=6"):
         build_prompts([{"prompt": "1+2", "id": "a"}, {"prompt": "10+20", "id": "b"}], tiny_tok, max_prompt_len=6)
-    ids, mask = pad_right([[1, 2, 3], [4], []], pad_id=9)
-    assert ids.tolist() == [[1, 2, 3], [4, 9, 9], [9, 9, 9]]
-    assert mask.tolist() == [[True] * 3, [True, False, False], [False] * 3]
     assert list(chunks([1, 2, 3, 4, 5], 2)) == [[1, 2], [3, 4], [5]]
 
 

@@ -44,10 +44,11 @@ def test_missing_and_malformed_data(capsys, tmp_path):
 def test_gae_without_critic_values_is_refused():
     """gae is wired (tests/test_critic.py); called without the critic's values it names what is missing."""
     from rfpo_megatron.config import ConfigError, load_config
+    from rfpo_megatron.train import advantages
 
     cfg = load_config(CONFIG, ["algo.adv_estimator=gae"])
     with pytest.raises(ConfigError, match="critic's values"):
-        T.advantages(cfg, None, [], None)
+        advantages(cfg, None, None, None)
 
 
 def test_unknown_reward_fn(capsys, tmp_path):

@@ -13,6 +13,7 @@ import torch
 from test_trainer_fixtures import build_assets, tiny_overrides  # noqa: F401 (sys.path set up there)
 
 from rfpo_megatron import train as T
+from rfpo_megatron.actor.batch import pad_tokens
 from rfpo_megatron.config import load_config
 from rfpo_megatron.data.types import RolloutGroup, Sample
 
@@ -96,12 +97,12 @@ def _step_params(actor):
 def _run_update(cfg, actor, groups):
     """The trainer's update path for `groups`: returns (train metrics, batch, log_roff)."""
     batch = T.build_batch(groups)
-    logp = T.logprob_pass(actor, T.sequences_for_logprob(batch))
-    old, orig = logp[:batch.n], logp[batch.n:]
+    old, orig = T.logprob_pass(actor, batch)
     log_roff = T.compute_roff(cfg, batch, old, orig)
     adv = T.advantages(cfg, batch, old, None)
-    tb = T.make_train_batch(cfg, batch, old, None, log_roff, adv)
-    return actor.train_step(tb, cfg.algo, cfg.rfpo if cfg.rfpo.enabled else None), batch, log_roff, adv
+    step = T.make_step(cfg, batch, old, None, None, log_roff, adv)
+    tb = step.actor_batch(with_roff=cfg.rfpo.enabled)
+    return actor.train_step(tb, cfg.algo, cfg.rfpo if cfg.rfpo.enabled else None), batch, log_roff, step.advantages
 
 
 def test_all_wrong_group_zero_grad_grpo_nonzero_rfpo(env):
@@ -138,7 +139,7 @@ def test_logprob_pass_scores_fixed_sample_on_plain_prompt_ids(env):
     assert len(fix_prompts) == 1 and fix_prompts[0] != plain  # the fix really used a different prompt
     rec = RecordingActor(T.build_actor(cfg, with_optimizer=False))
     batch = T.build_batch(groups)
-    T.logprob_pass(rec, T.sequences_for_logprob(batch))
+    T.logprob_pass(rec, batch)
     ab = rec.batches[0]
     row = batch.fixed_rows[0]
     fixed_ids = ab.input_ids[row].tolist()
@@ -161,9 +162,10 @@ def test_roff_detached_and_matches_float64_reference(env):
         groups, _ = _fix_with_correct_answer(env, cfg, _wrong_group(tok, RECORD))
         batch = T.build_batch(groups)
         torch.manual_seed(0)
-        old = [torch.randn(len(r), requires_grad=True) for r in batch.response_ids]
-        orig = [torch.randn(len(o), requires_grad=True) for o in batch.orig_response_ids]
-        lr = T.compute_roff(cfg, batch, old, orig)
+        old_rows = [torch.randn(len(r), requires_grad=True) for r in batch.response_ids]
+        orig_rows = [torch.randn(len(o), requires_grad=True) for o in batch.orig_response_ids]
+        lr = T.compute_roff(cfg, batch, pad_tokens(old_rows), pad_tokens(orig_rows))
+        old, orig = old_rows, orig_rows
         assert not lr.requires_grad and lr.grad_fn is None
         row = batch.fixed_rows[0]
         f = [float(x) for x in old[row].detach().double()]
@@ -183,8 +185,8 @@ def test_tis_weights_are_one_for_fixed_samples(env):
     assert not batch.use_tis[row]
     torch.manual_seed(1)
     old = [torch.randn(len(r)) * 0.5 - 1.0 for r in batch.response_ids]
-    adv = torch.zeros(batch.n, batch.response_mask.shape[1])
-    tb = T.make_train_batch(cfg, batch, old, None, torch.zeros(batch.n), adv)
+    adv = T.Advantages(torch.zeros(batch.response_mask.shape), batch.response_mask)
+    tb = T.make_step(cfg, batch, pad_tokens(old), None, None, torch.zeros(batch.n), adv).actor_batch()
     assert torch.equal(tb.tis_weights[row], torch.ones(len(batch.response_ids[row])))
     for i in range(batch.n):
         if i == row:

@@ -126,8 +126,8 @@ def test_remax_advantages_are_reward_minus_group_greedy_reward_fixes_included(to
     assert [g.num_fixed for g in groups] == [1, 0, 0] and [g.baseline_reward for g in groups] == [0.25, 1.0, 0.0]
 
     batch = build_batch(groups)
-    old_logp = [torch.zeros(len(r)) for r in batch.response_ids]
-    adv = advantages(_cfg(), batch, old_logp, None)
+    old_logp = torch.zeros(batch.response_mask.shape)
+    adv = advantages(_cfg(), batch, old_logp, None).advantages
 
     # by hand: rewards  g0 [0, 0, 0, 1 (fix)] - 0.25;  g1 [1, 0, 1] - 1;  g2 [0, 1, 0] - 0
     want = [-0.25, -0.25, -0.25, 0.75, 0.0, -1.0, 0.0, 0.0, 1.0, 0.0]
@@ -146,7 +146,7 @@ def test_remax_without_baseline_rewards_fails(tok):
     batch = build_batch(groups)
     assert batch.baseline_rewards is None
     with pytest.raises(ValueError, match="baseline_reward"):
-        advantages(_cfg(), batch, [torch.zeros(len(r)) for r in batch.response_ids], None)
+        advantages(_cfg(), batch, torch.zeros(batch.response_mask.shape), None)
 
 
 def test_tiny_trainer_remax_logs_baseline_and_counts_greedy_generations(tmp_path):

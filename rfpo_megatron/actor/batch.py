@@ -117,11 +117,15 @@ class ActorBatch:
         return ActorBatch(input_ids=ids, prompt_lens=[len(p) for p in prompts], **kw)
 
 
-def pad_tokens(values: Sequence[torch.Tensor], fill: float = 0.0, dtype=None) -> torch.Tensor:
-    """B tensors [R_i] -> [B, R_max] right-padded with ``fill`` (on the first tensor's device; autograd-safe)."""
-    R = max((int(v.numel()) for v in values), default=0)
-    dev = values[0].device if values else torch.device("cpu")
-    out = torch.full((len(values), R), fill, dtype=dtype or (values[0].dtype if values else torch.float32), device=dev)
-    for i, v in enumerate(values):
+def pad_tokens(values: Sequence, fill: float = 0.0, dtype=None) -> torch.Tensor:
+    """B rows [R_i] (tensors or lists) -> [B, R_max] right-padded with ``fill``: the package's one padding helper.
+
+    dtype: default the first row's (a list of ints -> int64, of floats -> float32); device: the first tensor's;
+    autograd-safe (rows are copied into a new tensor)."""
+    rows = [v if isinstance(v, torch.Tensor) else torch.as_tensor(list(v), dtype=dtype) for v in values]
+    R = max((int(v.numel()) for v in rows), default=0)
+    dev = rows[0].device if rows else torch.device("cpu")
+    out = torch.full((len(rows), R), fill, dtype=dtype or (rows[0].dtype if rows else torch.float32), device=dev)
+    for i, v in enumerate(rows):
         out[i, : v.numel()] = v
     return out

@@ -1,4 +1,4 @@
-"""Batching helpers: encode records into prompts, pad ragged id lists into [B, T] tensors, chunk lists."""
+"""Batching helpers: encode records into prompts, chunk lists (padding: rfpo_megatron.actor.batch.pad_tokens)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -30,20 +30,6 @@ def build_prompts(records: Sequence[dict[str, Any]], tokenizer: Any,
                              f"data.max_prompt_length={max_prompt_len}; raise it or filter the data")
         out.append(PromptItem(rec, text, ids))
     return out
-
-
-def pad_right(seqs: Sequence[Sequence[int]], pad_id: int = 0, dtype: Any = None):
-    """Right-pad ragged lists -> (ids [B, T] long, mask [B, T] bool); T = longest (>= 1)."""
-    import torch
-
-    T_ = max([len(s) for s in seqs] + [1])
-    ids = torch.full((len(seqs), T_), pad_id, dtype=dtype or torch.long)
-    mask = torch.zeros((len(seqs), T_), dtype=torch.bool)
-    for i, s in enumerate(seqs):
-        if len(s):
-            ids[i, :len(s)] = torch.as_tensor(list(s), dtype=ids.dtype)
-            mask[i, :len(s)] = True
-    return ids, mask
 
 
 def chunks(items: Sequence[T], size: int) -> Iterator[list[T]]:

@@ -3,9 +3,9 @@
     runtime      Runtime, Preempted, abortable/stop_requested (SIGTERM), timed, step_seed, touch, barrier
     generation   rank 0: sampling_params, rollout (+ ReMax greedy baselines), baseline_metrics, score_samples,
                  fix_stage, dynamic_sampling, run_eval
-    batch        every rank: StepBatch, build_batch, logprob_pass, compute_roff, advantages,
-                 make_train_batch, update_policy
-    critic       algo.adv_estimator=gae: build_critic, value_pass, update_critic
+    batch        every rank: StepBatch, build_batch, logprob_pass, compute_roff, advantages (-> Advantages),
+                 make_step (-> Step: the step's data padded once), update_policy(rt, step)
+    critic       algo.adv_estimator=gae: build_critic, value_pass, update_critic(rt, step)
     weight_sync  sync_weights, sync_mode, connect_weight_group, share_engine, write_weights_dir
     checkpoint   capture_state, save/load/prune/latest_checkpoint, STATE_FILE
     lifecycle    setup, teardown, check_paths, build_actor, launch_rollout_engine, engine_config
@@ -13,17 +13,20 @@
 The names below are re-exported so that `from rfpo_megatron import train as T; T.build_batch(...)` works.
 """
 from rfpo_megatron.train.batch import (  # noqa: F401
+    Advantages,
+    Step,
     StepBatch,
     advantages,
     build_batch,
     compute_roff,
     logprob_pass,
-    make_train_batch,
+    make_step,
     sequences_for_logprob,
-    subset_batch,
+    step_advantages,
     tis_weights,
     update_policy,
 )
+from rfpo_megatron.train.critic import build_critic, update_critic, value_pass  # noqa: F401
 from rfpo_megatron.train.checkpoint import (  # noqa: F401
     LATEST_FILE,
     STATE_FILE,
@@ -63,16 +66,21 @@ from rfpo_megatron.train.weight_sync import (  # noqa: F401
 )
 
 __all__ = [
+    "Advantages",
+    "Step",
     "StepBatch",
     "advantages",
     "build_batch",
     "compute_roff",
     "logprob_pass",
-    "make_train_batch",
+    "make_step",
     "sequences_for_logprob",
-    "subset_batch",
+    "step_advantages",
     "tis_weights",
     "update_policy",
+    "build_critic",
+    "update_critic",
+    "value_pass",
     "LATEST_FILE",
     "STATE_FILE",
     "capture_state",

@@ -1,15 +1,28 @@
-"""The actor-side batch of a step: StepBatch, the log-prob pass, R_off, advantages, TIS and the policy update.
+"""The actor-side data of a step: StepBatch (the groups flattened), the passes, R_off, advantages, TIS, the Step.
 
 Runs on every rank after the groups were broadcast. N = sequences of the step, F = fixed ones among them,
-T = longest response.
+T = longest response of the N, T0 = longest original wrong response of the F fixed rows.
+
+Data flow (each function RETURNS its result; nothing is written into its arguments):
+
+    build_batch(groups)                       -> StepBatch        token ids, rewards, [N, T] response_mask
+    logprob_pass(actor, batch)                -> old [N, T], orig [F, T0]  (ref: originals=False -> [N, T], None)
+    critic.value_pass(rt, batch)              -> values [N, T] | None
+    compute_roff(cfg, batch, old, orig)       -> log_roff [N]
+    step_advantages(rt, batch, old, ref, values, m) -> Advantages (advantages, loss_mask, returns)
+    make_step(cfg, batch, old, ref, values, log_roff, adv) -> Step   (everything padded once to [N, T])
+    critic.update_critic(rt, step), update_policy(rt, step)   mini-batches are Step.rows(a, b) views
+
+Padding: rfpo_megatron.actor.batch.pad_tokens, the package's one padding helper.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Optional
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Optional
 
 import torch
 
+from rfpo_megatron.actor.batch import ActorBatch, pad_tokens
 from rfpo_megatron.config import Config, ConfigError
 from rfpo_megatron.data.types import RolloutGroup
 from rfpo_megatron.train.runtime import Runtime
@@ -23,11 +36,10 @@ class StepBatch:
     response_ids: N lists [T_i].
     rollout_logp: N lists [T_i] (engine log-probs; under the fix prompt for fixed samples).
     rewards: [N]; group_index: [N] long (dense 0..num_groups-1); is_fixed, use_tis: [N] bool.
-    response_mask: [N, T] bool (T = longest response).
+    response_mask: [N, T] bool, True on the first T_i positions of row i (T = longest response).
     fixed_rows: [F] rows of the fixed samples; orig_response_ids: F lists, the original wrong o of each.
     baseline_rewards: [N] the row's group `baseline_reward` (greedy reward, ReMax), or None when a group
     has none.
-    values, returns: [N, T] critic values and GAE returns (algo.adv_estimator=gae only, set by `advantages`).
     """
 
     prompt_ids: list
@@ -42,8 +54,6 @@ class StepBatch:
     orig_response_ids: list
     num_groups: int
     baseline_rewards: Optional[torch.Tensor] = None
-    values: Optional[torch.Tensor] = None
-    returns: Optional[torch.Tensor] = None
 
     @property
     def n(self) -> int:
@@ -52,8 +62,6 @@ class StepBatch:
 
 def build_batch(groups: list[RolloutGroup], pad_id: int = 0) -> StepBatch:
     """Flatten groups into a StepBatch (see its docstring for shapes)."""
-    from rfpo_megatron.data.batching import pad_right
-
     prompt_ids, response_ids, rollout_logp, rewards, gidx, fixed, tis = [], [], [], [], [], [], []
     fixed_rows, orig = [], []
     for gi, g in enumerate(groups):
@@ -70,56 +78,59 @@ def build_batch(groups: list[RolloutGroup], pad_id: int = 0) -> StepBatch:
             gidx.append(gi)
             fixed.append(bool(s.is_fixed))
             tis.append(bool(s.use_tis) and not s.is_fixed)
-    _, mask = pad_right(response_ids, pad_id)
     base = None
     if groups and all(g.baseline_reward is not None for g in groups):
         base = torch.tensor([float(groups[gi].baseline_reward) for gi in gidx], dtype=torch.float32)
     return StepBatch(prompt_ids, response_ids, rollout_logp, torch.tensor(rewards, dtype=torch.float32),
                      torch.tensor(gidx, dtype=torch.long), torch.tensor(fixed, dtype=torch.bool),
-                     torch.tensor(tis, dtype=torch.bool), mask, fixed_rows, orig, len(groups), base)
+                     torch.tensor(tis, dtype=torch.bool), length_mask([len(r) for r in response_ids]), fixed_rows,
+                     orig, len(groups), base)
+
+
+def length_mask(lens: list) -> torch.Tensor:
+    """[B, max(lens, 1)] bool, True on the first lens[i] positions of row i."""
+    T = max(list(lens) + [1])
+    return torch.arange(T).unsqueeze(0) < torch.tensor(list(lens), dtype=torch.long).reshape(-1, 1)
 
 
 def sequences_for_logprob(batch: StepBatch, originals: bool = True) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, response ids) pairs for the actor's log-prob pass: the N batch rows, then (when
-    `originals`) for each fixed row its original wrong response o on the SAME plain prompt q."""
+    """(prompt ids, response ids) pairs of the log-prob pass: the N batch rows, then (when `originals`) for
+    each fixed row its original wrong response o on the SAME plain prompt q."""
     seqs = list(zip(batch.prompt_ids, batch.response_ids))
     if originals:
         seqs += [(batch.prompt_ids[r], o) for r, o in zip(batch.fixed_rows, batch.orig_response_ids)]
     return seqs
 
 
-def _pad(rows: list, fill: float = 0.0) -> torch.Tensor:
-    """B tensors/lists [R_i] -> [B, R_max] float (right-padded with `fill`)."""
-    R = max([len(r) for r in rows] + [1])
-    out = torch.full((len(rows), R), fill, dtype=torch.float32)
-    for i, r in enumerate(rows):
-        if len(r):
-            out[i, :len(r)] = torch.as_tensor(r, dtype=torch.float32)
-    return out
+def logprob_pass(actor: Any, batch: StepBatch, originals: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Per-token log-probs under `actor` of the N batch rows -> [N, T] (0 on padding) and, when `originals`, of
+    each fixed row's original wrong response on the same plain prompt q -> [F, T0] (else None). One forward
+    pass over all N + F sequences; the prompt ids are exactly the batch's (for a fixed sample: q)."""
+    seqs = sequences_for_logprob(batch, originals)
+    logp, _ = actor.compute_logprobs(ActorBatch.from_prompt_response([p for p, _ in seqs], [r for _, r in seqs]))
+    old = pad_tokens(logp[:batch.n], dtype=torch.float32)
+    old = torch.nn.functional.pad(old, (0, batch.response_mask.shape[1] - old.shape[1]))  # T >= 1 like the mask
+    return old, (pad_tokens(logp[batch.n:], dtype=torch.float32) if originals else None)
 
 
-def compute_roff(cfg: Config, batch: StepBatch, old_logp: list, orig_logp: list) -> torch.Tensor:
+def compute_roff(cfg: Config, batch: StepBatch, old_logp: torch.Tensor, orig_logp: Optional[torch.Tensor]) -> torch.Tensor:
     """[N] log R_off per sequence, detached: gamma * (S(o) - S(o_f)) on the fixed rows (clamped to
-    +-rfpo.roff_clip), 0 elsewhere. old_logp: N tensors [T_i] (rows of the batch, plain prompt);
-    orig_logp: F tensors [T0_j] (the original wrong o of each fixed row, same plain prompt)."""
+    +-rfpo.roff_clip), 0 elsewhere. old_logp: [N, T] (rows of the batch, plain prompt); orig_logp: [F, T0]
+    (the original wrong o of each fixed row, same plain prompt; from logprob_pass)."""
     from rfpo_megatron.algos.rfpo import compute_log_roff
 
     log_roff = torch.zeros(batch.n, dtype=torch.float32)
     if not cfg.rfpo.enabled or not batch.fixed_rows:
         return log_roff
-    rows = batch.fixed_rows
-    fixed_lp, fixed_mask = _pad([old_logp[r] for r in rows]), _pad_mask([len(old_logp[r]) for r in rows])
-    orig_lp, orig_mask = _pad(list(orig_logp)), _pad_mask([len(o) for o in orig_logp])
-    lr = compute_log_roff(orig_lp, orig_mask, fixed_lp, fixed_mask, torch.ones(len(rows), dtype=torch.bool),
+    rows = torch.tensor(batch.fixed_rows, dtype=torch.long)
+    fixed_mask = length_mask([len(batch.response_ids[r]) for r in batch.fixed_rows])
+    fixed_lp = old_logp.detach()[rows, :fixed_mask.shape[1]]
+    orig_mask = length_mask([len(o) for o in batch.orig_response_ids])
+    lr = compute_log_roff(orig_logp.detach()[:, :orig_mask.shape[1]], orig_mask, fixed_lp, fixed_mask,
+                          torch.ones(len(rows), dtype=torch.bool),
                           mode=cfg.rfpo.roff_mode, gamma=cfg.rfpo.gamma, clip=cfg.rfpo.roff_clip)
-    log_roff[torch.tensor(rows, dtype=torch.long)] = lr.float()
+    log_roff[rows] = lr.float()
     return log_roff.detach()
-
-
-def _pad_mask(lens: list) -> torch.Tensor:
-    """[B, max(lens)] bool, True on the first lens[i] positions of row i."""
-    T = max(lens + [1])
-    return torch.arange(T).unsqueeze(0) < torch.tensor(lens).unsqueeze(1)
 
 
 def kl_controller(cfg: Config):
@@ -131,8 +142,19 @@ def kl_controller(cfg: Config):
     return AdaptiveKLController(a.kl_in_reward_coef, a.kl_target, a.kl_horizon)
 
 
-def step_advantages(rt: Runtime, batch: StepBatch, old_logp: list, ref_logp: Optional[list],
-                    values: Optional[torch.Tensor], metrics: dict) -> torch.Tensor:
+@dataclass
+class Advantages:
+    """What `advantages` returns. advantages: [N, T] float (0 on padding and on rows the estimator drops);
+    loss_mask: [N, T] bool, the batch's response_mask AND the estimator's keep mask (reinforce_rej, raft);
+    returns: [N, T] GAE returns (algo.adv_estimator=gae; 0 on padding), else None."""
+
+    advantages: torch.Tensor
+    loss_mask: torch.Tensor
+    returns: Optional[torch.Tensor] = None
+
+
+def step_advantages(rt: Runtime, batch: StepBatch, old_logp: torch.Tensor, ref_logp: Optional[torch.Tensor],
+                    values: Optional[torch.Tensor], metrics: dict) -> Advantages:
     """`advantages` for the trainer's step: the adaptive KL-in-reward β lives in rt.counters
     ("kl_in_reward_coef"), so it is checkpointed and resumed with the other counters."""
     cfg = rt.cfg
@@ -146,12 +168,13 @@ def step_advantages(rt: Runtime, batch: StepBatch, old_logp: list, ref_logp: Opt
     return adv
 
 
-def advantages(cfg: Config, batch: StepBatch, old_logp: list, ref_logp: Optional[list],
+def advantages(cfg: Config, batch: StepBatch, old_logp: torch.Tensor, ref_logp: Optional[torch.Tensor],
                values: Optional[torch.Tensor] = None, kl_ctrl: Any = None,
-               metrics: Optional[dict] = None) -> torch.Tensor:
-    """[N, T] advantages from the registry estimator `algo.adv_estimator` (0 on padding); rows dropped by
-    the estimator's keep mask (reinforce_rej, raft) are zeroed in `batch.response_mask`. gae needs the critic's
-    `values` [N, T] (train.critic.value_pass); it stores them and the returns [N, T] on the batch.
+               metrics: Optional[dict] = None) -> Advantages:
+    """Advantages (see that class) from the registry estimator `algo.adv_estimator`; old_logp, ref_logp,
+    values: [N, T]. Rows dropped by the estimator's keep mask (reinforce_rej, raft) are False in the returned
+    loss_mask (`batch` is not changed). gae needs the critic's `values` [N, T] (train.critic.value_pass) and
+    returns the GAE returns.
 
     KL in the reward (only with `algo.use_kl_in_reward`, any estimator; needs ref_logp): per-token penalty
     −β·k(old_logp, ref_logp) with k = `algo.kl_in_reward_type`; token-level estimators (reinforce_pp(_baseline),
@@ -165,8 +188,11 @@ def advantages(cfg: Config, batch: StepBatch, old_logp: list, ref_logp: Optional
     from rfpo_megatron.algos.stats import place_at_last_token
 
     a = cfg.algo
+    if a.adv_estimator == "gae" and values is None:
+        raise ConfigError("algo.adv_estimator=gae needs the critic's values (train.critic.value_pass); "
+                          "the trainer builds the critic when algo.adv_estimator=gae")
     mask = batch.response_mask
-    old = _pad(list(old_logp))
+    old = old_logp.float()
     kw: dict[str, Any] = {"norm_adv_by_std": a.norm_adv_by_std, "gamma": a.gamma, "lam": a.lam,
                           "old_logp": old, "kl_in_reward_coef": 0.0, "kl_in_reward_type": a.kl_in_reward_type}
     rewards = batch.rewards
@@ -174,7 +200,7 @@ def advantages(cfg: Config, batch: StepBatch, old_logp: list, ref_logp: Optional
         if ref_logp is None:
             raise ConfigError("algo.use_kl_in_reward=true needs the reference model's log-probs (the trainer builds "
                               "the reference actor when use_kl_in_reward is set)")
-        ref = _pad(list(ref_logp))
+        ref = ref_logp.float()
         kw["ref_logp"] = ref
         beta = float(kl_ctrl.value) if kl_ctrl is not None else float(a.kl_in_reward_coef)
         m = mask
@@ -193,9 +219,6 @@ def advantages(cfg: Config, batch: StepBatch, old_logp: list, ref_logp: Optional
         if kl_ctrl is not None:
             kl_ctrl.update(cur_kl, batch.n)
     if a.adv_estimator == "gae":
-        if values is None:
-            raise ConfigError("algo.adv_estimator=gae needs the critic's values (train.critic.value_pass); "
-                              "the trainer builds the critic when algo.adv_estimator=gae")
         kw["values"] = values.float()
     if a.adv_estimator == "remax":  # r_i - reward of the greedy response to the prompt (train.generation.rollout)
         if batch.baseline_rewards is None:
@@ -204,109 +227,139 @@ def advantages(cfg: Config, batch: StepBatch, old_logp: list, ref_logp: Optional
         kw["baseline_rewards"] = batch.baseline_rewards
     adv, returns = compute_advantages(a.adv_estimator, rewards=rewards, group_ids=batch.group_index,
                                       response_mask=mask, **kw)
-    if a.adv_estimator == "gae":
-        batch.values, batch.returns = values.float() * mask, returns.float() * mask
     keep = sample_keep_mask(a.adv_estimator, batch.rewards, batch.group_index)
-    batch.response_mask = mask & keep.unsqueeze(-1)
-    adv = adv.float() * batch.response_mask
+    loss_mask = mask & keep.unsqueeze(-1)
+    adv = adv.float() * loss_mask
     if cfg.rfpo.enabled and cfg.rfpo.wrong_advantage == "zero" and bool(batch.is_fixed.any()):
         has_fix = torch.zeros(batch.num_groups, dtype=torch.bool).index_fill_(0, batch.group_index[batch.is_fixed], True)
         wrong = (batch.rewards <= cfg.rfpo.fix.threshold) & ~batch.is_fixed & has_fix[batch.group_index]
         adv = torch.where(wrong.unsqueeze(-1), torch.zeros_like(adv), adv)
-    return adv
+    return Advantages(adv, loss_mask, returns.float() * mask if a.adv_estimator == "gae" else None)
 
 
-def make_train_batch(cfg: Config, batch: StepBatch, old_logp: list, ref_logp: Optional[list],
-                     log_roff: torch.Tensor, adv: torch.Tensor):
-    """The actor's ActorBatch for train_step. TIS weights min(exp(old - rollout), tis_cap) on unfixed
-    rows and exactly 1 on fixed rows (their rollout log-probs were under the fix prompt)."""
-    from rfpo_megatron.actor.batch import ActorBatch
+@dataclass
+class Step:
+    """One RL step's data after the passes, padded once: what the critic and the policy updates train on.
+
+    batch:       the StepBatch (token ids of the N rows, rewards, group_index, is_fixed, response_mask [N, T]).
+    old_logp:    [N, T] float, the actor's log-probs before the update (plain prompt q for fixed rows).
+    ref_logp:    [N, T] float reference log-probs (KL loss / KL in reward), or None.
+    values:      [N, T] float critic values (algo.adv_estimator=gae), or None.
+    log_roff:    [N] float log R_off (0 on unfixed rows; all 0 with rfpo.enabled=false), detached.
+    advantages:  [N, T] float (0 on padding and dropped rows).
+    loss_mask:   [N, T] bool, tokens in the loss (response_mask AND the estimator's keep mask).
+    returns:     [N, T] float GAE returns (gae), or None.
+    tis_weights: [N, T] float truncated IS weights (algo.tis_cap; exactly 1 on fixed rows), or None.
+    is_positive: [N] bool, reward >= rfpo.fix.success_threshold (VAPO positive NLL).
+
+    `rows(a, b)` is the mini-batch of rows a..b-1: every tensor sliced (views), nothing copied.
+    """
+
+    batch: StepBatch
+    old_logp: torch.Tensor
+    log_roff: torch.Tensor
+    advantages: torch.Tensor
+    loss_mask: torch.Tensor
+    is_positive: torch.Tensor
+    ref_logp: Optional[torch.Tensor] = None
+    values: Optional[torch.Tensor] = None
+    returns: Optional[torch.Tensor] = None
+    tis_weights: Optional[torch.Tensor] = None
+
+    @property
+    def n(self) -> int:
+        return self.batch.n
+
+    def rows(self, start: int, stop: int) -> "Step":
+        """Rows start..stop-1 (a mini-batch): views of every tensor."""
+        if (start, stop) == (0, self.n):
+            return self
+        b = self.batch
+        sl = slice(start, stop)
+        fixed = [r - start for r in b.fixed_rows if start <= r < stop]
+        sub = replace(b, prompt_ids=b.prompt_ids[sl], response_ids=b.response_ids[sl], rollout_logp=b.rollout_logp[sl],
+                      rewards=b.rewards[sl], group_index=b.group_index[sl], is_fixed=b.is_fixed[sl],
+                      use_tis=b.use_tis[sl], response_mask=b.response_mask[sl], fixed_rows=fixed,
+                      orig_response_ids=[o for r, o in zip(b.fixed_rows, b.orig_response_ids) if start <= r < stop],
+                      baseline_rewards=None if b.baseline_rewards is None else b.baseline_rewards[sl])
+
+        def cut(t):
+            return None if t is None else t[sl]
+
+        return Step(sub, self.old_logp[sl], self.log_roff[sl], self.advantages[sl], self.loss_mask[sl],
+                    self.is_positive[sl], cut(self.ref_logp), cut(self.values), cut(self.returns), cut(self.tis_weights))
+
+    def actor_batch(self, with_roff: bool = True) -> ActorBatch:
+        """The actor's ActorBatch of these rows: per-row fields are views [:T_i] of the [N, T] tensors."""
+        b = self.batch
+        lens = [len(r) for r in b.response_ids]
+
+        def per_row(t):
+            return None if t is None else [t[i, :L] for i, L in enumerate(lens)]
+
+        return ActorBatch.from_prompt_response(
+            b.prompt_ids, b.response_ids, advantages=per_row(self.advantages), old_logp=per_row(self.old_logp),
+            ref_logp=per_row(self.ref_logp), tis_weights=per_row(self.tis_weights),
+            response_mask=per_row(self.loss_mask), log_roff=self.log_roff if with_roff else None,
+            is_fixed=b.is_fixed, is_positive=self.is_positive)
+
+
+def make_step(cfg: Config, batch: StepBatch, old_logp: torch.Tensor, ref_logp: Optional[torch.Tensor],
+              values: Optional[torch.Tensor], log_roff: torch.Tensor, adv: Advantages) -> Step:
+    """Assemble the Step (adds the TIS weights and the positive flags)."""
+    return Step(batch, old_logp, log_roff, adv.advantages, adv.loss_mask,
+                batch.rewards >= cfg.rfpo.fix.success_threshold, ref_logp=ref_logp, values=values,
+                returns=adv.returns, tis_weights=tis_weights(cfg, batch, old_logp))
+
+
+def tis_weights(cfg: Config, batch: StepBatch, old_logp: torch.Tensor) -> Optional[torch.Tensor]:
+    """[N, T] truncated importance weights min(exp(old - rollout), algo.tis_cap) (algos.tis_weight), or None
+    without a cap; exactly 1 on fixed rows (their rollout log-probs were under the fix prompt) and on rows whose
+    engine reported no log-probs."""
+    if cfg.algo.tis_cap is None:
+        return None
+    from rfpo_megatron.algos.objective import tis_weight
 
     lens = [len(r) for r in batch.response_ids]
-    tis = None
-    if cfg.algo.tis_cap is not None:
-        tis = [tis_weights(old_logp[i], batch.rollout_logp[i], cfg.algo.tis_cap, bool(batch.use_tis[i]))
-               for i in range(batch.n)]
-    return ActorBatch.from_prompt_response(
-        batch.prompt_ids, batch.response_ids,
-        advantages=[adv[i, :lens[i]] for i in range(batch.n)],
-        old_logp=[torch.as_tensor(old_logp[i]).float() for i in range(batch.n)],
-        ref_logp=[torch.as_tensor(r).float() for r in ref_logp] if ref_logp is not None else None,
-        rollout_logp=None, tis_weights=tis,
-        response_mask=[batch.response_mask[i, :lens[i]] for i in range(batch.n)],
-        log_roff=log_roff if cfg.rfpo.enabled else None, is_fixed=batch.is_fixed,
-        is_positive=batch.rewards >= cfg.rfpo.fix.success_threshold)
+    has = torch.tensor([len(r) == L for r, L in zip(batch.rollout_logp, lens)], dtype=torch.bool)
+    rollout = pad_tokens([r if ok else [] for r, ok in zip(batch.rollout_logp, has.tolist())], dtype=torch.float32)
+    rollout = torch.nn.functional.pad(rollout, (0, old_logp.shape[1] - rollout.shape[1]))
+    return tis_weight(old_logp.float(), rollout, cfg.algo.tis_cap, is_fixed=~(batch.use_tis & has))
 
 
-def update_policy(rt: Runtime, tb: Any) -> dict[str, float]:
-    """actor.ppo_epochs passes over the batch in mini-batches of actor.global_batch_size sequences (None:
+def update_policy(rt: Runtime, step: Step) -> dict[str, float]:
+    """actor.ppo_epochs passes over the step in mini-batches of actor.global_batch_size sequences (None:
     the whole batch), one optimizer step each; returns the train/* metrics averaged over the steps."""
     cfg = rt.cfg
 
-    def step(idx: list) -> Optional[dict]:
-        mb = subset_batch(tb, idx)
-        if not any(bool(mb.mask_of(i).any()) for i in range(len(mb))):
+    def update(mb: Step) -> Optional[dict]:
+        if not bool(mb.loss_mask.any()):
             return None  # nothing in the loss (e.g. every row dropped by the estimator's keep mask)
-        return rt.actor.train_step(mb, cfg.algo, cfg.rfpo if cfg.rfpo.enabled else None)
+        return rt.actor.train_step(mb.actor_batch(with_roff=cfg.rfpo.enabled), cfg.algo,
+                                   cfg.rfpo if cfg.rfpo.enabled else None)
 
-    out, steps = minibatch_updates(len(tb), cfg.actor.global_batch_size, cfg.actor.ppo_epochs, step)
+    out, steps = minibatch_updates(step, cfg.actor.global_batch_size, cfg.actor.ppo_epochs, update)
     if not steps:
         out = {"train/loss": 0.0, "train/grad_norm": 0.0}
     out["train/optimizer_steps"] = float(steps)
     return out
 
 
-def minibatch_updates(n: int, size: Optional[int], epochs: int, step) -> tuple[dict[str, float], int]:
-    """`epochs` passes over rows 0..n-1 in mini-batches of `size` rows (None: all), calling step(rows) -> metrics
-    dict (None: skipped, no optimizer step). Returns (metrics averaged over the steps taken, steps taken)."""
+def minibatch_updates(step: Step, size: Optional[int], epochs: int,
+                      update: Callable[[Step], Optional[dict]]) -> tuple[dict[str, float], int]:
+    """`epochs` passes over the step's rows in mini-batches (Step.rows views) of `size` rows (None: all),
+    calling update(mini-batch) -> metrics dict (None: skipped, no optimizer step). Returns (metrics averaged
+    over the steps taken, steps taken)."""
+    n = step.n
     size = size or n
     sums: dict[str, float] = {}
     steps = 0
     for _ in range(epochs):
         for start in range(0, n, size):
-            m = step(list(range(start, min(n, start + size))))
+            m = update(step.rows(start, min(n, start + size)))
             if m is None:
                 continue
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             steps += 1
     return ({k: v / steps for k, v in sums.items()} if steps else {}), steps
-
-
-def subset_batch(tb: Any, idx: list) -> Any:
-    """The ActorBatch rows `idx` (all per-sample fields sliced alike)."""
-    if len(idx) == len(tb):
-        return tb
-    from rfpo_megatron.actor.batch import ActorBatch
-
-    def pick(v):
-        return None if v is None else [v[i] for i in idx]
-
-    ix = torch.tensor(idx, dtype=torch.long)
-    return ActorBatch(input_ids=pick(tb.input_ids), prompt_lens=pick(tb.prompt_lens), advantages=pick(tb.advantages),
-                      old_logp=pick(tb.old_logp), ref_logp=pick(tb.ref_logp), rollout_logp=pick(tb.rollout_logp),
-                      tis_weights=pick(tb.tis_weights), response_mask=pick(tb.response_mask),
-                      log_roff=None if tb.log_roff is None else tb.log_roff[ix],
-                      is_fixed=None if tb.is_fixed is None else tb.is_fixed[ix],
-                      is_positive=None if tb.is_positive is None else tb.is_positive[ix])
-
-
-def tis_weights(old_logp, rollout_logp, cap: float, use_tis: bool) -> torch.Tensor:
-    """[T] truncated importance weights min(exp(old_logp - rollout_logp), cap) of one row (algos.tis_weight);
-    all 1 when `use_tis` is False (fixed samples) or the engine reported no log-probs."""
-    from rfpo_megatron.algos.objective import tis_weight
-
-    old = torch.as_tensor(old_logp, dtype=torch.float32)
-    if not use_tis or len(rollout_logp) != old.numel():
-        return torch.ones_like(old)
-    return tis_weight(old.unsqueeze(0), torch.as_tensor(rollout_logp, dtype=torch.float32).unsqueeze(0), cap)[0]
-
-
-def logprob_pass(actor: Any, seqs: list) -> list:
-    """Per-token log-probs of each (prompt ids, response ids) pair under `actor`: list of [T_i] tensors.
-    The prompt ids are exactly those given (for a fixed sample: the plain prompt q)."""
-    from rfpo_megatron.actor.batch import ActorBatch
-
-    prompts, responses = [list(p) for p, _ in seqs], [list(r) for _, r in seqs]
-    logp, _ = actor.compute_logprobs(ActorBatch.from_prompt_response(prompts, responses))
-    return logp
