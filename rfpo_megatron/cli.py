@@ -8,7 +8,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("rfpo_megatron.trainer", "run RFPO/GRPO training from a YAML config (+ key=value overrides)"),
     "eval": ("rfpo_megatron.evaluate", "evaluate a checkpoint: avg@k / pass@k on held-out jsonl sets"),
-    "convert": ("rfpo_megatron.convert.cli", "convert checkpoints HF <-> Megatron (any TP/PP)"),
+    "convert": ("rfpo_megatron.offline.cli", "convert checkpoints HF <-> Megatron (any TP/PP)"),
     "serve": ("rfpo_megatron.rollout.server", "serve the embedded CPU rollout engine over SGLang's HTTP protocol"),
     "plan": ("rfpo_megatron.plan", "per-GPU memory plan and layout recommendation"),
     "bench": ("rfpo_megatron.kernels.bench", "benchmark the fused kernels (GPU)"),

@@ -1,4 +1,4 @@
-"""Evaluation: avg@k and pass@k of the policy on held-out prompt sets (every K steps and `rfpo-megatron eval`).
+"""`rfpo-megatron eval`: avg@k and pass@k of a checkpoint (or the HF start weights) on held-out prompt sets.
 
     rfpo-megatron eval CONFIG.yaml [key=value ...] [--checkpoint DIR] [--files a.jsonl,b.jsonl] [--k K] [--out FILE]
 
@@ -6,63 +6,18 @@ For each prompt k responses are sampled at rollout.temperature (no fix prompt, p
 scored by data.reward_fn; a response is correct when its reward >= rfpo.fix.success_threshold.
 avg@k = mean correctness over all n·k responses; pass@k = share of prompts with at least one correct
 response (the unbiased estimator 1 - C(n-c, k)/C(n, k) with n = k samples). Metrics: eval/<set>/avg@k,
-eval/<set>/pass@k (set = file stem).
+eval/<set>/pass@k (set = file stem). The metric code is rfpo_megatron.train.evaluation (shared with the
+trainer's periodic eval); its names are re-exported here.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from typing import Any, Optional
 
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples with c correct (Chen et al. 2021): 1 - C(n-c, k) / C(n, k)."""
-    if k > n:
-        raise ValueError(f"pass@k needs k <= n samples, got k={k}, n={n}")
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
-
-
-def score_set(correct: list[list[bool]], k: int) -> dict[str, float]:
-    """correct: per prompt, n >= k booleans. Returns {"avg@k", "pass@k"} (avg over the first k samples)."""
-    if not correct:
-        return {f"avg@{k}": 0.0, f"pass@{k}": 0.0}
-    avg = sum(sum(c[:k]) / k for c in correct) / len(correct)
-    pk = sum(pass_at_k(len(c), sum(c), k) for c in correct) / len(correct)
-    return {f"avg@{k}": avg, f"pass@{k}": pk}
-
-
-def evaluate_sets(engine: Any, tokenizer: Any, verifier: Any, sets: dict[str, list[dict]], cfg: Any,
-                  seed: int, eos_ids: list[int], prompt_format: Any = None,
-                  k: Optional[int] = None) -> dict[str, float]:
-    """eval/<name>/avg@k and pass@k for each prompt set (name -> records) with `engine`'s current weights."""
-    from rfpo_megatron.data.batching import build_prompts
-    from rfpo_megatron.rewards import score_many
-    from rfpo_megatron.rollout.base import SamplingParams
-
-    k = int(k or cfg.trainer.eval_n_samples)
-    r = cfg.rollout
-    thr = cfg.rfpo.fix.success_threshold
-    out: dict[str, float] = {}
-    for si, (name, records) in enumerate(sorted(sets.items())):
-        items = build_prompts(records, tokenizer, prompt_format, cfg.data.max_prompt_len)
-        params = SamplingParams(n=k, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                                max_new_tokens=r.max_new_tokens, stop_token_ids=list(eos_ids), seed=seed + 101 * si)
-        results = engine.generate([it.prompt_ids for it in items], params)
-        flat = [(tokenizer.decode(res.output_ids, skip_special_tokens=True),
-                 str(it.record.get(cfg.data.answer_key, "")), it.record)
-                for it, per in zip(items, results) for res in per]
-        rewards = [x.reward for x in score_many(verifier, flat)]
-        correct = [[rw >= thr for rw in rewards[i * k:(i + 1) * k]] for i in range(len(items))]
-        for key, v in score_set(correct, k).items():
-            out[f"eval/{name}/{key}"] = v
-        lens = [len(res.output_ids) for per in results for res in per]
-        out[f"eval/{name}/response_len_mean"] = sum(lens) / max(1, len(lens))
-    return out
+from rfpo_megatron.train.evaluation import evaluate_sets, pass_at_k, score_set  # noqa: F401 (re-exported)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -82,7 +37,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     """Standalone eval: start the engine from actor.hf_model_path, load the checkpoint's weights into it
     (through the actor and the weight sync), evaluate, print JSON."""
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
-    from rfpo_megatron import train as T
     from rfpo_megatron.config import ConfigError, load_config
 
     try:
@@ -102,7 +56,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as fh:
             fh.write(text + "\n")
-    del T
     return 0
 
 

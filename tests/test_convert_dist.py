@@ -69,7 +69,7 @@ def read_hf_dir(path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     """HF dirs, reference logits and tool outputs at (1,1), (2,1), (1,2), (2,2) for every family."""
-    from rfpo_megatron.convert.offline import hf_to_mcore, mcore_to_hf
+    from rfpo_megatron.offline.tools import hf_to_mcore, mcore_to_hf
 
     root = tmp_path_factory.mktemp("convert_dist")
     ids = torch.randint(0, 300, SEQ, generator=torch.Generator().manual_seed(7))
@@ -130,7 +130,7 @@ def _run_layout(root, tp, pp, rank, check_save):
     from rfpo_megatron.convert.export import iter_hf_weights
     from rfpo_megatron.convert.hf_io import read_hf_config
     from rfpo_megatron.convert.mcore_io import load_weights, rank_file, read_full_tensors, read_meta, save_weights
-    from rfpo_megatron.convert.offline import load_hf_into_model
+    from rfpo_megatron.convert.hf_load import load_hf_into_model
     from rfpo_megatron.convert.sharding import gather_full_state
 
     if mpu.model_parallel_is_initialized():
@@ -159,7 +159,7 @@ def _run_layout(root, tp, pp, rank, check_save):
         from rfpo_megatron.actor.actor import Actor
         from rfpo_megatron.actor.checkpoint import load_checkpoint, save_checkpoint
         from rfpo_megatron.config import ActorConfig
-        from rfpo_megatron.convert.offline import mcore_to_hf
+        from rfpo_megatron.offline.tools import mcore_to_hf
 
         actor = Actor(cfg, ActorConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
                       spec="local", with_optimizer=False)

@@ -119,7 +119,7 @@ def test_dtype_cast_and_tied_lm_head_in_file(hf_dirs, tmp_path):
     # a tied model whose lm_head differs from the embedding is refused
     save_file({**tensors, "lm_head.weight": tensors["model.embed_tokens.weight"] + 1}, f, metadata={"format": "pt"})
     with pytest.raises(Exception, match="lm_head.weight differs"):
-        from rfpo_megatron.convert.offline import hf_to_mcore
+        from rfpo_megatron.offline.tools import hf_to_mcore
 
         hf_to_mcore(src, tmp_path / "mc2", progress=False)
 

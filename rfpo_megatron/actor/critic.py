@@ -88,7 +88,7 @@ class Critic(Actor):
         from megatron.core.tensor_parallel import set_defaults_if_not_set_tensor_model_parallel_attributes
 
         if self._hf_path:
-            from rfpo_megatron.convert.offline import load_hf_into_model
+            from rfpo_megatron.convert.hf_load import load_hf_into_model
 
             load_hf_into_model(chunks, self._hf_path)
         for c in chunks:

@@ -5,6 +5,8 @@
 `POLICY_LOSSES[name]` is a function `fn(logp [B, T], old_logp [B, T], advantages [B, T],
 response_mask [B, T], *, log_roff [B] | None, loss_form, clip_ratio_low, clip_ratio_high, clip_ratio_c, ...)
 -> (loss [B, T] per token (0 on padding), metrics dict[str, 0-dim tensor])` (see policy_loss.py).
+The tables are filled when advantages.py and policy_loss.py are imported, which rfpo_megatron/algos/__init__.py
+does before any module of the package can be used (this module imports neither: no import circle).
 """
 
 from __future__ import annotations
@@ -47,7 +49,6 @@ def unknown_name_message(field: str, value: str, choices) -> str:
 
 
 def _lookup(table: dict[str, Callable], field: str, name: str) -> Callable:
-    _ensure_loaded()
     try:
         return table[name]
     except KeyError:
@@ -62,8 +63,3 @@ def get_adv_estimator(name: str) -> Callable:
 def get_policy_loss(name: str) -> Callable:
     """The registered policy loss `name`; ValueError with a "did you mean" hint otherwise."""
     return _lookup(POLICY_LOSSES, "policy_loss", name)
-
-
-def _ensure_loaded() -> None:
-    # the modules that fill the tables register on import
-    from rfpo_megatron.algos import advantages, policy_loss  # noqa: F401

@@ -6,6 +6,7 @@
     batch        every rank: StepBatch, build_batch, logprob_pass, compute_roff, advantages (-> Advantages),
                  make_step (-> Step: the step's data padded once), update_policy(rt, step)
     critic       algo.adv_estimator=gae: build_critic, value_pass, update_critic(rt, step)
+    evaluation   evaluate_sets, pass_at_k, score_set (avg@k / pass@k; the eval CLI is rfpo_megatron.evaluate)
     weight_sync  sync_weights, sync_mode, connect_weight_group, share_engine, write_weights_dir
     checkpoint   capture_state, save/load/prune/latest_checkpoint, STATE_FILE
     lifecycle    setup, teardown, check_paths, build_actor, launch_rollout_engine, engine_config

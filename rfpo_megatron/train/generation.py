@@ -150,7 +150,7 @@ def run_eval(rt: Runtime, step: int) -> dict[str, float]:
     """eval/<set>/avg@k and pass@k on data.eval_files with the engine's current weights (rank 0)."""
     if not rt.is_rank0 or not rt.eval_sets:
         return {}
-    from rfpo_megatron.evaluate import evaluate_sets
+    from rfpo_megatron.train.evaluation import evaluate_sets
 
     m: dict[str, float] = {}
     with timed(m, "perf/eval_time"):

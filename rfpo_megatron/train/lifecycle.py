@@ -61,7 +61,7 @@ def build_actor(cfg: Config, with_optimizer: bool = True) -> Any:
     from transformers import AutoConfig
 
     from rfpo_megatron.actor.actor import Actor
-    from rfpo_megatron.convert.offline import load_hf_into_model
+    from rfpo_megatron.convert.hf_load import load_hf_into_model
 
     hf_config = AutoConfig.from_pretrained(cfg.actor.hf_model_path)
     actor = Actor(hf_config, cfg.actor, total_steps=max(1, cfg.trainer.steps),

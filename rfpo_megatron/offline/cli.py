@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    from rfpo_megatron.convert import offline
+    from rfpo_megatron.offline import tools as offline
 
     try:
         if args.direction == "hf2mcore":

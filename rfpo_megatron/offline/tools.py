@@ -17,7 +17,7 @@ from typing import Any, Iterable
 
 import torch
 
-from rfpo_megatron.convert import actor_format
+from rfpo_megatron.offline import actor_format
 from rfpo_megatron.convert.arch import Arch, ConversionError, arch_from_hf_config, compare_archs, padded_vocab
 from rfpo_megatron.convert.hf_io import (
     HFReader,
@@ -45,7 +45,6 @@ from rfpo_megatron.convert.mcore_io import (
     write_meta,
     write_rank_file,
 )
-from rfpo_megatron.convert.hf_load import load_hf_into_model  # noqa: F401  (re-export: trainer imports it here)
 from rfpo_megatron.convert.sharding import shard_tp
 from rfpo_megatron.convert.validate import config_diffs, require_no_diffs
 
@@ -223,7 +222,7 @@ def mcore_to_hf(
         state = actor_format.read_state(actor_ckpt, ameta, hf_config)
         check_full_state(arch, state, source=str(actor_ckpt))
         if ameta["format"] == "dist" and dtype is None:  # the model was rebuilt in fp32: store the saved dtype
-            from rfpo_megatron.convert.dist_format import saved_dtype
+            from rfpo_megatron.offline.dist_format import saved_dtype
 
             kept = saved_dtype(actor_ckpt)
             dtype = str(kept).replace("torch.", "") if kept is not None and kept != torch.float32 else None

@@ -108,7 +108,7 @@ def hf_config_of(ckpt: Path, meta: dict[str, Any], hf_ref: str | os.PathLike | N
 def read_state(ckpt: Path, meta: dict[str, Any], hf_config: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
     """All stages' canonical full tensors: memory-mapped ("full"), or loaded through megatron ("dist")."""
     if meta.get("format") == "dist":
-        from rfpo_megatron.convert.dist_format import load_dist_checkpoint_state
+        from rfpo_megatron.offline.dist_format import load_dist_checkpoint_state
 
         return load_dist_checkpoint_state(ckpt, hf_config, int(meta["vocab_size"]))
     state: dict[str, torch.Tensor] = {}
