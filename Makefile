@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-slow test-all test-slurm compare gpu-check-wheels
+.PHONY: setup demo test test-slow test-all test-slurm compare gpu-check-wheels test-sglang-app
 
 setup:
 	@bash tools/setup_env.sh
@@ -15,6 +15,11 @@ test: setup
 
 test-slow: setup
 	@$(PY) -m pytest -q -m "slow"
+
+# SGLang's whole FastAPI app on CPU (separate ~2.5 GB venv, .cache/sglang-app-venv) against the client's bodies
+test-sglang-app: setup
+	@bash tools/sglang_app_env.sh
+	@$(PY) -m pytest -q -m slow tests/test_rollout_sglang_app.py
 
 test-all: setup
 	@$(PY) -m pytest -q -m "not gpu"
