@@ -84,14 +84,14 @@ def evaluate_checkpoint(cfg: Any, checkpoint: Optional[str], k: Optional[int] = 
         if checkpoint:
             ckpt = checkpoint
             if not os.path.isfile(os.path.join(ckpt, T.STATE_FILE)):
-                ckpt = T.latest_checkpoint(checkpoint)
+                ckpt = T.latest_trainer_checkpoint(checkpoint)
                 if ckpt is None:
                     raise FileNotFoundError(f"--checkpoint {checkpoint}: no {T.STATE_FILE} and no 'latest' file")
             from rfpo_megatron.actor.parallel import init_parallel
 
             init_parallel(cfg.actor.tensor_model_parallel_size, cfg.actor.pipeline_model_parallel_size,
                           seed=cfg.trainer.seed)
-            from rfpo_megatron.actor.checkpoint import load_checkpoint as load_actor
+            from rfpo_megatron.actor.checkpoint import load_actor_state as load_actor
 
             rt.actor = T.build_actor(cfg, with_optimizer=False)
             load_actor(rt.actor, os.path.join(ckpt, "actor"), load_optimizer=False, load_rng=False)

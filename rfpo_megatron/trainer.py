@@ -27,7 +27,7 @@ from rfpo_megatron.config import Config, ConfigError, load_config
 from rfpo_megatron.data.types import RolloutGroup
 from rfpo_megatron.logging.metrics import grad_signal_frac, group_flags, roff_metrics, rollout_metrics
 from rfpo_megatron.train.batch import build_batch, compute_roff, logprob_pass, make_step, step_advantages, update_policy
-from rfpo_megatron.train.checkpoint import STATE_FILE, capture_state, latest_checkpoint, save_checkpoint  # noqa: F401
+from rfpo_megatron.train.checkpoint import STATE_FILE, capture_state, latest_trainer_checkpoint, save_trainer_checkpoint  # noqa: F401
 from rfpo_megatron.train.critic import update_critic, value_pass
 from rfpo_megatron.train.generation import baseline_metrics, dynamic_sampling, fix_stage, rollout, run_eval
 from rfpo_megatron.train.runtime import (SEED_EVAL, SEED_FIX, Preempted, Runtime, abortable,  # noqa: F401
@@ -35,7 +35,7 @@ from rfpo_megatron.train.runtime import (SEED_EVAL, SEED_FIX, Preempted, Runtime
 from rfpo_megatron.train.lifecycle import setup, teardown
 from rfpo_megatron.train.weight_sync import sync_weights
 
-# STATE_FILE, latest_checkpoint, SEED_EVAL and step_seed are re-exported (tests, scripts import them from here).
+# STATE_FILE, latest_trainer_checkpoint, SEED_EVAL and step_seed are re-exported (tests, scripts import them from here).
 
 
 def train(cfg: Config) -> dict[str, float]:
@@ -62,14 +62,14 @@ def train(cfg: Config) -> dict[str, float]:
             stop = stop_requested(rt)
             if stop or step == cfg.trainer.steps or (cfg.trainer.save_interval
                                                      and step % cfg.trainer.save_interval == 0):
-                save_checkpoint(rt, step, capture_state(rt))
+                save_trainer_checkpoint(rt, step, capture_state(rt))
             if stop:
                 rt.log(f"SIGTERM: saved checkpoint at step {step}; exiting")
                 break
         if rt.is_rank0:
             rt.log(summary(rt))
     except Preempted:
-        save_checkpoint(rt, rt.step, rt.snapshot)
+        save_trainer_checkpoint(rt, rt.step, rt.snapshot)
         rt.log(f"SIGTERM during step {rt.step + 1}: saved the checkpoint of step {rt.step}; exiting")
     finally:
         teardown(rt)

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from rfpo_megatron.actor.checkpoint import latest_checkpoint, step_dir_name
+from rfpo_megatron.actor.checkpoint import latest_step_dir, step_dir_name
 from rfpo_megatron.actor.launch import free_port, spawn_world
 
 HF = dict(
@@ -35,14 +35,14 @@ CHILD = textwrap.dedent(
     sys.path.insert(0, {testdir!r})
     from test_actor_checkpoint import make_actor, batch, IDS
     from rfpo_megatron.actor.parallel import init_parallel
-    from rfpo_megatron.actor.checkpoint import save_checkpoint
+    from rfpo_megatron.actor.checkpoint import save_actor_state
     from rfpo_megatron.config import AlgoConfig
     init_parallel(tp=1, pp=1, seed=3)
     a = make_actor()
     b = batch()
     b.old_logp = a.compute_logprobs(b)[0]
     a.train_step(b, AlgoConfig())
-    save_checkpoint(a, {ckpt!r})
+    save_actor_state(a, {ckpt!r})
     torch.save(a.forward_logits(IDS), {logits!r})
     print("SAVED1", flush=True)
     a.train_step(b, AlgoConfig())
@@ -52,7 +52,7 @@ CHILD = textwrap.dedent(
         print("MIDSAVE", flush=True)
         time.sleep(120)
     torch.save = slow_save
-    save_checkpoint(a, {ckpt!r})
+    save_actor_state(a, {ckpt!r})
     print("UNREACHABLE", flush=True)
     """
 )
@@ -78,14 +78,14 @@ def batch():
 
 
 def _load_and_check(rank, ckpt):
-    from rfpo_megatron.actor.checkpoint import load_checkpoint, save_checkpoint
+    from rfpo_megatron.actor.checkpoint import load_actor_state, save_actor_state
     from rfpo_megatron.actor.parallel import init_parallel
 
     init_parallel(tp=1, pp=1, seed=3)
     a = make_actor()
-    meta = load_checkpoint(a, ckpt)
+    meta = load_actor_state(a, ckpt)
     logits = a.forward_logits(IDS)
-    path = save_checkpoint(a, ckpt, step=5)  # a later save cleans the stale partial directory
+    path = save_actor_state(a, ckpt, step=5)  # a later save cleans the stale partial directory
     return {"meta": meta, "logits": logits, "path": path, "listing": sorted(os.listdir(ckpt))}
 
 
@@ -116,18 +116,18 @@ def test_kill_during_save_leaves_previous_checkpoint(tmp_path):
     # the partial save is visible on disk, and "latest" still names step 1
     assert os.path.isdir(os.path.join(ckpt, step_dir_name(2) + ".tmp"))
     assert not os.path.exists(os.path.join(ckpt, step_dir_name(2)))
-    assert latest_checkpoint(ckpt) == os.path.join(ckpt, step_dir_name(1))
+    assert latest_step_dir(ckpt) == os.path.join(ckpt, step_dir_name(1))
 
     out = spawn_world(_load_and_check, 1, ckpt)[0]
     assert out["meta"]["step"] == 1
     want = torch.load(logits_file)
     assert torch.equal(out["logits"], want)  # same layout: bit-identical
     assert out["listing"] == ["latest", step_dir_name(1), step_dir_name(5)]
-    assert latest_checkpoint(ckpt) == out["path"]
+    assert latest_step_dir(ckpt) == out["path"]
 
 
 def _dist_format_world(rank, ckpt):
-    from rfpo_megatron.actor.checkpoint import load_checkpoint, save_checkpoint
+    from rfpo_megatron.actor.checkpoint import load_actor_state, save_actor_state
     from rfpo_megatron.actor.parallel import destroy_parallel, init_parallel
     from rfpo_megatron.config import ActorConfig, AlgoConfig
 
@@ -143,7 +143,7 @@ def _dist_format_world(rank, ckpt):
     old = a.compute_logprobs(b)[0]
     b.old_logp = old
     a.train_step(b, AlgoConfig())
-    path = save_checkpoint(a, ckpt, fmt="dist")
+    path = save_actor_state(a, ckpt, fmt="dist")
     out = {"files": sorted(os.listdir(path)), "logits": a.forward_logits(IDS)}
     out["loss2"] = a.train_step(b, AlgoConfig())["train/loss"]  # old log-probs are stale: loss depends on weights
     out["logits3"] = a.forward_logits(IDS)  # after step 2: depends on the restored Adam moments and LR
@@ -151,7 +151,7 @@ def _dist_format_world(rank, ckpt):
     destroy_parallel(keep_process_group=True)
     init_parallel(tp=1, pp=2, seed=3)
     a = actor(1, 2)
-    meta = load_checkpoint(a, ckpt)
+    meta = load_actor_state(a, ckpt)
     out.update(meta=meta, logits_pp2=a.forward_logits(IDS), step=a.step)
     b.old_logp = old
     out["loss2_pp2"] = a.train_step(b, AlgoConfig())["train/loss"]

@@ -226,12 +226,12 @@ def _equivalence_run(tp, pp, tmp):
 
 
 def _w_tp2(rank, tmp):
-    from rfpo_megatron.actor.checkpoint import save_checkpoint
+    from rfpo_megatron.actor.checkpoint import save_actor_state
     from rfpo_megatron.actor.parallel import init_parallel
 
     init_parallel(tp=2, pp=1, seed=11)
     a, out = _equivalence_run(2, 1, tmp)
-    out["ckpt"] = save_checkpoint(a, os.path.join(tmp, "ckpt"), extra={"note": "tp2"})
+    out["ckpt"] = save_actor_state(a, os.path.join(tmp, "ckpt"), extra={"note": "tp2"})
     out["logits_c"] = a.forward_logits(_logit_inputs())
     out["metrics2"] = _step(a, _batch(2), torch.load(os.path.join(tmp, "old2.pt")))
     out["after2"] = _full(a)
@@ -239,10 +239,10 @@ def _w_tp2(rank, tmp):
 
 
 def _resume(tmp):
-    from rfpo_megatron.actor.checkpoint import load_checkpoint
+    from rfpo_megatron.actor.checkpoint import load_actor_state
 
     a = _actor(*_layout())
-    meta = load_checkpoint(a, os.path.join(tmp, "ckpt"))
+    meta = load_actor_state(a, os.path.join(tmp, "ckpt"))
     res = {"meta": meta, "step": a.step, "lr": a.lr(), "logits_c": a.forward_logits(_logit_inputs())}
     res["metrics2"] = _step(a, _batch(2), torch.load(os.path.join(tmp, "old2.pt")))
     res["after2"] = _full(a)

@@ -157,19 +157,19 @@ def _run_layout(root, tp, pp, rank, check_save):
         # the actor's own checkpoint loader reads the tool's actor-format output; the actor's forward agrees;
         # the actor's save at this layout converts back to the original HF tensors bit for bit
         from rfpo_megatron.actor.actor import Actor
-        from rfpo_megatron.actor.checkpoint import load_checkpoint, save_checkpoint
+        from rfpo_megatron.actor.checkpoint import load_actor_state, save_actor_state
         from rfpo_megatron.config import ActorConfig
         from rfpo_megatron.offline.tools import mcore_to_hf
 
         actor = Actor(cfg, ActorConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
                       spec="local", with_optimizer=False)
-        load_checkpoint(actor, str(root / fam / "actor_ckpt"), load_optimizer=False, load_rng=False)
+        load_actor_state(actor, str(root / fam / "actor_ckpt"), load_optimizer=False, load_rng=False)
         diff = (actor.forward_logits(ids) - ref).abs().max().item()
-        print(f"[convert-dist] {tag} actor.forward_logits after actor.load_checkpoint: max abs diff {diff:.2e}", flush=True)
+        print(f"[convert-dist] {tag} actor.forward_logits after load_actor_state: max abs diff {diff:.2e}", flush=True)
         assert diff <= 1e-4, f"{tag}: actor logits after loading the tool's checkpoint differ by {diff}"
-        saved = save_checkpoint(actor, str(root / fam / f"actor_saved_tp{tp}_pp{pp}"), step=3, fmt="full")
+        saved = save_actor_state(actor, str(root / fam / f"actor_saved_tp{tp}_pp{pp}"), step=3, fmt="full")
         if (tp, pp) == (2, 1):  # megatron dist_checkpointing format; converted by the parent (own process)
-            save_checkpoint(actor, str(root / fam / "actor_dist_tp2"), step=3, fmt="dist")
+            save_actor_state(actor, str(root / fam / "actor_dist_tp2"), step=3, fmt="dist")
         if dist.get_rank() == 0:
             back = root / fam / f"actor_saved_back_tp{tp}_pp{pp}"
             mcore_to_hf(os.path.dirname(saved), back, hf_ref=root / fam / "hf", progress=False)

@@ -9,6 +9,6 @@ Modules (import them directly; importing this package does not import megatron):
   forward     run_schedule() through get_forward_backward_func, logprob_output_fn()
   actor       Actor: compute_logprobs(), train_step(), forward_logits()
   critic      Critic (an Actor with a value head): compute_values(), train_step() (clipped value loss)
-  checkpoint  save_checkpoint(), load_checkpoint(), latest_checkpoint()
+  checkpoint  save_actor_state(), load_actor_state(); step_dir_name(), latest_step_dir(), write_latest(), prune_step_dirs()
   launch      spawn_world(): run a function on N local gloo ranks
 """

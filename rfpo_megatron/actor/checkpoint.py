@@ -1,9 +1,15 @@
-"""Actor checkpoints (model + optimizer + LR scheduler + RNG + step), atomic, resharding across TP/PP on load.
+"""Actor state (model + optimizer + LR scheduler + RNG + step), atomic, resharding across TP/PP on load.
 
-Layout under a checkpoint directory ``ckpt_dir``::
+Vocabulary: an *actor state* is what `save_actor_state` writes for one model (the actor, or the critic); a
+*trainer checkpoint* (`rfpo_megatron.train.checkpoint`) holds actor states plus the trainer's own state. Both
+lay out their steps the same way, with the helpers defined here: ``step_NNNNNN`` directories
+(`step_dir_name`), a ``latest`` file naming the newest complete one (`write_latest`, `latest_step_dir`) and
+`prune_step_dirs`.
 
-    ckpt_dir/latest              text file: name of the newest complete checkpoint ("step_00000010")
-    ckpt_dir/step_00000010/      one checkpoint
+Layout under an actor-state directory ``ckpt_dir``::
+
+    ckpt_dir/latest              text file: name of the newest complete state ("step_000010")
+    ckpt_dir/step_000010/        one state
         meta.json                step, tp/pp/dp, format, vocab, scheduler state, caller's ``extra``
         model_pp{r}.pt           "full" format: canonical TP=1 tensors (global layer names) of PP stage r
         optim_pp{r}.pt           "full" format: per-parameter Adam state, same names/sharding rules
@@ -38,6 +44,7 @@ from rfpo_megatron.convert.sharding import canonical_params, gather_full_state, 
 
 FORMAT_VERSION = 1
 LATEST = "latest"
+STEP_DIR = "step_{:06d}"  # the one step-directory format (older actor states used step_{:08d}: read via `latest`)
 
 
 # ------------------------------------------------------------------ helpers
@@ -47,25 +54,57 @@ def _barrier() -> None:
 
 
 def step_dir_name(step: int) -> str:
-    """Directory name of the checkpoint at optimizer step ``step``."""
-    return f"step_{int(step):08d}"
+    """Directory name of the state / checkpoint of step ``step`` (``step_NNNNNN``)."""
+    return STEP_DIR.format(int(step))
 
 
-def latest_checkpoint(ckpt_dir: str) -> Optional[str]:
-    """Path of the newest complete checkpoint in ``ckpt_dir`` (via ``latest``), or None."""
-    f = os.path.join(ckpt_dir, LATEST)
+def latest_step_dir(root: str, marker: str = "meta.json", strict: bool = False) -> Optional[str]:
+    """The step directory that ``root/latest`` names when it holds ``marker`` (a complete save), else None.
+    Any name works (old ``step_%08d`` / ``step_%06d`` directories too). strict: a ``latest`` that names an
+    incomplete directory is a FileNotFoundError instead of None."""
+    f = os.path.join(root, LATEST)
     if not os.path.isfile(f):
         return None
     with open(f) as fh:
         name = fh.read().strip()
-    path = os.path.join(ckpt_dir, name)
-    return path if os.path.isfile(os.path.join(path, "meta.json")) else None
+    path = os.path.join(root, name)
+    if os.path.isfile(os.path.join(path, marker)):
+        return path
+    if strict:
+        raise FileNotFoundError(f"{f} names '{name}' but {path}/{marker} is missing; point {f} at a complete "
+                                f"step_* directory or start without --resume")
+    return None
+
+
+def write_latest(root: str, name: str) -> None:
+    """Point ``root/latest`` at ``name`` atomically (written, fsynced, then renamed over the old one)."""
+    tmp = os.path.join(root, LATEST + ".tmp")
+    with open(tmp, "w") as fh:
+        fh.write(name + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, os.path.join(root, LATEST))
+
+
+def prune_step_dirs(root: str, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` complete ``step_*`` directories (by step number; <= 0 keeps all)."""
+    if keep_last <= 0:
+        return
+
+    def step_of(name: str) -> int:
+        digits = name[len("step_"):]
+        return int(digits) if digits.isdigit() else -1
+
+    steps = sorted((n for n in os.listdir(root) if n.startswith("step_") and not n.endswith(".tmp")),
+                   key=lambda n: (step_of(n), n))
+    for n in steps[:-keep_last]:
+        shutil.rmtree(os.path.join(root, n), ignore_errors=True)
 
 
 def _resolve(path: str) -> str:
     if os.path.isfile(os.path.join(path, "meta.json")):
         return path
-    found = latest_checkpoint(path)
+    found = latest_step_dir(path)
     if found is None:
         raise FileNotFoundError(
             f"no actor checkpoint at {path!r} (expected meta.json or a '{LATEST}' file); check actor.load"
@@ -152,7 +191,7 @@ def _set_rng_state(st: dict) -> None:
 
 
 # -------------------------------------------------------------------- save
-def save_checkpoint(
+def save_actor_state(
     actor,
     ckpt_dir: str,
     *,
@@ -223,9 +262,9 @@ def save_checkpoint(
         if os.path.exists(final):
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _write_latest(ckpt_dir, os.path.basename(final))
+        write_latest(ckpt_dir, os.path.basename(final))
         if keep_last:
-            _prune(ckpt_dir, keep_last)
+            prune_step_dirs(ckpt_dir, keep_last)
     _barrier()
     return final
 
@@ -244,21 +283,6 @@ def _fsync_dir(path: str) -> None:
         if os.path.isfile(p):
             with open(p, "rb") as fh:
                 os.fsync(fh.fileno())
-
-
-def _write_latest(ckpt_dir: str, name: str) -> None:
-    tmp = os.path.join(ckpt_dir, LATEST + ".tmp")
-    with open(tmp, "w") as fh:
-        fh.write(name + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, os.path.join(ckpt_dir, LATEST))
-
-
-def _prune(ckpt_dir: str, keep_last: int) -> None:
-    steps = sorted(n for n in os.listdir(ckpt_dir) if n.startswith("step_") and not n.endswith(".tmp"))
-    for n in steps[:-keep_last]:
-        shutil.rmtree(os.path.join(ckpt_dir, n), ignore_errors=True)
 
 
 def _gather_optimizer_state(actor) -> dict[str, Any]:
@@ -310,7 +334,7 @@ def _dist_sharded_state(actor, *, is_loading: bool, with_optimizer: bool) -> dic
 
 
 # -------------------------------------------------------------------- load
-def load_checkpoint(actor, path: str, *, load_optimizer: bool = True, load_rng: bool = True) -> dict:
+def load_actor_state(actor, path: str, *, load_optimizer: bool = True, load_rng: bool = True) -> dict:
     """Load a checkpoint (directory or ``ckpt_dir`` with ``latest``) into ``actor``; collective.
 
     Any TP/PP layout can load a "full" checkpoint. Sets ``actor.step`` and the

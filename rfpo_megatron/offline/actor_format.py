@@ -33,17 +33,15 @@ def _format_version() -> int:
 
 def resolve(path: str | os.PathLike) -> Path | None:
     """The actor checkpoint directory (holding meta.json) that `path` designates, or None if it is not one."""
+    from rfpo_megatron.actor.checkpoint import LATEST, latest_step_dir
+
     p = Path(path)
     for cand in (p, p / "actor"):
         if (cand / META).is_file():
             return cand
-        latest = cand / "latest"
-        if latest.is_file():
-            step = cand / latest.read_text().strip()
-            if (step / META).is_file():
-                return step
-            if (step / "actor").is_dir():
-                return resolve(step / "actor")
+        step = latest_step_dir(str(cand), META) or latest_step_dir(str(cand), os.path.join("actor", LATEST))
+        if step is not None:
+            return Path(step) if (Path(step) / META).is_file() else resolve(Path(step) / "actor")
     return None
 
 

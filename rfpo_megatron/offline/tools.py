@@ -101,7 +101,7 @@ def hf_to_mcore(
 ) -> McoreMeta:
     """Convert an HF safetensors directory into a Megatron-side checkpoint for (tp, pp).
 
-    fmt: "actor" (default; the actor's "full" format, loadable by `actor.checkpoint.load_checkpoint` and
+    fmt: "actor" (default; the actor's "full" format, loadable by `actor.checkpoint.load_actor_state` and
     `actor.load`) or "sharded" (rfpo-mcore: per-rank TP shards, see mcore_io). Returns the layout record.
     """
     if fmt not in ("actor", "sharded"):

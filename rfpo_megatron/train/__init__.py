@@ -8,7 +8,8 @@
     critic       algo.adv_estimator=gae: build_critic, value_pass, update_critic(rt, step)
     evaluation   evaluate_sets, pass_at_k, score_set (avg@k / pass@k; the eval CLI is rfpo_megatron.evaluate)
     weight_sync  sync_weights, sync_mode, connect_weight_group, share_engine, write_weights_dir
-    checkpoint   capture_state, save/load/prune/latest_checkpoint, STATE_FILE
+    checkpoint   capture_state, save_trainer_checkpoint, load_trainer_checkpoint, latest_trainer_checkpoint,
+                 STATE_FILE (step directories / `latest`: rfpo_megatron.actor.checkpoint's helpers)
     lifecycle    setup, teardown, check_paths, build_actor, launch_rollout_engine, engine_config
 
 The names below are re-exported so that `from rfpo_megatron import train as T; T.build_batch(...)` works.
@@ -29,14 +30,11 @@ from rfpo_megatron.train.batch import (  # noqa: F401
 )
 from rfpo_megatron.train.critic import build_critic, update_critic, value_pass  # noqa: F401
 from rfpo_megatron.train.checkpoint import (  # noqa: F401
-    LATEST_FILE,
     STATE_FILE,
     capture_state,
-    checkpoint_dir,
-    latest_checkpoint,
-    load_checkpoint,
-    prune_checkpoints,
-    save_checkpoint,
+    latest_trainer_checkpoint,
+    load_trainer_checkpoint,
+    save_trainer_checkpoint,
 )
 from rfpo_megatron.train.generation import baseline_metrics, dynamic_sampling, fix_stage, rollout, run_eval, sampling_params, score_samples  # noqa: F401
 from rfpo_megatron.train.runtime import (  # noqa: F401
@@ -82,14 +80,11 @@ __all__ = [
     "build_critic",
     "update_critic",
     "value_pass",
-    "LATEST_FILE",
     "STATE_FILE",
     "capture_state",
-    "checkpoint_dir",
-    "latest_checkpoint",
-    "load_checkpoint",
-    "prune_checkpoints",
-    "save_checkpoint",
+    "latest_trainer_checkpoint",
+    "load_trainer_checkpoint",
+    "save_trainer_checkpoint",
     "SEED_EVAL",
     "SEED_FIX",
     "SEED_REFILL",

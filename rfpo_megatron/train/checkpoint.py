@@ -1,4 +1,8 @@
-"""Trainer checkpoints: `save_dir/step_NNNNNN/` (actor checkpoint [+ critic/ with gae] + trainer_state.pt + config.yaml) and `latest`.
+"""Trainer checkpoints: `save_dir/step_NNNNNN/` (actor state [+ critic/ with gae] + trainer_state.pt + config.yaml) and `latest`.
+
+Vocabulary: `save_trainer_checkpoint` / `load_trainer_checkpoint` write and read a trainer checkpoint; the actor
+states inside it are `rfpo_megatron.actor.checkpoint.save_actor_state` / `load_actor_state`; the step
+directories, `latest` and pruning are that module's helpers (`step_dir_name`, `latest_step_dir`, ...).
 
 A save goes to `step_N.tmp`, is renamed, then `latest` is replaced: a kill at any moment leaves the previous
 complete checkpoint as `latest`. `trainer_state.pt` holds what the actor's own checkpoint does not: the data
@@ -14,11 +18,11 @@ from typing import Optional
 import numpy as np
 import torch
 
+from rfpo_megatron.actor.checkpoint import latest_step_dir, prune_step_dirs, step_dir_name, write_latest
 from rfpo_megatron.config import ConfigError, save_config, to_dict
 from rfpo_megatron.train.runtime import Runtime, barrier
 
 STATE_FILE = "trainer_state.pt"
-LATEST_FILE = "latest"
 
 
 def capture_state(rt: Runtime) -> dict:
@@ -34,21 +38,23 @@ def capture_state(rt: Runtime) -> dict:
     }
 
 
-def checkpoint_dir(save_dir: str, step: int) -> str:
-    return os.path.join(save_dir, f"step_{step:06d}")
+def latest_trainer_checkpoint(save_dir: str) -> Optional[str]:
+    """The complete trainer checkpoint `save_dir/latest` names, or None (FileNotFoundError when it names an
+    incomplete one)."""
+    return latest_step_dir(save_dir, STATE_FILE, strict=True)
 
 
-def save_checkpoint(rt: Runtime, step: int, state: dict) -> str:
-    """Write `save_dir/step_NNNNNN/` (actor checkpoint + trainer_state.pt), then point `latest` at it.
+def save_trainer_checkpoint(rt: Runtime, step: int, state: dict) -> str:
+    """Write `save_dir/step_NNNNNN/` (actor state + trainer_state.pt), then point `latest` at it.
     A kill at any moment leaves the previous complete checkpoint as `latest`."""
     cfg = rt.cfg
-    final = checkpoint_dir(cfg.trainer.save_dir, step)
+    final = os.path.join(cfg.trainer.save_dir, step_dir_name(step))
     tmp = final + ".tmp"
     if rt.is_rank0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp, exist_ok=True)
     barrier(rt)
-    from rfpo_megatron.actor.checkpoint import save_checkpoint as save_actor
+    from rfpo_megatron.actor.checkpoint import save_actor_state as save_actor
 
     save_actor(rt.actor, os.path.join(tmp, "actor"), step=step)
     if rt.critic is not None:  # algo.adv_estimator=gae: the value model, same format
@@ -60,42 +66,16 @@ def save_checkpoint(rt: Runtime, step: int, state: dict) -> str:
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
-        with open(os.path.join(cfg.trainer.save_dir, LATEST_FILE + ".tmp"), "w") as fh:
-            fh.write(os.path.basename(final) + "\n")
-        os.replace(os.path.join(cfg.trainer.save_dir, LATEST_FILE + ".tmp"),
-                   os.path.join(cfg.trainer.save_dir, LATEST_FILE))
-        prune_checkpoints(cfg.trainer.save_dir, cfg.trainer.keep_last)
+        write_latest(cfg.trainer.save_dir, os.path.basename(final))
+        prune_step_dirs(cfg.trainer.save_dir, cfg.trainer.keep_last)
         rt.last_checkpoint = final
     barrier(rt)
     return final
 
 
-def prune_checkpoints(save_dir: str, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` complete step directories (keep_last <= 0 keeps all)."""
-    if keep_last <= 0:
-        return
-    steps = sorted(d for d in os.listdir(save_dir) if d.startswith("step_") and not d.endswith(".tmp"))
-    for d in steps[:-keep_last]:
-        shutil.rmtree(os.path.join(save_dir, d), ignore_errors=True)
-
-
-def latest_checkpoint(save_dir: str) -> Optional[str]:
-    """The directory `save_dir/latest` names, or None when there is no complete checkpoint."""
-    path = os.path.join(save_dir, LATEST_FILE)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as fh:
-        name = fh.read().strip()
-    d = os.path.join(save_dir, name)
-    if not os.path.isfile(os.path.join(d, STATE_FILE)):
-        raise FileNotFoundError(f"{path} names '{name}' but {d}/{STATE_FILE} is missing; "
-                                f"point {path} at a complete step_* directory or start without --resume")
-    return d
-
-
-def load_checkpoint(rt: Runtime, ckpt: str) -> int:
+def load_trainer_checkpoint(rt: Runtime, ckpt: str) -> int:
     """Restore the actor (and the critic, with gae) and the trainer state from `ckpt`; returns its step."""
-    from rfpo_megatron.actor.checkpoint import load_checkpoint as load_actor
+    from rfpo_megatron.actor.checkpoint import load_actor_state as load_actor
 
     state = torch.load(os.path.join(ckpt, STATE_FILE), map_location="cpu", weights_only=False)
     load_actor(rt.actor, os.path.join(ckpt, "actor"))

@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 from rfpo_megatron.config import Config, ConfigError, to_dict
-from rfpo_megatron.train.checkpoint import latest_checkpoint, load_checkpoint
+from rfpo_megatron.train.checkpoint import latest_trainer_checkpoint, load_trainer_checkpoint
 from rfpo_megatron.train.runtime import Runtime, install_signal_handlers, touch
 from rfpo_megatron.train.weight_sync import share_engine, sync_mode, sync_weights
 
@@ -129,16 +129,16 @@ def setup(cfg: Config) -> Runtime:
     share_engine(rt)
     resumed = False
     if cfg.trainer.resume:
-        ckpt = latest_checkpoint(cfg.trainer.save_dir)
+        ckpt = latest_trainer_checkpoint(cfg.trainer.save_dir)
         if ckpt is None:
             rt.log(f"--resume: no checkpoint in {cfg.trainer.save_dir}; starting from step 0")
         else:
-            rt.step = load_checkpoint(rt, ckpt)
+            rt.step = load_trainer_checkpoint(rt, ckpt)
             rt.last_checkpoint = ckpt
             resumed = True
             rt.log(f"resumed from {ckpt} (step {rt.step})")
     elif cfg.actor.load:  # start from a Megatron checkpoint's weights (fresh optimizer and data position)
-        from rfpo_megatron.actor.checkpoint import load_checkpoint as load_actor
+        from rfpo_megatron.actor.checkpoint import load_actor_state as load_actor
 
         load_actor(rt.actor, cfg.actor.load, load_optimizer=False, load_rng=False)
         resumed = True

@@ -13,11 +13,23 @@ import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 
 from rfpo_megatron.config import Config
+
+if TYPE_CHECKING:  # types only: nothing below is imported at run time
+    from transformers import PreTrainedTokenizerBase
+
+    from rfpo_megatron.actor.actor import Actor
+    from rfpo_megatron.actor.critic import Critic
+    from rfpo_megatron.data.sampler import PromptSampler
+    from rfpo_megatron.data.template import PromptFormat
+    from rfpo_megatron.logging import MetricsLogger
+    from rfpo_megatron.logging.metrics import InternalizationTracker
+    from rfpo_megatron.rewards.base import Verifier
+    from rfpo_megatron.rollout.client import EngineClient
 
 SEED_ROLLOUT, SEED_FIX, SEED_EVAL, SEED_REFILL = 0, 1, 2, 10  # sampling-seed streams (step_seed)
 
@@ -33,29 +45,29 @@ class Runtime:
     cfg: Config
     rank: int = 0
     world_size: int = 1
-    actor: Any = None
-    ref_actor: Any = None
-    critic: Any = None  # algo.adv_estimator=gae: the value model (rfpo_megatron.actor.critic.Critic)
-    engine: Any = None
-    tokenizer: Any = None
-    prompt_format: Any = None
-    prompts: Any = None
-    sampler: Any = None
-    verifier: Any = None
-    eval_sets: dict = field(default_factory=dict)
-    logger: Any = None
-    tracker: Any = None
+    actor: Optional["Actor"] = None
+    ref_actor: Optional["Actor"] = None  # KL loss / KL in reward / actor.use_reference: frozen, no optimizer
+    critic: Optional["Critic"] = None  # algo.adv_estimator=gae: the value model
+    engine: Optional["EngineClient"] = None  # rank 0 (and the sync ranks of later pipeline stages)
+    tokenizer: Optional["PreTrainedTokenizerBase"] = None
+    prompt_format: Optional["PromptFormat"] = None
+    prompts: list[dict[str, Any]] = field(default_factory=list)  # data.train_files records
+    sampler: Optional["PromptSampler"] = None
+    verifier: Optional["Verifier"] = None  # rank 0 only
+    eval_sets: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # set name -> records (rank 0)
+    logger: Optional["MetricsLogger"] = None  # rank 0 only
+    tracker: Optional["InternalizationTracker"] = None
     pad_id: int = 0
-    eos_ids: list = field(default_factory=list)
+    eos_ids: list[int] = field(default_factory=list)
     step: int = 0
-    snapshot: dict = field(default_factory=dict)
+    snapshot: dict[str, Any] = field(default_factory=dict)  # capture_state() of the last completed step
     stop: bool = False  # SIGTERM seen
     abortable: bool = False  # the current stage may be abandoned (no state changed yet)
-    cleanup: list = field(default_factory=list)
-    counters: dict = field(default_factory=dict)  # cumulative generations / tokens (rollout budget)
+    cleanup: list[Callable[[], Any]] = field(default_factory=list)
+    counters: dict[str, float] = field(default_factory=dict)  # generations / tokens (rollout budget), KL β
     last_checkpoint: str = ""
     resumed_wandb_id: Optional[str] = None
-    weight_group: Any = None  # rollout.weight_sync=distributed: the trainer -> servers process group
+    weight_group: Any = None  # rollout.weight_sync=distributed: the trainer -> servers torch process group
     weight_syncs: int = 0  # rollout.weight_sync=disk: syncs written by this process (names the directories)
 
     @property
