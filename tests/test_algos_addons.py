@@ -7,15 +7,13 @@ import sys
 
 import pytest
 import torch
+from algos_helpers import apply_kl_in_reward, dynamic_sampling_continue, dynamic_sampling_filter
 
 from rfpo_megatron.algos import (
     ADV_ESTIMATORS,
     POLICY_LOSSES,
-    apply_kl_in_reward,
     chord_sft_loss,
     compute_actor_loss,
-    dynamic_sampling_continue,
-    dynamic_sampling_filter,
     get_adv_estimator,
     kl_estimate,
     kl_loss,

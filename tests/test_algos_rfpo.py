@@ -6,7 +6,9 @@ import math
 import pytest
 import torch
 
-from rfpo_megatron.algos import POLICY_LOSSES, compute_actor_loss, compute_log_roff, roff_stats
+from algos_helpers import roff_stats
+
+from rfpo_megatron.algos import POLICY_LOSSES, compute_actor_loss, compute_log_roff
 
 D = torch.float64
 

@@ -14,7 +14,7 @@ from rfpo_megatron.rollout import EngineError, EngineRequestError, SamplingParam
 from rfpo_megatron.rollout import weights as W
 from rfpo_megatron.rollout.embedded import EmbeddedEngine, GenItem
 from rfpo_megatron.rollout.procs import free_port
-from rfpo_megatron.rollout.testing import make_tiny_hf_model
+from tiny_hf import make_tiny_hf_model
 
 torch.set_num_threads(1)
 PROMPTS = [[1, 5, 9, 33], [7, 8], [100, 101, 102, 103, 104, 105, 106], [42]]

@@ -16,7 +16,7 @@ import pytest
 from rfpo_megatron.rollout import (EngineClient, EngineConnectionError, EngineTimeoutError, SamplingParams,
                                    launch_embedded_server)
 from rfpo_megatron.rollout.procs import free_port, running_processes, spawn
-from rfpo_megatron.rollout.testing import make_tiny_hf_model
+from tiny_hf import make_tiny_hf_model
 
 LONG = SamplingParams(n=4, max_new_tokens=900, ignore_eos=True, seed=0)
 

@@ -109,7 +109,7 @@ def test_safetensors_payload_roundtrip_and_errors():
 @pytest.mark.slow
 def test_launch_two_servers_without_router_fans_out(tmp_path):
     """launch_sglang's process/health/fan-out logic with two embedded servers in place of SGLang servers."""
-    from rfpo_megatron.rollout.testing import make_tiny_hf_model
+    from tiny_hf import make_tiny_hf_model
 
     m1 = make_tiny_hf_model(tmp_path / "m1", seed=1)
     m2 = make_tiny_hf_model(tmp_path / "m2", seed=2)

@@ -81,7 +81,7 @@ def test_embedded_replies_validate_with_sglang_response_schema(tmp_path):
     SGLang GenerateResponse, and the client parses it back."""
     from rfpo_megatron.rollout.client import parse_generate_item
     from rfpo_megatron.rollout.embedded import EmbeddedEngine, GenItem
-    from rfpo_megatron.rollout.testing import make_tiny_hf_model
+    from tiny_hf import make_tiny_hf_model
 
     eng = EmbeddedEngine(str(make_tiny_hf_model(tmp_path / "m", seed=3)))
     items = [GenItem(rid="a", input_ids=[1, 2], max_new_tokens=4, ignore_eos=True, return_logprob=True, seed=1),

@@ -251,7 +251,3 @@ def enable_cpu_compat() -> bool:
         _ENABLED = True
     return True
 
-
-def cpu_compat_enabled() -> bool:
-    """True once enable_cpu_compat() has activated the layer in this process."""
-    return _ENABLED

@@ -11,18 +11,18 @@ from rfpo_megatron.algos.registry import (  # noqa: F401  (registries first)
 )
 from rfpo_megatron.algos.advantages import compute_advantages, sample_keep_mask  # noqa: E402
 from rfpo_megatron.algos.aggregation import LOSS_AGG_MODES, aggregate, count_tokens_and_seqs  # noqa: E402
-from rfpo_megatron.algos.kl import KL_TYPES, apply_kl_in_reward, kl_estimate, kl_loss  # noqa: E402
+from rfpo_megatron.algos.kl import KL_TYPES, kl_estimate, kl_loss  # noqa: E402
 from rfpo_megatron.algos.objective import StepCounts, chord_sft_loss, compute_actor_loss, pos_nll_loss, tis_weight  # noqa: E402
 from rfpo_megatron.algos.policy_loss import LOSS_FORMS, bapo_bounds, bapo_candidate_sums, bapo_pick, clipped_surrogate  # noqa: E402
-from rfpo_megatron.algos.rfpo import ROFF_MODES, compute_log_roff, roff_stats, sequence_logp  # noqa: E402
-from rfpo_megatron.algos.shaping import dynamic_sampling_continue, dynamic_sampling_filter, overlong_penalty  # noqa: E402
+from rfpo_megatron.algos.rfpo import ROFF_MODES, compute_log_roff, sequence_logp  # noqa: E402
+from rfpo_megatron.algos.shaping import overlong_penalty  # noqa: E402
 
 __all__ = [
     "ADV_ESTIMATORS", "POLICY_LOSSES", "get_adv_estimator", "get_policy_loss", "register_adv_estimator",
     "register_policy_loss", "compute_advantages", "sample_keep_mask", "LOSS_AGG_MODES", "aggregate",
-    "count_tokens_and_seqs", "KL_TYPES", "apply_kl_in_reward", "kl_estimate", "kl_loss", "StepCounts",
+    "count_tokens_and_seqs", "KL_TYPES", "kl_estimate", "kl_loss", "StepCounts",
     "chord_sft_loss", "compute_actor_loss", "pos_nll_loss", "tis_weight", "LOSS_FORMS", "bapo_bounds",
     "bapo_candidate_sums", "bapo_pick",
-    "clipped_surrogate", "ROFF_MODES", "compute_log_roff", "roff_stats", "sequence_logp",
-    "dynamic_sampling_continue", "dynamic_sampling_filter", "overlong_penalty",
+    "clipped_surrogate", "ROFF_MODES", "compute_log_roff", "sequence_logp",
+    "overlong_penalty",
 ]  # fmt: skip

@@ -16,7 +16,6 @@ import torch
 from torch import Tensor
 
 from rfpo_megatron.algos.registry import unknown_name_message
-from rfpo_megatron.algos.stats import masked_mean, place_at_last_token
 
 KL_TYPES = ("k1", "k2", "k3", "k1+", "k3+")
 K3_CLAMP = 10.0  # verl clamps low_var_kl (k3) to ±10
@@ -45,28 +44,6 @@ def kl_loss(logp: Tensor, ref_logp: Tensor, response_mask: Tensor, kl_type: str 
     rf = torch.where(m, ref_logp, torch.zeros_like(ref_logp))
     kl = kl_estimate(lp, rf, kl_type)
     return torch.where(m, kl, torch.zeros_like(kl))
-
-
-def apply_kl_in_reward(
-    rewards: Tensor,
-    old_logp: Tensor,
-    ref_logp: Tensor,
-    response_mask: Tensor,
-    *,
-    kl_in_reward_coef: float,
-    kl_in_reward_type: str = "k1",
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """KL penalty in the reward (`use_kl_in_reward`).
-
-    rewards: outcome rewards [B] (placed on the last valid token) or token-level scores [B, T].
-    Returns token-level rewards [B, T] = scores − β·k(old_logp, ref_logp) on valid tokens, and
-    metrics {"kl_in_reward": masked mean KL}. Sum over T to get a scalar reward for group estimators.
-    """
-    token_scores = place_at_last_token(rewards, response_mask) if rewards.dim() == 1 else rewards
-    kl = kl_estimate(old_logp.detach(), ref_logp.detach(), kl_in_reward_type)
-    kl = torch.where(response_mask.bool(), kl, torch.zeros_like(kl))
-    out = token_scores - kl_in_reward_coef * kl.to(token_scores.dtype)
-    return out, {"kl_in_reward": masked_mean(kl, response_mask).detach()}
 
 
 class AdaptiveKLController:

@@ -55,26 +55,3 @@ def compute_log_roff(
         raw = raw.clamp(-clip, clip)
     out = torch.where(is_fixed.bool(), raw, torch.zeros_like(raw))
     return out.to(logp_fixed.dtype if logp_fixed.is_floating_point() else torch.float32).detach()
-
-
-@torch.no_grad()
-def roff_stats(log_roff: Tensor, is_fixed: Tensor, clip: float | None = None, *, raw_log_roff: Tensor | None = None) -> dict[str, float]:
-    """W&B metrics over fixed rows: roff_mean/min/max (of R_off = exp(log_roff)), roff_clamped_frac (share at
-    ±clip, or, given raw_log_roff, share with |raw| > clip), fixed_seq_frac. All 0 when nothing is fixed
-    (roff_* = 1.0 then, the unfixed value)."""
-    f = is_fixed.bool()
-    n = int(f.sum())
-    out = {"fixed_seq_frac": n / max(1, f.numel())}
-    if n == 0:
-        out.update(roff_mean=1.0, roff_min=1.0, roff_max=1.0, roff_clamped_frac=0.0)
-        return out
-    lr = log_roff[f].to(torch.float64)
-    r = lr.exp()
-    out.update(roff_mean=float(r.mean()), roff_min=float(r.min()), roff_max=float(r.max()))
-    if clip is None:
-        out["roff_clamped_frac"] = 0.0
-    elif raw_log_roff is not None:
-        out["roff_clamped_frac"] = float((raw_log_roff[f].abs() > clip).to(torch.float64).mean())
-    else:
-        out["roff_clamped_frac"] = float((lr.abs() >= clip * (1 - 1e-6)).to(torch.float64).mean())
-    return out

@@ -1,4 +1,5 @@
-"""Test helpers for rollout: tiny HF causal-LM directories built from a config (no downloads)."""
+"""Test helper: tiny HF causal-LM directories built from a config (no downloads); used by the rollout tests.
+(Moved here from rfpo_megatron/rollout/testing.py: the package itself never used it.)"""
 from __future__ import annotations
 
 from pathlib import Path
