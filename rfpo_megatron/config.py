@@ -239,6 +239,14 @@ def _closest(name: str, options) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+def unknown_name_message(field: str, value: Any, choices) -> str:
+    """The package's one message for a name that is not one of `choices` (config values, registry lookups, reward
+    names): `config field 'F': 'v' is not one of [a, b] (did you mean 'a'?)`. Raise it as a ConfigError (a
+    ValueError) or a ValueError."""
+    options = [str(o) for o in choices]
+    return f"config field '{field}': '{value}' is not one of {options}{_closest(value, options)}"
+
+
 def _coerce(path: str, value: Any, ftype: Any) -> Any:
     """Convert a YAML/override value to the field's declared type, or raise a ConfigError."""
     t = ftype if isinstance(ftype, str) else getattr(ftype, "__name__", str(ftype))
@@ -388,7 +396,7 @@ def validate(cfg: Config) -> Config:
 
     def choice(path: str, value: str, options) -> None:
         if value not in options:
-            raise ConfigError(f"config field '{path}': '{value}' is not one of {list(options)}{_closest(value, options)}")
+            raise ConfigError(unknown_name_message(path, value, options))
 
     def rng(path: str, value, lo=None, hi=None, lo_open=False) -> None:
         if value is None:
@@ -444,6 +452,9 @@ def validate(cfg: Config) -> Config:
                  "micro_batch_size", "ppo_epochs"):
         rng(f"actor.{name}", getattr(c, name), 1)
     choice("actor.recompute", c.recompute, ("none", "selective", "full"))
+    if c.context_parallel_size != 1:
+        raise ConfigError(f"config field 'actor.context_parallel_size': {c.context_parallel_size} is not supported by "
+                          "the actor yet; set it to 1")
     choice("actor.lr_decay_style", c.lr_decay_style, ("constant", "linear", "cosine"))
     rng("actor.lr", c.lr, 0, None)
     rng("actor.clip_grad", c.clip_grad, 0, None)

@@ -188,7 +188,7 @@ def test_registry_decorator_and_errors():
             register_policy_loss("_test_tmp_loss")(lambda *a, **k: None)
     finally:
         del REG["_test_tmp_loss"]
-    with pytest.raises(ValueError, match=r"adv_estimator: 'rlooo' is unknown; did you mean 'rloo'\?"):
+    with pytest.raises(ValueError, match=r"config field 'algo.adv_estimator': 'rlooo' is not one of \[.*\] \(did you mean 'rloo'\?\)"):
         get_adv_estimator("rlooo")
     assert "grpo" in ADV_ESTIMATORS
 

@@ -86,3 +86,35 @@ def test_fix_variant_list_reaches_the_fix_stage():
         load_config(base, ["rfpo.fix.variant="])
     with pytest.raises(ConfigError, match="did you mean 'rewrite'"):
         load_config(base, ["rfpo.fix.variant=reference,rewrit"])
+
+
+def test_one_unknown_name_message_everywhere():
+    """Config values, registry lookups and reward names fail with the same one-line style naming the field."""
+    from rfpo_megatron.algos import get_adv_estimator
+    from rfpo_megatron.config import unknown_name_message
+    from rfpo_megatron.rewards import get_reward_fn
+
+    assert unknown_name_message("algo.x", "ab", ["abc", "z"]) == "config field 'algo.x': 'ab' is not one of ['abc', 'z'] (did you mean 'abc'?)"
+    with pytest.raises(ConfigError, match=r"config field 'algo.adv_estimator': 'grpoo' is not one of .*did you mean 'grpo'"):
+        load_config(None, ["algo.adv_estimator=grpoo"])
+    with pytest.raises(ValueError, match=r"config field 'algo.adv_estimator': 'grpoo' is not one of .*did you mean 'grpo'"):
+        get_adv_estimator("grpoo")
+    with pytest.raises(ValueError, match=r"config field 'data.reward_fn': 'mathh' is not one of .*did you mean 'math'"):
+        get_reward_fn("mathh")
+
+
+def test_setup_checks_in_one_place_before_anything_is_built(tmp_path):
+    """validate_setup: what the actor cannot run (SP; CP already at load), the reward name and the input paths,
+    each naming the config field, with no model, engine or process group built."""
+    from rfpo_megatron.train import validate_setup
+
+    with pytest.raises(ConfigError, match=r"config field 'actor.context_parallel_size': 2 is not supported"):
+        load_config(None, ["actor.context_parallel_size=2"])
+    with pytest.raises(ConfigError, match=r"config field 'actor.sequence_parallel': true is not supported"):
+        validate_setup(load_config(None, ["actor.sequence_parallel=true"]), check_files=False)
+    with pytest.raises(ConfigError, match=r"config field 'data.reward_fn': 'nope' is not one of"):
+        validate_setup(load_config(None, ["data.reward_fn=nope"]), check_files=False)
+    with pytest.raises(ConfigError, match=r"config field 'actor.hf_model_path'"):
+        validate_setup(load_config(None, [f"actor.hf_model_path={tmp_path}"]))
+    validate_setup(load_config(None, []), check_files=False)
+

@@ -54,4 +54,4 @@ def test_gae_without_critic_values_is_refused():
 def test_unknown_reward_fn(capsys, tmp_path):
     assets = build_assets(str(tmp_path / "a"))
     rc, err = _err(capsys, [CONFIG, *tiny_overrides(assets, str(tmp_path / "out")), "data.reward_fn=nope"])
-    assert rc == 2 and "data.reward_fn='nope'" in err and "arithmetic" in err
+    assert rc == 2 and "config field 'data.reward_fn': 'nope' is not one of" in err and "arithmetic" in err

@@ -79,10 +79,7 @@ class Actor:
                 f"pipeline_model_parallel_size={self.cfg.pipeline_model_parallel_size} differ from "
                 f"init_parallel(tp={tp}, pp={pp}); pass the same values"
             )
-        if int(getattr(self.cfg, "context_parallel_size", 1) or 1) != 1:
-            raise ValueError("actor.context_parallel_size > 1 is not supported by the actor yet; set it to 1")
-        if bool(getattr(self.cfg, "sequence_parallel", False)):
-            raise ValueError("actor.sequence_parallel=true is not supported by the actor yet; set it to false")
+        # context / sequence parallelism are refused by the config checks (config.validate, train.lifecycle.validate_setup)
         self.hf_config = hf_config
         self.on_gpu = torch.cuda.is_available()
         # packed THD sequences need TransformerEngine attention; the local spec gets padded micro-batches

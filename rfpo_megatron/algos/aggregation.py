@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rfpo_megatron.algos.registry import unknown_name_message
+from rfpo_megatron.config import unknown_name_message
 from rfpo_megatron.algos.stats import masked_sum
 
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -39,7 +39,7 @@ def aggregate(
 ) -> Tensor:
     """Aggregate per-token loss [B, T] over mask [B, T] to a 0-dim tensor (see module doc for the modes)."""
     if mode not in LOSS_AGG_MODES:
-        raise ValueError(unknown_name_message("loss_agg_mode", mode, LOSS_AGG_MODES))
+        raise ValueError(unknown_name_message("algo.loss_agg_mode", mode, LOSS_AGG_MODES))
     m = mask.bool()
     n_tok = m.sum().to(loss.dtype) if global_num_tokens is None else torch.as_tensor(global_num_tokens, dtype=loss.dtype, device=loss.device)
     n_seq = m.any(-1).sum().to(loss.dtype) if global_num_seqs is None else torch.as_tensor(global_num_seqs, dtype=loss.dtype, device=loss.device)

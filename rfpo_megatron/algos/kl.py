@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rfpo_megatron.algos.registry import unknown_name_message
+from rfpo_megatron.config import unknown_name_message
 
 KL_TYPES = ("k1", "k2", "k3", "k1+", "k3+")
 K3_CLAMP = 10.0  # verl clamps low_var_kl (k3) to ±10
@@ -24,7 +24,7 @@ K3_CLAMP = 10.0  # verl clamps low_var_kl (k3) to ±10
 def kl_estimate(logp: Tensor, ref_logp: Tensor, kl_type: str = "k3") -> Tensor:
     """Per-token KL estimate [B, T] of π_θ ‖ π_ref from log-probs logp, ref_logp [B, T]."""
     if kl_type not in KL_TYPES:
-        raise ValueError(unknown_name_message("kl_loss_type", kl_type, KL_TYPES))
+        raise ValueError(unknown_name_message("algo.kl_loss_type / algo.kl_in_reward_type", kl_type, KL_TYPES))
     delta = ref_logp - logp
     if kl_type.endswith("+"):  # straight-through: forward value of k1 / k3, backward of k2
         k2 = 0.5 * delta * delta

@@ -30,7 +30,8 @@ import math
 import torch
 from torch import Tensor
 
-from rfpo_megatron.algos.registry import register_policy_loss, unknown_name_message
+from rfpo_megatron.algos.registry import register_policy_loss
+from rfpo_megatron.config import unknown_name_message
 from rfpo_megatron.algos.stats import masked_mean, masked_sum
 
 LOSS_FORMS = ("faithful", "corrected", "weighted")

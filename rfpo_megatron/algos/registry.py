@@ -11,8 +11,9 @@ does before any module of the package can be used (this module imports neither: 
 
 from __future__ import annotations
 
-import difflib
 from typing import Callable, TypeVar
+
+from rfpo_megatron.config import unknown_name_message
 
 F = TypeVar("F", bound=Callable)
 
@@ -40,26 +41,18 @@ def register_policy_loss(name: str) -> Callable[[F], F]:
     return _register(POLICY_LOSSES, "policy_loss", name)
 
 
-def unknown_name_message(field: str, value: str, choices) -> str:
-    """One-line error text: `field: 'x' is unknown; did you mean 'y'? (choices: a, b, c)`."""
-    choices = sorted(choices)
-    close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.5)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return f"{field}: {value!r} is unknown{hint} (choices: {', '.join(choices)})"
-
-
 def _lookup(table: dict[str, Callable], field: str, name: str) -> Callable:
     try:
         return table[name]
     except KeyError:
-        raise ValueError(unknown_name_message(field, name, table)) from None
+        raise ValueError(unknown_name_message(field, name, sorted(table))) from None
 
 
 def get_adv_estimator(name: str) -> Callable:
     """The registered advantage estimator `name`; ValueError with a "did you mean" hint otherwise."""
-    return _lookup(ADV_ESTIMATORS, "adv_estimator", name)
+    return _lookup(ADV_ESTIMATORS, "algo.adv_estimator", name)
 
 
 def get_policy_loss(name: str) -> Callable:
     """The registered policy loss `name`; ValueError with a "did you mean" hint otherwise."""
-    return _lookup(POLICY_LOSSES, "policy_loss", name)
+    return _lookup(POLICY_LOSSES, "algo.policy_loss", name)

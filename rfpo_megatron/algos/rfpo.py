@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rfpo_megatron.algos.registry import unknown_name_message
+from rfpo_megatron.config import unknown_name_message
 from rfpo_megatron.algos.stats import masked_sum
 
 ROFF_MODES = ("seq_sum", "seq_mean")

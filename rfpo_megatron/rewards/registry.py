@@ -24,8 +24,9 @@ def available_rewards() -> list[str]:
 def get_reward_fn(name: str, **kwargs: Any) -> Any:
     """Build the verifier registered as `name`; unknown names raise with the list of valid ones."""
     if name not in _REGISTRY:
-        raise ValueError(f"unknown reward function '{name}' (reward fn name); "
-                         f"choose one of: {', '.join(available_rewards())}")
+        from rfpo_megatron.config import unknown_name_message
+
+        raise ValueError(unknown_name_message("data.reward_fn", name, available_rewards()))
     return _REGISTRY[name](**kwargs)
 
 

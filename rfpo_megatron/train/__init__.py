@@ -10,7 +10,8 @@
     weight_sync  sync_weights, sync_mode, connect_weight_group, share_engine, write_weights_dir
     checkpoint   capture_state, save_trainer_checkpoint, load_trainer_checkpoint, latest_trainer_checkpoint,
                  STATE_FILE (step directories / `latest`: rfpo_megatron.actor.checkpoint's helpers)
-    lifecycle    setup, teardown, check_paths, build_actor, launch_rollout_engine, engine_config
+    lifecycle    setup, teardown, validate_setup (every set-up check, before anything is built), check_paths,
+                 build_actor, launch_rollout_engine, engine_config
 
 The names below are re-exported so that `from rfpo_megatron import train as T; T.build_batch(...)` works.
 """
@@ -53,7 +54,15 @@ from rfpo_megatron.train.runtime import (  # noqa: F401
     timed,
     touch,
 )
-from rfpo_megatron.train.lifecycle import build_actor, check_paths, engine_config, launch_rollout_engine, setup, teardown  # noqa: F401
+from rfpo_megatron.train.lifecycle import (  # noqa: F401
+    build_actor,
+    check_paths,
+    engine_config,
+    launch_rollout_engine,
+    setup,
+    teardown,
+    validate_setup,
+)
 from rfpo_megatron.train.weight_sync import (  # noqa: F401
     connect_weight_group,
     job_nodes,
@@ -108,6 +117,7 @@ __all__ = [
     "score_samples",
     "build_actor",
     "check_paths",
+    "validate_setup",
     "engine_config",
     "launch_rollout_engine",
     "setup",

@@ -44,16 +44,33 @@ def engine_config(cfg: Config) -> dict:
             "router_args": dict(r.router_args), "threads": int(os.environ.get("OMP_NUM_THREADS", "1") or 1)}
 
 
+def validate_setup(cfg: Config, check_files: bool = True) -> None:
+    """Every set-up check, before anything is built; each ConfigError names the config field (the style of
+    config.validate, which already checked choices and ranges when the config was loaded): the input paths
+    (`check_files`), the reward name, the weight-sync mode for this job's nodes, and what the actor supports."""
+    if check_files:
+        check_paths(cfg)
+    from rfpo_megatron.config import unknown_name_message
+    from rfpo_megatron.rewards import available_rewards
+
+    if cfg.data.reward_fn not in available_rewards():
+        raise ConfigError(unknown_name_message("data.reward_fn", cfg.data.reward_fn, available_rewards()))
+    sync_mode(cfg)  # a bad weight_sync choice fails now, not after the first step
+    if cfg.actor.sequence_parallel:
+        raise ConfigError("config field 'actor.sequence_parallel': true is not supported by the actor yet; set it "
+                          "to false")
+
+
 def check_paths(cfg: Config) -> None:
-    """Fail early, naming the config field, when an input path is missing."""
+    """Fail early, naming the config field, when an input path is missing (part of validate_setup)."""
     if not cfg.actor.hf_model_path or not os.path.isfile(os.path.join(cfg.actor.hf_model_path, "config.json")):
-        raise ConfigError(f"actor.hf_model_path='{cfg.actor.hf_model_path}' is not an HF model directory "
-                          f"(no config.json); for the demo run examples/tiny_cpu/prepare.py first")
+        raise ConfigError(f"config field 'actor.hf_model_path': '{cfg.actor.hf_model_path}' is not an HF model "
+                          f"directory (no config.json); for the demo run examples/tiny_cpu/prepare.py first")
     if not cfg.data.train_files:
-        raise ConfigError("data.train_files is empty; list the jsonl/parquet prompt files to train on")
+        raise ConfigError("config field 'data.train_files' is empty; list the jsonl/parquet prompt files to train on")
     for path in list(cfg.data.train_files) + list(cfg.data.eval_files):
         if not os.path.exists(path):
-            raise ConfigError(f"data file '{path}' not found (data.train_files / data.eval_files)")
+            raise ConfigError(f"config field 'data.train_files' / 'data.eval_files': file '{path}' not found")
 
 
 def build_actor(cfg: Config, with_optimizer: bool = True) -> Any:
@@ -82,18 +99,12 @@ def setup(cfg: Config) -> Runtime:
     from rfpo_megatron.logging.metrics import InternalizationTracker
     from rfpo_megatron.rewards import get_reward_fn
 
-    check_paths(cfg)
-    sync_mode(cfg)  # a bad weight_sync choice fails now, not after the first step
+    validate_setup(cfg)  # every check that needs no model and no process group, before anything is built
     data_kw = dict(skip_bad_records=cfg.data.skip_bad_records, prompt_key=cfg.data.prompt_key,
                    answer_key=cfg.data.answer_key)
     prompts = load_prompt_sets(list(cfg.data.train_files), **data_kw).records  # bad data fails before init
     eval_sets = {os.path.splitext(os.path.basename(p))[0]: load_prompt_sets([p], **data_kw).records
                  for p in cfg.data.eval_files}
-    from rfpo_megatron.rewards import available_rewards
-
-    if cfg.data.reward_fn not in available_rewards():
-        raise ConfigError(f"data.reward_fn='{cfg.data.reward_fn}' is unknown; choose one of: "
-                          f"{', '.join(available_rewards())}")
     single = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")) or 1) == 1
     if single and "MASTER_PORT" not in os.environ:  # a lone process: never collide on the default port
         from rfpo_megatron.rollout.procs import free_port
