@@ -9,6 +9,7 @@ import sys
 import textwrap
 import time
 
+import pytest
 import torch
 
 from rfpo_megatron.actor.checkpoint import latest_step_dir, step_dir_name
@@ -169,3 +170,22 @@ def test_dist_format_tp2_to_pp2_over_gloo(tmp_path):
         assert abs(out["loss2_pp2"] - out["loss2"]) <= 1e-6
         assert float((out["logits3_pp2"] - out["logits3"]).abs().max()) <= 1e-5
         assert float((out["logits3"] - out["logits"]).abs().max()) > 1e-3  # step 2 did move the weights
+
+
+def test_one_step_dir_vocabulary_reads_old_names_and_prunes_by_step(tmp_path):
+    """step_%06d is the one format; a `latest` naming an old step_%08d (actor) directory still resolves, and
+    pruning orders mixed names by step number, not by string."""
+    from rfpo_megatron.actor.checkpoint import prune_step_dirs, write_latest
+
+    assert step_dir_name(7) == "step_000007"
+    root = tmp_path / "c"
+    for name in ("step_00000010", "step_000005", "step_000020"):
+        (root / name).mkdir(parents=True)
+        (root / name / "meta.json").write_text("{}")
+    write_latest(str(root), "step_00000010")
+    assert latest_step_dir(str(root)) == str(root / "step_00000010")
+    assert latest_step_dir(str(root), "trainer_state.pt") is None
+    with pytest.raises(FileNotFoundError, match="trainer_state.pt is missing"):
+        latest_step_dir(str(root), "trainer_state.pt", strict=True)
+    prune_step_dirs(str(root), 2)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000010", "step_000020"]
