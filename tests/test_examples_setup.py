@@ -12,6 +12,7 @@ import pytest
 from rfpo_megatron.config import load_config
 from rfpo_megatron.rewards import available_rewards
 from rfpo_megatron.train import engine_config, sync_mode
+from rfpo_megatron.train.lifecycle import validate_setup
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = sorted(glob.glob(os.path.join(ROOT, "examples", "*", "config*.yaml")))
@@ -33,6 +34,7 @@ def test_every_example_is_covered():
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: os.path.relpath(p, ROOT))
 def test_example_passes_setup_validation(path):
     cfg = load_config(path)
+    validate_setup(cfg, check_files=False)  # the trainer's own checks (model and data paths exist only on the cluster)
     nodes = _train_nodes(path)
     mode = sync_mode(cfg, nodes=nodes)
     if cfg.rollout.engine == "sglang" and cfg.rollout.colocate:
