@@ -78,18 +78,24 @@ def test_logprob_kernels_compile_for_sm90(dtype):
 
 
 def test_loss_kernels_compile_for_sm90():
+    """Every specialisation the trainer can launch: dtype x loss form (faithful / corrected / weighted) x
+    per-token TIS weights x dual clip."""
     base = {"logp_ptr": "*{t}", "old_ptr": "*{t}", "adv_ptr": "*{t}", "cu_ptr": "*i32", "lroff_ptr": "*{t}",
-            "loss_ptr": "*{t}", "coef_ptr": "*{t}", "ratio_ptr": "*{t}", "flag_ptr": "*i8", "lo": "constexpr",
-            "hi": "constexpr", "clip_c": "constexpr", "CDT": "constexpr", "FAITHFUL": "constexpr",
-            "DUAL": "constexpr", "BLOCK": "constexpr", "LOG_RATIO_CLAMP": "constexpr"}
+            "w_ptr": "*{t}", "loss_ptr": "*{t}", "coef_ptr": "*{t}", "ratio_ptr": "*{t}", "flag_ptr": "*i8",
+            "lo": "constexpr", "hi": "constexpr", "clip_c": "constexpr", "CDT": "constexpr", "FAITHFUL": "constexpr",
+            "WEIGHTED": "constexpr", "HAS_W": "constexpr", "DUAL": "constexpr", "BLOCK": "constexpr",
+            "LOG_RATIO_CLAMP": "constexpr"}
+    forms = [(True, False), (False, False), (False, True)]  # (FAITHFUL, WEIGHTED): faithful, corrected, weighted
     for t, cdt in (("fp32", tl.float32), ("fp64", tl.float64)):
         sig = {k: v.format(t=t) for k, v in base.items()}
-        for faithful in (True, False):
-            for dual in (True, False):
-                k = _compile(S._loss_kernel, sig, {"lo": 0.8, "hi": 1.28, "clip_c": 3.0, "CDT": cdt, "FAITHFUL": faithful,
-                                                   "DUAL": dual, "BLOCK": S.BLOCK, "LOG_RATIO_CLAMP": S.LOG_RATIO_CLAMP},
-                             **S.GPU_OPTS)
-                assert k.asm["cubin"]
+        for faithful, weighted in forms:
+            for has_w in (True, False):
+                for dual in (True, False):
+                    k = _compile(S._loss_kernel, sig, {"lo": 0.8, "hi": 1.28, "clip_c": 3.0, "CDT": cdt,
+                                                       "FAITHFUL": faithful, "WEIGHTED": weighted, "HAS_W": has_w,
+                                                       "DUAL": dual, "BLOCK": S.BLOCK,
+                                                       "LOG_RATIO_CLAMP": S.LOG_RATIO_CLAMP}, **S.GPU_OPTS)
+                    assert k.asm["cubin"]
         k = _compile(S._segsum_kernel, {"x_ptr": f"*{t}", "cu_ptr": "*i64", "out_ptr": f"*{t}", "CDT": "constexpr",
                                         "BLOCK": "constexpr"}, {"CDT": cdt, "BLOCK": S.BLOCK}, **S.GPU_OPTS)
         assert k.asm["cubin"]

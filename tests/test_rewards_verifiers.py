@@ -150,7 +150,7 @@ def test_math_verify_equivalences(math_verifier):
 def test_registry_and_score_many_callables():
     assert isinstance(get_reward_fn("exact_match"), ExactMatchVerifier)
     assert isinstance(get_reward_fn("arithmetic"), AdditionVerifier)
-    with pytest.raises(ValueError, match="unknown reward function 'mathh'.*exact_match"):
+    with pytest.raises(ValueError, match="'data.reward_fn': 'mathh' is not one of .*exact_match.*did you mean 'math'"):
         get_reward_fn("mathh")
     out = score_many(lambda r, a, rec: (1.0 if r == a else 0.0, "m"), [("1", "1", {}), ("2", "1", {})])
     assert out == [RewardResult(1.0, "m"), RewardResult(0.0, "m")]
