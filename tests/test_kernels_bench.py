@@ -48,7 +48,7 @@ def test_floor_and_table_arithmetic():
     fused_small = [c.strip() for c in rows[3].split("|")[1:-1]]
     assert fused_small[9] == "3.50"  # 3.5 ms megatron / 1.0 ms fused
     goals = "\n".join(bench.goal_lines(rep))
-    assert "75.0 % of the bandwidth floor (goal ≥ 60 %: met)" in goals
+    assert "75.0 % of the bandwidth floor (goal ≥ 75 %: met)" in goals
     assert "3.50× megatron-core" in goals and "met" in goals
     assert f"N={n} V={v}: peak extra" in goals and "O(N): yes" in goals
     assert "N=8192 V=131072: peak extra" in goals and "O(N): NO" in goals
