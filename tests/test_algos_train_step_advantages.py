@@ -45,11 +45,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from grad_actor import HF, grad_recording_actor  # noqa: E402
 import _algos_ref as ref  # noqa: E402
 
-HF = dict(model_type="qwen2", hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
-          intermediate_size=48, vocab_size=61, rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False,
-          max_position_embeddings=64)
 REWARD_OF_FIRST = {42: 1.0, 41: 0.5, 40: 0.25}  # the fake verifier: first response token -> reward
 EPS = 0.2  # resolved default clip range of ppo (the loss is inside it at ρ = 1)
 
@@ -57,26 +55,7 @@ EPS = 0.2  # resolved default clip range of ppo (the loss is inside it at ρ = 1
 # --------------------------------------------------------------------------------------- fixture, fakes
 @pytest.fixture(scope="module")
 def actor():
-    from rfpo_megatron.actor.actor import Actor
-    from rfpo_megatron.actor.parallel import destroy_parallel, init_parallel
-    from rfpo_megatron.config import ActorConfig
-    from rfpo_megatron.rollout.procs import free_port
-
-    torch.set_num_threads(1)
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ["MASTER_PORT"] = str(free_port())
-    init_parallel(1, 1, seed=3)
-    a = Actor(HF, ActorConfig(micro_batch_size=4, max_tokens_per_gpu=None, lr=1e-3, clip_grad=0.0))
-    grads: list = []
-
-    def step():  # record the reduced gradients, do not move the weights
-        grads.append([p.main_grad.detach().double().clone() for m in a.model for p in m.parameters()])
-        return True, 0.0, None
-
-    a.optimizer.step = step
-    a._grads = grads
-    yield a
-    destroy_parallel()
+    yield from grad_recording_actor(micro_batch_size=4)
 
 
 class Tok:
