@@ -3,9 +3,9 @@ or an HF safetensors directory on a shared filesystem that the engine loads (rol
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
-import sys
 from typing import Any
 
 import torch
@@ -24,15 +24,12 @@ def sync_weights(rt: Runtime, resume_memory: bool = False) -> None:
     `resume_memory`: the engine released its memory (rollout.colocate): re-allocate the weights first,
     everything else it released (KV cache, and CUDA graphs from SGLang 0.5.5) after the update."""
     mode = sync_mode(rt.cfg)
-    session = None
-    if rt.is_rank0 and rt.engine is not None:
-        if resume_memory:
-            rt.engine.resume_memory(["weights"])
-        if mode != "disk":
-            session = rt.engine.weight_update_session()
-            session.__enter__()
-    ok = False
-    try:
+    with contextlib.ExitStack() as session:
+        if rt.is_rank0 and rt.engine is not None:
+            if resume_memory:
+                rt.engine.resume_memory(["weights"])
+            if mode != "disk":
+                session.enter_context(rt.engine.weight_update_session())
         barrier(rt)
         bucket_bytes = int(rt.cfg.rollout.weight_sync_bucket_mb) * (1 << 20)
         if mode == "disk":
@@ -45,10 +42,6 @@ def sync_weights(rt: Runtime, resume_memory: bool = False) -> None:
         else:
             _push_tensors(rt, bucket_bytes)
         barrier(rt)
-        ok = True
-    finally:
-        if session is not None:
-            session.__exit__(*((None, None, None) if ok else sys.exc_info()))
     if rt.is_rank0 and rt.engine is not None:
         if resume_memory:
             rt.engine.resume_memory([t for t in rt.engine.memory_tags if t != "weights"])
