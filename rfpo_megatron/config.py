@@ -119,6 +119,8 @@ class ActorConfig:
     global_batch_size: Optional[int] = None  # samples per optimizer step; None = the whole rollout batch
     ppo_epochs: int = 1
     recompute: str = "none"  # none | selective | full
+    recompute_method: str = "uniform"  # full recompute: uniform | block (megatron's recompute_method)
+    recompute_num_layers: int = 1  # full recompute: layers per checkpointed chunk (uniform) / recomputed layers (block)
     bf16: bool = False
     lr: float = 1e-6
     min_lr: float = 0.0
@@ -129,8 +131,10 @@ class ActorConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
-    use_distributed_optimizer: bool = True
-    optimizer_cpu_offload: bool = False
+    use_distributed_optimizer: Optional[bool] = None  # None: on with a GPU or with CPU offload, off on CPU
+    optimizer_cpu_offload: bool = False  # megatron's hybrid CPU-Adam optimizer (needs bf16 + distributed optimizer)
+    overlap_grad_reduce: bool = True  # bucketed DP gradient reduction overlapped with backward
+    grad_reduce_bucket_size: Optional[int] = None  # elements per reduction bucket (None: megatron's default)
     use_fused_kernels: bool = True  # Triton log-prob/loss kernels on CUDA
     use_reference: bool = False  # keep a reference model for KL (auto-on when a KL term is used)
 
@@ -452,6 +456,16 @@ def validate(cfg: Config) -> Config:
                  "micro_batch_size", "ppo_epochs"):
         rng(f"actor.{name}", getattr(c, name), 1)
     choice("actor.recompute", c.recompute, ("none", "selective", "full"))
+    choice("actor.recompute_method", c.recompute_method, ("uniform", "block"))
+    rng("actor.recompute_num_layers", c.recompute_num_layers, 1)
+    if c.grad_reduce_bucket_size is not None:
+        rng("actor.grad_reduce_bucket_size", c.grad_reduce_bucket_size, 1)
+    if c.optimizer_cpu_offload and c.use_distributed_optimizer is False:
+        raise ConfigError("config field 'actor.optimizer_cpu_offload': true needs actor.use_distributed_optimizer=true "
+                          "(megatron's CPU-Adam offload shards the optimizer with the distributed optimizer)")
+    if c.optimizer_cpu_offload and not c.bf16:
+        raise ConfigError("config field 'actor.optimizer_cpu_offload': true needs actor.bf16=true (megatron's offload "
+                          "optimizer keeps fp32 host copies of bf16 params; fp32 params cannot be offloaded)")
     if c.context_parallel_size != 1:
         raise ConfigError(f"config field 'actor.context_parallel_size': {c.context_parallel_size} is not supported by "
                           "the actor yet; set it to 1")

@@ -138,7 +138,9 @@ def _w_reference(rank, tmp):
     out["reference_has_grad"] = any(p.requires_grad for p in ref.modules[0].parameters())
     del ref
     out["config_errors"] = []
-    for bad in (dict(bf16=True), dict(recompute="full"), dict(tensor_model_parallel_size=2)):
+    for bad in (dict(optimizer_cpu_offload=True), dict(optimizer_cpu_offload=True, bf16=True,
+                                                       use_distributed_optimizer=False),
+                dict(tensor_model_parallel_size=2)):
         try:
             Actor(HF, ActorConfig(**bad))
             out["config_errors"].append(None)
@@ -459,9 +461,9 @@ def test_reference_actor_and_config_errors(worlds):
     w = worlds["tp1"][0]
     assert _maxdiff(w["logp_reference_actor"], w["logp"]) == 0.0
     assert w["reference_has_grad"] is False
-    bf16, rc, tp = w["config_errors"]  # SP / CP: refused by the config checks (tests/test_config.py)
-    assert "actor.bf16=true needs a CUDA GPU" in bf16
-    assert "actor.recompute='full' needs a CUDA GPU" in rc
+    fp32_offload, no_dist_offload, tp = w["config_errors"]  # CP: refused by the config checks (tests/test_config.py)
+    assert "actor.optimizer_cpu_offload=true needs actor.bf16=true" in fp32_offload
+    assert "actor.optimizer_cpu_offload=true needs actor.bf16=true" in no_dist_offload
     assert "tensor_model_parallel_size=2" in tp and "init_parallel(tp=1" in tp
 
 

@@ -104,14 +104,17 @@ def test_one_unknown_name_message_everywhere():
 
 
 def test_setup_checks_in_one_place_before_anything_is_built(tmp_path):
-    """validate_setup: what the actor cannot run (SP; CP already at load), the reward name and the input paths,
+    """validate_setup: what the actor cannot run (CP, CPU offload without bf16, at load), the reward name and the input paths,
     each naming the config field, with no model, engine or process group built."""
     from rfpo_megatron.train import validate_setup
 
     with pytest.raises(ConfigError, match=r"config field 'actor.context_parallel_size': 2 is not supported"):
         load_config(None, ["actor.context_parallel_size=2"])
-    with pytest.raises(ConfigError, match=r"config field 'actor.sequence_parallel': true is not supported"):
-        validate_setup(load_config(None, ["actor.sequence_parallel=true"]), check_files=False)
+    with pytest.raises(ConfigError, match=r"config field 'actor.optimizer_cpu_offload': true needs actor.bf16=true"):
+        load_config(None, ["actor.optimizer_cpu_offload=true"])
+    with pytest.raises(ConfigError, match=r"'actor.optimizer_cpu_offload': true needs actor.use_distributed_optimizer"):
+        load_config(None, ["actor.optimizer_cpu_offload=true", "actor.bf16=true", "actor.use_distributed_optimizer=false"])
+    validate_setup(load_config(None, ["actor.sequence_parallel=true"]), check_files=False)
     with pytest.raises(ConfigError, match=r"config field 'data.reward_fn': 'nope' is not one of"):
         validate_setup(load_config(None, ["data.reward_fn=nope"]), check_files=False)
     with pytest.raises(ConfigError, match=r"config field 'actor.hf_model_path'"):

@@ -42,6 +42,20 @@ METRIC_KEYS = (
 )
 
 
+def offload_settings(c: ActorConfig) -> dict:
+    """megatron OptimizerConfig fields for ``actor.optimizer_cpu_offload`` (as megatron's own training sets them).
+
+    Offload means megatron's HybridDeviceOptimizer with every optimizer state and fp32
+    main param on the host (fraction 1.0), the precision-aware optimizer (so the device
+    keeps no fp32 main-param shard), and overlapped d2h/h2d copies. It needs the
+    distributed optimizer (``config.validate`` refuses offload without it).
+    """
+    if not c.optimizer_cpu_offload:
+        return {}
+    return dict(optimizer_cpu_offload=True, optimizer_offload_fraction=1.0, use_precision_aware_optimizer=True,
+                overlap_cpu_optimizer_d2h_h2d=True)
+
+
 def _cfg(obj: Any, name: str, default: Any = None) -> Any:
     return getattr(obj, name, default) if obj is not None else default
 
@@ -85,31 +99,32 @@ class Actor:
         # packed THD sequences need TransformerEngine attention; the local spec gets padded micro-batches
         self.layout = "thd" if uses_te_spec(spec) else "pad"
         self.temperature = float(temperature)
-        if self.cfg.bf16 and not self.on_gpu and with_optimizer:
-            raise ValueError(
-                "actor.bf16=true needs a CUDA GPU (megatron's mixed-precision optimizer is CUDA-only); "
-                "set actor.bf16=false on CPU"
-            )
         dtype = torch.bfloat16 if self.cfg.bf16 else torch.float32
         overrides = dict(model_overrides)
         overrides.setdefault("calculate_per_token_loss", True)
-        if self.cfg.recompute in ("selective", "full") and not self.on_gpu:
-            # recomputation re-runs the forward inside torch.autograd.backward, where the CPU
-            # compat layer's device redirect is not active (modes are popped inside a handler)
-            raise ValueError(f"actor.recompute={self.cfg.recompute!r} needs a CUDA GPU; set actor.recompute=none on CPU")
+        # sequence parallel shards the sequence over TP between the TP regions (TP = 1: nothing to shard)
+        self.sequence_parallel = bool(self.cfg.sequence_parallel and tp > 1)
+        overrides.setdefault("sequence_parallel", self.sequence_parallel)
+        self.seq_multiple = tp if overrides["sequence_parallel"] else 1
+        if self.cfg.optimizer_cpu_offload and not (self.cfg.bf16 and self.cfg.use_distributed_optimizer is not False):
+            raise ValueError("actor.optimizer_cpu_offload=true needs actor.bf16=true and "
+                             "actor.use_distributed_optimizer=true (as megatron's offload optimizer)")
         if self.cfg.recompute in ("selective", "full"):
             overrides.setdefault("recompute_granularity", self.cfg.recompute)
             if self.cfg.recompute == "full":
-                overrides.setdefault("recompute_method", "uniform")
-                overrides.setdefault("recompute_num_layers", 1)
+                overrides.setdefault("recompute_method", self.cfg.recompute_method)
+                overrides.setdefault("recompute_num_layers", int(self.cfg.recompute_num_layers))
         elif self.cfg.recompute != "none":
             raise ValueError(f"actor.recompute={self.cfg.recompute!r} must be none, selective or full")
         chunks = self._prepare_chunks(build_model(hf_config, params_dtype=dtype, spec=spec, **overrides))
         self.vocab_size = int(chunks[0].vocab_size_unpadded)
-        self.use_dist_opt = bool(self.cfg.use_distributed_optimizer and self.on_gpu)
+        want = self.cfg.use_distributed_optimizer
+        self.use_dist_opt = bool(want) if want is not None else (self.on_gpu or bool(self.cfg.optimizer_cpu_offload))
+        # param gather stays synchronous: the weight export right after the step reads the updated params
         ddp_cfg = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
-            overlap_grad_reduce=False,
+            overlap_grad_reduce=bool(self.cfg.overlap_grad_reduce),
+            bucket_size=self.cfg.grad_reduce_bucket_size,
             use_distributed_optimizer=self.use_dist_opt,
             check_for_nan_in_grad=False,
             average_in_collective=False,
@@ -125,6 +140,10 @@ class Actor:
         config = chunks[0].config
         config.finalize_model_grads_func = finalize_model_grads
         config.no_sync_func = None
+        if with_optimizer and ddp_cfg.overlap_grad_reduce:
+            # the schedule holds the reduction back until the last micro-batch (megatron's training does the same)
+            syncs = [m.no_sync for m in self.model]
+            config.no_sync_func = syncs[0] if len(syncs) == 1 else syncs
         self.step = 0
         self.total_steps = max(1, int(total_steps))
         self.optimizer = None
@@ -156,7 +175,7 @@ class Actor:
             bf16=dtype == torch.bfloat16,
             params_dtype=dtype,
             use_distributed_optimizer=self.use_dist_opt,
-            optimizer_cpu_offload=bool(c.optimizer_cpu_offload and self.on_gpu),
+            **offload_settings(c),
         )
         self.optimizer = get_megatron_optimizer(ocfg, self.model, use_gloo_process_groups=False)
         warm = int(c.lr_warmup_steps)
@@ -204,7 +223,8 @@ class Actor:
         )
         dev = torch.device("cuda", torch.cuda.current_device()) if self.on_gpu else torch.device("cpu")
         mbs = [
-            pack_microbatch(batch.input_ids, batch.prompt_lens, [mine[j] for j in g], layout=self.layout, device=dev)
+            pack_microbatch(batch.input_ids, batch.prompt_lens, [mine[j] for j in g], layout=self.layout, device=dev,
+                            pad_to_multiple=self.seq_multiple)
             for g in groups
         ]
         return mine, mbs
@@ -274,7 +294,8 @@ class Actor:
         ids = torch.as_tensor(input_ids, dtype=torch.long)
         B, T = ids.shape
         dev = torch.device("cuda", torch.cuda.current_device()) if self.on_gpu else torch.device("cpu")
-        mb = pack_microbatch([ids[b] for b in range(B)], [T] * B, list(range(B)), layout=self.layout, device=dev)
+        mb = pack_microbatch([ids[b] for b in range(B)], [T] * B, list(range(B)), layout=self.layout, device=dev,
+                             pad_to_multiple=self.seq_multiple)
         tp = mpu.get_tensor_model_parallel_world_size()
 
         def output_fn(mb_, out):
@@ -289,7 +310,7 @@ class Actor:
         Vp = self.modules[0].vocab_size
         buf = torch.zeros(B, T, Vp, dtype=torch.float32, device=dev)
         if stats:
-            buf.copy_(stats[0]["logits"].reshape(B, T, Vp))
+            buf.copy_(stats[0]["logits"][:, :T].reshape(B, T, Vp))
         pp_broadcast_from_last(buf)
         return buf[..., : self.vocab_size].cpu()
 
@@ -451,13 +472,16 @@ class Actor:
         for m in self.model:
             m.zero_grad_buffer()
         _, mbs = self._my_microbatches(batch)
-        stats = run_schedule(self.model, mbs, output_fn, forward_only=False)
         if not mbs:
+            # this DP rank got no samples: one zero-loss micro-batch keeps its gradient hooks, bucketed
+            # reductions and pipeline sends in step with the other ranks (its gradients are exactly 0)
             dev0 = next(self.model[0].parameters()).device
-            # this DP rank got no samples: still join the gradient reduction (zero gradients)
-            from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+            mbs = [pack_microbatch([torch.zeros(2, dtype=torch.long)], [1], [0], layout=self.layout, device=dev0,
+                                   pad_to_multiple=self.seq_multiple)]
 
-            finalize_model_grads(self.model, num_tokens=torch.zeros((), dtype=torch.int, device=dev0))
+            def output_fn(mb, out):  # noqa: F811 - the empty rank's loss
+                return out.sum() * 0.0, {k: torch.zeros((), device=out.device) for k in keys}
+        stats = run_schedule(self.model, mbs, output_fn, forward_only=False)
         dev = next(self.model[0].parameters()).device
         acc = torch.zeros(len(keys), dtype=torch.float64, device=dev)
         for st in stats:

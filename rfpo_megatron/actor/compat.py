@@ -14,8 +14,18 @@ What it does (process-wide, idempotent):
    into a no-op, and rewrites CUDA targets of ``Tensor.to(...)``.
    ``torch.cuda.current_device`` returns 0 and a few CUDA-only helpers
    (``synchronize``, ``empty_cache``, memory queries, ``manual_seed``) become
-   harmless no-ops.
-2. Megatron's ``clip_grad_by_total_norm_fp32`` asserts ``torch.cuda.FloatTensor``
+   harmless no-ops; ``torch.cuda.Stream`` / ``Event`` / ``stream()`` become no-op
+   stand-ins and ``pin_memory`` requests are dropped. ``Tensor.type()`` (no argument) of a float tensor answers the
+   CUDA name (``torch.cuda.FloatTensor``...): megatron's distributed and
+   mixed-precision (bf16) optimizers sort their params by it. Python ``backward``
+   methods of autograd Functions run under the same redirect (``BackwardCFunction``),
+   so sequence-parallel linears and activation recomputation work.
+2. Without TransformerEngine, megatron's ``is_te_min_version`` (called by the
+   offload / precision-aware optimizer checks) answers False instead of raising.
+   The CPU-offload optimizer (``HybridDeviceOptimizer``) picks its host copies by
+   ``param.is_cuda``; a twin of that one method treats its params as the device
+   params, so megatron's offload step (host copies, CPU Adam, copy back) runs.
+   Megatron's ``clip_grad_by_total_norm_fp32`` asserts ``torch.cuda.FloatTensor``
    grads; it is swapped for a CPU twin with the same formula. ``dist_checkpointing``'s
    file writer forks one process per bucket, and the fork deadlocks in a process
    that already runs gloo threads (the "save hangs over gloo" symptom); on CPU the
@@ -45,6 +55,10 @@ _LOCK = threading.Lock()
 _MODE: "_CudaToCpuMode | None" = None
 
 
+# Tensor.type() answers under the redirect (the float types megatron's optimizers accept)
+_CUDA_TYPE_NAMES = {f"torch.{t}": f"torch.cuda.{t}" for t in ("FloatTensor", "HalfTensor", "BFloat16Tensor")}
+
+
 def _is_cuda_device(dev: Any) -> bool:
     """True when ``dev`` names a CUDA device (str, torch.device or int ordinal)."""
     if isinstance(dev, bool):
@@ -65,10 +79,16 @@ class _CudaToCpuMode(TorchFunctionMode):
         kwargs = dict(kwargs or {})
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
             kwargs["device"] = "cpu"
-        if func is torch.Tensor.cuda:
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False  # page-locked host memory needs an accelerator
+        if func is torch.Tensor.cuda or func is torch.Tensor.pin_memory:
             return args[0]
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
             args = (args[0], "cpu", *args[2:])
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # megatron's mixed-precision and distributed optimizers sort params by their CUDA type name
+            name = func(*args)
+            return _CUDA_TYPE_NAMES.get(name, name)
         return func(*args, **kwargs)
 
 
@@ -150,6 +170,50 @@ def _install_rng_tracker() -> None:
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
 
 
+class _CpuEvent:
+    """Stand-in for ``torch.cuda.Event``: CPU work is already ordered, so every wait is a no-op."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def record(self, stream: Any = None) -> None:
+        pass
+
+    def wait(self, stream: Any = None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+class _CpuStream:
+    """Stand-in for ``torch.cuda.Stream`` (megatron's offload optimizer and MoE dispatcher make side streams)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def record_event(self, event: Any = None) -> _CpuEvent:
+        return event if event is not None else _CpuEvent()
+
+    def wait_stream(self, stream: Any) -> None:
+        pass
+
+    def wait_event(self, event: Any) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+_CPU_STREAM = _CpuStream()
+
+
 def _patch_torch_cuda() -> None:
     """Replace CUDA-only helpers that megatron calls unconditionally."""
     def _make(name: str, value: Any):
@@ -176,6 +240,11 @@ def _patch_torch_cuda() -> None:
         ("reset_peak_memory_stats", None),
     ):
         setattr(torch.cuda, name, _make(name, value))
+    torch.cuda.Stream = _CpuStream
+    torch.cuda.Event = _CpuEvent
+    torch.cuda.current_stream = _make("current_stream", _CPU_STREAM)
+    torch.cuda.default_stream = _make("default_stream", _CPU_STREAM)
+    torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
 
 
 def _cpu_clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
@@ -218,14 +287,103 @@ def _inprocess_write_preloaded_data_multiproc(transform_list, use_msc, rank, wri
     global_results_queue.put(results)
 
 
+def _te_version():
+    """TransformerEngine's version as megatron reads it, or None without TE."""
+    from megatron.core.utils import get_te_version
+
+    try:
+        return get_te_version()
+    except Exception:
+        return None
+
+
+def _no_te_min_version(version: str, check_equality: bool = True) -> bool:
+    """megatron's is_te_min_version where TransformerEngine is absent."""
+    return False
+
+
+def _cpu_sub_optimizer_param_groups(self, offload_fraction: float):
+    """CPU twin of ``HybridDeviceOptimizer._get_sub_optimizer_param_groups``.
+
+    megatron decides what to offload by ``param.is_cuda``; on a CUDA-less machine no
+    param is, so nothing would get a host copy and the step would look up copies that
+    do not exist. Here the optimizer's own params play the device params: the first
+    ``offload_fraction`` of their elements get a host copy (fp32 when
+    ``param_update_in_fp32``) stepped by the CPU optimizer and copied back, exactly the
+    bookkeeping megatron builds for device params (same five return values).
+    """
+    params = [p for group in self.param_groups for p in group["params"]]
+    offload_threshold = sum(p.numel() for p in params) * offload_fraction
+    offloaded = 0
+    cpu_groups, gpu_groups = [], []
+    gpu_to_cpu, cpu_to_gpu, to_fp32 = {}, {}, {}
+    for group in self.param_groups:
+        gpu_group, cpu_group = dict(group, params=[]), dict(group, params=[])
+        for orig in group["params"]:
+            param, copied = orig, False
+            if offloaded < offload_threshold:
+                param = orig.detach().clone()
+                offloaded += param.numel()
+                copied = True
+            if self.param_update_in_fp32 and param.dtype != torch.float32:
+                param = param.detach().clone().float()
+                to_fp32[orig] = param
+            if copied:
+                gpu_to_cpu[orig] = param
+                cpu_to_gpu[param] = orig
+                cpu_group["params"].append(param)
+            else:
+                gpu_group["params"].append(param)
+        if gpu_group["params"]:
+            gpu_groups.append(gpu_group)
+        if cpu_group["params"]:
+            cpu_groups.append(cpu_group)
+    return cpu_groups, gpu_groups, gpu_to_cpu, cpu_to_gpu, to_fp32
+
+
 def _patch_megatron() -> None:
     """Swap megatron functions that assert CUDA tensor types or fork writers for CPU twins."""
     from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
     from megatron.core.optimizer import clip_grads, optimizer
 
+    from megatron.core import optimizer as optimizer_pkg
+    from megatron.core.optimizer import optimizer_config
+
+    if _te_version() is None:
+        # megatron's is_te_min_version compares None >= Version without TransformerEngine (the
+        # precision-aware / offload optimizer checks call it): no TE means "not that version"
+        for mod in (optimizer_config, optimizer_pkg):
+            mod.is_te_min_version = _no_te_min_version
+    from megatron.core.optimizer.cpu_offloading.hybrid_optimizer import HybridDeviceOptimizer
+
+    HybridDeviceOptimizer._get_sub_optimizer_param_groups = _cpu_sub_optimizer_param_groups
     clip_grads.clip_grad_by_total_norm_fp32 = _cpu_clip_grad_by_total_norm_fp32
     optimizer.clip_grad_by_total_norm_fp32 = _cpu_clip_grad_by_total_norm_fp32
     FileSystemWriterAsync.write_preloaded_data_multiproc = staticmethod(_inprocess_write_preloaded_data_multiproc)
+
+
+def _patch_autograd_backward() -> None:
+    """Run every ``autograd.Function.backward`` under the device redirect.
+
+    The torch-function mode stack is not active inside the autograd engine's calls of
+    Python ``backward`` methods, so megatron's backward passes that allocate on
+    ``torch.cuda.current_device()`` (sequence-parallel all-gathers in the linear layers,
+    the MoE dispatcher) or re-run the forward (activation recomputation's
+    ``CheckpointFunction``) would ask for a CUDA device. The engine enters Python
+    through ``BackwardCFunction.apply``; the redirect is pushed around it.
+    """
+    from torch.autograd import function as autograd_function
+
+    orig = autograd_function.BackwardCFunction.apply
+    if getattr(orig, "_rfpo_cpu_compat", False):
+        return
+
+    def apply(self, *args):
+        with _CudaToCpuMode():
+            return orig(self, *args)
+
+    apply._rfpo_cpu_compat = True  # type: ignore[attr-defined]
+    autograd_function.BackwardCFunction.apply = apply
 
 
 def enable_cpu_compat() -> bool:
@@ -248,6 +406,7 @@ def enable_cpu_compat() -> bool:
         _MODE.__enter__()
         _install_rng_tracker()
         _patch_megatron()
+        _patch_autograd_backward()
         _ENABLED = True
     return True
 

@@ -131,13 +131,68 @@ def uses_te_spec(spec: str) -> bool:
     return have_te and torch.cuda.is_available()
 
 
+class LocalNorm:
+    """Sequence-parallel-capable twin of megatron's ``WrappedTorchNorm`` (which asserts ``sequence_parallel`` off).
+
+    Builds ``torch.nn.RMSNorm`` / ``LayerNorm`` over the hidden size in ``params_dtype`` and marks its
+    parameters ``sequence_parallel`` so ``finalize_model_grads`` sums their gradients
+    over the TP group (each TP rank normalises its own sequence shard under SP).
+    """
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **_: Any):
+        dtype = config.params_dtype  # as TE's norms (WrappedTorchNorm left them fp32 in a bf16 model)
+        if config.normalization == "RMSNorm":
+            norm = torch.nn.RMSNorm(hidden_size, eps=eps, dtype=dtype)
+        elif config.normalization == "LayerNorm":
+            norm = torch.nn.LayerNorm(hidden_size, eps=eps, dtype=dtype)
+        else:
+            raise ValueError(f"normalization={config.normalization!r}: the local spec has RMSNorm and LayerNorm")
+        for p in norm.parameters():
+            p.sequence_parallel = bool(config.sequence_parallel)
+        return norm
+
+
+def _swap_norms(spec: Any) -> Any:
+    """Replace megatron's WrappedTorchNorm by LocalNorm everywhere in a ModuleSpec tree (in place)."""
+    import dataclasses
+
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    if isinstance(spec, ModuleSpec):
+        if spec.module is WrappedTorchNorm:
+            spec.module = LocalNorm
+        _swap_norms(spec.submodules)
+    elif dataclasses.is_dataclass(spec) and not isinstance(spec, type):
+        for f in dataclasses.fields(spec):
+            v = getattr(spec, f.name)
+            if v is WrappedTorchNorm:
+                setattr(spec, f.name, LocalNorm)
+            else:
+                _swap_norms(v)
+    return spec
+
+
 def layer_spec(config, spec: str = "auto"):
-    """ModuleSpec for one transformer layer: TE on GPU when importable, else local."""
+    """ModuleSpec for one transformer layer: TE on GPU when importable, else local (with ``LocalNorm``)."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
     if uses_te_spec(spec):
         return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
-    return specs.get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization=config.normalization)
+    return _swap_norms(specs.get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm,
+                                                      normalization=config.normalization))
+
+
+def block_spec(config, spec: str = "auto", vp_stage: Any = None):
+    """TransformerBlockSubmodules of this rank's (virtual) stage: its layers' spec and the final norm."""
+    from megatron.core import parallel_state as mpu
+    from megatron.core.transformer.transformer_block import (LayerNormImpl, TransformerBlockSubmodules,
+                                                             get_num_layers_to_build)
+
+    layer = layer_spec(config, spec)
+    n = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=mpu.get_pipeline_model_parallel_rank())
+    final_norm = LayerNormImpl if uses_te_spec(spec) else LocalNorm
+    return TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=final_norm)
 
 
 def build_model(
@@ -167,7 +222,7 @@ def build_model(
     theta = arch.rope_theta
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(config, spec),
+        transformer_layer_spec=block_spec(config, spec),
         vocab_size=padded_vocab_size(arch.vocab_size, tp),
         max_sequence_length=int(hf_config_dict(hf_config).get("max_position_embeddings", 4096)),
         pre_process=mpu.is_pipeline_first_stage(),

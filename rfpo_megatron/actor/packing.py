@@ -119,12 +119,14 @@ def pack_microbatch(
     layout: str = "pad",
     pad_id: int = 0,
     device: torch.device | str = "cpu",
+    pad_to_multiple: int = 1,
 ) -> PackedMicroBatch:
     """Build a PackedMicroBatch from per-sample token ids.
 
     input_ids[i]: [L_i] prompt + response ids; the response is
     ``input_ids[i][prompt_lens[i]:]`` (prompt_lens[i] >= 1). Response token at
-    position p is predicted by the logits at p - 1.
+    position p is predicted by the logits at p - 1. ``pad_to_multiple``: the "pad"
+    layout's T is rounded up to a multiple of it (sequence parallel shards T over TP).
     """
     seqs = [input_ids[i].reshape(-1).long() for i in sample_ids]
     plens = [int(prompt_lens[i]) for i in sample_ids]
@@ -137,7 +139,8 @@ def pack_microbatch(
     labels: list[torch.Tensor] = []
     psp = None
     if layout == "pad":
-        T = max(lens)
+        m = max(1, int(pad_to_multiple))
+        T = -(-max(lens) // m) * m
         ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
         for b, s in enumerate(seqs):
             ids[b, : s.numel()] = s

@@ -56,9 +56,6 @@ def validate_setup(cfg: Config, check_files: bool = True) -> None:
     if cfg.data.reward_fn not in available_rewards():
         raise ConfigError(unknown_name_message("data.reward_fn", cfg.data.reward_fn, available_rewards()))
     sync_mode(cfg)  # a bad weight_sync choice fails now, not after the first step
-    if cfg.actor.sequence_parallel:
-        raise ConfigError("config field 'actor.sequence_parallel': true is not supported by the actor yet; set it "
-                          "to false")
 
 
 def check_paths(cfg: Config) -> None:
