@@ -116,6 +116,7 @@ class ActorConfig:
     sequence_parallel: bool = False
     micro_batch_size: int = 4
     max_tokens_per_gpu: Optional[int] = None  # dynamic micro-batching by token budget
+    packing: str = "auto"  # auto (thd with TransformerEngine, pad otherwise) | thd (packed, cu_seqlens) | pad
     global_batch_size: Optional[int] = None  # samples per optimizer step; None = the whole rollout batch
     ppo_epochs: int = 1
     recompute: str = "none"  # none | selective | full
@@ -452,6 +453,7 @@ def validate(cfg: Config) -> Config:
                  "micro_batch_size", "ppo_epochs"):
         rng(f"actor.{name}", getattr(c, name), 1)
     choice("actor.recompute", c.recompute, ("none", "selective", "full"))
+    choice("actor.packing", c.packing, ("auto", "thd", "pad"))
     if c.context_parallel_size != 1:
         raise ConfigError(f"config field 'actor.context_parallel_size': {c.context_parallel_size} is not supported by "
                           "the actor yet; set it to 1")

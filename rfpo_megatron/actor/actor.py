@@ -23,7 +23,7 @@ import torch
 
 from rfpo_megatron.actor.batch import ActorBatch, pad_tokens
 from rfpo_megatron.actor.forward import dp_sum, logprob_output_fn, pp_broadcast_from_last, run_schedule
-from rfpo_megatron.actor.model import build_model, uses_te_spec
+from rfpo_megatron.actor.model import build_model, resolve_layout
 from rfpo_megatron.actor.packing import PackedMicroBatch, make_microbatches, pack_microbatch, split_for_dp
 from rfpo_megatron.algos.registry import get_policy_loss
 from rfpo_megatron.config import ActorConfig
@@ -55,6 +55,9 @@ class Actor:
     temperature: sampling temperature; logits are divided by it before log-softmax.
     """
 
+    # micro-batches' sequence dimension is padded to a multiple of this (sequence parallelism: TP)
+    pack_multiple: int = 1
+
     def __init__(
         self,
         hf_config: Any,
@@ -82,8 +85,8 @@ class Actor:
         # context / sequence parallelism are refused by the config checks (config.validate, train.lifecycle.validate_setup)
         self.hf_config = hf_config
         self.on_gpu = torch.cuda.is_available()
-        # packed THD sequences need TransformerEngine attention; the local spec gets padded micro-batches
-        self.layout = "thd" if uses_te_spec(spec) else "pad"
+        # actor.packing: packed THD sequences (TE attention, or the varlen core attention of the local spec) or pad
+        self.layout = resolve_layout(getattr(self.cfg, "packing", "auto"), spec)
         self.temperature = float(temperature)
         if self.cfg.bf16 and not self.on_gpu and with_optimizer:
             raise ValueError(
@@ -104,7 +107,7 @@ class Actor:
                 overrides.setdefault("recompute_num_layers", 1)
         elif self.cfg.recompute != "none":
             raise ValueError(f"actor.recompute={self.cfg.recompute!r} must be none, selective or full")
-        chunks = self._prepare_chunks(build_model(hf_config, params_dtype=dtype, spec=spec, **overrides))
+        chunks = self._prepare_chunks(build_model(hf_config, params_dtype=dtype, spec=spec, layout=self.layout, **overrides))
         self.vocab_size = int(chunks[0].vocab_size_unpadded)
         self.use_dist_opt = bool(self.cfg.use_distributed_optimizer and self.on_gpu)
         ddp_cfg = DistributedDataParallelConfig(
@@ -204,7 +207,8 @@ class Actor:
         )
         dev = torch.device("cuda", torch.cuda.current_device()) if self.on_gpu else torch.device("cpu")
         mbs = [
-            pack_microbatch(batch.input_ids, batch.prompt_lens, [mine[j] for j in g], layout=self.layout, device=dev)
+            pack_microbatch(batch.input_ids, batch.prompt_lens, [mine[j] for j in g], layout=self.layout, device=dev,
+                            pad_to_multiple=self.pack_multiple)
             for g in groups
         ]
         return mine, mbs
