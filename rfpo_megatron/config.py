@@ -216,6 +216,7 @@ class TrainerConfig:
     save_dir: str = "outputs/run/checkpoints"
     resume: bool = False
     keep_last: int = 2
+    checkpoint_format: str = "auto"  # actor/critic states: auto (dist on GPU, full on CPU) | dist | full
     heartbeat_file: Optional[str] = None  # touched every step (for the Slurm watchdog)
 
 
@@ -482,6 +483,7 @@ def validate(cfg: Config) -> Config:
     rng("data.prompts_per_step", cfg.data.prompts_per_step, 1)
     choice("logging.wandb_mode", cfg.logging.wandb_mode, ("auto", "online", "offline", "disabled"))
     rng("trainer.steps", cfg.trainer.steps, 0)
+    choice("trainer.checkpoint_format", cfg.trainer.checkpoint_format, ("auto", "dist", "full"))
     return cfg
 
 
