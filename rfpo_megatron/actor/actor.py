@@ -107,7 +107,8 @@ class Actor:
                 overrides.setdefault("recompute_num_layers", 1)
         elif self.cfg.recompute != "none":
             raise ValueError(f"actor.recompute={self.cfg.recompute!r} must be none, selective or full")
-        chunks = self._prepare_chunks(build_model(hf_config, params_dtype=dtype, spec=spec, layout=self.layout, **overrides))
+        chunks = self._prepare_chunks(build_model(hf_config, params_dtype=dtype, spec=spec, layout=self.layout,
+                                                  **overrides))
         self.vocab_size = int(chunks[0].vocab_size_unpadded)
         self.use_dist_opt = bool(self.cfg.use_distributed_optimizer and self.on_gpu)
         ddp_cfg = DistributedDataParallelConfig(
