@@ -116,6 +116,7 @@ class ActorConfig:
     sequence_parallel: bool = False
     micro_batch_size: int = 4
     max_tokens_per_gpu: Optional[int] = None  # dynamic micro-batching by token budget
+    packing: str = "auto"  # auto (thd with TransformerEngine, pad otherwise) | thd (packed, cu_seqlens) | pad
     global_batch_size: Optional[int] = None  # samples per optimizer step; None = the whole rollout batch
     ppo_epochs: int = 1
     recompute: str = "none"  # none | selective | full
@@ -219,6 +220,7 @@ class TrainerConfig:
     save_dir: str = "outputs/run/checkpoints"
     resume: bool = False
     keep_last: int = 2
+    checkpoint_format: str = "auto"  # actor/critic states: auto (dist on GPU, full on CPU) | dist | full
     heartbeat_file: Optional[str] = None  # touched every step (for the Slurm watchdog)
 
 
@@ -466,6 +468,7 @@ def validate(cfg: Config) -> Config:
     if c.optimizer_cpu_offload and not c.bf16:
         raise ConfigError("config field 'actor.optimizer_cpu_offload': true needs actor.bf16=true (megatron's offload "
                           "optimizer keeps fp32 host copies of bf16 params; fp32 params cannot be offloaded)")
+    choice("actor.packing", c.packing, ("auto", "thd", "pad"))
     if c.context_parallel_size != 1:
         raise ConfigError(f"config field 'actor.context_parallel_size': {c.context_parallel_size} is not supported by "
                           "the actor yet; set it to 1")
@@ -494,6 +497,7 @@ def validate(cfg: Config) -> Config:
     rng("data.prompts_per_step", cfg.data.prompts_per_step, 1)
     choice("logging.wandb_mode", cfg.logging.wandb_mode, ("auto", "online", "offline", "disabled"))
     rng("trainer.steps", cfg.trainer.steps, 0)
+    choice("trainer.checkpoint_format", cfg.trainer.checkpoint_format, ("auto", "dist", "full"))
     return cfg
 
 

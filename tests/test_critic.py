@@ -3,7 +3,9 @@
 Worlds (one spawn each; the megatron import is paid once per world):
   W1  TP=1  random trunk + random head S0: values, the clipped value loss vs a float64 loop, one step
             (kept for W2), a 30-step fit to fixed returns
-  W2  TP=2  S0 loaded: same values and the same values after one identical step
+  W2  TP=2  S0 loaded: same values and the same values after one identical step; then that critic is saved in
+            the dist and full formats and loaded at PP=2 (same world): same values and the same next step
+            (value head and Adam state restored)
 """
 
 from __future__ import annotations
@@ -43,11 +45,12 @@ def _targets(values):
     return old, ret
 
 
-def _critic(tp, lr=1e-3):
+def _critic(tp, lr=1e-3, pp=1):
     from rfpo_megatron.actor.critic import Critic
     from rfpo_megatron.config import ActorConfig, CriticConfig
 
-    return Critic(HF, ActorConfig(tensor_model_parallel_size=tp, max_tokens_per_gpu=40, adam_eps=1e-3),
+    return Critic(HF, ActorConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                  max_tokens_per_gpu=40, adam_eps=1e-3),
                   CriticConfig(lr=lr, clip_grad=1.0), total_steps=40)
 
 
@@ -99,6 +102,34 @@ def _w_tp2(rank, tmp, old, ret):
     out = {"values": c.compute_values(b)}
     out["metrics"] = c.train_step(b, old, ret, cliprange_value=EPS)
     out["after"] = c.compute_values(b)
+    out["ckpt"] = _ckpt_resume(c, tmp, b, old, ret)
+    return out
+
+
+def _ckpt_resume(c, tmp, b, old, ret):
+    """W3: critic states (model + value head + Adam state) in both formats: TP=2 save after one step -> PP=2 load."""
+    from rfpo_megatron.actor.checkpoint import load_actor_state, save_actor_state
+    from rfpo_megatron.actor.parallel import destroy_parallel, init_parallel
+
+    paths = {fmt: save_actor_state(c, os.path.join(tmp, f"ck_{fmt}"), fmt=fmt) for fmt in ("dist", "full")}
+    out = {"saved": c.compute_values(b)}
+    out["step2"] = c.train_step(b, old, ret, cliprange_value=EPS)  # uses the Adam moments of step 1
+    out["after2"] = c.compute_values(b)
+    out["keys"] = sorted(c.modules[0].sharded_state_dict().keys())
+    try:  # megatron's own GPTModel.sharded_state_dict needs the LM head the critic removed
+        type(c.modules[0]).sharded_state_dict(c.modules[0])
+        out["stock_error"] = None
+    except KeyError as err:
+        out["stock_error"] = str(err)
+    destroy_parallel(keep_process_group=True)
+    init_parallel(tp=1, pp=2, seed=11)  # the same layout is resumed by the trainer tests below (both formats)
+    for fmt, path in paths.items():
+        c2 = _critic(1, pp=2)
+        meta = load_actor_state(c2, path)
+        res = {"format": meta["format"], "step": c2.step, "values": c2.compute_values(b)}
+        res["step2"] = c2.train_step(b, old, ret, cliprange_value=EPS)
+        res["after2"] = c2.compute_values(b)
+        out[fmt] = res
     return out
 
 
@@ -179,6 +210,28 @@ def test_tp2_matches_tp1(worlds):
     assert moved > 1e-4  # the step changed the values, so "same after one step" is a real check
 
 
+@pytest.mark.parametrize("fmt", ["dist", "full"])
+def test_critic_checkpoint_with_value_head_resumes_exactly_at_another_layout(worlds, fmt):
+    """A TP=2 critic saved after one step (dist: megatron dist_checkpointing; full: gathered tensors) loads at
+    PP=2: the same values, and the next step (Adam moments, LR schedule) gives the same metrics and values as
+    the uninterrupted critic."""
+    for rank, w in enumerate(worlds[1]):
+        out = w["ckpt"]
+        assert {"value_head.weight", "value_head.bias"} <= set(out["keys"])
+        assert not any(k.startswith("output_layer") for k in out["keys"])
+        assert out["stock_error"] == "'output_layer.weight'"
+        r = out[fmt]
+        assert r["format"] == fmt and r["step"] == 1
+        vdiff = max(float((a - b).abs().max()) for a, b in zip(r["values"], out["saved"]))
+        adiff = max(float((a - b).abs().max()) for a, b in zip(r["after2"], out["after2"]))
+        print(f"critic {fmt} TP=2 -> PP=2: values {vdiff:.2e}, after the next step {adiff:.2e}")
+        assert vdiff <= 1e-5 and adiff <= 1e-5, (fmt, rank)
+        for k in ("critic/value_loss", "critic/grad_norm", "critic/lr"):
+            assert r["step2"][k] == pytest.approx(out["step2"][k], rel=1e-5), (fmt, k)
+        moved = max(float((a - b).abs().max()) for a, b in zip(out["after2"], out["saved"]))
+        assert moved > 1e-4  # step 2 changed the values
+
+
 # ------------------------------------------------------------------ trainer end-to-end (PPO with GAE + RFPO)
 
 def _train(assets, out, *flags, nproc: int = 1, **extra):
@@ -211,13 +264,20 @@ def _critic_state(ckpt):
         return torch.load(os.path.join(d, fh.read().strip(), "model_pp0.pt"))
 
 
-def test_trainer_gae_with_rfpo_trains_and_resumes_the_critic(tmp_path):
-    """2 steps of PPO-GAE with the fix stage: finite critic/* metrics, the critic's checkpoint moves (head first,
-    trunk from step 2), and --resume restores it (step 3 after resume == step 3 of an uninterrupted run)."""
+@pytest.fixture(scope="module")
+def gae_run(tmp_path_factory):
+    """Assets and an uninterrupted 3-step PPO-GAE trainer run (checkpoint format auto = full on CPU)."""
     from test_trainer_fixtures import build_assets
 
-    assets = build_assets(str(tmp_path / "assets"))
-    full = _train(assets, str(tmp_path / "full"), **{"trainer.steps": 3})
+    root = tmp_path_factory.mktemp("gae")
+    assets = build_assets(str(root / "assets"))
+    return assets, root, _train(assets, str(root / "full"), **{"trainer.steps": 3})
+
+
+def test_trainer_gae_with_rfpo_trains_the_critic(gae_run):
+    """3 steps of PPO-GAE with the fix stage: finite critic/* metrics, the critic's checkpoint moves (head first,
+    trunk from step 2)."""
+    _, root, full = gae_run
     assert [r["step"] for r in full] == [1, 2, 3]
     assert any(r["rfpo/fixed_seq_frac"] > 0 for r in full)  # fixed RFPO samples were in the critic's batch
     for r in full:
@@ -230,15 +290,33 @@ def test_trainer_gae_with_rfpo_trains_and_resumes_the_critic(tmp_path):
     assert full[0]["critic/value_loss"] == pytest.approx(0.5 * full[0]["critic/returns_mean"], rel=1e-5)
     assert full[0]["critic/grad_norm"] > 0
     assert full[1]["critic/values_mean"] != 0.0
-    ck = os.path.join(str(tmp_path / "full"), "ckpt")
+    ck = os.path.join(str(root / "full"), "ckpt")
     s1, s2 = _critic_state(os.path.join(ck, "step_000002")), _critic_state(os.path.join(ck, "step_000003"))
     assert float(s1["value_head.weight"].abs().max()) > 0
     trunk = [k for k in s1 if k.startswith("decoder.layers.")]
     assert trunk and any(not torch.equal(s1[k], s2[k]) for k in trunk)
-    # interrupted after step 2 (its checkpoint holds the critic), resumed for step 3
-    out = str(tmp_path / "part")
-    _train(assets, out, **{"trainer.steps": 2})
-    resumed = _train(assets, out, "--resume", **{"trainer.steps": 3})
+
+
+@pytest.mark.parametrize("fmt", ["full", "dist"])
+def test_trainer_gae_save_and_resume_in_both_checkpoint_formats(gae_run, fmt):
+    """Interrupted after step 2 (its checkpoint holds actor and critic in trainer.checkpoint_format), resumed for
+    step 3: the resumed step's metrics equal the uninterrupted run's (critic value head and Adam state restored)."""
+    import json
+
+    assets, root, full = gae_run
+    out = str(root / f"part_{fmt}")
+    kv = {"trainer.checkpoint_format": fmt}
+    _train(assets, out, **kv, **{"trainer.steps": 2})
+    ck = os.path.join(out, "ckpt", "step_000002")
+    for model in ("actor", "critic"):
+        d = os.path.join(ck, model)
+        with open(os.path.join(d, "latest")) as fh:
+            with open(os.path.join(d, fh.read().strip(), "meta.json")) as m:
+                meta = json.load(m)
+        assert meta["format"] == fmt, model
+        if fmt == "dist":
+            assert meta["dist_optimizer_saved"] is True, model
+    resumed = _train(assets, out, "--resume", **kv, **{"trainer.steps": 3})
     strip = lambda r: {k: v for k, v in r.items() if not k.startswith("perf/") and k != "time"}  # noqa: E731
     assert strip(resumed[-1]) == strip(full[-1])
 

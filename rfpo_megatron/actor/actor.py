@@ -23,7 +23,7 @@ import torch
 
 from rfpo_megatron.actor.batch import ActorBatch, pad_tokens
 from rfpo_megatron.actor.forward import dp_sum, logprob_output_fn, pp_broadcast_from_last, run_schedule
-from rfpo_megatron.actor.model import build_model, uses_te_spec
+from rfpo_megatron.actor.model import build_model, resolve_layout
 from rfpo_megatron.actor.packing import PackedMicroBatch, make_microbatches, pack_microbatch, split_for_dp
 from rfpo_megatron.algos.registry import get_policy_loss
 from rfpo_megatron.config import ActorConfig
@@ -93,11 +93,11 @@ class Actor:
                 f"pipeline_model_parallel_size={self.cfg.pipeline_model_parallel_size} differ from "
                 f"init_parallel(tp={tp}, pp={pp}); pass the same values"
             )
-        # context / sequence parallelism are refused by the config checks (config.validate, train.lifecycle.validate_setup)
+        # context parallelism is refused by the config checks (config.validate)
         self.hf_config = hf_config
         self.on_gpu = torch.cuda.is_available()
-        # packed THD sequences need TransformerEngine attention; the local spec gets padded micro-batches
-        self.layout = "thd" if uses_te_spec(spec) else "pad"
+        # actor.packing: packed THD sequences (TE attention, or the varlen core attention of the local spec) or pad
+        self.layout = resolve_layout(getattr(self.cfg, "packing", "auto"), spec)
         self.temperature = float(temperature)
         dtype = torch.bfloat16 if self.cfg.bf16 else torch.float32
         overrides = dict(model_overrides)
@@ -116,7 +116,8 @@ class Actor:
                 overrides.setdefault("recompute_num_layers", int(self.cfg.recompute_num_layers))
         elif self.cfg.recompute != "none":
             raise ValueError(f"actor.recompute={self.cfg.recompute!r} must be none, selective or full")
-        chunks = self._prepare_chunks(build_model(hf_config, params_dtype=dtype, spec=spec, **overrides))
+        chunks = self._prepare_chunks(build_model(hf_config, params_dtype=dtype, spec=spec, layout=self.layout,
+                                                  **overrides))
         self.vocab_size = int(chunks[0].vocab_size_unpadded)
         want = self.cfg.use_distributed_optimizer
         self.use_dist_opt = bool(want) if want is not None else (self.on_gpu or bool(self.cfg.optimizer_cpu_offload))

@@ -19,6 +19,7 @@ exactly the rows of the actor's log-probs (``PackedMicroBatch.label_rows``).
 from __future__ import annotations
 
 import dataclasses
+import types
 from typing import Any, Optional, Sequence
 
 import torch
@@ -57,6 +58,19 @@ class _ValueOutput:
 
     def __call__(self, hidden: torch.Tensor, weight: Any = None, runtime_gather_output: Any = None):
         return self.head(hidden), None
+
+
+def _critic_sharded_state_dict(model, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+    """``GPTModel.sharded_state_dict`` of a last-stage critic chunk, which has no LM head.
+
+    megatron's LanguageModule version marks ``output_layer.weight`` (KeyError without it); this is the generic
+    MegatronModule recursion it builds on: embedding and decoder sharded as megatron shards them, and
+    ``value_head.weight`` / ``value_head.bias`` replicated over TP (a plain Linear, like the head itself), so dist
+    checkpoints (model and optimizer state) save and reshard the critic across TP / PP layouts.
+    """
+    from megatron.core.transformer.module import MegatronModule
+
+    return MegatronModule.sharded_state_dict(model, prefix, sharded_offsets, metadata)
 
 
 def critic_actor_config(actor_cfg: ActorConfig, critic_cfg: CriticConfig) -> ActorConfig:
@@ -105,6 +119,8 @@ class Critic(Actor):
             del c.output_layer
             c.value_head = head
             c.output_layer = _ValueOutput(head)
+            # dist checkpoints: megatron's LanguageModule.sharded_state_dict expects output_layer.weight
+            c.sharded_state_dict = types.MethodType(_critic_sharded_state_dict, c)
         return chunks
 
     @staticmethod

@@ -173,23 +173,48 @@ def _swap_norms(spec: Any) -> Any:
     return spec
 
 
-def layer_spec(config, spec: str = "auto"):
-    """ModuleSpec for one transformer layer: TE on GPU when importable, else local (with ``LocalNorm``)."""
+def resolve_layout(packing: str, spec: str = "auto") -> str:
+    """The micro-batch layout for ``actor.packing``: "thd" (packed) or "pad".
+
+    auto: "thd" with the TransformerEngine spec, "pad" with the local spec (faster on CPU, see docs/actor.md).
+    thd: packed sequences with either spec (the local spec gets the varlen core attention). pad: padded batches
+    (megatron's local DotProductAttention; with TE the causal mask alone keeps real tokens off the padding).
+    """
+    if packing == "auto":
+        return "thd" if uses_te_spec(spec) else "pad"
+    if packing not in ("thd", "pad"):
+        raise ValueError(f"actor.packing={packing!r} must be 'auto', 'thd' or 'pad'")
+    return packing
+
+
+def layer_spec(config, spec: str = "auto", layout: str = "pad"):
+    """ModuleSpec for one transformer layer: TE on GPU when importable, else local.
+
+    With the local spec and ``layout="thd"`` (packed sequences) the core attention is
+    ``varlen_attention.VarlenDotProductAttention`` (megatron's DotProductAttention plus cu_seqlens).
+    """
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
     if uses_te_spec(spec):
         return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
-    return _swap_norms(specs.get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm,
-                                                      normalization=config.normalization))
+    out = _swap_norms(specs.get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm,
+                                                     normalization=config.normalization))
+    if layout == "thd":
+        from rfpo_megatron.actor.varlen_attention import VarlenDotProductAttention
+
+        out.submodules.self_attention.submodules.core_attention = VarlenDotProductAttention
+    elif layout != "pad":
+        raise ValueError(f"layout={layout!r} must be 'pad' or 'thd'")
+    return out
 
 
-def block_spec(config, spec: str = "auto", vp_stage: Any = None):
+def block_spec(config, spec: str = "auto", layout: str = "pad", vp_stage: Any = None):
     """TransformerBlockSubmodules of this rank's (virtual) stage: its layers' spec and the final norm."""
     from megatron.core import parallel_state as mpu
     from megatron.core.transformer.transformer_block import (LayerNormImpl, TransformerBlockSubmodules,
                                                              get_num_layers_to_build)
 
-    layer = layer_spec(config, spec)
+    layer = layer_spec(config, spec, layout)
     n = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=mpu.get_pipeline_model_parallel_rank())
     final_norm = LayerNormImpl if uses_te_spec(spec) else LocalNorm
     return TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=final_norm)
@@ -200,6 +225,7 @@ def build_model(
     *,
     params_dtype: torch.dtype = torch.float32,
     spec: str = "auto",
+    layout: str = "pad",
     **overrides: Any,
 ) -> list:
     """This rank's model chunks (one GPTModel per pipeline stage; no virtual PP).
@@ -207,7 +233,8 @@ def build_model(
     Requires ``init_parallel``. Vocab is padded with ``padded_vocab_size``; the
     padded logit columns are masked by the log-prob pass. ``pre_process`` /
     ``post_process`` follow the pipeline stage; tied embeddings follow
-    ``tie_word_embeddings``. Returns ``[GPTModel]`` on the current device.
+    ``tie_word_embeddings``. ``layout`` is the packing the model will be fed ("pad" or "thd", see
+    ``resolve_layout``). Returns ``[GPTModel]`` on the current device.
     """
     from megatron.core import parallel_state as mpu
     from megatron.core.models.gpt import GPTModel
@@ -222,7 +249,7 @@ def build_model(
     theta = arch.rope_theta
     model = GPTModel(
         config=config,
-        transformer_layer_spec=block_spec(config, spec),
+        transformer_layer_spec=block_spec(config, spec, layout),
         vocab_size=padded_vocab_size(arch.vocab_size, tp),
         max_sequence_length=int(hf_config_dict(hf_config).get("max_position_embeddings", 4096)),
         pre_process=mpu.is_pipeline_first_stage(),

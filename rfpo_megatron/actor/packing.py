@@ -8,6 +8,8 @@ Two layouts for one micro-batch of sequences ``seqs[i]`` of length ``L_i``:
 * ``"thd"`` (GPU / TransformerEngine): all sequences concatenated into
   ``[1, sum L_i]`` with ``PackedSeqParams(qkv_format="thd", cu_seqlens)``;
   position ids restart at 0 for each sequence. Cost counted as ``sum L_i``.
+  Runs on both specs: TE's attention on GPU, ``varlen_attention`` (per-sequence
+  causal SDPA) with the local spec (``actor.packing``, docs/actor.md).
 
 The split is a deterministic function of the lengths, so every rank of a
 TP/PP group builds the same micro-batches.
@@ -125,9 +127,16 @@ def pack_microbatch(
 
     input_ids[i]: [L_i] prompt + response ids; the response is
     ``input_ids[i][prompt_lens[i]:]`` (prompt_lens[i] >= 1). Response token at
-    position p is predicted by the logits at p - 1. ``pad_to_multiple``: the "pad"
-    layout's T is rounded up to a multiple of it (sequence parallel shards T over TP).
+    position p is predicted by the logits at p - 1.
+
+    pad_to_multiple: the sequence dimension is padded with ``pad_id`` to a multiple of it (sequence
+    parallelism needs TP, context parallelism 2*CP). "pad": T_max is rounded up. "thd": the packed length
+    sum L is rounded up by a padding tail that is one more (dummy) sequence in cu_seqlens, so no real token
+    attends to it and its RoPE positions restart at 0; label rows never point into it.
     """
+    mult = int(pad_to_multiple)
+    if mult < 1:
+        raise ValueError(f"pad_to_multiple={pad_to_multiple} must be >= 1")
     seqs = [input_ids[i].reshape(-1).long() for i in sample_ids]
     plens = [int(prompt_lens[i]) for i in sample_ids]
     lens = [int(s.numel()) for s in seqs]
@@ -139,8 +148,7 @@ def pack_microbatch(
     labels: list[torch.Tensor] = []
     psp = None
     if layout == "pad":
-        m = max(1, int(pad_to_multiple))
-        T = -(-max(lens) // m) * m
+        T = -(-max(lens) // mult) * mult
         ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
         for b, s in enumerate(seqs):
             ids[b, : s.numel()] = s
@@ -150,10 +158,12 @@ def pack_microbatch(
     elif layout == "thd":
         from megatron.core.packed_seq_params import PackedSeqParams
 
-        ids = torch.cat(seqs).unsqueeze(0)
-        pos = torch.cat([torch.arange(L) for L in lens]).unsqueeze(0)
+        tail = -sum(lens) % mult
+        pieces = seqs + ([torch.full((tail,), pad_id, dtype=torch.long)] if tail else [])
+        ids = torch.cat(pieces).unsqueeze(0)
+        pos = torch.cat([torch.arange(L) for L in lens + ([tail] if tail else [])]).unsqueeze(0)
         offs = [0]
-        for L in lens:
+        for L in lens + ([tail] if tail else []):
             offs.append(offs[-1] + L)
         for b, s in enumerate(seqs):
             rows.append(offs[b] + torch.arange(plens[b] - 1, lens[b] - 1))
@@ -163,8 +173,8 @@ def pack_microbatch(
             qkv_format="thd",
             cu_seqlens_q=cu,
             cu_seqlens_kv=cu,
-            max_seqlen_q=max(lens),
-            max_seqlen_kv=max(lens),
+            max_seqlen_q=max(lens + [tail]),
+            max_seqlen_kv=max(lens + [tail]),
         )
     else:
         raise ValueError(f"layout={layout!r} must be 'pad' or 'thd'")

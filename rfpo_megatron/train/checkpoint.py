@@ -56,9 +56,10 @@ def save_trainer_checkpoint(rt: Runtime, step: int, state: dict) -> str:
     barrier(rt)
     from rfpo_megatron.actor.checkpoint import save_actor_state as save_actor
 
-    save_actor(rt.actor, os.path.join(tmp, "actor"), step=step)
+    fmt = cfg.trainer.checkpoint_format
+    save_actor(rt.actor, os.path.join(tmp, "actor"), step=step, fmt=fmt)
     if rt.critic is not None:  # algo.adv_estimator=gae: the value model, same format
-        save_actor(rt.critic, os.path.join(tmp, "critic"), step=step)
+        save_actor(rt.critic, os.path.join(tmp, "critic"), step=step, fmt=fmt)
     barrier(rt)
     if rt.is_rank0:
         torch.save({"step": step, "config": to_dict(cfg), **state}, os.path.join(tmp, STATE_FILE))
