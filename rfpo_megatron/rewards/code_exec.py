@@ -93,9 +93,11 @@ def score_result(res: SandboxResult, tests: list[dict], mode: str, limits: Sandb
         return RewardResult(reward, "")
     t, e = tests[first_bad], done.get(first_bad)
     prefix = f"passed {passed}/{n} tests; "
-    if e is None or e.get("kind") in ("MemoryError", "OutputLimit"):  # never finished: killed or a limit
+    if e is not None and e.get("kind") in ("MemoryError", "OutputLimit"):  # a limit hit inside this test
+        return RewardResult(reward, prefix + _killed_message(res, limits, t["name"]))
+    if e is None:  # never finished: killed during the last test started
         running = tests[started[-1]]["name"] if started and started[-1] < n else None
-        if res.status == "ok" and e is None:
+        if res.status == "ok":
             return RewardResult(reward, prefix + f"test '{t['name']}' did not run (the program exited early)")
         return RewardResult(reward, prefix + _killed_message(res, limits, running))
     hidden = "" if t["visible"] else "hidden "
