@@ -29,6 +29,7 @@ setup(
     version="0.1.0",
     description="RFPO: RL post-training with a fix stage, on Megatron-core and SGLang",
     packages=find_packages(include=["rfpo_megatron", "rfpo_megatron.*"]),
+    package_data={"rfpo_megatron.rewards": ["code_tasks.jsonl"]},
     python_requires=">=3.10",
     install_requires=install_requires,
     extras_require={

@@ -185,11 +185,21 @@ class RolloutConfig:
 class DataConfig:
     """Prompt sets and the reward function."""
 
-    train_files: list = field(default_factory=list)
-    eval_files: list = field(default_factory=list)
-    prompt_key: str = "prompt"
-    answer_key: str = "answer"
-    reward_fn: str = "math"  # math | exact_match | arithmetic (synthetic task)
+    train_files: list = field(default_factory=list)  # jsonl / parquet files, globs, or HF `datasets` save_to_disk dirs
+    eval_files: list = field(default_factory=list)  # same forms; one eval set per entry
+    prompt_key: str = "prompt"  # record field holding the prompt (string or chat messages)
+    answer_key: str = "answer"  # record field holding the reference answer
+    solution_key: str = "solution"  # record field holding the step-by-step solution (optional in records)
+    id_key: str = "id"  # record field holding the record id (default <file stem>:<line>)
+    reward_fn: str = "math"  # math | exact_match | arithmetic | addition_strict | code | "pkg.module:fn" | "path/file.py:fn"
+    reward_kwargs: dict = field(default_factory=dict)  # keyword arguments for the reward factory / function
+    reward_error_policy: str = "raise"  # raise | zero: a reward that raises or is non-finite fails the step or scores 0
+    reward_url: Optional[str] = None  # remote reward service (POST batches; docs/data_and_rewards.md); replaces reward_fn
+    reward_url_batch_size: int = 32  # items per POST
+    reward_url_concurrency: int = 4  # POSTs in flight at once
+    reward_url_timeout_s: float = 30.0  # per-attempt timeout of one POST
+    reward_url_attempts: int = 3  # tries per POST (connection errors, timeouts, HTTP 5xx), backoff in between
+    reward_url_backoff_s: float = 0.5  # wait before retry k: backoff_s * 2**(k-1)
     prompts_per_step: int = 8
     max_prompt_len: int = 512
     chat_template: bool = True
@@ -495,10 +505,46 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"config field 'rollout.router_url' ({o.router_url}) needs rollout.server_urls: the servers "
                           "behind the router (weights are synced to each); set both or neither")
     rng("data.prompts_per_step", cfg.data.prompts_per_step, 1)
+    validate_data(cfg.data)
     choice("logging.wandb_mode", cfg.logging.wandb_mode, ("auto", "online", "offline", "disabled"))
     rng("trainer.steps", cfg.trainer.steps, 0)
     choice("trainer.checkpoint_format", cfg.trainer.checkpoint_format, ("auto", "dist", "full"))
     return cfg
+
+
+def validate_data(d: DataConfig) -> None:
+    """The data.* reward knobs: the error policy, the remote service's limits, the reward_fn spec's shape (a
+    registered name or `module:attr` / `file.py:attr`; names and paths are resolved later, by the rewards)."""
+    if d.reward_error_policy not in ("raise", "zero"):
+        raise ConfigError(unknown_name_message("data.reward_error_policy", d.reward_error_policy, ("raise", "zero")))
+    for name in ("prompt_key", "answer_key", "solution_key", "id_key"):
+        if not str(getattr(d, name)).strip():
+            raise ConfigError(f"config field 'data.{name}' is empty; name the record field")
+    spec = str(d.reward_fn).strip()
+    if not spec:
+        raise ConfigError("config field 'data.reward_fn' is empty; name a verifier (math, code, ...) or 'module:fn'")
+    if ":" in spec:
+        target, _, attr = spec.rpartition(":")
+        if not target or not attr.isidentifier():
+            raise ConfigError(f"config field 'data.reward_fn': '{spec}' must look like 'pkg.module:fn' or "
+                              "'path/to/file.py:fn'")
+    for key in d.reward_kwargs:
+        if not str(key).isidentifier():
+            raise ConfigError(f"config field 'data.reward_kwargs': key '{key}' is not a valid argument name")
+    if d.reward_url is not None:
+        if not str(d.reward_url).startswith(("http://", "https://")):
+            raise ConfigError(f"config field 'data.reward_url': '{d.reward_url}' must start with http:// or https://")
+        if d.reward_kwargs:
+            raise ConfigError("config field 'data.reward_kwargs' has no effect with data.reward_url (the reward "
+                              "server takes its own --reward-kwargs); remove one of them")
+    for name, lo in (("reward_url_batch_size", 1), ("reward_url_concurrency", 1), ("reward_url_attempts", 1)):
+        if getattr(d, name) < lo:
+            raise ConfigError(f"config field 'data.{name}': {getattr(d, name)} must be >= {lo}")
+    for name in ("reward_url_timeout_s",):
+        if not getattr(d, name) > 0:
+            raise ConfigError(f"config field 'data.{name}': {getattr(d, name)} must be > 0")
+    if d.reward_url_backoff_s < 0:
+        raise ConfigError(f"config field 'data.reward_url_backoff_s': {d.reward_url_backoff_s} must be >= 0")
 
 
 def config_from_dict(tree: dict) -> Config:

@@ -64,17 +64,16 @@ def evaluate_checkpoint(cfg: Any, checkpoint: Optional[str], k: Optional[int] = 
     from transformers import AutoTokenizer
 
     from rfpo_megatron import train as T
-    from rfpo_megatron.data.dataset import load_prompt_sets
+    from rfpo_megatron.data.dataset import load_kwargs, load_prompt_sets
     from rfpo_megatron.data.template import PromptFormat
-    from rfpo_megatron.rewards import get_reward_fn
+    from rfpo_megatron.rewards import build_reward
 
     if not cfg.actor.hf_model_path or not os.path.isfile(os.path.join(cfg.actor.hf_model_path, "config.json")):
         raise FileNotFoundError(f"actor.hf_model_path='{cfg.actor.hf_model_path}' has no config.json")
     tok = AutoTokenizer.from_pretrained(cfg.actor.hf_model_path)
     eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
     fmt = PromptFormat(mode="auto" if cfg.data.chat_template else "plain")
-    kw = dict(skip_bad_records=cfg.data.skip_bad_records, prompt_key=cfg.data.prompt_key,
-              answer_key=cfg.data.answer_key)
+    kw = load_kwargs(cfg.data)
     sets = {os.path.splitext(os.path.basename(p))[0]: load_prompt_sets([p], **kw).records
             for p in cfg.data.eval_files}
     rt = T.Runtime(cfg)
@@ -96,7 +95,9 @@ def evaluate_checkpoint(cfg: Any, checkpoint: Optional[str], k: Optional[int] = 
             rt.actor = T.build_actor(cfg, with_optimizer=False)
             load_actor(rt.actor, os.path.join(ckpt, "actor"), load_optimizer=False, load_rng=False)
             T.sync_weights(rt)
-        return evaluate_sets(rt.engine, tok, get_reward_fn(cfg.data.reward_fn), sets, cfg, seed=seed,
-                             eos_ids=eos, prompt_format=fmt, k=k)
+        verifier = build_reward(cfg.data)
+        if hasattr(verifier, "close"):
+            rt.cleanup.append(verifier.close)
+        return evaluate_sets(rt.engine, tok, verifier, sets, cfg, seed=seed, eos_ids=eos, prompt_format=fmt, k=k)
     finally:
         T.teardown(rt)

@@ -137,6 +137,8 @@ def collect_groups(rt: Runtime, step: int, m: dict) -> Optional[list[RolloutGrou
         if cfg.algo.dynamic_sampling:
             with abortable(rt), timed(m, "perf/rollout_time", accumulate=True):
                 groups = dynamic_sampling(rt, groups, step, m)
+        if hasattr(rt.verifier, "pop_errors"):  # data.reward_error_policy=zero: items scored 0 after an error
+            m["rollout/reward_errors"] = float(rt.verifier.pop_errors())
         return groups
     except Preempted:
         if rt.world_size == 1:

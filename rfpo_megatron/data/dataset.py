@@ -1,4 +1,6 @@
-"""Prompt sets from jsonl/parquet: records with `prompt`, `answer`, optional `solution`, `hints`, `id`.
+"""Prompt sets from jsonl/parquet files, globs of them, or HF `datasets` saved to disk: records with `prompt`,
+`answer`, optional `solution`, `hints`, `id` (the record fields they are read from: data.prompt_key, answer_key,
+solution_key, id_key).
 
 A malformed record raises `DataError("<file>:<line>: field '<name>' ...")` unless
 `skip_bad_records=True`, which drops it and logs how many were skipped. `prompt` is a string or a
@@ -7,6 +9,7 @@ Extra fields are kept (verifiers may use them).
 """
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -35,8 +38,56 @@ class PromptSet:
         return self.records[i]
 
 
+def is_hf_dataset_dir(path: str) -> bool:
+    """True for a directory written by `datasets.Dataset.save_to_disk` (or a DatasetDict's)."""
+    return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, f))
+                                       for f in ("state.json", "dataset_dict.json"))
+
+
+def resolve_data_files(entries: list[str] | str) -> list[str]:
+    """Expand data.train_files / eval_files entries: a glob (`data/*.jsonl`, `**` allowed) becomes its sorted
+    matches; files and HF `datasets` directories stay. Raises DataError for a glob matching nothing, a missing
+    path, or a directory that is not a saved dataset."""
+    entries = [entries] if isinstance(entries, str) else list(entries)
+    out: list[str] = []
+    for entry in entries:
+        entry = str(entry)
+        if glob.has_magic(entry):
+            found = sorted(glob.glob(entry, recursive=True))
+            if not found:
+                raise DataError(f"{entry}: the glob matches no file (check data.train_files / data.eval_files)")
+            out.extend(found)
+        elif not os.path.exists(entry):
+            raise DataError(f"{entry}: prompt file not found (check data.train_files / data.eval_files)")
+        elif os.path.isdir(entry) and not is_hf_dataset_dir(entry):
+            raise DataError(f"{entry}: a directory that is not a `datasets` save_to_disk dir; give files or a glob "
+                            f"such as {os.path.join(entry, '*.jsonl')}")
+        else:
+            out.append(entry)
+    return out
+
+
+def _iter_hf_dataset(path: str) -> Iterator[tuple[int, Any, str]]:
+    """Rows of a `datasets.Dataset.save_to_disk` directory (needs the `datasets` package)."""
+    if os.path.isfile(os.path.join(path, "dataset_dict.json")):
+        with open(os.path.join(path, "dataset_dict.json")) as fh:
+            splits = json.load(fh).get("splits", [])
+        raise DataError(f"{path}: a DatasetDict with splits {splits}; name one split directory, e.g. "
+                        f"{os.path.join(path, splits[0] if splits else 'train')}")
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{path}: reading a dataset saved with `datasets.save_to_disk` needs the `datasets` package "
+                        "(pip install datasets), or export it to jsonl/parquet") from None
+    for i, row in enumerate(datasets.load_from_disk(path), start=1):
+        yield i, dict(row), ""
+
+
 def _iter_raw(path: str) -> Iterator[tuple[int, Any, str]]:
     """Yield (line_or_row_number (1-based), parsed object or None, parse error)."""
+    if os.path.isdir(path):
+        yield from _iter_hf_dataset(path)
+        return
     if path.endswith(".parquet"):
         try:
             import pyarrow.parquet as pq
@@ -55,9 +106,10 @@ def _iter_raw(path: str) -> Iterator[tuple[int, Any, str]]:
                 yield i, None, f"invalid JSON ({e.msg} at column {e.colno})"
 
 
-def validate_record(obj: Any, default_id: str, prompt_key: str = "prompt",
-                    answer_key: str = "answer", require_answer: bool = True) -> dict[str, Any]:
-    """Return a normalised copy of `obj` or raise ValueError("field 'x': ...")."""
+def validate_record(obj: Any, default_id: str, prompt_key: str = "prompt", answer_key: str = "answer",
+                    require_answer: bool = True, solution_key: str = "solution", id_key: str = "id") -> dict[str, Any]:
+    """Return a normalised copy of `obj` (`prompt`, `answer`, `solution`, `id` read from the mapped fields; the
+    original fields are kept) or raise ValueError("field 'x': ...")."""
     if not isinstance(obj, dict):
         raise ValueError(f"record is a {type(obj).__name__}, expected a JSON object")
     rec = dict(obj)
@@ -78,41 +130,45 @@ def validate_record(obj: Any, default_id: str, prompt_key: str = "prompt",
     elif isinstance(a, bool) or not isinstance(a, (str, int, float)):
         raise ValueError(f"field '{answer_key}' is {type(a).__name__}; expected a string or number")
     rec["answer"] = str(a)
-    sol = rec.get("solution")
+    sol = rec.get(solution_key)
     if sol is not None and not isinstance(sol, str):
-        raise ValueError(f"field 'solution' is {type(sol).__name__}; expected a string")
+        raise ValueError(f"field '{solution_key}' is {type(sol).__name__}; expected a string")
+    if sol is not None:
+        rec["solution"] = sol
     hints = rec.get("hints")
     if hints is not None:
         if isinstance(hints, str):
             rec["hints"] = [hints]
         elif not (isinstance(hints, list) and all(isinstance(h, str) for h in hints)):
             raise ValueError("field 'hints' must be a string or a list of strings")
-    rid = rec.get("id")
+    rid = rec.get(id_key)
     if rid is None:
         rec["id"] = default_id
     elif isinstance(rid, (str, int)) and not isinstance(rid, bool):
         rec["id"] = str(rid)
     else:
-        raise ValueError(f"field 'id' is {type(rid).__name__}; expected a string or integer")
+        raise ValueError(f"field '{id_key}' is {type(rid).__name__}; expected a string or integer")
     return rec
 
 
 def load_prompt_set(path: str, skip_bad_records: bool = False, prompt_key: str = "prompt",
-                    answer_key: str = "answer", require_answer: bool = True) -> PromptSet:
-    """Load and validate `path` (.jsonl/.json lines or .parquet).
+                    answer_key: str = "answer", require_answer: bool = True, solution_key: str = "solution",
+                    id_key: str = "id") -> PromptSet:
+    """Load and validate `path` (.jsonl/.json lines, .parquet, or a `datasets` save_to_disk directory).
 
     Raises DataError naming `path:line` and the field for the first bad record, unless
     `skip_bad_records`; then bad records are dropped and their count is logged and returned.
     """
     if not os.path.exists(path):
         raise DataError(f"{path}: prompt file not found (check data.train_files / data.eval_files)")
-    stem = os.path.splitext(os.path.basename(path))[0]
+    stem = os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
     out = PromptSet(path=path)
     for lineno, obj, err in _iter_raw(path):
         try:
             if err:
                 raise ValueError(err)
-            out.records.append(validate_record(obj, f"{stem}:{lineno}", prompt_key, answer_key, require_answer))
+            out.records.append(validate_record(obj, f"{stem}:{lineno}", prompt_key, answer_key, require_answer,
+                                               solution_key, id_key))
         except ValueError as e:
             if not skip_bad_records:
                 raise DataError(f"{path}:{lineno}: {e} (fix it or set data.skip_bad_records=true)") from None
@@ -125,13 +181,21 @@ def load_prompt_set(path: str, skip_bad_records: bool = False, prompt_key: str =
 
 
 def load_prompt_sets(paths: list[str] | str, **kw: Any) -> PromptSet:
-    """Concatenate several files (a single path or a list) into one PromptSet."""
+    """Concatenate several files (a single path or a list; globs expanded) into one PromptSet."""
     paths = [paths] if isinstance(paths, str) else list(paths)
     if not paths:
         raise DataError("no prompt files given (set data.train_files)")
+    paths = resolve_data_files(paths)
     sets = [load_prompt_set(p, **kw) for p in paths]
     merged = PromptSet(path=",".join(paths))
     for s in sets:
         merged.records.extend(s.records)
         merged.num_skipped += s.num_skipped
     return merged
+
+
+def load_kwargs(data_cfg: Any) -> dict[str, Any]:
+    """The `load_prompt_set(s)` keyword arguments a run's `data` section asks for (field mapping, bad records)."""
+    return {"skip_bad_records": bool(getattr(data_cfg, "skip_bad_records", False)),
+            **{k: str(getattr(data_cfg, k)) for k in ("prompt_key", "answer_key", "solution_key", "id_key")
+               if hasattr(data_cfg, k)}}

@@ -50,11 +50,9 @@ def validate_setup(cfg: Config, check_files: bool = True) -> None:
     (`check_files`), the reward name, the weight-sync mode for this job's nodes, and what the actor supports."""
     if check_files:
         check_paths(cfg)
-    from rfpo_megatron.config import unknown_name_message
-    from rfpo_megatron.rewards import available_rewards
+    from rfpo_megatron.rewards.registry import check_reward_spec
 
-    if cfg.data.reward_fn not in available_rewards():
-        raise ConfigError(unknown_name_message("data.reward_fn", cfg.data.reward_fn, available_rewards()))
+    check_reward_spec(cfg.data)  # a registered name, or a user function that loads and fits data.reward_kwargs
     sync_mode(cfg)  # a bad weight_sync choice fails now, not after the first step
 
 
@@ -65,9 +63,13 @@ def check_paths(cfg: Config) -> None:
                           f"directory (no config.json); for the demo run examples/tiny_cpu/prepare.py first")
     if not cfg.data.train_files:
         raise ConfigError("config field 'data.train_files' is empty; list the jsonl/parquet prompt files to train on")
-    for path in list(cfg.data.train_files) + list(cfg.data.eval_files):
-        if not os.path.exists(path):
-            raise ConfigError(f"config field 'data.train_files' / 'data.eval_files': file '{path}' not found")
+    from rfpo_megatron.data.dataset import DataError, resolve_data_files
+
+    for name in ("train_files", "eval_files"):
+        try:
+            resolve_data_files(list(getattr(cfg.data, name)))  # files, globs, `datasets` directories
+        except DataError as exc:
+            raise ConfigError(f"config field 'data.{name}': {exc}") from None
 
 
 def build_actor(cfg: Config, with_optimizer: bool = True) -> Any:
@@ -89,16 +91,15 @@ def setup(cfg: Config) -> Runtime:
     from transformers import AutoTokenizer
 
     from rfpo_megatron.actor.parallel import init_parallel
-    from rfpo_megatron.data.dataset import load_prompt_sets
+    from rfpo_megatron.data.dataset import load_kwargs, load_prompt_sets
     from rfpo_megatron.data.sampler import PromptSampler
     from rfpo_megatron.data.template import PromptFormat
     from rfpo_megatron.logging import MetricsLogger
     from rfpo_megatron.logging.metrics import InternalizationTracker
-    from rfpo_megatron.rewards import get_reward_fn
+    from rfpo_megatron.rewards import build_reward
 
     validate_setup(cfg)  # every check that needs no model and no process group, before anything is built
-    data_kw = dict(skip_bad_records=cfg.data.skip_bad_records, prompt_key=cfg.data.prompt_key,
-                   answer_key=cfg.data.answer_key)
+    data_kw = load_kwargs(cfg.data)
     prompts = load_prompt_sets(list(cfg.data.train_files), **data_kw).records  # bad data fails before init
     eval_sets = {os.path.splitext(os.path.basename(p))[0]: load_prompt_sets([p], **data_kw).records
                  for p in cfg.data.eval_files}
@@ -112,7 +113,7 @@ def setup(cfg: Config) -> Runtime:
     rt = Runtime(cfg, rank=info.rank, world_size=info.world_size, prompts=prompts,
                  eval_sets=eval_sets if info.rank == 0 else {})
     if rt.is_rank0:  # only rank 0 scores (a process-pool verifier would otherwise start on every rank)
-        rt.verifier = get_reward_fn(cfg.data.reward_fn)
+        rt.verifier = build_reward(cfg.data)  # data.reward_fn / reward_url under data.reward_error_policy
         if hasattr(rt.verifier, "close"):
             rt.cleanup.append(rt.verifier.close)
     install_signal_handlers(rt)
