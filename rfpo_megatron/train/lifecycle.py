@@ -47,7 +47,8 @@ def engine_config(cfg: Config) -> dict:
 def validate_setup(cfg: Config, check_files: bool = True) -> None:
     """Every set-up check, before anything is built; each ConfigError names the config field (the style of
     config.validate, which already checked choices and ranges when the config was loaded): the input paths
-    (`check_files`), the reward name, the weight-sync mode for this job's nodes, and what the actor supports."""
+    (`check_files`), the reward name, the weight-sync mode for this job's nodes, rollout.generate_fn (loaded and its
+    signature checked with `check_files`) and its kwargs, and what the actor supports."""
     if check_files:
         check_paths(cfg)
     from rfpo_megatron.config import unknown_name_message
@@ -56,6 +57,9 @@ def validate_setup(cfg: Config, check_files: bool = True) -> None:
     if cfg.data.reward_fn not in available_rewards():
         raise ConfigError(unknown_name_message("data.reward_fn", cfg.data.reward_fn, available_rewards()))
     sync_mode(cfg)  # a bad weight_sync choice fails now, not after the first step
+    from rfpo_megatron.train.custom_rollout import validate_generate_fn
+
+    validate_generate_fn(cfg.rollout.generate_fn, cfg.rollout.generate_kwargs, load=check_files)
     if cfg.actor.sequence_parallel:
         raise ConfigError("config field 'actor.sequence_parallel': true is not supported by the actor yet; set it "
                           "to false")
