@@ -355,3 +355,41 @@ def test_three_step_multi_turn_run_with_rfpo(env, tmp_path):
     fixed = [r for r in rows if r["rfpo/fixed_seq_frac"] > 0]
     assert fixed and any(r["rfpo/log_roff_mean"] != 0.0 for r in fixed)  # fixes placed, R_off computed
     assert all(r["train/optimizer_steps"] == 1 for r in rows)
+
+
+def test_example_generate_and_reward_files_work(env):
+    """examples/custom_reward: the config's user generate_fn on the real server (the reminder turn is masked) and
+    the user reward file's messages (hand-checked)."""
+    from rfpo_megatron.rewards import score_many
+
+    ex = load_config(os.path.join(ROOT, "examples", "custom_reward", "config.yaml"))
+    spec = os.path.join(ROOT, ex.rollout.generate_fn)
+    rt = make_rt(env, ScriptedVerifier(ok=False), **{"rollout.generate_fn": spec, "rollout.n_samples": 4,
+                                                    "rollout.generate_kwargs": json.dumps(ex.rollout.generate_kwargs)})
+    groups = T.rollout(rt, env["records"], seed=5)
+    tok, retried = env["tok"], 0
+    for s in (s for g in groups for s in g.samples):
+        first = s.response_ids[:s.loss_mask.index(0)] if 0 in s.loss_mask else s.response_ids
+        if "ans=" in tok.decode(first, skip_special_tokens=True):
+            assert all(s.loss_mask)
+            continue
+        retried += 1
+        env_ids = [t for t, m in zip(s.response_ids, s.loss_mask) if not m]
+        assert tok.decode(env_ids).removeprefix("<|end|>") == "<|user|>End with ans=<number>.<|assistant|>"
+        assert s.response_text == tok.decode(s.response_ids[s.final_turn_start:], skip_special_tokens=True)
+    assert retried > 0  # the random tiny model never writes ans=
+    user = load_callable(os.path.join(ROOT, "examples", "custom_reward", "reward.py") + ":score", "data.reward_fn")
+    rec = {"a": 17, "b": 5}
+    got = [(r.reward, r.message) for r in score_many(user, [("7+5+0=12 1+0+1=2 ans=22", "22", rec),
+                                                            ("7+5+0=11 ans=11", "22", rec), ("22", "22", rec),
+                                                            ("7+5+0=12 1+0+1=2 ans=21", "22", rec)])]
+    assert got == [(1.0, ""), (0.0, "column step 1 (7+5+0=11) does not add up"),
+                   (0.0, "no final answer: end with ans=<number>"),
+                   (0.0, "the column steps are right but ans= does not follow from them")]
+
+
+def test_docs_example_is_the_example_file():
+    doc = open(os.path.join(ROOT, "docs", "data_and_rewards.md")).read()
+    code = open(os.path.join(ROOT, "examples", "custom_reward", "generate.py")).read()
+    body = code[code.index("def generate("):].rstrip()
+    assert body in doc
