@@ -179,6 +179,8 @@ class RolloutConfig:
     weight_sync: str = "auto"  # auto | tensor | distributed | disk
     weight_sync_bucket_mb: int = 512
     weight_sync_dir: Optional[str] = None  # weight_sync=disk: HF copies, shared FS (null: <trainer.save_dir>/weight_sync)
+    generate_fn: Optional[str] = None  # null: sampled responses | multi_turn | "pkg.module:fn" | "path/file.py:fn" (docs/data_and_rewards.md)
+    generate_kwargs: dict = field(default_factory=dict)  # keyword arguments of generate_fn (multi_turn: max_turns, env_fn, feedback_template, max_env_tokens)
 
 
 @dataclass
@@ -407,6 +409,9 @@ def _inactive_algo_knobs(a: Any) -> None:
                               "remove it or change that setting")
 
 
+BUILTIN_GENERATE_FNS = ("multi_turn",)  # rollout.generate_fn names (rfpo_megatron.train.custom_rollout)
+
+
 def validate(cfg: Config) -> Config:
     """Check choices and ranges; raise ConfigError naming the field, the value and what is allowed."""
 
@@ -504,6 +509,12 @@ def validate(cfg: Config) -> Config:
     if o.router_url and not o.server_urls:
         raise ConfigError(f"config field 'rollout.router_url' ({o.router_url}) needs rollout.server_urls: the servers "
                           "behind the router (weights are synced to each); set both or neither")
+    if o.generate_fn is not None:
+        spec = str(o.generate_fn)
+        mod, sep, fn = spec.rpartition(":")
+        if spec not in BUILTIN_GENERATE_FNS and not (sep and mod.strip() and fn.strip().isidentifier()):
+            raise ConfigError(f"config field 'rollout.generate_fn': '{spec}' is neither a built-in "
+                              f"({', '.join(BUILTIN_GENERATE_FNS)}) nor 'pkg.module:fn' / 'path/file.py:fn'")
     rng("data.prompts_per_step", cfg.data.prompts_per_step, 1)
     validate_data(cfg.data)
     choice("logging.wandb_mode", cfg.logging.wandb_mode, ("auto", "online", "offline", "disabled"))

@@ -67,7 +67,9 @@ def test_config_docs_are_current():
     import pathlib
 
     tool = pathlib.Path(__file__).resolve().parent.parent / "tools" / "gen_config_docs.py"
-    out = subprocess.run([sys.executable, str(tool), "--check"], capture_output=True, text=True)
+    root = str(tool.parent.parent)  # the tool reads the config module of THIS tree (not an installed copy)
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, str(tool), "--check"], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
 
 

@@ -86,10 +86,23 @@ class FirstCharDigit:
         return RewardResult(1.0 if ok else 0.0, "" if ok else "does not start with a digit")
 
 
+class EvenLength:
+    """Test reward: 1.0 when the (final-turn) response text has an even number of characters: about half of
+    a random model's responses and of its fixes pass, so with rfpo.fix.trigger=any_wrong fixes are placed
+    in nearly every step."""
+
+    def score(self, response_text, answer, record):
+        from rfpo_megatron.rewards.base import RewardResult
+
+        ok = len(response_text) % 2 == 0
+        return RewardResult(1.0 if ok else 0.0, "" if ok else "odd length")
+
+
 def register_test_reward() -> None:
     from rfpo_megatron.rewards.registry import register_reward
 
     register_reward("first_char_digit")(lambda **kw: FirstCharDigit())
+    register_reward("even_length")(lambda **kw: EvenLength())
 
 
 def run_trainer_cmd(argv: list[str], command: str = "train") -> list[str]:

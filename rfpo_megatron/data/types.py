@@ -7,6 +7,12 @@ Fixed samples (`is_fixed=True`) keep `prompt_ids` = the PLAIN prompt q (never th
 actor's log-prob pass scores (q, o_f). Their `rollout_logprobs` were produced under the fix prompt, so
 `use_tis` is False for them (TIS must be off). `fixed_from` holds the original wrong response's token
 ids, needed for R_off = exp(gamma * (S(o) - S(o_f))) from the old log-probs of (q, o) and (q, o_f).
+
+Multi-turn samples (rollout.generate_fn, e.g. the built-in `multi_turn`) keep the whole dialogue after the prompt
+in `response_ids` -- model turns and environment replies interleaved -- with `loss_mask` 1 on the model's tokens
+and 0 on the environment's. The final model turn starts at `final_turn_start`; a fix of such a sample replaces
+that final turn only and takes `prompt_ids` = the plain dialogue prefix q + response_ids[:final_turn_start]
+(rfpo_megatron.fix.stage), so R_off compares o and o_f on the same feedback-free context.
 """
 from __future__ import annotations
 
@@ -34,7 +40,10 @@ class Sample:
     use_tis:          whether truncated importance sampling may use `rollout_logprobs`
                       (False for fixed samples: their log-probs are under the fix prompt).
     record:           the dataset record (dict with prompt, answer, optional solution/hints/id).
-    response_text:    decoded response (optional; filled by whoever decoded it).
+    response_text:    decoded response (optional; filled by whoever decoded it); for a multi-turn sample the
+                      final model turn, which is what the verifier scores.
+    loss_mask:        [T] 0/1 per response token: 1 = the policy's own token (trained), 0 = an environment
+                      token (never in the loss); None = every response token is the policy's.
     """
 
     prompt_ids: list[int]
@@ -50,6 +59,18 @@ class Sample:
     use_tis: bool = True
     record: dict[str, Any] = field(default_factory=dict)
     response_text: str = ""
+    loss_mask: Optional[list[int]] = None
+
+    @property
+    def final_turn_start(self) -> int:
+        """Index in response_ids where the final model turn begins: one past the last environment token
+        (0 for a single-turn sample or a loss_mask without environment tokens)."""
+        if not self.loss_mask:
+            return 0
+        for i in range(len(self.loss_mask) - 1, -1, -1):
+            if not self.loss_mask[i]:
+                return i + 1
+        return 0
 
     @property
     def truncated(self) -> bool:

@@ -9,6 +9,12 @@ a fix counts when its CORRECTNESS (the verifier's score before any reward shapin
 penalty) is >= success_threshold; shaping only changes the training reward the placed fix carries. A successful fix becomes a `Sample` whose prompt_ids are
 the group's PLAIN prompt ids (never the fix prompt), with fixed_from = the wrong response's ids and
 use_tis = False (its rollout log-probs are under the fix prompt).
+
+Multi-turn samples (Sample.loss_mask with environment tokens): the fix works on the FINAL model turn. The fix
+prompt is the whole dialogue followed by one more user turn holding the filled template ({response} = the final
+turn); a successful fix o_f replaces the final turn only: its prompt_ids are the plain dialogue prefix
+q + response_ids[:final_turn_start] (no fix feedback in it) and fixed_from = the wrong final turn, so R_off
+compares o and o_f on that same context, as for a single-turn sample on q.
 """
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
-from rfpo_megatron.data.template import PromptFormat, encode_prompt
+from rfpo_megatron.data.template import PromptFormat, encode_env_turn, encode_prompt
 from rfpo_megatron.data.types import RolloutGroup, Sample
 from rfpo_megatron.fix.templates import VARIANTS, render_fix_prompt, resolve_templates
 from rfpo_megatron.rewards.base import score_many
@@ -187,16 +193,25 @@ def run_fix_stage(groups: list[RolloutGroup], generate: GenerateFn, reward_fn: A
     before = [(list(g.rewards), g.num_fixed, len(g.samples)) for g in groups]
     targets = select_targets(groups, cfg)
 
-    # 1) fix prompts (plain text -> chat template -> ids)
-    fix_ids, fix_texts, target_variant = [], [], []
+    # 1) fix prompts (plain text -> chat template -> ids; a multi-turn sample: its dialogue + one more user turn)
+    fix_ids, fix_texts, target_variant, contexts = [], [], [], []
     for k, (gi, si) in enumerate(targets):
         g, s = groups[gi], groups[gi].samples[si]
         variant = variants[k % len(variants)]
-        resp = s.response_text or _decode(tokenizer, s.response_ids)
+        k0 = s.final_turn_start
+        resp = s.response_text or _decode(tokenizer, s.response_ids[k0:])
         resp = resp[: cfg.max_response_chars]
         text = render_fix_prompt(templates[variant], g.record or s.record, resp, s.reward_message)
         fix_texts.append(text)
-        fix_ids.append(encode_prompt(tokenizer, text, cfg.prompt_format))
+        if k0 == 0:
+            fix_ids.append(encode_prompt(tokenizer, text, cfg.prompt_format))
+            contexts.append(list(g.prompt_ids))
+        else:
+            tail = (tokenizer.decode([int(s.response_ids[-1])], skip_special_tokens=False)
+                    if s.finish_reason == "stop" else "")
+            fix_ids.append(list(s.prompt_ids) + list(s.response_ids)
+                           + encode_env_turn(tokenizer, text, cfg.prompt_format, tail))
+            contexts.append(list(s.prompt_ids) + list(s.response_ids[:k0]))  # the plain dialogue prefix
         target_variant.append(variant)
 
     # 2) generate, then score each fix on the ORIGINAL prompt/record
@@ -215,10 +230,11 @@ def run_fix_stage(groups: list[RolloutGroup], generate: GenerateFn, reward_fn: A
     cands: list[Sample] = []
     for k, ((gi, si), outs) in enumerate(zip(targets, gens)):
         g, orig = groups[gi], groups[gi].samples[si]
+        k0 = orig.final_turn_start
         for ids, logps, finish in outs:
-            cands.append(Sample(prompt_ids=list(g.prompt_ids), response_ids=ids, rollout_logprobs=logps,
-                                is_fixed=True, fixed_from=list(orig.response_ids),
-                                fixed_from_logprobs=list(orig.rollout_logprobs),
+            cands.append(Sample(prompt_ids=list(contexts[k]), response_ids=ids, rollout_logprobs=logps,
+                                is_fixed=True, fixed_from=list(orig.response_ids[k0:]),
+                                fixed_from_logprobs=list(orig.rollout_logprobs[k0:]),
                                 fix_variant=target_variant[k], finish_reason=finish, use_tis=False,
                                 record=g.record or orig.record, response_text=_decode(tokenizer, ids)))
     correct: list[float] = []  # per candidate: the verifier's score before shaping (success is judged on it)

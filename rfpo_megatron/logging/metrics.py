@@ -42,7 +42,20 @@ def rollout_metrics(groups: Sequence[Any], success_threshold: float = 1.0) -> di
         "rollout/truncation_rate": sum(s.finish_reason == "length" for g in groups for s in g.samples) / n,
         "rollout/num_samples": float(len(rewards)),
         "rollout/num_prompts": float(len(groups)),
+        **turn_metrics([s for g in groups for s in g.samples]),
     }
+
+
+def turn_metrics(samples: Sequence[Any]) -> dict[str, float]:
+    """Multi-turn samples (a `loss_mask` with environment tokens, rollout.generate_fn): rollout/turns_mean (model
+    turns per sample) and rollout/env_token_frac (environment tokens / response tokens); {} when none has a mask."""
+    masks = [list(s.loss_mask) for s in samples if getattr(s, "loss_mask", None) is not None]
+    if not masks:
+        return {}
+    turns = [sum(1 for i, x in enumerate(m) if x and (i == 0 or not m[i - 1])) for m in masks]
+    total = sum(len(m) for m in masks)
+    return {"rollout/turns_mean": sum(turns) / len(turns),
+            "rollout/env_token_frac": sum(1 for m in masks for x in m if not x) / max(1, total)}
 
 
 def group_flags(groups: Sequence[Any], threshold: float = 0.0, success_threshold: float = 1.0) -> dict[str, float]:

@@ -6,6 +6,7 @@ T = longest response of the N, T0 = longest original wrong response of the F fix
 Data flow (each function RETURNS its result; nothing is written into its arguments):
 
     build_batch(groups)                       -> StepBatch        token ids, rewards, [N, T] response_mask
+                                                                  (False on padding and environment tokens)
     logprob_pass(actor, batch)                -> old [N, T], orig [F, T0]  (ref: originals=False -> [N, T], None)
     critic.value_pass(rt, batch)              -> values [N, T] | None
     compute_roff(cfg, batch, old, orig)       -> log_roff [N]
@@ -36,7 +37,8 @@ class StepBatch:
     response_ids: N lists [T_i].
     rollout_logp: N lists [T_i] (engine log-probs; under the fix prompt for fixed samples).
     rewards: [N]; group_index: [N] long (dense 0..num_groups-1); is_fixed, use_tis: [N] bool.
-    response_mask: [N, T] bool, True on the first T_i positions of row i (T = longest response).
+    response_mask: [N, T] bool, True on the first T_i positions of row i (T = longest response) except a multi-turn
+                  sample's environment tokens (Sample.loss_mask 0): those never enter any loss.
     fixed_rows: [F] rows of the fixed samples; orig_response_ids: F lists, the original wrong o of each.
     baseline_rewards: [N] the row's group `baseline_reward` (greedy reward, ReMax), or None when a group
     has none.
@@ -63,6 +65,7 @@ class StepBatch:
 def build_batch(groups: list[RolloutGroup], pad_id: int = 0) -> StepBatch:
     """Flatten groups into a StepBatch (see its docstring for shapes)."""
     prompt_ids, response_ids, rollout_logp, rewards, gidx, fixed, tis = [], [], [], [], [], [], []
+    token_masks = []
     fixed_rows, orig = [], []
     for gi, g in enumerate(groups):
         for s in g.samples:
@@ -78,13 +81,23 @@ def build_batch(groups: list[RolloutGroup], pad_id: int = 0) -> StepBatch:
             gidx.append(gi)
             fixed.append(bool(s.is_fixed))
             tis.append(bool(s.use_tis) and not s.is_fixed)
+            token_masks.append([True] * len(s.response_ids) if s.loss_mask is None else [bool(x) for x in s.loss_mask])
     base = None
     if groups and all(g.baseline_reward is not None for g in groups):
         base = torch.tensor([float(groups[gi].baseline_reward) for gi in gidx], dtype=torch.float32)
     return StepBatch(prompt_ids, response_ids, rollout_logp, torch.tensor(rewards, dtype=torch.float32),
                      torch.tensor(gidx, dtype=torch.long), torch.tensor(fixed, dtype=torch.bool),
-                     torch.tensor(tis, dtype=torch.bool), length_mask([len(r) for r in response_ids]), fixed_rows,
+                     torch.tensor(tis, dtype=torch.bool), token_mask(token_masks), fixed_rows,
                      orig, len(groups), base)
+
+
+def token_mask(rows: list) -> torch.Tensor:
+    """[B, max(T_i, 1)] bool from B per-token bool lists [T_i] (False on padding)."""
+    T = max([len(r) for r in rows] + [1])
+    out = torch.zeros(len(rows), T, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = torch.tensor(r, dtype=torch.bool)
+    return out
 
 
 def length_mask(lens: list) -> torch.Tensor:

@@ -29,6 +29,9 @@ def rollout(rt: Runtime, records: list, seed: int, n: Optional[int] = None,
             temperature: Optional[float] = None, baseline: Optional[bool] = None) -> list[RolloutGroup]:
     """Generate `n` (default rollout.n_samples) responses per record and score them -> one group each.
 
+    With rollout.generate_fn set, that function makes the groups (custom_rollout; e.g. multi-turn dialogues whose
+    environment tokens carry loss_mask 0); they are scored here like the default rollout's.
+
     `baseline` (None: when algo.adv_estimator=remax): also generate ONE greedy (temperature 0) response per
     prompt, score it and store its reward as `group.baseline_reward` (the ReMax baseline; counted in the
     rollout budget, not a sample of the group)."""
@@ -37,26 +40,43 @@ def rollout(rt: Runtime, records: list, seed: int, n: Optional[int] = None,
     cfg = rt.cfg
     if baseline is None:
         baseline = cfg.algo.adv_estimator == "remax"
-    items = build_prompts(records, rt.tokenizer, rt.prompt_format, cfg.data.max_prompt_len)
     params = sampling_params(cfg, n or cfg.rollout.n_samples, seed, rt.eos_ids, temperature=temperature)
-    results = rt.engine.generate([it.prompt_ids for it in items], params)
-    groups = []
-    for it, res in zip(items, results):
-        samples = [Sample(prompt_ids=list(it.prompt_ids), response_ids=list(r.output_ids),
-                          rollout_logprobs=list(r.logprobs), finish_reason=r.finish_reason, record=it.record,
-                          response_text=rt.tokenizer.decode(r.output_ids, skip_special_tokens=True))
-                   for r in res]
-        groups.append(RolloutGroup(prompt_ids=list(it.prompt_ids), samples=samples, record=it.record,
-                                   prompt_text=it.prompt_text))
+    if cfg.rollout.generate_fn is not None:
+        groups = custom_rollout(rt, records, params)
+    else:
+        items = build_prompts(records, rt.tokenizer, rt.prompt_format, cfg.data.max_prompt_len)
+        results = rt.engine.generate([it.prompt_ids for it in items], params)
+        groups = []
+        for it, res in zip(items, results):
+            samples = [Sample(prompt_ids=list(it.prompt_ids), response_ids=list(r.output_ids),
+                              rollout_logprobs=list(r.logprobs), finish_reason=r.finish_reason, record=it.record,
+                              response_text=rt.tokenizer.decode(r.output_ids, skip_special_tokens=True))
+                       for r in res]
+            groups.append(RolloutGroup(prompt_ids=list(it.prompt_ids), samples=samples, record=it.record,
+                                       prompt_text=it.prompt_text))
     score_samples(rt, [s for g in groups for s in g.samples])
     rt.counters["generations"] = rt.counters.get("generations", 0) + sum(len(g.samples) for g in groups)
-    rt.counters["generated_tokens"] = rt.counters.get("generated_tokens", 0) + sum(
-        len(s.response_ids) for g in groups for s in g.samples)
+    rt.counters["generated_tokens"] = rt.counters.get("generated_tokens", 0) + sum(  # the model's tokens only
+        len(s.response_ids) if s.loss_mask is None else sum(map(bool, s.loss_mask)) for g in groups for s in g.samples)
     if baseline:
         greedy = rollout(rt, [g.record for g in groups], seed, n=1, temperature=0.0, baseline=False)
         for g, b in zip(groups, greedy):
             g.baseline_reward = float(b.samples[0].reward)
     return groups
+
+
+def custom_rollout(rt: Runtime, records: list, params) -> list[RolloutGroup]:
+    """The groups of rollout.generate_fn (loaded once into rt.generate_fn; train.custom_rollout), unscored."""
+    from rfpo_megatron.train.custom_rollout import RolloutContext, load_generate_fn, run_generate_fn
+
+    cfg = rt.cfg
+    spec = cfg.rollout.generate_fn
+    if rt.generate_fn is None:
+        rt.generate_fn = load_generate_fn(spec)
+    ctx = RolloutContext(tokenizer=rt.tokenizer, prompt_format=rt.prompt_format, max_prompt_len=cfg.data.max_prompt_len,
+                         verifier=rt.verifier, answer_key=cfg.data.answer_key,
+                         success_threshold=cfg.rfpo.fix.success_threshold, kwargs=dict(cfg.rollout.generate_kwargs))
+    return run_generate_fn(rt.generate_fn, spec, rt.engine, records, params, ctx)
 
 
 def baseline_metrics(groups: list[RolloutGroup]) -> dict[str, float]:

@@ -47,13 +47,17 @@ def engine_config(cfg: Config) -> dict:
 def validate_setup(cfg: Config, check_files: bool = True) -> None:
     """Every set-up check, before anything is built; each ConfigError names the config field (the style of
     config.validate, which already checked choices and ranges when the config was loaded): the input paths
-    (`check_files`), the reward name, the weight-sync mode for this job's nodes, and what the actor supports."""
+    (`check_files`), the reward name, the weight-sync mode for this job's nodes, rollout.generate_fn (loaded and its
+    signature checked with `check_files`) and its kwargs, and what the actor supports."""
     if check_files:
         check_paths(cfg)
     from rfpo_megatron.rewards.registry import check_reward_spec
 
     check_reward_spec(cfg.data)  # a registered name, or a user function that loads and fits data.reward_kwargs
     sync_mode(cfg)  # a bad weight_sync choice fails now, not after the first step
+    from rfpo_megatron.train.custom_rollout import validate_generate_fn
+
+    validate_generate_fn(cfg.rollout.generate_fn, cfg.rollout.generate_kwargs, load=check_files)
 
 
 def check_paths(cfg: Config) -> None:

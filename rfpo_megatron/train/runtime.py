@@ -54,6 +54,7 @@ class Runtime:
     prompts: list[dict[str, Any]] = field(default_factory=list)  # data.train_files records
     sampler: Optional["PromptSampler"] = None
     verifier: Optional["Verifier"] = None  # rank 0 only
+    generate_fn: Optional[Callable[..., Any]] = None  # rollout.generate_fn, loaded on first use (rank 0)
     eval_sets: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # set name -> records (rank 0)
     logger: Optional["MetricsLogger"] = None  # rank 0 only
     tracker: Optional["InternalizationTracker"] = None
