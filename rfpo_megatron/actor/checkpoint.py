@@ -328,7 +328,7 @@ def _dist_sharded_state(actor, *, is_loading: bool, with_optimizer: bool) -> dic
     sd: dict[str, Any] = {"model": actor.modules[0].sharded_state_dict()}
     if with_optimizer and actor.optimizer is not None:
         sd["optimizer"] = actor.optimizer.sharded_state_dict(
-            sd["model"], is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_sharded_model_space"}
+            sd["model"], is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"}
         )
     return sd
 
@@ -416,9 +416,28 @@ def _load_optimizer_state(actor, optim: dict[str, Any], vocab_size: int) -> None
         raise ValueError(f"optimizer state missing for {len(missing)} parameters (e.g. {missing[0]!r})")
 
 
+def _zero_optimizer_state(opt) -> None:
+    """Give a never-stepped optimizer zero Adam state (step 0) to load into.
+
+    megatron's distributed optimizer reads ``step`` from its torch state when it builds the
+    loading state dict, and a fresh torch Adam has none; the loaded values replace these.
+    """
+    for mo in _inner_optimizers(opt):
+        inner = mo.optimizer
+        if type(inner).__name__ == "HybridDeviceOptimizer":
+            continue  # keeps its own state bookkeeping (step read from param_groups)
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if not inner.state[p]:
+                    inner.state[p] = {"step": torch.zeros((), dtype=torch.float32),
+                                      "exp_avg": torch.zeros_like(p.data), "exp_avg_sq": torch.zeros_like(p.data)}
+
+
 def _load_dist(actor, path: str, *, load_optimizer: bool) -> None:
     from megatron.core import dist_checkpointing
 
+    if load_optimizer and actor.optimizer is not None and not _optimizer_has_state(actor):
+        _zero_optimizer_state(actor.optimizer)
     sd = _dist_sharded_state(actor, is_loading=True, with_optimizer=load_optimizer)
     loaded = dist_checkpointing.load(sd, path)
     actor.modules[0].load_state_dict(loaded["model"], strict=False)

@@ -24,7 +24,10 @@ What it does (process-wide, idempotent):
    offload / precision-aware optimizer checks) answers False instead of raising.
    The CPU-offload optimizer (``HybridDeviceOptimizer``) picks its host copies by
    ``param.is_cuda``; a twin of that one method treats its params as the device
-   params, so megatron's offload step (host copies, CPU Adam, copy back) runs.
+   params, so megatron's offload step (host copies, CPU Adam, copy back) runs. The
+   distributed optimizer's fully-reshardable checkpoint load, which trips over torch
+   Adam's ``step`` state (no apex / TE), copies only the loaded keys, and each param
+   gets its own ``step`` tensor after a load (megatron hands one object to all).
    Megatron's ``clip_grad_by_total_norm_fp32`` asserts ``torch.cuda.FloatTensor``
    grads; it is swapped for a CPU twin with the same formula. ``dist_checkpointing``'s
    file writer forks one process per bucket, and the fork deadlocks in a process
@@ -341,6 +344,46 @@ def _cpu_sub_optimizer_param_groups(self, offload_fraction: float):
     return cpu_groups, gpu_groups, gpu_to_cpu, cpu_to_gpu, to_fp32
 
 
+def _wrap_set_main_param_states(orig):
+    """DistributedOptimizer._set_main_param_and_optimizer_states that copies only the keys it is given.
+
+    With torch's Adam (no apex / TE) the optimizer state holds ``step`` next to the moments;
+    megatron's fully-reshardable load leaves ``step`` out of the loaded tensors (it restores it
+    from the param groups) and then looks it up: KeyError. Keys not loaded keep their value.
+    """
+
+    def set_states(self, model_param, tensors):
+        if self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            return orig(self, model_param, tensors)
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        dst = {"param": main_param, **self.optimizer.state[main_param]}
+        for key, value in tensors.items():
+            dst[key].copy_(value)
+
+    set_states._rfpo_cpu_compat = True  # type: ignore[attr-defined]
+    return set_states
+
+
+def _wrap_dist_load_state_dict(orig):
+    """DistributedOptimizer.load_state_dict that gives every param its own Adam ``step`` tensor.
+
+    Without apex / TE, megatron 0.16 stores ONE ``step`` tensor object into every param's
+    torch-Adam state; Adam increments ``step`` in place per param, so after a resume the
+    shared counter advanced once per param per step and the bias correction went wrong.
+    """
+
+    def load_state_dict(self, state_dict):
+        orig(self, state_dict)
+        for opt in getattr(self.optimizer, "sub_optimizers", [self.optimizer]):
+            for st in opt.state.values():
+                if torch.is_tensor(st.get("step")):
+                    st["step"] = st["step"].detach().clone()
+
+    load_state_dict._rfpo_cpu_compat = True  # type: ignore[attr-defined]
+    return load_state_dict
+
+
 def _patch_megatron() -> None:
     """Swap megatron functions that assert CUDA tensor types or fork writers for CPU twins."""
     from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
@@ -357,6 +400,13 @@ def _patch_megatron() -> None:
     from megatron.core.optimizer.cpu_offloading.hybrid_optimizer import HybridDeviceOptimizer
 
     HybridDeviceOptimizer._get_sub_optimizer_param_groups = _cpu_sub_optimizer_param_groups
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    if not getattr(DistributedOptimizer.load_state_dict, "_rfpo_cpu_compat", False):
+        DistributedOptimizer.load_state_dict = _wrap_dist_load_state_dict(DistributedOptimizer.load_state_dict)
+    if not getattr(DistributedOptimizer._set_main_param_and_optimizer_states, "_rfpo_cpu_compat", False):
+        DistributedOptimizer._set_main_param_and_optimizer_states = _wrap_set_main_param_states(
+            DistributedOptimizer._set_main_param_and_optimizer_states)
     clip_grads.clip_grad_by_total_norm_fp32 = _cpu_clip_grad_by_total_norm_fp32
     optimizer.clip_grad_by_total_norm_fp32 = _cpu_clip_grad_by_total_norm_fp32
     FileSystemWriterAsync.write_preloaded_data_multiproc = staticmethod(_inprocess_write_preloaded_data_multiproc)
