@@ -8,7 +8,8 @@ project's `load_config` and overrides only
     Qwen2.5-<size>B -> Qwen2 with qkv bias, embeddings tied below 7B as the released models), with 4 heads /
     2 KV heads (TP = 2 divides both), 2 layers per pipeline stage and a vocab that megatron pads;
   * the layout: TP -> min(TP, 2), PP -> min(PP, 2) (VPP -> min(VPP, 2) once the actor has the field), and DP ->
-    min(recipe DP, 4 // (TP * PP)) with the recipe's DP = its GPUs (`sbatch -N` x `--gpus-per-node`) / (TP * PP).
+    4 // (TP * PP), so every case fills 4 ranks (DP = 2 where the layout leaves room, which shards the distributed
+    optimizer for real). The recipe's own DP (`sbatch -N` x `--gpus-per-node` / (TP * PP)) is only reported.
 
 Every other flag (sequence parallel, distributed optimizer, CPU-Adam offload, recompute and its knobs, bf16,
 grad-reduce overlap, packing, token budget, optimizer and schedule settings, the algo and rfpo sections) stays as
@@ -20,7 +21,7 @@ before the step equals the HF source weights, the export after the step equals t
 to HF names, covers every HF tensor over the PP stages, and an HF transformers model loaded with it gives the
 actor's log-probs. A flag the actor cannot honour (it raises, or builds something else) fails here.
 
-All scaled recipes run with world size 4, so they share one spawned world (megatron imported once); the world
+All scaled recipes (and the documented offload variant) run with world size 4, so they share one spawned world (megatron imported once); the world
 re-initialises the model-parallel groups per recipe.
 """
 from __future__ import annotations
@@ -74,6 +75,13 @@ def is_gpu_recipe(path: str) -> bool:
 
 
 GPU_RECIPES = [p for p in EXAMPLES if is_gpu_recipe(p)]
+# Documented variants of a shipped recipe, run as that recipe plus these overrides (name, recipe, overrides, GPUs):
+# docs/scaling.md's 32B on one node (TP = 8 with megatron's CPU-Adam offload), so the offload path is dry-run too.
+VARIANTS = [("qwen2.5-32b__single_node_offload", "qwen2.5-32b/config.yaml",
+             ["actor.tensor_model_parallel_size=8", "actor.pipeline_model_parallel_size=1",
+              "actor.optimizer_cpu_offload=true"], 8)]
+CASES = [(os.path.relpath(p, os.path.join(ROOT, "examples")).replace(os.sep, "__"), p, [], None)
+         for p in GPU_RECIPES] + [(n, os.path.join(ROOT, "examples", r), o, g) for n, r, o, g in VARIANTS]
 
 
 def _recipe_gpus(path: str) -> int:
@@ -95,29 +103,29 @@ def model_family(hf_model_path: str) -> dict:
                          f"tests/test_recipe_dry_run.py (add one: the dry-run must cover every recipe)")
 
 
-def scaled_case(path: str, tmp: str) -> dict:
-    """The recipe's overrides for the CPU dry-run (layout and model only) and the tiny model it needs."""
-    from rfpo_megatron.config import ActorConfig
+def scaled_case(name: str, path: str, extra: list, gpus, tmp: str) -> dict:
+    """The recipe's overrides for the CPU dry-run (layout and model only; after a variant's `extra`) and the tiny
+    model it needs."""
+    from rfpo_megatron.config import ActorConfig, apply_overrides
 
-    a = _yaml(path).get("actor", {})
+    a = apply_overrides(_yaml(path), list(extra)).get("actor", {})
     tp0, pp0 = int(a.get("tensor_model_parallel_size", 1)), int(a.get("pipeline_model_parallel_size", 1))
     vpp0 = a.get("virtual_pipeline_model_parallel_size")
     has_vpp = "virtual_pipeline_model_parallel_size" in {f.name for f in dataclasses.fields(ActorConfig)}
     if vpp0 and int(vpp0) > 1 and not has_vpp:
         pytest.skip(f"{os.path.relpath(path, ROOT)} sets actor.virtual_pipeline_model_parallel_size={vpp0}, which "
                     f"this actor has no field for (VPP lands with issue 13 deliverable 5)")
-    dp0 = max(1, _recipe_gpus(path) // (tp0 * pp0))
+    dp0 = max(1, (gpus or _recipe_gpus(path)) // (tp0 * pp0))
     tp, pp = min(tp0, 2), min(pp0, 2)
     vpp = min(int(vpp0), 2) if vpp0 and int(vpp0) > 1 else 1
-    dp = max(1, min(dp0, MAX_WORLD // (tp * pp)))
+    dp = MAX_WORLD // (tp * pp)  # fill the 4 ranks: DP > 1 wherever the layout leaves room (real dist-opt shards)
     fam = model_family(a.get("hf_model_path", ""))
-    name = os.path.relpath(path, os.path.join(ROOT, "examples")).replace(os.sep, "__")
     model_dir = os.path.join(tmp, name.replace(".yaml", ""))
     from tiny_hf import make_tiny_hf_model
 
     make_tiny_hf_model(model_dir, num_layers=2 * pp * vpp, max_positions=64,
                        tie_word_embeddings=fam["tie_word_embeddings"], **TINY)
-    overrides = [f"actor.hf_model_path={model_dir}", f"actor.tensor_model_parallel_size={tp}",
+    overrides = list(extra) + [f"actor.hf_model_path={model_dir}", f"actor.tensor_model_parallel_size={tp}",
                  f"actor.pipeline_model_parallel_size={pp}"]
     if vpp > 1:
         overrides.append(f"actor.virtual_pipeline_model_parallel_size={vpp}")
@@ -300,7 +308,7 @@ def dry_runs(tmp_path_factory):
     os.environ["PYTHONPATH"] = os.pathsep.join(
         [ROOT, os.path.join(ROOT, "tests")] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
     tmp = str(tmp_path_factory.mktemp("recipes"))
-    cases = [scaled_case(p, tmp) for p in GPU_RECIPES]
+    cases = [scaled_case(n, p, o, g, tmp) for n, p, o, g in CASES]
     by_world: dict[int, list] = {}
     for c in cases:
         by_world.setdefault(c["world"], []).append(c)
@@ -330,16 +338,15 @@ def test_every_actor_flag_is_classified():
     assert not new, f"ActorConfig fields the recipe dry-run neither checks nor explains: {sorted(new)}"
 
 
-@pytest.mark.parametrize("path", GPU_RECIPES, ids=lambda p: os.path.relpath(p, ROOT))
-def test_recipe_dry_run(path, dry_runs):
-    from rfpo_megatron.config import load_config
+@pytest.mark.parametrize("name,path,extra", [c[:3] for c in CASES], ids=[c[0] for c in CASES])
+def test_recipe_dry_run(name, path, extra, dry_runs):
+    from rfpo_megatron.config import apply_overrides, load_config
 
     runs, walls = dry_runs
-    name = os.path.relpath(path, os.path.join(ROOT, "examples")).replace(os.sep, "__")
     case, ranks = runs[name]
     cfg = load_config(path, case["overrides"])
     assert case["world"] <= MAX_WORLD
-    recipe = _yaml(path)["actor"]
+    recipe = apply_overrides(_yaml(path), list(extra))["actor"]
     if int(recipe.get("tensor_model_parallel_size", 1)) > 1:
         assert case["tp"] > 1, "a TP recipe keeps TP > 1 (so SP is exercised)"
     if int(recipe.get("pipeline_model_parallel_size", 1)) > 1:
