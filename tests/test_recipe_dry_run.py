@@ -19,7 +19,7 @@ one `train_step` with the recipe's algo/rfpo sections, one weight export (`conve
 weight-sync source). Checks: the actor honoured each flag (model config, optimizer classes, dtypes), the export
 before the step equals the HF source weights, the export after the step equals the gathered full state mapped
 to HF names, covers every HF tensor over the PP stages, and an HF transformers model loaded with it gives the
-actor's log-probs. A flag the actor cannot honour (it raises, or builds something else) fails here.
+actor's log-probs (bf16 actor vs float32 HF: max <= 0.25, mean <= 0.05 nat; observed 5.5e-2 / 1.5e-2). A flag the actor cannot honour (it raises, or builds something else) fails here.
 
 All scaled recipes (and the documented offload variant) run with world size 4, so they share one spawned world (megatron imported once); the world
 re-initialises the model-parallel groups per recipe.
@@ -384,10 +384,13 @@ def test_recipe_dry_run(name, path, extra, dry_runs):
     assert any(not torch.equal(pre[n], post[n]) for n in pre), "the train step changed no exported weight"
     # the exported weights in an HF model give the actor's log-probs after the step (actor computes in bf16)
     hf = _hf_logp(case["model_dir"], post, _batch(cfg.rfpo.enabled))
-    diff = max((a.double() - b).abs().max().item() for a, b in zip(ranks[0]["logp_after"], hf))
-    assert diff < (0.1 if cfg.actor.bf16 else 1e-4), diff
+    # bf16 activation rounding bounds the agreement; a wrong tensor mapping gives errors of order 1 nat
+    errs = torch.cat([(a.double() - b).abs() for a, b in zip(ranks[0]["logp_after"], hf)])
+    diff, mean = errs.max().item(), errs.mean().item()
+    max_tol, mean_tol = (0.25, 0.05) if cfg.actor.bf16 else (1e-4, 1e-5)
+    assert diff < max_tol and mean < mean_tol, (diff, mean)
     secs = max(r["seconds"] for r in ranks)
     print(f"\n{name}: recipe TP/PP/DP={case['recipe_layout']} -> TP={case['tp']} PP={case['pp']} DP={case['dp']}"
           f" VPP={case['vpp']}; SP={exp['sequence_parallel']} recompute={cfg.actor.recompute} bf16={cfg.actor.bf16}"
           f" dist_opt={exp['use_distributed_optimizer']} offload={cfg.actor.optimizer_cpu_offload}; "
-          f"{secs:.1f}s in the world (world walls {walls}); export vs HF log-prob diff {diff:.2e}")
+          f"{secs:.1f}s in the world (world walls {walls}); export vs HF log-prob diff max {diff:.2e} mean {mean:.2e}")
