@@ -282,14 +282,19 @@ class TrainSettings:
     seq_len: int = 8192  # longest sequence (prompt + response); unfused attention scores and KV sizing use it
     num_microbatches: Optional[int] = None  # per step per DP rank; None = pp (the 1F1B steady state)
     recompute: str = "none"
+    recompute_method: str = "uniform"  # full recompute: uniform (chunks of recompute_num_layers) | block
+    recompute_num_layers: int = 1  # uniform: layers per checkpointed chunk; block: recomputed layers per stage
+    response_tokens_per_microbatch: Optional[int] = None  # rows that get logits (None: every token)
     use_distributed_optimizer: bool = True
     optimizer_cpu_offload: bool = False
     grad_fp32: bool = True  # grad buffer dtype (megatron grad_reduce_in_fp32 / accumulate-allreduce-grads-in-fp32)
     param_dtype: str = "bf16"  # bf16 (GPU) | fp32 (the CPU/tiny path: Adam keeps no separate main copy)
-    norms_fp32: bool = False  # megatron's local spec creates norm weights in fp32 (own DDP buffer)
+    norms_fp32: bool = False  # norm weights in fp32 (own DDP buffer); the actor's LocalNorm uses params_dtype
     fused_logits: bool = True
     flash_attention: bool = True
     overlap_grad_reduce: bool = False
+    grad_reduce_bucket_size: Optional[int] = None  # megatron's DDP bucket_size (None: max(40M, 1M*dp))
+    deallocate_pipeline_outputs: bool = False  # the actor's setting: a stage holds the outputs it sent
     actor_in_rollout: str = "resident"  # resident | weights (grads+optimizer freed/offloaded) | offloaded
     overhead_gib: float = 4.0  # CUDA context + NCCL buffers + allocator slack, per phase
     kv_min_seqs: int = 16  # a SGLang engine must hold at least this many full-length sequences
@@ -323,8 +328,53 @@ def activation_bytes_per_token(m: ModelShape, tp: int, sp: bool, seq_len: int, r
     raise PlanError(f"actor.recompute={recompute!r} must be one of {RECOMPUTE_MODES}")
 
 
+def stage_activation_bytes(m: ModelShape, layers: int, tp: int, sp: bool, s: "TrainSettings",
+                           in_flight: int, tokens: float) -> float:
+    """Activation bytes of one pipeline stage with ``layers`` layers and ``in_flight`` micro-batches stored.
+
+    none / selective: every layer stores its amount (``activation_bytes_per_token``).
+    full, uniform: the layers run in chunks of ``recompute_num_layers``; each chunk stores its input (2h, /tp
+    with SP) and the backward re-runs one chunk (its 'none' amount, transient).
+    full, block: the first ``recompute_num_layers`` layers of the stage are recomputed (input stored, one
+    re-run transient), the others store the 'none' amount.
+    """
+    store, transient = activation_bytes_per_token(m, tp, sp, s.seq_len, s.recompute, s.flash_attention)
+    if s.recompute != "full":
+        return in_flight * layers * store * tokens
+    none, _ = activation_bytes_per_token(m, tp, sp, s.seq_len, "none", s.flash_attention)
+    k = max(1, int(s.recompute_num_layers))
+    if s.recompute_method == "block":
+        rec = min(k, layers)
+        return in_flight * (rec * store + (layers - rec) * none) * tokens + (transient * tokens if rec else 0)
+    if s.recompute_method != "uniform":
+        raise PlanError(f"actor.recompute_method={s.recompute_method!r} must be uniform or block")
+    k = min(k, layers)
+    chunks = -(-layers // k)
+    return in_flight * chunks * store * tokens + k * transient * tokens
+
+
+def pipeline_held_bytes(m: ModelShape, tp: int, sp: bool, stage: int, pp: int, s: "TrainSettings",
+                        in_flight: int, tokens: float) -> float:
+    """Bytes the 1F1B schedule holds outside the layers on one stage.
+
+    * every stage but the last keeps the output tensor it sent to the next stage for each micro-batch in
+      flight ([s(/tp with SP), b, h] in bf16) unless ``deallocate_pipeline_outputs``;
+    * stage 0's embedding output: the vocab-parallel embedding produces the full [s, b, h] (before the
+      sequence-parallel scatter), transient, one micro-batch.
+    """
+    spdiv = tp if (sp and tp > 1) else 1
+    act_b = 2  # bf16 activations
+    held = 0.0
+    if stage < pp - 1 and not s.deallocate_pipeline_outputs:
+        held += in_flight * act_b * m.hidden_size / spdiv * tokens
+    if stage == 0:
+        held += act_b * m.hidden_size * tokens
+    return held
+
+
 def logits_bytes_per_token(m: ModelShape, tp: int, fused: bool, vocab_multiple: int = 128) -> int:
-    """Peak logits memory per token on the last stage, [N, V/tp]:
+    """Peak logits memory per logit row on the last stage, [N, V/tp] (N = response rows: the actor's output
+    layer computes the rows that predict response tokens only, ``actor/output_rows.py``):
     naive: bf16 logits (2) + fp32 upcast (4) + fp32 softmax kept for backward (4) + fp32 grad (4) = 14 B/elem;
     fused (vocab-parallel Triton kernel, never upcast): bf16 logits (2) + bf16 grad (2) = 4 B/elem."""
     return padded_vocab(m.vocab_size, tp, vocab_multiple) // tp * (4 if fused else 14)
@@ -373,6 +423,9 @@ class RankState:
     optimizer: int  # Adam state of the elements this DP rank owns (+ fp32 main copy for bf16 params)
     optimizer_fp32_grad: int  # fp32 grad copy an offloaded (host) optimizer keeps
     buffers: list[BufferLayout]
+    main_params: int = 0  # of ``optimizer``: the fp32 main params (bf16 params only)
+    moments: int = 0  # of ``optimizer``: Adam exp_avg + exp_avg_sq (fp32)
+    on_host: bool = False  # optimizer_cpu_offload: main params, moments and an fp32 grad copy are host memory
 
 
 def rank_state_bytes(m: ModelShape, tp: int, pp: int, stage: int, dp: int, s: TrainSettings,
@@ -391,8 +444,11 @@ def rank_state_bytes(m: ModelShape, tp: int, pp: int, stage: int, dp: int, s: Tr
     for name, n, sh in ps:
         is_fp32 = (not low) or (s.norms_fp32 and "layernorm" in name)
         groups.setdefault(is_fp32, []).append((name, n, sh))
-    bucket = max(40_000_000, 1_000_000 * dp) if s.overlap_grad_reduce else None
-    weights = grads = opt = fp32g = params = 0
+    # megatron's DDP: bucket_size only with overlap_grad_reduce, and never on pipeline stages > 0
+    bucket = (s.grad_reduce_bucket_size or max(40_000_000, 1_000_000 * dp)) if s.overlap_grad_reduce else None
+    if stage > 0:
+        bucket = None
+    weights = grads = opt = fp32g = params = main = mom = 0
     bufs = []
     for is_fp32, items in groups.items():
         buf = buffer_layout([n for _, n, _ in items], [sh for _, _, sh in items], dp, s.use_distributed_optimizer,
@@ -405,8 +461,10 @@ def rank_state_bytes(m: ModelShape, tp: int, pp: int, stage: int, dp: int, s: Tr
         weights += pbytes * (buf.numel if s.use_distributed_optimizer else n_real)
         grads += (4 if (is_fp32 or s.grad_fp32) else 2) * buf.numel
         opt += (8 if is_fp32 else 12) * owned
+        main += 0 if is_fp32 else 4 * owned
+        mom += 8 * owned
         fp32g += 4 * owned
-    return RankState(params, weights, grads, opt, fp32g, bufs)
+    return RankState(params, weights, grads, opt, fp32g, bufs, main, mom, bool(s.optimizer_cpu_offload))
 
 
 def plan_memory(m: ModelShape, lay: Layout, s: TrainSettings, gpu_capacity: Optional[dict[str, int]] = None,
@@ -419,10 +477,15 @@ def plan_memory(m: ModelShape, lay: Layout, s: TrainSettings, gpu_capacity: Opti
         raise PlanError(f"actor_in_rollout={s.actor_in_rollout!r} must be one of {ACTOR_IN_ROLLOUT}")
     if not 0.0 < lay.mem_fraction_static < 1.0:
         raise PlanError(f"rollout.mem_fraction_static={lay.mem_fraction_static} must be in (0, 1)")
+    if s.optimizer_cpu_offload and not (s.use_distributed_optimizer and s.param_dtype == "bf16"):
+        raise PlanError("optimizer_cpu_offload needs the distributed optimizer and bf16 params (as the actor: "
+                        "megatron's hybrid CPU-Adam with the precision-aware optimizer)")
     sp = lay.sequence_parallel and lay.tp > 1
     tokens = s.tokens_per_microbatch / lay.cp
     n_mb = s.num_microbatches or lay.pp
-    act_store, act_transient = activation_bytes_per_token(m, lay.tp, sp, s.seq_len, s.recompute, s.flash_attention)
+    activation_bytes_per_token(m, lay.tp, sp, s.seq_len, s.recompute, s.flash_attention)  # validates
+    resp = s.response_tokens_per_microbatch
+    rows = min(tokens, resp / lay.cp) if resp is not None else tokens
     best: Optional[MemoryPlan] = None
     max_resident = 0
     for stage in range(lay.pp):
@@ -431,10 +494,11 @@ def plan_memory(m: ModelShape, lay: Layout, s: TrainSettings, gpu_capacity: Opti
         opt_gpu, opt_cpu = (0, opt + st.optimizer_fp32_grad) if s.optimizer_cpu_offload else (opt, 0)
         in_flight = min(lay.pp - stage, n_mb)
         layers = m.num_layers // lay.pp
-        act = int(in_flight * layers * act_store * tokens + act_transient * tokens)
+        act = int(stage_activation_bytes(m, layers, lay.tp, sp, s, in_flight, tokens)
+                  + pipeline_held_bytes(m, lay.tp, sp, stage, lay.pp, s, in_flight, tokens))
         last = stage == lay.pp - 1
-        l_naive = int(tokens * logits_bytes_per_token(m, lay.tp, False, vocab_multiple))
-        l_fused = int(tokens * logits_bytes_per_token(m, lay.tp, True, vocab_multiple))
+        l_naive = int(rows * logits_bytes_per_token(m, lay.tp, False, vocab_multiple))
+        l_fused = int(rows * logits_bytes_per_token(m, lay.tp, True, vocab_multiple))
         logits = (l_fused if s.fused_logits else l_naive) if last else 0
         overhead = int(s.overhead_gib * GiB)
         train_peak = weights + grads + opt_gpu + act + logits + overhead
@@ -556,8 +620,9 @@ def format_plan(p: MemoryPlan, usable_frac: float = 0.95) -> str:
         _row("optimizer (fp32 main + Adam m, v)", p.optimizer_gpu,
              f"host: {p.optimizer_cpu / GiB:.1f} GiB/GPU" if p.optimizer_cpu else ""),
         _row(f"activations ({s.recompute} recompute, {min(lay.pp - p.worst_stage, s.num_microbatches or lay.pp)} mb"
-             " in flight)", p.activations),
-        _row(f"logits ({'fused' if s.fused_logits else 'naive'}{', last stage only' if lay.pp > 1 else ''})", p.logits,
+             " in flight)", p.activations, "incl. held stage outputs" if lay.pp > 1 else ""),
+        _row(f"logits ({'fused' if s.fused_logits else 'naive'}, response rows"
+             f"{', last stage only' if lay.pp > 1 else ''})", p.logits,
              f"fused {p.logits_fused / GiB:.2f} | naive {p.logits_naive / GiB:.2f}"),
         _row("overhead (CUDA context, NCCL, allocator)", p.overhead),
         _row("TOTAL train", p.train_peak),
@@ -597,15 +662,25 @@ def settings_from_recipe(cfg: Mapping[str, Any]) -> tuple[dict[str, Any], dict[s
     """(Layout kwargs, TrainSettings kwargs) from a training YAML's actor/rollout/data sections."""
     a, r, d = cfg.get("actor", {}) or {}, cfg.get("rollout", {}) or {}, cfg.get("data", {}) or {}
     cp = int(a.get("context_parallel_size", 1))
-    seq = int(d.get("max_prompt_len", 512)) + int(r.get("max_new_tokens", 64))
+    resp_len = int(r.get("max_new_tokens", 64))
+    seq = int(d.get("max_prompt_len", 512)) + resp_len
     mtpg = a.get("max_tokens_per_gpu")
     tokens = int(mtpg) * cp if mtpg else int(a.get("micro_batch_size", 1)) * seq
+    # logit rows = response tokens; a micro-batch of full-length samples holds max_new_tokens / seq of its tokens
+    resp_tokens = -(-tokens * resp_len // seq)
+    # defaults are ActorConfig's (sequence_parallel off; the distributed optimizer on with a GPU)
     lay = dict(tp=int(a.get("tensor_model_parallel_size", 1)), pp=int(a.get("pipeline_model_parallel_size", 1)),
-               cp=cp, sequence_parallel=bool(a.get("sequence_parallel", True)),
+               cp=cp, sequence_parallel=bool(a.get("sequence_parallel", False)),
                sglang_tp=int(r.get("sglang_tp", 1)), mem_fraction_static=float(r.get("mem_fraction_static", 0.7)),
                colocate=bool(r.get("colocate", True)))
+    dist_opt = a.get("use_distributed_optimizer")
     st = dict(tokens_per_microbatch=tokens, seq_len=seq, recompute=str(a.get("recompute", "none")),
-              use_distributed_optimizer=bool(a.get("use_distributed_optimizer", True)),
+              recompute_method=str(a.get("recompute_method", "uniform")),
+              recompute_num_layers=int(a.get("recompute_num_layers", 1)),
+              response_tokens_per_microbatch=resp_tokens,
+              overlap_grad_reduce=bool(a.get("overlap_grad_reduce", True)),
+              grad_reduce_bucket_size=a.get("grad_reduce_bucket_size"),
+              use_distributed_optimizer=True if dist_opt is None else bool(dist_opt),
               optimizer_cpu_offload=bool(a.get("optimizer_cpu_offload", False)),
               fused_logits=bool(a.get("use_fused_kernels", True)),
               param_dtype="bf16" if a.get("bf16", False) else "fp32")

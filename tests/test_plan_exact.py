@@ -129,8 +129,8 @@ def real_ranks(tmp_path_factory):
 
 
 def _settings(dtype: str) -> TrainSettings:
-    # the local spec keeps norm weights fp32 when the model is bf16 (own DDP buffer)
-    return TrainSettings(param_dtype=dtype, norms_fp32=dtype == "bf16", grad_fp32=True, use_distributed_optimizer=True)
+    # LocalNorm (actor/model.py) creates norm weights in params_dtype: one DDP buffer per model
+    return TrainSettings(param_dtype=dtype, norms_fp32=False, grad_fp32=True, use_distributed_optimizer=True)
 
 
 def test_param_names_and_numels_match_real_model(real_ranks):

@@ -99,6 +99,8 @@ class Actor:
         # actor.packing: packed THD sequences (TE attention, or the varlen core attention of the local spec) or pad
         self.layout = resolve_layout(getattr(self.cfg, "packing", "auto"), spec)
         self.temperature = float(temperature)
+        # the last stage computes logits for the response rows only (False: all rows, then a selection)
+        self.response_rows_only = True
         dtype = torch.bfloat16 if self.cfg.bf16 else torch.float32
         overrides = dict(model_overrides)
         overrides.setdefault("calculate_per_token_loss", True)
@@ -264,7 +266,8 @@ class Actor:
             return logp.sum() * 0.0, {"logp": logp.detach(), "entropy": ent.detach()}
 
         fn = logprob_output_fn(
-            token_fn, temperature=self.temperature, vocab_size=self.vocab_size, compute_entropy=compute_entropy
+            token_fn, temperature=self.temperature, vocab_size=self.vocab_size, compute_entropy=compute_entropy,
+            response_rows_only=self.response_rows_only,
         )
         stats = self._run_eval(mbs, fn)
         for mb, st in zip(mbs, stats):
@@ -421,7 +424,8 @@ class Actor:
             stats["train/pg_clipfrac"] = (clip.detach().float() * frac) if clip is not None else zero
             return total, stats
 
-        fn = logprob_output_fn(token_fn, temperature=self.temperature, vocab_size=self.vocab_size)
+        fn = logprob_output_fn(token_fn, temperature=self.temperature, vocab_size=self.vocab_size,
+                               response_rows_only=self.response_rows_only)
         keys = ("train/loss", "train/pg_loss", "train/kl_loss", "train/entropy", "train/ppo_kl",
                 "train/pg_clipfrac") + extra_keys
         out, grad_norm, ok = self._optimizer_step(batch, fn, keys)

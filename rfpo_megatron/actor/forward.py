@@ -16,6 +16,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from rfpo_megatron.actor.output_rows import set_response_rows
 from rfpo_megatron.actor.packing import PackedMicroBatch
 from rfpo_megatron.kernels.logprob import vocab_parallel_logprobs
 
@@ -29,8 +30,14 @@ def _unwrap(m):
 
 
 def response_logits(output: torch.Tensor, mb: PackedMicroBatch) -> torch.Tensor:
-    """[b, T, V/tp] model output -> [N, V/tp] rows that predict the response tokens."""
+    """Model output -> [N, V/tp] rows that predict the response tokens.
+
+    The output is [1, N, V/tp] when the output layer computed the response rows only
+    (``output_rows.ResponseRowsOutputLayer``, the default), else the full [b, T, V/tp] logits (b*T > N).
+    """
     flat = output.reshape(-1, output.shape[-1])
+    if flat.shape[0] == mb.label_rows.numel():
+        return flat
     return flat.index_select(0, mb.label_rows)
 
 
@@ -43,8 +50,13 @@ def logprob_output_fn(
     temperature: float = 1.0,
     vocab_size: Optional[int] = None,
     compute_entropy: bool = True,
+    response_rows_only: bool = True,
 ) -> OutputFn:
-    """Wrap ``token_fn`` into an output function: [b, T, V/tp] logits -> kernel log-probs -> token_fn."""
+    """Wrap ``token_fn`` into an output function: response-row logits -> kernel log-probs -> token_fn.
+
+    ``response_rows_only``: the last stage computes logits (and their gradient) for the response rows only
+    (``run_schedule`` reads the flag off the returned function); False computes all [b, T] rows and selects.
+    """
     from megatron.core import parallel_state as mpu
 
     tp_group = mpu.get_tensor_model_parallel_group()
@@ -63,6 +75,7 @@ def logprob_output_fn(
             ent = torch.zeros_like(logp)
         return token_fn(mb, logp, ent)
 
+    output_fn.response_rows_only = bool(response_rows_only)  # type: ignore[attr-defined]
     return output_fn
 
 
@@ -91,8 +104,11 @@ def run_schedule(
         zero_tokens = torch.zeros((), dtype=torch.int, device=loss.device)
         return loss, zero_tokens, stats
 
+    rows_only = bool(getattr(output_fn, "response_rows_only", False))
+
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
+        set_response_rows(model, mb.label_rows if rows_only else None)
         out = model(
             mb.input_ids,
             mb.position_ids,

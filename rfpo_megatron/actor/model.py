@@ -262,6 +262,10 @@ def build_model(
         rope_scaling_factor=rs_factor,
     )
     model.vocab_size_unpadded = arch.vocab_size  # type: ignore[attr-defined]
+    if model.post_process:
+        from rfpo_megatron.actor.output_rows import enable_response_rows
+
+        enable_response_rows(model)  # logits for the response rows only (forward.run_schedule sets them)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     for p in model.parameters():
