@@ -2,9 +2,9 @@
 
 One module-scoped fixture runs two spawned worlds and the tests assert on what they returned:
 
-  W1  PP=1 (world 1)          random weights S0; reference logits, log-probs, one train step; checkpoints C1 (full
-                              and dist) after step 1; step 2
-  W2  PP=2 x VPP=2 (world 2)  S0 -> logits, log-probs (4, 3 and 1 micro-batches: 1 < PP is padded), one train
+  W1  PP=1 (world 1)          random weights S0 (also written as an HF directory); reference logits, log-probs,
+                              one train step; checkpoints C1 (full and dist) after step 1; step 2
+  W2  PP=2 x VPP=2 (world 2)  S0 -> HF export tensors; the HF directory loaded -> logits; S0 -> logits, log-probs (4, 3 and 1 micro-batches: 1 < PP is padded), one train
                               step (also with 1 padded micro-batch); checkpoints C2 (full and dist) after step 1;
                               step 2; C1 loaded at VPP=2 -> step 2; then re-initialised at PP=1 (VPP off, DP=2):
                               C2 loaded -> step 2
@@ -116,6 +116,10 @@ def _w_reference(rank, tmp):
     s0 = _full(a)
     torch.save(s0, os.path.join(tmp, "S0.pt"))
     out.update(s0=s0, logits=a.forward_logits(_logit_inputs()))
+    from rfpo_megatron.convert.export import iter_hf_tensors, save_hf
+
+    out["hf"] = {k: v.clone() for k, v in iter_hf_tensors(a.modules, HF)}
+    save_hf(a.modules, HF, os.path.join(tmp, "hf"))
     b = _batch(1)
     lp, ent = a.compute_logprobs(b, compute_entropy=True)
     out["logp"], out["entropy"] = lp, ent
@@ -164,6 +168,14 @@ def _w_vpp(rank, tmp):
         a.cfg.max_tokens_per_gpu, a.cfg.micro_batch_size = None, mbs
         out[name] = a.compute_logprobs(_batch(1))[0]
     a.cfg.max_tokens_per_gpu, a.cfg.micro_batch_size = TOKEN_BUDGET, 4
+    from rfpo_megatron.convert.export import iter_hf_tensors
+    from rfpo_megatron.convert.hf_load import load_hf_into_model
+
+    out["hf"] = {k: v.clone() for k, v in iter_hf_tensors(a.modules, HF)}  # the weight-sync source
+    h = Actor(HF, _cfg(2, 2), with_optimizer=False)
+    load_hf_into_model(h.modules, os.path.join(tmp, "hf"))  # HF layer i -> chunk/offset of layer i
+    out["logits_hf"] = h.forward_logits(_logit_inputs())
+    del h
     out["metrics"] = _step(a, b, lp)
     out["after"] = _full(a)
     for fmt in ("full", "dist"):
@@ -252,6 +264,17 @@ def test_vpp_logits_and_logprobs_equal_pp1(worlds):
         assert _maxdiff(out["entropy"], ref["entropy"]) <= 1e-5
         assert _maxdiff(out["logp_3mb"], ref["logp"]) <= 1e-5
         assert _maxdiff(out["logp_1mb"], ref["logp"]) <= 1e-5
+
+
+def test_vpp_hf_export_and_load_map_layers(worlds):
+    ref = worlds["pp1"]
+    merged: dict = {}
+    for out in worlds["vpp"]:
+        assert not set(out["hf"]) & set(merged)  # each HF tensor comes from exactly one chunk
+        merged.update(out["hf"])
+    assert _maxdiff(merged, ref["hf"]) == 0.0
+    for out in worlds["vpp"]:
+        assert _maxdiff(out["logits_hf"], ref["logits"]) <= 1e-5
 
 
 def test_vpp_train_step_weights_equal_pp1(worlds):
