@@ -184,7 +184,7 @@ def run_schedule(
         for m in model_chunks:
             c = _unwrap(m).config
             c.microbatch_group_size_per_vp_stage = group
-            # megatron's batched p2p posts two sends to one peer at PP = 2 (see _phased_communicate_shapes);
+            # megatron's batched p2p posts two sends to one peer at PP = 2 (see _ordered_communicate_shapes);
             # its unbatched ops order the two directions (even/odd ranks, two communicators at PP = 2)
             c.batch_p2p_comm = False
 
