@@ -112,6 +112,7 @@ class ActorConfig:
     load: Optional[str] = None  # Megatron checkpoint to start from (else the HF weights)
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: Optional[int] = None  # model chunks per PP rank (interleaved 1F1B); null = off
     context_parallel_size: int = 1
     sequence_parallel: bool = False
     micro_batch_size: int = 4
@@ -484,6 +485,13 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("config field 'actor.optimizer_cpu_offload': true needs actor.bf16=true (megatron's offload "
                           "optimizer keeps fp32 host copies of bf16 params; fp32 params cannot be offloaded)")
     choice("actor.packing", c.packing, ("auto", "thd", "pad"))
+    if c.virtual_pipeline_model_parallel_size is not None:
+        rng("actor.virtual_pipeline_model_parallel_size", c.virtual_pipeline_model_parallel_size, 1)
+        if c.virtual_pipeline_model_parallel_size > 1 and c.pipeline_model_parallel_size < 2:
+            raise ConfigError(
+                f"config field 'actor.virtual_pipeline_model_parallel_size': {c.virtual_pipeline_model_parallel_size} "
+                f"needs actor.pipeline_model_parallel_size > 1 (got {c.pipeline_model_parallel_size}); set it to null "
+                "or raise the pipeline size (num_hidden_layers must be divisible by pp x vpp)")
     if c.context_parallel_size != 1:
         raise ConfigError(f"config field 'actor.context_parallel_size': {c.context_parallel_size} is not supported by "
                           "the actor yet; set it to 1")

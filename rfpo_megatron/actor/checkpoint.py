@@ -12,6 +12,7 @@ Layout under an actor-state directory ``ckpt_dir``::
     ckpt_dir/step_000010/        one state
         meta.json                step, tp/pp/dp, format, vocab, scheduler state, caller's ``extra``
         model_pp{r}.pt           "full" format: canonical TP=1 tensors (global layer names) of PP stage r
+                                 (all of its virtual-pipeline chunks)
         optim_pp{r}.pt           "full" format: per-parameter Adam state, same names/sharding rules
         rng_rank{g}.pt           python/numpy/torch/CUDA RNG + megatron tracker states of global rank g
         dist/                    "dist" format: megatron dist_checkpointing (model + optimizer)
@@ -23,9 +24,10 @@ by the next save.
 
 Formats: ``"full"`` (works everywhere; tensors gathered with
 ``rfpo_megatron.convert.sharding.gather_full_state`` and re-sharded on load with
-``load_full_state``, so any TP/PP layout can load it) and ``"dist"`` (megatron
-``dist_checkpointing``, GPU default, resharding handled by megatron). RNG states
-are restored only when the (tp, pp, dp) layout is unchanged.
+``load_full_state``, so any TP/PP/VPP layout can load it) and ``"dist"`` (megatron
+``dist_checkpointing``, GPU default, resharding handled by megatron: its sharded keys carry
+global layer offsets, so the virtual-pipeline size may change too). RNG states are restored
+only when the (tp, pp, vpp, dp) layout is unchanged.
 """
 
 from __future__ import annotations
@@ -247,6 +249,7 @@ def save_actor_state(
             "step": step,
             "tp": mpu.get_tensor_model_parallel_world_size(),
             "pp": mpu.get_pipeline_model_parallel_world_size(),
+            "vpp": mpu.get_virtual_pipeline_model_parallel_world_size(),
             "dp": mpu.get_data_parallel_world_size(),
             "world_size": dist.get_world_size() if dist.is_initialized() else 1,
             "vocab_size": actor.vocab_size,
@@ -322,13 +325,19 @@ def _save_dist(actor, path: str) -> bool:
     return with_optim
 
 
+def _model_keys(actor) -> list[str]:
+    """Top-level keys of the chunks' sharded state dicts: "model" (one chunk), "model0", "model1", ... (virtual PP,
+    megatron's own convention). Only the ShardedTensor keys inside (global layer offsets) reach the files, so a
+    checkpoint loads at another virtual-pipeline size."""
+    n = len(actor.modules)
+    return ["model"] if n == 1 else [f"model{i}" for i in range(n)]
+
+
 def _dist_sharded_state(actor, *, is_loading: bool, with_optimizer: bool) -> dict:
-    if len(actor.modules) != 1:
-        raise NotImplementedError("dist checkpoints of virtual-pipeline (several chunks per rank) models")
-    sd: dict[str, Any] = {"model": actor.modules[0].sharded_state_dict()}
+    sd: dict[str, Any] = {k: m.sharded_state_dict() for k, m in zip(_model_keys(actor), actor.modules)}
     if with_optimizer and actor.optimizer is not None:
         sd["optimizer"] = actor.optimizer.sharded_state_dict(
-            sd["model"], is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"}
+            dict(sd), is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"}
         )
     return sd
 
@@ -369,6 +378,7 @@ def load_actor_state(actor, path: str, *, load_optimizer: bool = True, load_rng:
     same_layout = (
         int(meta["tp"]) == mpu.get_tensor_model_parallel_world_size()
         and int(meta["pp"]) == mpu.get_pipeline_model_parallel_world_size()
+        and meta.get("vpp") == mpu.get_virtual_pipeline_model_parallel_world_size()
         and int(meta["dp"]) == mpu.get_data_parallel_world_size()
     )
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -397,6 +407,10 @@ def _load_optimizer_state(actor, optim: dict[str, Any], vocab_size: int) -> None
         for name, p in canonical_params(actor.modules):
             sp = pmap.get(id(p))
             entry = optim.get(name)
+            if entry is None and name == "output_layer.weight":
+                # tied embeddings saved with PP = 1 hold one parameter; the last stage's head copy gets the
+                # same all-reduced gradient, hence the same Adam state (as load_full_state does for weights)
+                entry = optim.get("embedding.word_embeddings.weight")
             if sp is None:
                 continue
             if entry is None:
@@ -440,7 +454,8 @@ def _load_dist(actor, path: str, *, load_optimizer: bool) -> None:
         _zero_optimizer_state(actor.optimizer)
     sd = _dist_sharded_state(actor, is_loading=True, with_optimizer=load_optimizer)
     loaded = dist_checkpointing.load(sd, path)
-    actor.modules[0].load_state_dict(loaded["model"], strict=False)
+    for key, module in zip(_model_keys(actor), actor.modules):
+        module.load_state_dict(loaded[key], strict=False)
     if "optimizer" in loaded and actor.optimizer is not None:
         actor.optimizer.load_state_dict(loaded["optimizer"])
     elif actor.optimizer is not None:

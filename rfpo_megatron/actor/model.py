@@ -228,13 +228,16 @@ def build_model(
     layout: str = "pad",
     **overrides: Any,
 ) -> list:
-    """This rank's model chunks (one GPTModel per pipeline stage; no virtual PP).
+    """This rank's model chunks: one GPTModel per virtual pipeline stage (one without virtual PP).
 
-    Requires ``init_parallel``. Vocab is padded with ``padded_vocab_size``; the
-    padded logit columns are masked by the log-prob pass. ``pre_process`` /
-    ``post_process`` follow the pipeline stage; tied embeddings follow
-    ``tie_word_embeddings``. ``layout`` is the packing the model will be fed ("pad" or "thd", see
-    ``resolve_layout``). Returns ``[GPTModel]`` on the current device.
+    Requires ``init_parallel``; the number of chunks is its ``vpp`` (megatron's virtual pipeline
+    world size, None = 1). Chunk i is built with ``vp_stage=i``: it holds the global layers
+    ``i * L / vpp + pp_rank * L / (pp * vpp)`` onward (megatron's ``get_transformer_layer_offset``;
+    the layers' ``layer_number`` is global, which the weight converters rely on), the embedding
+    only on chunk 0 of the first stage and the head on the last chunk of the last stage. Vocab is
+    padded with ``padded_vocab_size``; the padded logit columns are masked by the log-prob pass.
+    Tied embeddings follow ``tie_word_embeddings``. ``layout`` is the packing the model will be fed ("pad" or
+    "thd", see ``resolve_layout``). Returns the chunks on the current device.
     """
     from megatron.core import parallel_state as mpu
     from megatron.core.models.gpt import GPTModel
@@ -243,35 +246,48 @@ def build_model(
         enable_cpu_compat()
     tp = mpu.get_tensor_model_parallel_world_size()
     pp = mpu.get_pipeline_model_parallel_world_size()
-    config = transformer_config_from_hf(hf_config, tp=tp, pp=pp, params_dtype=params_dtype, **overrides)
+    vpp = mpu.get_virtual_pipeline_model_parallel_world_size()
     arch = arch_from_hf_config(hf_config)
+    if vpp is not None:
+        if arch.num_layers % (pp * vpp) != 0:
+            raise ConfigError(
+                f"num_hidden_layers={arch.num_layers} is not divisible by actor.pipeline_model_parallel_size={pp} x "
+                f"actor.virtual_pipeline_model_parallel_size={vpp}; choose sizes whose product divides it"
+            )
+        overrides.setdefault("virtual_pipeline_model_parallel_size", vpp)
+    config = transformer_config_from_hf(hf_config, tp=tp, pp=pp, params_dtype=params_dtype, **overrides)
     use_rs, rs_factor = megatron_rope_scaling(arch)
     theta = arch.rope_theta
-    model = GPTModel(
-        config=config,
-        transformer_layer_spec=block_spec(config, spec, layout),
-        vocab_size=padded_vocab_size(arch.vocab_size, tp),
-        max_sequence_length=int(hf_config_dict(hf_config).get("max_position_embeddings", 4096)),
-        pre_process=mpu.is_pipeline_first_stage(),
-        post_process=mpu.is_pipeline_last_stage(),
-        parallel_output=True,
-        share_embeddings_and_output_weights=arch.tie_embeddings,
-        position_embedding_type="rope",
-        rotary_base=int(theta) if theta.is_integer() else theta,
-        rope_scaling=use_rs,
-        rope_scaling_factor=rs_factor,
-    )
-    model.vocab_size_unpadded = arch.vocab_size  # type: ignore[attr-defined]
-    if model.post_process:
-        from rfpo_megatron.actor.output_rows import enable_response_rows
+    chunks = []
+    for i in range(vpp or 1):
+        vp_stage = i if vpp is not None else None
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=block_spec(config, spec, layout, vp_stage),
+            vocab_size=padded_vocab_size(arch.vocab_size, tp),
+            max_sequence_length=int(hf_config_dict(hf_config).get("max_position_embeddings", 4096)),
+            pre_process=mpu.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=mpu.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            parallel_output=True,
+            share_embeddings_and_output_weights=arch.tie_embeddings,
+            position_embedding_type="rope",
+            rotary_base=int(theta) if theta.is_integer() else theta,
+            rope_scaling=use_rs,
+            rope_scaling_factor=rs_factor,
+            vp_stage=vp_stage,
+        )
+        model.vocab_size_unpadded = arch.vocab_size  # type: ignore[attr-defined]
+        if model.post_process:
+            from rfpo_megatron.actor.output_rows import enable_response_rows
 
-        enable_response_rows(model)  # logits for the response rows only (forward.run_schedule sets them)
-    if torch.cuda.is_available():
-        model.cuda(torch.cuda.current_device())
-    for p in model.parameters():
-        # megatron's optimizer/grad-clip helpers expect this attribute on every param
-        if not hasattr(p, "tensor_model_parallel"):
-            from megatron.core.tensor_parallel import set_defaults_if_not_set_tensor_model_parallel_attributes
+            enable_response_rows(model)  # logits for the response rows only (forward.run_schedule sets them)
+        if torch.cuda.is_available():
+            model.cuda(torch.cuda.current_device())
+        for p in model.parameters():
+            # megatron's optimizer/grad-clip helpers expect this attribute on every param
+            if not hasattr(p, "tensor_model_parallel"):
+                from megatron.core.tensor_parallel import set_defaults_if_not_set_tensor_model_parallel_attributes
 
-            set_defaults_if_not_set_tensor_model_parallel_attributes(p)
-    return [model]
+                set_defaults_if_not_set_tensor_model_parallel_attributes(p)
+        chunks.append(model)
+    return chunks

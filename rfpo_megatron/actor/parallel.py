@@ -34,6 +34,7 @@ class ParallelInfo:
     pp_rank: int
     dp_rank: int
     backend: str
+    vpp: int | None = None  # virtual pipeline stages (model chunks) per rank; None = not interleaved
 
 
 def _env_int(*names: str, default: int | None = None) -> int | None:
@@ -67,13 +68,17 @@ def init_parallel(
     seed: int = 1234,
     backend: str | None = None,
     timeout_s: float = 600.0,
+    vpp: int | None = None,
 ) -> ParallelInfo:
     """Initialise torch.distributed (if needed) and megatron's model-parallel groups.
 
     ``tp * pp`` must divide the world size; the rest is data parallel. Seeds python,
     numpy, torch and megatron's (CPU or CUDA) RNG tracker like megatron's
     ``model_parallel_cuda_manual_seed`` (data-parallel seed = ``seed``, TP seed =
-    ``seed + 2718 + tp_rank``). Idempotent for the same (tp, pp).
+    ``seed + 2718 + tp_rank``). Idempotent for the same (tp, pp, vpp).
+
+    ``vpp`` (``actor.virtual_pipeline_model_parallel_size``): model chunks per pipeline rank for
+    megatron's interleaved 1F1B schedule; None (or 1) = off. Needs ``pp > 1``.
     """
     from megatron.core import parallel_state as mpu
     from megatron.core import tensor_parallel
@@ -88,6 +93,13 @@ def init_parallel(
             f"actor.tp={tp} x actor.pp={pp} must divide the world size {world}; "
             "change tp/pp or the number of processes"
         )
+    if vpp == 1:
+        vpp = None  # one chunk per rank is the plain schedule
+    if vpp is not None and (vpp < 1 or pp < 2):
+        raise ValueError(
+            f"actor.virtual_pipeline_model_parallel_size={vpp} needs actor.pipeline_model_parallel_size > 1 "
+            f"(got {pp}); set it to null or raise the pipeline size"
+        )
     if on_gpu:
         torch.cuda.set_device(local % torch.cuda.device_count())
     if not dist.is_initialized():
@@ -101,12 +113,14 @@ def init_parallel(
         if (
             mpu.get_tensor_model_parallel_world_size() != tp
             or mpu.get_pipeline_model_parallel_world_size() != pp
+            or mpu.get_virtual_pipeline_model_parallel_world_size() != vpp
         ):
-            raise RuntimeError("init_parallel called again with different tp/pp; call destroy_parallel() first")
+            raise RuntimeError("init_parallel called again with different tp/pp/vpp; call destroy_parallel() first")
     else:
         mpu.initialize_model_parallel(
             tensor_model_parallel_size=tp,
             pipeline_model_parallel_size=pp,
+            virtual_pipeline_model_parallel_size=vpp,
             distributed_timeout_minutes=max(1, int(timeout_s // 60)),
             create_gloo_process_groups=(backend == "nccl"),
         )
@@ -142,6 +156,7 @@ def parallel_info() -> ParallelInfo:
         pp_rank=mpu.get_pipeline_model_parallel_rank(),
         dp_rank=mpu.get_data_parallel_rank(),
         backend=dist.get_backend(),
+        vpp=mpu.get_virtual_pipeline_model_parallel_world_size(),
     )
 
 
