@@ -294,7 +294,7 @@ class TrainSettings:
     flash_attention: bool = True
     overlap_grad_reduce: bool = False
     grad_reduce_bucket_size: Optional[int] = None  # megatron's DDP bucket_size (None: max(40M, 1M*dp))
-    deallocate_pipeline_outputs: bool = False  # the actor's setting: a stage holds the outputs it sent
+    deallocate_pipeline_outputs: bool = True  # the actor's setting: a stage frees the outputs it sent
     actor_in_rollout: str = "resident"  # resident | weights (grads+optimizer freed/offloaded) | offloaded
     overhead_gib: float = 4.0  # CUDA context + NCCL buffers + allocator slack, per phase
     kv_min_seqs: int = 16  # a SGLang engine must hold at least this many full-length sequences

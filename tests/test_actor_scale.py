@@ -174,6 +174,8 @@ def _w_b(rank):
         if s0 is None:
             s0 = _full(a)
         _load(a, s0)
+        out[f"sp{int(sp)}_logits"] = a.forward_logits(
+            torch.randint(0, HF["vocab_size"], (2, 11), generator=torch.Generator().manual_seed(3)))
         out[f"sp{int(sp)}_logp"] = a.compute_logprobs(_batch(9))[0]
         out[f"sp{int(sp)}"] = (_steps(a, 1), _full(a))
         del a
@@ -214,6 +216,7 @@ def test_sequence_parallel_equals_plain_tp2(worlds):
 
 def test_sequence_parallel_equals_plain_tp2_pp2(worlds):
     w = worlds["b"][0]
+    assert _maxdiff(w["sp0_logits"], w["sp1_logits"]) <= 1e-6
     assert _maxdiff(w["sp0_logp"], w["sp1_logp"]) <= 1e-6
     _same_metrics(w["sp0"][0], w["sp1"][0])
     assert _maxdiff(w["sp0"][1], w["sp1"][1]) <= 1e-5

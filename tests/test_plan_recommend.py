@@ -88,19 +88,19 @@ def test_activation_formula_hand_worked():
 def test_activations_scale_with_pipeline_in_flight():
     """1F1B: stage 0 keeps pp micro-batches of its L/pp layers; the worst stage is reported."""
     m = shape_from_hf("qwen2.5-7b")
-    s = TrainSettings(tokens_per_microbatch=4096, seq_len=4096, recompute="selective")
+    s = TrainSettings(tokens_per_microbatch=4096, seq_len=4096, recompute="selective", deallocate_pipeline_outputs=False)
     per_tok, _ = P.activation_bytes_per_token(m, 2, True, 4096, "selective")
     p1 = P.plan_memory(m, Layout(tp=2, pp=1, dp=4, sglang_tp=2), s)
     p4 = P.plan_memory(m, Layout(tp=2, pp=4, dp=1, sglang_tp=2), s)
     emb = 2 * m.hidden_size * 4096  # stage 0: the embedding output, full sequence (before the SP scatter)
     assert p1.activations == int(1 * 28 * per_tok * 4096 + emb)
-    # stage 0 also holds the 4 outputs it sent to stage 1 ([s/tp, b, h] bf16 with SP)
+    # without deallocate_pipeline_outputs, stage 0 also holds the 4 outputs it sent to stage 1 ([s/tp, b, h] bf16 with SP)
     stage_act = {0: 4 * 7 * per_tok * 4096 + 4 * 2 * m.hidden_size / 2 * 4096 + emb}
     assert p4.worst_stage in (0, 3)
     if p4.worst_stage == 0:
         assert p4.activations == int(stage_act[0])
-    # deallocate_pipeline_outputs frees the held outputs
-    s_d = TrainSettings(tokens_per_microbatch=4096, seq_len=4096, recompute="selective", deallocate_pipeline_outputs=True)
+    # deallocate_pipeline_outputs (the actor's setting, the default) frees the held outputs
+    s_d = TrainSettings(tokens_per_microbatch=4096, seq_len=4096, recompute="selective")
     p4d = P.plan_memory(m, Layout(tp=2, pp=4, dp=1, sglang_tp=2), s_d)
     if p4d.worst_stage == 0:
         assert p4d.activations == int(4 * 7 * per_tok * 4096 + emb)

@@ -93,6 +93,12 @@ class Actor:
                 f"pipeline_model_parallel_size={self.cfg.pipeline_model_parallel_size} differ from "
                 f"init_parallel(tp={tp}, pp={pp}); pass the same values"
             )
+        vpp = getattr(self.cfg, "virtual_pipeline_model_parallel_size", None)
+        if (vpp if vpp != 1 else None) != mpu.get_virtual_pipeline_model_parallel_world_size():
+            raise ValueError(
+                f"actor.virtual_pipeline_model_parallel_size={vpp} differs from init_parallel(vpp="
+                f"{mpu.get_virtual_pipeline_model_parallel_world_size()}); pass the same value"
+            )
         # context parallelism is refused by the config checks (config.validate)
         self.hf_config = hf_config
         self.on_gpu = torch.cuda.is_available()

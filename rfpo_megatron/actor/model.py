@@ -72,6 +72,7 @@ def transformer_config_from_hf(
     if arch.mlp_bias:
         raise ConfigError(f"model_type={arch.model_type!r} with mlp_bias=True is not supported")
     on_gpu = torch.cuda.is_available()
+    fused = gpu_fusions() if on_gpu else {"rope": False, "wgrad": False}
     kw: dict[str, Any] = dict(
         num_layers=layers,
         hidden_size=arch.hidden_size,
@@ -99,17 +100,32 @@ def transformer_config_from_hf(
         perform_initialization=True,
         init_method_std=float(cfg.get("initializer_range", 0.02)),
         bias_activation_fusion=on_gpu,
-        masked_softmax_fusion=False,
+        masked_softmax_fusion=False,  # only the local attention uses it (megatron's CUDA softmax kernels)
         persist_layer_norm=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
-        deallocate_pipeline_outputs=False,
+        bias_dropout_fusion=on_gpu,
+        apply_rope_fusion=fused["rope"],  # TE's fused RoPE (also its THD form: no host sync per layer)
+        gradient_accumulation_fusion=fused["wgrad"],  # fp32 main_grad accumulated inside the wgrad GEMM
+        deallocate_pipeline_outputs=True,  # a stage frees the activation it sent once the next stage has it
         variable_seq_lengths=True,
         moe_token_dispatcher_type="alltoall",  # megatron requires it with variable_seq_lengths
     )
     kw.update(overrides)
     return TransformerConfig(**kw)
+
+
+def gpu_fusions() -> dict[str, bool]:
+    """Which of megatron's GPU fusions this install provides: TE's fused RoPE; the fused wgrad accumulation,
+    which every linear needs (the TE ones natively, megatron's own ColumnParallelLinear head through the
+    ``fused_weight_gradient_mlp_cuda`` extension)."""
+    try:
+        import transformer_engine  # noqa: F401
+
+        have_te = True
+    except Exception:
+        have_te = False
+    from megatron.core.tensor_parallel import layers
+
+    return {"rope": have_te, "wgrad": have_te and bool(getattr(layers, "_grad_accum_fusion_available", False))}
 
 
 def uses_te_spec(spec: str) -> bool:
