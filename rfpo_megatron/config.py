@@ -34,6 +34,25 @@ LOSS_FORMS = ("faithful", "corrected", "weighted")
 FIX_VARIANTS = ("rewrite", "reward", "error_info", "reference")
 
 
+ROLLOUT_CORRECTION_MODES = ("tis", "icepop", "seq_mask_tis", "seq_is", "token_reject", "seq_reject")
+REJECT_KL_TYPES = ("k1", "k2", "k3")
+
+
+@dataclass
+class RolloutCorrectionConfig:
+    """Rollout-to-train correction on rho_t = exp(old_logp - rollout_logp), a chain of modes (algorithms.md)."""
+
+    modes: list = field(default_factory=list)  # applied in order (tis | icepop | seq_mask_tis | seq_is | token_reject | seq_reject); [] with algo.tis_cap set = [tis]
+    icepop_low: float = 0.5  # icepop: tokens with rho_t outside [low, high] are masked
+    icepop_high: float = 2.0
+    seq_mask_low: float = 0.9  # seq_mask_tis: sequences whose geometric-mean ratio is outside [low, high] are masked
+    seq_mask_high: float = 1.1
+    seq_is_cap: float = 2.0  # seq_is: sequence weight min(prod_t rho_t, cap)
+    reject_kl_type: str = "k3"  # token_reject / seq_reject divergence: k1 | k2 | k3 of rollout vs train
+    token_reject_threshold: float = 1.0  # token_reject: tokens with |k_t| > threshold are masked
+    seq_reject_threshold: float = 0.05  # seq_reject: sequences with |mean_t k_t| > threshold are masked
+
+
 @dataclass
 class AlgoConfig:
     """Advantage estimator, policy loss and add-ons (see docs/algorithms.md)."""
@@ -67,7 +86,8 @@ class AlgoConfig:
     bapo_delta_low: float = 0.02
     pos_nll_coef: float = 0.0  # VAPO positive-example NLL on correct responses (reward >= rfpo.fix.success_threshold)
     chord_mu: float = 0.0  # CHORD-phi: (1-mu)·policy + mu·SFT on fixed (expert) tokens
-    tis_cap: Optional[float] = None  # truncated importance sampling cap C; None = off
+    tis_cap: Optional[float] = None  # truncated importance sampling cap C (rollout correction tis / seq_mask_tis); None = off
+    rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
     overlong_buffer_len: int = 0  # DAPO L_cache; 0 = off
     overlong_penalty_factor: float = 1.0
     max_response_len: int = 64
@@ -410,6 +430,47 @@ def _inactive_algo_knobs(a: Any) -> None:
                               "remove it or change that setting")
 
 
+def correction_modes(a: Any) -> list:
+    """The rollout-correction chain in effect: algo.rollout_correction.modes, or [tis] when only algo.tis_cap is set."""
+    modes = list(a.rollout_correction.modes)
+    return modes or (["tis"] if a.tis_cap is not None else [])
+
+
+def _validate_rollout_correction(a: Any) -> None:
+    """Names, ranges, and knobs that cannot act (one line each) of algo.rollout_correction."""
+    rc, d, p = a.rollout_correction, RolloutCorrectionConfig(), "algo.rollout_correction"
+    for name in rc.modes:
+        if name not in ROLLOUT_CORRECTION_MODES:
+            raise ConfigError(unknown_name_message(f"{p}.modes", name, ROLLOUT_CORRECTION_MODES))
+    if len(set(rc.modes)) != len(rc.modes):
+        raise ConfigError(f"config field '{p}.modes': {rc.modes} names a mode twice")
+    modes = correction_modes(a)
+    if "tis" in modes and "seq_mask_tis" in modes:
+        raise ConfigError(f"config field '{p}.modes': seq_mask_tis already applies the token TIS weight; drop tis")
+    needs_cap = "tis" in modes or "seq_mask_tis" in modes
+    if needs_cap and a.tis_cap is None:
+        raise ConfigError(f"config field 'algo.tis_cap': null, but {p}.modes has tis / seq_mask_tis (set the cap C)")
+    if a.tis_cap is not None and not needs_cap:
+        raise ConfigError(f"config field 'algo.tis_cap': {a.tis_cap!r} would have no effect: {p}.modes has neither "
+                          "tis nor seq_mask_tis; remove it or add one")
+    if rc.reject_kl_type not in REJECT_KL_TYPES:
+        raise ConfigError(unknown_name_message(f"{p}.reject_kl_type", rc.reject_kl_type, REJECT_KL_TYPES))
+    for lo, hi in (("icepop_low", "icepop_high"), ("seq_mask_low", "seq_mask_high")):
+        if not 0 <= getattr(rc, lo) < getattr(rc, hi):
+            raise ConfigError(f"config fields '{p}.{lo}', '{p}.{hi}': need 0 <= low < high "
+                              f"(got {getattr(rc, lo)}, {getattr(rc, hi)})")
+    for k in ("seq_is_cap", "token_reject_threshold", "seq_reject_threshold"):
+        if not getattr(rc, k) > 0:
+            raise ConfigError(f"config field '{p}.{k}': {getattr(rc, k)} must be > 0")
+    owners = {"icepop_low": ("icepop",), "icepop_high": ("icepop",), "seq_mask_low": ("seq_mask_tis",),
+              "seq_mask_high": ("seq_mask_tis",), "seq_is_cap": ("seq_is",), "token_reject_threshold": ("token_reject",),
+              "seq_reject_threshold": ("seq_reject",), "reject_kl_type": ("token_reject", "seq_reject")}
+    for k, need in owners.items():
+        if getattr(rc, k) != getattr(d, k) and not any(m in modes for m in need):
+            raise ConfigError(f"config field '{p}.{k}': {getattr(rc, k)!r} would have no effect: it acts only with "
+                              f"{' / '.join(need)} in {p}.modes; remove it or add the mode")
+
+
 BUILTIN_GENERATE_FNS = ("multi_turn",)  # rollout.generate_fn names (rfpo_megatron.train.custom_rollout)
 
 
@@ -450,6 +511,7 @@ def validate(cfg: Config) -> Config:
     if a.clip_ratio_c is not None and a.clip_ratio_c <= 1:
         raise ConfigError(f"config field 'algo.clip_ratio_c': {a.clip_ratio_c} must be > 1 (dual-clip constant) or null")
     rng("algo.tis_cap", a.tis_cap, 0, None, lo_open=True)
+    _validate_rollout_correction(a)
     rng("algo.gamma", a.gamma, 0, 1)
     rng("algo.lam", a.lam, 0, 1)
     rng("algo.max_response_len", a.max_response_len, 1)

@@ -104,6 +104,7 @@ def train_one_step(rt: Runtime, step: int) -> dict[str, float]:
     n_tok = sum(len(r) for r in batch.response_ids) + sum(len(p) for p in batch.prompt_ids)
     if rt.is_rank0:
         m.update(roff_metrics(log_roff, batch.is_fixed, cfg.rfpo.roff_clip))
+        m.update(step_data.correction_metrics)  # train/rollout_logprob_gap_*, train/rollout_correction/*
         m["rfpo/grad_signal_frac"] = grad_signal_frac(step_data.advantages.abs().sum(-1), batch.group_index,
                                                      batch.num_groups)
         m.update(rt.tracker.metrics())

@@ -14,7 +14,7 @@ import sys
 from rfpo_megatron import config as C
 
 DOC = pathlib.Path(__file__).resolve().parent.parent / "docs" / "configs.md"
-SECTIONS = [("algo", C.AlgoConfig), ("rfpo", C.RFPOConfig), ("rfpo.fix", C.FixConfig), ("actor", C.ActorConfig),
+SECTIONS = [("algo", C.AlgoConfig), ("algo.rollout_correction", C.RolloutCorrectionConfig), ("rfpo", C.RFPOConfig), ("rfpo.fix", C.FixConfig), ("actor", C.ActorConfig),
             ("critic", C.CriticConfig), ("rollout", C.RolloutConfig), ("data", C.DataConfig), ("logging", C.LoggingConfig),
             ("trainer", C.TrainerConfig)]
 HEADER = """# Configuration reference

@@ -18,7 +18,7 @@ Padding: rfpo_megatron.actor.batch.pad_tokens, the package's one padding helper.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional
 
 import torch
@@ -260,9 +260,12 @@ class Step:
     values:      [N, T] float critic values (algo.adv_estimator=gae), or None.
     log_roff:    [N] float log R_off (0 on unfixed rows; all 0 with rfpo.enabled=false), detached.
     advantages:  [N, T] float (0 on padding and dropped rows).
-    loss_mask:   [N, T] bool, tokens in the loss (response_mask AND the estimator's keep mask).
+    loss_mask:   [N, T] bool, tokens in the loss (response_mask AND the estimator's keep mask AND the rollout
+                 correction's keep mask).
     returns:     [N, T] float GAE returns (gae), or None.
-    tis_weights: [N, T] float truncated IS weights (algo.tis_cap; exactly 1 on fixed rows), or None.
+    tis_weights: [N, T] float rollout-correction weights (algo.rollout_correction / algo.tis_cap; exactly 1 on
+                 fixed rows), or None.
+    correction_metrics: the rollout correction's train/* metrics of the whole step.
     is_positive: [N] bool, reward >= rfpo.fix.success_threshold (VAPO positive NLL).
 
     `rows(a, b)` is the mini-batch of rows a..b-1: every tensor sliced (views), nothing copied.
@@ -278,6 +281,7 @@ class Step:
     values: Optional[torch.Tensor] = None
     returns: Optional[torch.Tensor] = None
     tis_weights: Optional[torch.Tensor] = None
+    correction_metrics: dict = field(default_factory=dict)
 
     @property
     def n(self) -> int:
@@ -300,7 +304,8 @@ class Step:
             return None if t is None else t[sl]
 
         return Step(sub, self.old_logp[sl], self.log_roff[sl], self.advantages[sl], self.loss_mask[sl],
-                    self.is_positive[sl], cut(self.ref_logp), cut(self.values), cut(self.returns), cut(self.tis_weights))
+                    self.is_positive[sl], cut(self.ref_logp), cut(self.values), cut(self.returns), cut(self.tis_weights),
+                    self.correction_metrics)
 
     def actor_batch(self, with_roff: bool = True) -> ActorBatch:
         """The actor's ActorBatch of these rows: per-row fields are views [:T_i] of the [N, T] tensors."""
@@ -319,25 +324,44 @@ class Step:
 
 def make_step(cfg: Config, batch: StepBatch, old_logp: torch.Tensor, ref_logp: Optional[torch.Tensor],
               values: Optional[torch.Tensor], log_roff: torch.Tensor, adv: Advantages) -> Step:
-    """Assemble the Step (adds the TIS weights and the positive flags)."""
-    return Step(batch, old_logp, log_roff, adv.advantages, adv.loss_mask,
+    """Assemble the Step (adds the rollout-correction weights and mask, and the positive flags)."""
+    w, keep, met = rollout_correction(cfg, batch, old_logp)
+    return Step(batch, old_logp, log_roff, adv.advantages, adv.loss_mask & keep,
                 batch.rewards >= cfg.rfpo.fix.success_threshold, ref_logp=ref_logp, values=values,
-                returns=adv.returns, tis_weights=tis_weights(cfg, batch, old_logp))
+                returns=adv.returns, tis_weights=w, correction_metrics=met)
+
+
+def rollout_correction(cfg: Config, batch: StepBatch, old_logp: torch.Tensor
+                       ) -> tuple[Optional[torch.Tensor], torch.Tensor, dict[str, float]]:
+    """The chain algo.rollout_correction (or [tis] from algo.tis_cap alone) on ρ = exp(old - rollout), see
+    algos/correction.py: (weights [N, T] or None, keep [N, T] bool, train/* metrics). It never acts on fixed rows
+    (their rollout log-probs were under the fix prompt), rows whose engine reported no log-probs, or tokens off
+    the response mask (environment tokens): weight 1, kept."""
+    from rfpo_megatron.algos.correction import apply_rollout_correction
+    from rfpo_megatron.config import correction_modes
+
+    modes = correction_modes(cfg.algo)
+    if not modes:
+        return None, torch.ones_like(batch.response_mask), {}
+    lens = [len(r) for r in batch.response_ids]
+    has = torch.tensor([len(r) == L for r, L in zip(batch.rollout_logp, lens)], dtype=torch.bool)
+    rollout = pad_tokens([r if ok else [] for r, ok in zip(batch.rollout_logp, has.tolist())], dtype=torch.float64)
+    T = old_logp.shape[1]
+    rollout = torch.nn.functional.pad(rollout, (0, T - rollout.shape[1]))
+    eligible = batch.response_mask[:, :T] & (batch.use_tis & has).unsqueeze(-1)
+    rc = cfg.algo.rollout_correction
+    knobs = {k: getattr(rc, k) for k in ("icepop_low", "icepop_high", "seq_mask_low", "seq_mask_high", "seq_is_cap",
+                                         "reject_kl_type", "token_reject_threshold", "seq_reject_threshold")}
+    w, keep, met = apply_rollout_correction(modes, old_logp, rollout, eligible, tis_cap=cfg.algo.tis_cap, **knobs)
+    out = {"train/" + k if k.startswith("rollout_logprob_gap") else "train/rollout_correction/" + k: v
+           for k, v in met.items()}
+    return w, keep, out
 
 
 def tis_weights(cfg: Config, batch: StepBatch, old_logp: torch.Tensor) -> Optional[torch.Tensor]:
-    """[N, T] truncated importance weights min(exp(old - rollout), algo.tis_cap) (algos.tis_weight), or None
-    without a cap; exactly 1 on fixed rows (their rollout log-probs were under the fix prompt) and on rows whose
-    engine reported no log-probs."""
-    if cfg.algo.tis_cap is None:
-        return None
-    from rfpo_megatron.algos.objective import tis_weight
-
-    lens = [len(r) for r in batch.response_ids]
-    has = torch.tensor([len(r) == L for r, L in zip(batch.rollout_logp, lens)], dtype=torch.bool)
-    rollout = pad_tokens([r if ok else [] for r, ok in zip(batch.rollout_logp, has.tolist())], dtype=torch.float32)
-    rollout = torch.nn.functional.pad(rollout, (0, old_logp.shape[1] - rollout.shape[1]))
-    return tis_weight(old_logp.float(), rollout, cfg.algo.tis_cap, is_fixed=~(batch.use_tis & has))
+    """[N, T] rollout-correction weights of the step (rollout_correction; with algo.tis_cap alone
+    min(exp(old - rollout), tis_cap)), or None; exactly 1 on fixed rows and rows without engine log-probs."""
+    return rollout_correction(cfg, batch, old_logp)[0]
 
 
 def update_policy(rt: Runtime, step: Step) -> dict[str, float]:
