@@ -292,3 +292,63 @@ def test_tis_cap_alone_is_the_tis_mode():
 def test_config_errors(over, msg):
     with pytest.raises(ConfigError, match=msg):
         load_config(None, over)
+
+
+# ------------------------------------------------------------------------ through a real (tiny) megatron actor
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    """A world-size-1 megatron actor with optimizer (actor.lr = 0: every train_step sees the same weights)."""
+    import os
+
+    from test_trainer_fixtures import build_assets, tiny_overrides
+
+    from rfpo_megatron.actor.parallel import destroy_parallel, init_parallel
+    from rfpo_megatron.rollout.procs import free_port
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("rc_actor")
+    assets = build_assets(str(root / "assets"))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ["MASTER_PORT"] = str(free_port())
+    init_parallel(1, 1, seed=5)
+    base = tiny_overrides(assets, str(root / "out"), **{"actor.lr": 0.0})
+    actor = T.build_actor(load_config(None, base))
+    yield actor, (lambda *o: load_config(None, base + list(o)))
+    destroy_parallel()
+
+
+def test_real_train_step_masked_tokens_and_weights_act_as_their_formula(real):
+    """update_policy -> Actor.train_step: the icepop + seq_is step trains exactly like a step with those tokens
+    removed from the loss mask by hand and the float64 sequence weights given by hand, and unlike no correction."""
+    from dataclasses import replace
+
+    actor, make_cfg = real
+    batch = T.build_batch(_groups())
+    old, _ = T.logprob_pass(actor, batch)
+    lr = [[0.1, -0.8, 0.9], [0.02, -0.04], [0.3, 0.3, 0.2, 0.4]]  # rollout = old − lr (fixed row: anything)
+    roll = [[float(o) - x for o, x in zip(old[i].double().tolist(), r)] for i, r in enumerate(lr)] + [[-3.0] * 3]
+    batch = replace(batch, rollout_logp=roll)
+    gen = torch.Generator().manual_seed(0)
+    adv = T.Advantages(torch.randn(batch.response_mask.shape, generator=gen) * batch.response_mask,
+                       batch.response_mask.clone())
+
+    def loss(cfg, step):
+        rt = SimpleNamespace(cfg=cfg, actor=actor)
+        return T.update_policy(rt, step)["train/loss"]
+
+    cfg = make_cfg(RC + "modes=[icepop,seq_is]", "rfpo.enabled=false")
+    corrected = T.make_step(cfg, batch, old, None, None, torch.zeros(batch.n), adv)
+    plain_cfg = make_cfg("rfpo.enabled=false")
+    plain = T.make_step(plain_cfg, batch, old, None, None, torch.zeros(batch.n), adv)
+    mask = plain.loss_mask.clone()
+    mask[0, 1] = mask[0, 2] = False  # ρ = e^-0.8 = 0.45 and e^0.9 = 2.46 are outside [0.5, 2]
+    W = torch.ones(mask.shape)
+    for i, s in enumerate([0.1, -0.02, 1.2]):  # Σ lr over the tokens icepop kept
+        W[i, :len(lr[i])] = min(math.exp(s), 2.0)
+    by_hand = replace(plain, loss_mask=mask, tis_weights=W)
+    assert torch.equal(corrected.loss_mask, mask)
+    assert torch.allclose(corrected.tis_weights, W, rtol=1e-6)
+    got, want, none = loss(cfg, corrected), loss(plain_cfg, by_hand), loss(plain_cfg, plain)
+    assert got == pytest.approx(want, rel=1e-6)
+    assert abs(got - none) > 1e-4
