@@ -352,3 +352,17 @@ def test_real_train_step_masked_tokens_and_weights_act_as_their_formula(real):
     got, want, none = loss(cfg, corrected), loss(plain_cfg, by_hand), loss(plain_cfg, plain)
     assert got == pytest.approx(want, rel=1e-6)
     assert abs(got - none) > 1e-4
+
+
+def test_environment_tokens_are_not_in_sequence_statistics():
+    """A multi-turn sample's environment token (Sample.loss_mask 0) has no meaningful engine log-prob: it is
+    neither corrected nor counted in the geometric mean of seq_mask_tis."""
+    s = Sample(prompt_ids=[1, 2], response_ids=[5, 6, 7], rollout_logprobs=[-1.0, -9.0, -1.0], loss_mask=[1, 0, 1])
+    batch = T.build_batch([RolloutGroup(prompt_ids=[1, 2], samples=[s])])
+    old = torch.tensor([[-1.02, -1.0, -0.98]])  # env token: lr = 8 (ρ = 2981)
+    cfg = load_config(None, [RC + "modes=[seq_mask_tis]", "algo.tis_cap=2.0"])
+    adv = T.Advantages(torch.ones(1, 3), batch.response_mask.clone())
+    step = T.make_step(cfg, batch, old, None, None, torch.zeros(1), adv)
+    assert step.loss_mask[0].tolist() == [True, False, True]  # geometric mean over tokens 0, 2 = 1: kept
+    assert step.tis_weights[0].tolist() == pytest.approx([math.exp(-0.02), 1.0, math.exp(0.02)], rel=1e-5)
+    assert step.correction_metrics["train/rollout_logprob_gap_max"] == pytest.approx(0.02, rel=1e-4)
