@@ -239,7 +239,7 @@ class TrainerConfig:
     # the batch) and nothing reading old log-probs before the update (no KL in reward, no TIS), the training forward's
     # own detached log-probs are old_logp and the separate pass only scores RFPO's fixed rows + originals (R_off);
     # false: always run the full old-log-prob pass
-    skip_old_logprob_pass: str = "auto"
+    skip_old_logprob_pass: str = "auto"  # auto: old_logp from the train forward when exact (one optimizer step) | false
 
 
 @dataclass
