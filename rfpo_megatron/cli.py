@@ -12,7 +12,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("rfpo_megatron.offline.cli", "convert checkpoints HF <-> Megatron (any TP/PP)"),
     "serve": ("rfpo_megatron.rollout.server", "serve the embedded CPU rollout engine over SGLang's HTTP protocol"),
     "plan": ("rfpo_megatron.plan", "per-GPU memory plan and layout recommendation"),
-    "bench": ("rfpo_megatron.kernels.bench", "benchmark the fused kernels (GPU)"),
+    "bench": ("rfpo_megatron.cli:bench_main", "benchmark the fused kernels (GPU); --step: the trainer's step"),
     "reward-server": ("rfpo_megatron.rewards.server", "serve a reward function over HTTP (for data.reward_url)"),
     "data": ("rfpo_megatron.cli:data_main", "data check FILES: validate prompt sets against a config"),
 }
@@ -52,6 +52,18 @@ def data_main(argv: list[str]) -> int:
     for path, n in report.counts.items():
         print(f"ok: {path}: {n} records")
     return 0
+
+
+def bench_main(argv: list[str]) -> int:
+    """`rfpo-megatron bench --step [...]`: the trainer-step benchmark (rfpo_megatron.bench_step); otherwise the
+    fused-kernel benchmark (rfpo_megatron.kernels.bench)."""
+    if "--step" in argv:
+        from rfpo_megatron.bench_step import main as step_main
+
+        return int(step_main([a for a in argv if a != "--step"]) or 0)
+    from rfpo_megatron.kernels.bench import main as kernels_main
+
+    return int(kernels_main(argv) or 0)
 
 
 def _usage() -> str:

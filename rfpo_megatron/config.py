@@ -255,6 +255,11 @@ class TrainerConfig:
     keep_last: int = 2
     checkpoint_format: str = "auto"  # actor/critic states: auto (dist on GPU, full on CPU) | dist | full
     heartbeat_file: Optional[str] = None  # touched every step (for the Slurm watchdog)
+    # auto: with one optimizer step over the whole rollout batch (actor.ppo_epochs=1, global_batch_size null or >=
+    # the batch) and nothing reading old log-probs before the update (no KL in reward, no TIS), the training forward's
+    # own detached log-probs are old_logp and the separate pass only scores RFPO's fixed rows + originals (R_off);
+    # false: always run the full old-log-prob pass
+    skip_old_logprob_pass: str = "auto"  # auto: old_logp from the train forward when exact (one optimizer step) | false
 
 
 @dataclass
@@ -590,6 +595,8 @@ def validate(cfg: Config) -> Config:
     choice("logging.wandb_mode", cfg.logging.wandb_mode, ("auto", "online", "offline", "disabled"))
     rng("trainer.steps", cfg.trainer.steps, 0)
     choice("trainer.checkpoint_format", cfg.trainer.checkpoint_format, ("auto", "dist", "full"))
+    cfg.trainer.skip_old_logprob_pass = str(cfg.trainer.skip_old_logprob_pass).lower()
+    choice("trainer.skip_old_logprob_pass", cfg.trainer.skip_old_logprob_pass, ("auto", "false"))
     return cfg
 
 

@@ -26,7 +26,8 @@ import torch
 from rfpo_megatron.config import Config, ConfigError, load_config
 from rfpo_megatron.data.types import RolloutGroup
 from rfpo_megatron.logging.metrics import grad_signal_frac, group_flags, roff_metrics, rollout_metrics
-from rfpo_megatron.train.batch import build_batch, compute_roff, logprob_pass, make_step, step_advantages, update_policy
+from rfpo_megatron.train.batch import (build_batch, compute_roff, fixed_logprob_pass, logprob_pass, make_step,
+                                      old_logp_from_forward, step_advantages, update_policy)
 from rfpo_megatron.train.checkpoint import STATE_FILE, capture_state, latest_trainer_checkpoint, save_trainer_checkpoint  # noqa: F401
 from rfpo_megatron.train.critic import update_critic, value_pass
 from rfpo_megatron.train.generation import baseline_metrics, dynamic_sampling, fix_stage, rollout, run_eval
@@ -88,10 +89,15 @@ def train_one_step(rt: Runtime, step: int) -> dict[str, float]:
 
     with abortable(rt, collective=True), timed(m, "perf/logprob_time"):
         batch = build_batch(groups, rt.pad_id)
-        old_logp, orig_logp = logprob_pass(rt.actor, batch)  # [N, T], [F, T0] (originals of the fixed rows)
+        if old_logp_from_forward(cfg, rt.actor, batch.n):  # one optimizer step: old = the train forward's own
+            roff_logp, orig_logp = fixed_logprob_pass(rt.actor, batch)  # only R_off's rows: fixed + originals
+            old_logp = None
+        else:
+            old_logp, orig_logp = logprob_pass(rt.actor, batch)  # [N, T], [F, T0] (originals of the fixed rows)
+            roff_logp = old_logp
         ref_logp = logprob_pass(rt.ref_actor, batch, originals=False)[0] if rt.ref_actor is not None else None
         values = value_pass(rt, batch)  # [N, T] critic values on the plain prompt (gae), else None
-    log_roff = compute_roff(cfg, batch, old_logp, orig_logp)  # [N], detached, 0 for unfixed
+    log_roff = compute_roff(cfg, batch, roff_logp, orig_logp)  # [N], detached, 0 for unfixed
     adv = step_advantages(rt, batch, old_logp, ref_logp, values, m)  # advantages, loss mask (+ gae returns)
     step_data = make_step(cfg, batch, old_logp, ref_logp, values, log_roff, adv)  # everything [N, T], padded once
     with timed(m, "perf/train_time"):
@@ -101,6 +107,7 @@ def train_one_step(rt: Runtime, step: int) -> dict[str, float]:
         with timed(m, "perf/weight_sync_time"):
             sync_weights(rt, resume_memory=cfg.rollout.colocate)
 
+    m["perf/old_logprob_pass_skipped"] = float(old_logp is None)
     n_tok = sum(len(r) for r in batch.response_ids) + sum(len(p) for p in batch.prompt_ids)
     if rt.is_rank0:
         m.update(roff_metrics(log_roff, batch.is_fixed, cfg.rfpo.roff_clip))

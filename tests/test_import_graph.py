@@ -21,6 +21,7 @@ LAYERS = [
     ["actor", "fix", "plan"],
     ["offline", "train"],
     ["trainer", "evaluate"],
+    ["bench_step"],
     ["cli"],
 ]
 

@@ -325,7 +325,8 @@ class Actor:
         return buf[..., : self.vocab_size].cpu()
 
     # ------------------------------------------------------------- train step
-    def train_step(self, batch: ActorBatch, loss_cfg: Any, rfpo_cfg: Any = None) -> dict[str, float]:
+    def train_step(self, batch: ActorBatch, loss_cfg: Any, rfpo_cfg: Any = None, *,
+                   old_logp_from_forward: bool = False) -> dict[str, float]:
         """One optimizer step on the whole batch; returns ``train/*`` metrics (floats, same on every rank).
 
         loss_cfg: ``AlgoConfig``-like (policy_loss, loss_agg_mode, loss_agg_max_len / max_response_len,
@@ -337,6 +338,10 @@ class Actor:
         ``algos.objective.compute_actor_loss`` with whole-step counts; with ``actor.use_fused_kernels`` and a
         ppo-type loss the per-token policy loss (ratio, clip, dual clip, R_off, TIS) comes from the fused loss
         kernel (``kernels.loss``: Triton on CUDA, its torch twin elsewhere).
+
+        old_logp_from_forward: batch.old_logp must be None; the old log-probs are this forward's own detached
+        log-probs (ratio 1 by construction). Exact only when this is the one optimizer step on weights that
+        produced nothing else the loss reads (the trainer decides: train.batch.old_logp_from_forward).
         """
         import copy
 
@@ -346,7 +351,9 @@ class Actor:
         if self.optimizer is None:
             raise RuntimeError("Actor was built with with_optimizer=False; train_step needs the optimizer")
         batch.validate()
-        if batch.advantages is None or batch.old_logp is None:
+        if old_logp_from_forward and batch.old_logp is not None:
+            raise ValueError("train_step(old_logp_from_forward=True) takes a batch without old_logp")
+        if batch.advantages is None or (batch.old_logp is None and not old_logp_from_forward):
             raise ValueError("train_step needs batch.advantages and batch.old_logp (run compute_logprobs first)")
         a = resolve_loss_defaults(copy.copy(loss_cfg))
         use_kl = bool(_cfg(a, "use_kl_loss", False))
@@ -380,7 +387,7 @@ class Actor:
         pl_kwargs = self._policy_loss_kwargs(pl_fn, a, rfpo_cfg)
         pl_kwargs.pop("loss_form", None)
         if policy == "bapo":
-            pl_kwargs["bapo_clip_bounds"] = self._bapo_bounds(batch, masks, pl_kwargs, loss_form)
+            pl_kwargs["bapo_clip_bounds"] = self._bapo_bounds(batch, masks, pl_kwargs, loss_form, old_logp_from_forward)
         fused = bool(getattr(self.cfg, "use_fused_kernels", False)) and policy in FUSED_LOSSES
         obj_kw = dict(
             loss_agg_mode=mode, counts=counts, loss_agg_max_len=max_len, loss_form=loss_form,
@@ -399,13 +406,14 @@ class Actor:
             lp = pad_tokens(list(torch.split(logp, mb.resp_lens)))
             en = pad_tokens(list(torch.split(ent, mb.resp_lens)))
             mask = pad_tokens([masks[i] for i in ids], fill=False, dtype=torch.bool).to(dev)
-            old = per_sample(batch.old_logp, ids, dev)
+            old = lp.detach() if old_logp_from_forward else per_sample(batch.old_logp, ids, dev)
             adv = per_sample(batch.advantages, ids, dev)
             log_roff = batch.log_roff[ids].to(dev) if batch.log_roff is not None else None
             tis = per_sample(batch.tis_weights, ids, dev, fill=1.0) if batch.tis_weights is not None else None
             pg_tokens = None
             if fused:
-                pg_tokens = self._fused_token_loss(mb, logp, batch, masks, ids, loss_form, a, lp.shape[1])
+                pg_tokens = self._fused_token_loss(mb, logp, batch, masks, ids, loss_form, a, lp.shape[1],
+                                                   old_logp_from_forward)
             total, met = compute_actor_loss(
                 policy, lp, old, adv, mask, log_roff=log_roff, is_fixed=fixed[ids].to(dev),
                 is_positive=pos[ids].to(dev), tis_weights=tis, pg_tokens=pg_tokens, entropy=en,
@@ -442,14 +450,15 @@ class Actor:
 
     @staticmethod
     def _fused_token_loss(mb: PackedMicroBatch, logp: torch.Tensor, batch: ActorBatch, masks: list, ids: list,
-                          loss_form: str, a: Any, width: int) -> tuple[torch.Tensor, dict]:
+                          loss_form: str, a: Any, width: int, old_from_forward: bool = False) -> tuple[torch.Tensor, dict]:
         """Per-token ppo loss of one packed micro-batch from the fused loss kernel (ratio, clip, dual clip, R_off
-        in the chosen form, TIS weights): ([b, width] padded, {clipfrac, ppo_kl})."""
+        in the chosen form, TIS weights): ([b, width] padded, {clipfrac, ppo_kl}). old_from_forward: old_logp
+        is logp.detach() (train_step's old_logp_from_forward)."""
         from rfpo_megatron.kernels.loss import fused_rfpo_token_loss
 
         dev = logp.device
         mask = torch.cat([masks[i] for i in ids]).to(dev)
-        old = torch.cat([batch.old_logp[i] for i in ids]).to(dev)
+        old = logp.detach() if old_from_forward else torch.cat([batch.old_logp[i] for i in ids]).to(dev)
         adv = torch.cat([batch.advantages[i] for i in ids]).to(dev)
         zero = torch.zeros((), dtype=old.dtype, device=dev)
         old, adv = torch.where(mask, old, zero), torch.where(mask, adv, zero)
@@ -507,13 +516,15 @@ class Actor:
         out = {k: float(v) for k, v in zip(keys, acc.tolist())}
         return out, float(grad_norm) if grad_norm is not None else float("nan"), bool(ok)
 
-    def _bapo_bounds(self, batch: ActorBatch, masks: list, pl_kwargs: dict, loss_form: str = "faithful") -> tuple[float, float]:
+    def _bapo_bounds(self, batch: ActorBatch, masks: list, pl_kwargs: dict, loss_form: str = "faithful",
+                     old_from_forward: bool = False) -> tuple[float, float]:
         """BAPO's adaptive (c_low, c_high) from the WHOLE step batch (one extra forward-only pass),
-        so the bounds do not depend on the micro-batch split."""
+        so the bounds do not depend on the micro-batch split (old_from_forward: old = now, ratio 1)."""
         from rfpo_megatron.algos.policy_loss import bapo_bounds
 
         now, _ = self.compute_logprobs(batch)
-        log_ratio = pad_tokens([n - o for n, o in zip(now, batch.old_logp)])
+        olds = now if old_from_forward else batch.old_logp
+        log_ratio = pad_tokens([n - o for n, o in zip(now, olds)])
         ratio = torch.exp(log_ratio.double().clamp(-20.0, 20.0))
         if batch.log_roff is not None and loss_form != "weighted":  # weighted: R_off is not in the ratio
             ratio = ratio * torch.exp(batch.log_roff.double()).unsqueeze(-1)

@@ -8,6 +8,8 @@ Data flow (each function RETURNS its result; nothing is written into its argumen
     build_batch(groups)                       -> StepBatch        token ids, rewards, [N, T] response_mask
                                                                   (False on padding and environment tokens)
     logprob_pass(actor, batch)                -> old [N, T], orig [F, T0]  (ref: originals=False -> [N, T], None)
+      or, when old_logp_from_forward(cfg, actor, n) (one optimizer step, nothing reads old before the update):
+    fixed_logprob_pass(actor, batch)          -> fixed rows only [N, T] (0 elsewhere), orig [F, T0]; old_logp None
     critic.value_pass(rt, batch)              -> values [N, T] | None
     compute_roff(cfg, batch, old, orig)       -> log_roff [N]
     step_advantages(rt, batch, old, ref, values, m) -> Advantages (advantages, loss_mask, returns)
@@ -126,6 +128,48 @@ def logprob_pass(actor: Any, batch: StepBatch, originals: bool = True) -> tuple[
     return old, (pad_tokens(logp[batch.n:], dtype=torch.float32) if originals else None)
 
 
+def old_logp_from_forward(cfg: Config, actor: Any, n: int) -> bool:
+    """True when the step's old log-probs can be the training forward's own detached log-probs (ratio 1 by
+    construction), so the full old-log-prob pass is redundant: `trainer.skip_old_logprob_pass=auto`, ONE
+    optimizer step over the whole batch of n rows (actor.ppo_epochs=1, actor.global_batch_size null or >= n:
+    the weights of that forward are the ones that produced the batch), and nothing reads old_logp before the
+    update: no KL in the reward (old vs ref), no TIS / rollout correction (old vs rollout); and an actor whose
+    train_step takes `old_logp_from_forward`. R_off's fixed rows are scored by `fixed_logprob_pass`."""
+    import inspect
+
+    a = cfg.algo
+    if str(getattr(cfg.trainer, "skip_old_logprob_pass", "auto")) != "auto":
+        return False
+    if cfg.actor.ppo_epochs != 1 or (cfg.actor.global_batch_size is not None and cfg.actor.global_batch_size < n):
+        return False
+    from rfpo_megatron.config import correction_modes
+
+    if a.use_kl_in_reward or correction_modes(a):  # TIS / rollout correction read old vs rollout log-probs
+        return False
+    try:
+        return "old_logp_from_forward" in inspect.signature(actor.train_step).parameters
+    except (TypeError, ValueError, AttributeError):
+        return False
+
+
+def fixed_logprob_pass(actor: Any, batch: StepBatch) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The pre-update log-probs R_off needs when the full pass is skipped: [N, T] with the F fixed rows filled
+    (plain prompt q; 0 on every other row) and [F, T0] of their original wrong responses (as logprob_pass).
+    One forward over 2F sequences; no forward at all (zeros, None) without fixed rows."""
+    T = batch.response_mask.shape[1]
+    out = torch.zeros(batch.n, T, dtype=torch.float32)
+    if not batch.fixed_rows:
+        return out, None
+    rows = batch.fixed_rows
+    seqs = [(batch.prompt_ids[r], batch.response_ids[r]) for r in rows]
+    seqs += [(batch.prompt_ids[r], o) for r, o in zip(rows, batch.orig_response_ids)]
+    logp, _ = actor.compute_logprobs(ActorBatch.from_prompt_response([p for p, _ in seqs], [r for _, r in seqs]))
+    F = len(rows)
+    fixed = pad_tokens(logp[:F], dtype=torch.float32)
+    out[torch.tensor(rows, dtype=torch.long), :fixed.shape[1]] = fixed
+    return out, pad_tokens(logp[F:], dtype=torch.float32)
+
+
 def compute_roff(cfg: Config, batch: StepBatch, old_logp: torch.Tensor, orig_logp: Optional[torch.Tensor]) -> torch.Tensor:
     """[N] log R_off per sequence, detached: gamma * (S(o) - S(o_f)) on the fixed rows (clamped to
     +-rfpo.roff_clip), 0 elsewhere. old_logp: [N, T] (rows of the batch, plain prompt); orig_logp: [F, T0]
@@ -166,7 +210,7 @@ class Advantages:
     returns: Optional[torch.Tensor] = None
 
 
-def step_advantages(rt: Runtime, batch: StepBatch, old_logp: torch.Tensor, ref_logp: Optional[torch.Tensor],
+def step_advantages(rt: Runtime, batch: StepBatch, old_logp: Optional[torch.Tensor], ref_logp: Optional[torch.Tensor],
                     values: Optional[torch.Tensor], metrics: dict) -> Advantages:
     """`advantages` for the trainer's step: the adaptive KL-in-reward β lives in rt.counters
     ("kl_in_reward_coef"), so it is checkpointed and resumed with the other counters."""
@@ -181,11 +225,11 @@ def step_advantages(rt: Runtime, batch: StepBatch, old_logp: torch.Tensor, ref_l
     return adv
 
 
-def advantages(cfg: Config, batch: StepBatch, old_logp: torch.Tensor, ref_logp: Optional[torch.Tensor],
+def advantages(cfg: Config, batch: StepBatch, old_logp: Optional[torch.Tensor], ref_logp: Optional[torch.Tensor],
                values: Optional[torch.Tensor] = None, kl_ctrl: Any = None,
                metrics: Optional[dict] = None) -> Advantages:
     """Advantages (see that class) from the registry estimator `algo.adv_estimator`; old_logp, ref_logp,
-    values: [N, T]. Rows dropped by the estimator's keep mask (reinforce_rej, raft) are False in the returned
+    values: [N, T] (old_logp None: the pass was skipped, old_logp_from_forward; only KL in reward reads it). Rows dropped by the estimator's keep mask (reinforce_rej, raft) are False in the returned
     loss_mask (`batch` is not changed). gae needs the critic's `values` [N, T] (train.critic.value_pass) and
     returns the GAE returns.
 
@@ -205,11 +249,13 @@ def advantages(cfg: Config, batch: StepBatch, old_logp: torch.Tensor, ref_logp: 
         raise ConfigError("algo.adv_estimator=gae needs the critic's values (train.critic.value_pass); "
                           "the trainer builds the critic when algo.adv_estimator=gae")
     mask = batch.response_mask
-    old = old_logp.float()
+    old = old_logp.float() if old_logp is not None else None
     kw: dict[str, Any] = {"norm_adv_by_std": a.norm_adv_by_std, "gamma": a.gamma, "lam": a.lam,
                           "old_logp": old, "kl_in_reward_coef": 0.0, "kl_in_reward_type": a.kl_in_reward_type}
     rewards = batch.rewards
     if a.use_kl_in_reward:
+        if old is None:
+            raise ValueError("algo.use_kl_in_reward=true needs the old log-probs (no old_logp_from_forward)")
         if ref_logp is None:
             raise ConfigError("algo.use_kl_in_reward=true needs the reference model's log-probs (the trainer builds "
                               "the reference actor when use_kl_in_reward is set)")
@@ -255,7 +301,8 @@ class Step:
     """One RL step's data after the passes, padded once: what the critic and the policy updates train on.
 
     batch:       the StepBatch (token ids of the N rows, rewards, group_index, is_fixed, response_mask [N, T]).
-    old_logp:    [N, T] float, the actor's log-probs before the update (plain prompt q for fixed rows).
+    old_logp:    [N, T] float, the actor's log-probs before the update (plain prompt q for fixed rows), or None:
+                 the training forward's own detached log-probs are used (old_logp_from_forward).
     ref_logp:    [N, T] float reference log-probs (KL loss / KL in reward), or None.
     values:      [N, T] float critic values (algo.adv_estimator=gae), or None.
     log_roff:    [N] float log R_off (0 on unfixed rows; all 0 with rfpo.enabled=false), detached.
@@ -272,7 +319,7 @@ class Step:
     """
 
     batch: StepBatch
-    old_logp: torch.Tensor
+    old_logp: Optional[torch.Tensor]
     log_roff: torch.Tensor
     advantages: torch.Tensor
     loss_mask: torch.Tensor
@@ -303,7 +350,7 @@ class Step:
         def cut(t):
             return None if t is None else t[sl]
 
-        return Step(sub, self.old_logp[sl], self.log_roff[sl], self.advantages[sl], self.loss_mask[sl],
+        return Step(sub, cut(self.old_logp), self.log_roff[sl], self.advantages[sl], self.loss_mask[sl],
                     self.is_positive[sl], cut(self.ref_logp), cut(self.values), cut(self.returns), cut(self.tis_weights),
                     self.correction_metrics)
 
@@ -322,7 +369,7 @@ class Step:
             is_fixed=b.is_fixed, is_positive=self.is_positive)
 
 
-def make_step(cfg: Config, batch: StepBatch, old_logp: torch.Tensor, ref_logp: Optional[torch.Tensor],
+def make_step(cfg: Config, batch: StepBatch, old_logp: Optional[torch.Tensor], ref_logp: Optional[torch.Tensor],
               values: Optional[torch.Tensor], log_roff: torch.Tensor, adv: Advantages) -> Step:
     """Assemble the Step (adds the rollout-correction weights and mask, and the positive flags)."""
     w, keep, met = rollout_correction(cfg, batch, old_logp)
@@ -366,14 +413,20 @@ def tis_weights(cfg: Config, batch: StepBatch, old_logp: torch.Tensor) -> Option
 
 def update_policy(rt: Runtime, step: Step) -> dict[str, float]:
     """actor.ppo_epochs passes over the step in mini-batches of actor.global_batch_size sequences (None:
-    the whole batch), one optimizer step each; returns the train/* metrics averaged over the steps."""
+    the whole batch), one optimizer step each; returns the train/* metrics averaged over the steps.
+    step.old_logp None (old_logp_from_forward): the one optimizer step uses its forward's own log-probs."""
     cfg = rt.cfg
+    kw = {}
+    if step.old_logp is None:
+        if cfg.actor.ppo_epochs != 1 or (cfg.actor.global_batch_size or step.n) < step.n:
+            raise ValueError("step.old_logp is None but the update takes more than one optimizer step")
+        kw["old_logp_from_forward"] = True
 
     def update(mb: Step) -> Optional[dict]:
         if not bool(mb.loss_mask.any()):
             return None  # nothing in the loss (e.g. every row dropped by the estimator's keep mask)
         return rt.actor.train_step(mb.actor_batch(with_roff=cfg.rfpo.enabled), cfg.algo,
-                                   cfg.rfpo if cfg.rfpo.enabled else None)
+                                   cfg.rfpo if cfg.rfpo.enabled else None, **kw)
 
     out, steps = minibatch_updates(step, cfg.actor.global_batch_size, cfg.actor.ppo_epochs, update)
     if not steps:
