@@ -45,12 +45,12 @@ def _targets(values):
     return old, ret
 
 
-def _critic(tp, lr=1e-3, pp=1):
+def _critic(tp, lr=1e-3, pp=1, sp=False):
     from rfpo_megatron.actor.critic import Critic
     from rfpo_megatron.config import ActorConfig, CriticConfig
 
     return Critic(HF, ActorConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                  max_tokens_per_gpu=40, adam_eps=1e-3),
+                                  max_tokens_per_gpu=40, adam_eps=1e-3, sequence_parallel=sp),
                   CriticConfig(lr=lr, clip_grad=1.0), total_steps=40)
 
 
@@ -102,6 +102,14 @@ def _w_tp2(rank, tmp, old, ret):
     out = {"values": c.compute_values(b)}
     out["metrics"] = c.train_step(b, old, ret, cliprange_value=EPS)
     out["after"] = c.compute_values(b)
+    # sequence parallel: the value head gathers the sequence-sharded hidden states
+    sp = _critic(2, sp=True)
+    load_full_state(sp.modules, torch.load(os.path.join(tmp, "S0.pt")), vocab_size=HF["vocab_size"])
+    out["sp_on"] = bool(sp.modules[0].config.sequence_parallel)
+    out["sp_values"] = sp.compute_values(b)
+    out["sp_metrics"] = sp.train_step(b, old, ret, cliprange_value=EPS)
+    out["sp_after"] = sp.compute_values(b)
+    del sp
     out["ckpt"] = _ckpt_resume(c, tmp, b, old, ret)
     return out
 
@@ -208,6 +216,18 @@ def test_tp2_matches_tp1(worlds):
         assert w2[rank]["metrics"]["critic/grad_norm"] == pytest.approx(w1["metrics"]["critic/grad_norm"], rel=1e-4)
     moved = max(float((a - b).abs().max()) for a, b in zip(w1["after"], w1["values"]))
     assert moved > 1e-4  # the step changed the values, so "same after one step" is a real check
+
+
+def test_tp2_sequence_parallel_matches_tp1(worlds):
+    w1, w2 = worlds
+    for rank in (0, 1):
+        assert w2[rank]["sp_on"] is True
+        for a, b in zip(w1["values"], w2[rank]["sp_values"]):
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+        for a, b in zip(w1["after"], w2[rank]["sp_after"]):
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+        assert w2[rank]["sp_metrics"]["critic/value_loss"] == pytest.approx(w1["metrics"]["critic/value_loss"], rel=1e-5)
+        assert w2[rank]["sp_metrics"]["critic/grad_norm"] == pytest.approx(w1["metrics"]["critic/grad_norm"], rel=1e-4)
 
 
 @pytest.mark.parametrize("fmt", ["dist", "full"])

@@ -50,13 +50,22 @@ def clipped_value_loss(values: torch.Tensor, values_old: torch.Tensor, returns: 
 class _ValueOutput:
     """Stands in for ``GPTModel.output_layer`` on the last stage: hidden [s, b, h] -> (values [s, b, 1], None).
 
+    Under sequence parallel the hidden states arrive sequence-sharded ([s/tp, b, h]) and are gathered first.
+
     A plain object (not a Module) so the head's parameters are registered once, as ``value_head.*``.
     """
 
-    def __init__(self, head: torch.nn.Module) -> None:
+    def __init__(self, head: torch.nn.Module, sequence_parallel: bool = False) -> None:
         self.head = head
+        self.sequence_parallel = sequence_parallel
 
     def __call__(self, hidden: torch.Tensor, weight: Any = None, runtime_gather_output: Any = None):
+        if self.sequence_parallel:
+            # [s/tp, b, h] -> [s, b, h]; every TP rank then computes the same values and loss, so the backward
+            # keeps this rank's slice of the (identical) gradient instead of summing it over TP
+            from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+            hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
         return self.head(hidden), None
 
 
@@ -118,7 +127,7 @@ class Critic(Actor):
                 set_defaults_if_not_set_tensor_model_parallel_attributes(p)
             del c.output_layer
             c.value_head = head
-            c.output_layer = _ValueOutput(head)
+            c.output_layer = _ValueOutput(head, sequence_parallel=bool(c.config.sequence_parallel))
             # dist checkpoints: megatron's LanguageModule.sharded_state_dict expects output_layer.weight
             c.sharded_state_dict = types.MethodType(_critic_sharded_state_dict, c)
         return chunks
