@@ -44,6 +44,24 @@ def score_many(verifier: Any, items: Sequence[ScoreItem]) -> list[RewardResult]:
     return [as_result(fn(r, a, rec)) for r, a, rec in items]
 
 
+class OutcomeScorer:
+    """Mixin for verifiers whose ``score_outcomes(items)`` returns one RewardResult or exception per item
+    (errors kept per item for rewards.guard): ``score_batch`` raises the first exception, ``score`` is one item."""
+
+    def score_outcomes(self, items: Sequence[ScoreItem]) -> list:  # pragma: no cover - provided by the class
+        raise NotImplementedError
+
+    def score_batch(self, items: Sequence[ScoreItem]) -> list[RewardResult]:
+        outs = self.score_outcomes(items)
+        for o in outs:
+            if isinstance(o, BaseException):
+                raise o
+        return outs
+
+    def score(self, response_text: str, answer: str, record: dict[str, Any]) -> RewardResult:
+        return self.score_batch([(response_text, answer, record)])[0]
+
+
 def as_result(value: Any) -> RewardResult:
     """Normalise a RewardResult / float / (reward, message) into a RewardResult."""
     if isinstance(value, RewardResult):

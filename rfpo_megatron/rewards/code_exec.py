@@ -21,7 +21,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional, Sequence
 
-from rfpo_megatron.rewards.base import RewardResult, ScoreItem
+from rfpo_megatron.rewards.base import OutcomeScorer, RewardResult, ScoreItem
 from rfpo_megatron.rewards.sandbox import SandboxLimits, SandboxResult, run_sandboxed
 
 _FENCE = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
@@ -105,7 +105,7 @@ def score_result(res: SandboxResult, tests: list[dict], mode: str, limits: Sandb
     return RewardResult(reward, prefix + f"failed {hidden}test '{t['name']}': {detail}")
 
 
-class CodeVerifier:
+class CodeVerifier(OutcomeScorer):
     """`score_batch` runs each response in its own sandbox, `num_workers` at a time (threads waiting on
     subprocesses; they end with the call). kwargs: mode, num_workers and the SandboxLimits fields; `network` /
     `processes` force a containment mode (sandbox.containment())."""
@@ -145,12 +145,3 @@ class CodeVerifier:
                                 thread_name_prefix="rfpo-code-reward") as ex:
             return list(ex.map(self._safe_one, items))
 
-    def score_batch(self, items: Sequence[ScoreItem]) -> list[RewardResult]:
-        outs = self.score_outcomes(items)
-        for o in outs:
-            if isinstance(o, BaseException):
-                raise o
-        return outs
-
-    def score(self, response_text: str, answer: str, record: dict[str, Any]) -> RewardResult:
-        return self._one((response_text, answer, record))

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from rfpo_megatron.config import ConfigError
-from rfpo_megatron.rewards.base import RewardResult, ScoreItem
+from rfpo_megatron.rewards.base import OutcomeScorer, RewardResult, ScoreItem
 
 BATCH_PARAM_NAMES = ("items", "batch")
 Outcome = Any  # RewardResult | BaseException, one per item
@@ -125,7 +125,7 @@ def _is_batched(fn: Callable) -> bool:
 
 
 @dataclass
-class CustomReward:
+class CustomReward(OutcomeScorer):
     """A user reward function/class behind the registry's verifier interface (`score`, `score_batch`,
     `score_outcomes`); built by `load_custom_reward`."""
 
@@ -160,16 +160,6 @@ class CustomReward:
                 outs.append(exc)
         return outs
 
-    def score_batch(self, items: Sequence[ScoreItem]) -> list[RewardResult]:
-        """Unguarded: the first failing item raises (the trainer uses rewards.guard.GuardedReward)."""
-        outs = self.score_outcomes(items)
-        for o in outs:
-            if isinstance(o, BaseException):
-                raise o
-        return outs
-
-    def score(self, response_text: str, answer: str, record: dict[str, Any]) -> RewardResult:
-        return self.score_batch([(response_text, answer, record)])[0]
 
     def close(self) -> None:
         if self.owner is not None and hasattr(self.owner, "close"):

@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from rfpo_megatron.rewards.base import RewardResult, ScoreItem
+from rfpo_megatron.rewards.base import OutcomeScorer, RewardResult, ScoreItem
 from rfpo_megatron.rewards.custom import Outcome, one_line, to_result
 
 
@@ -62,7 +62,7 @@ def decode_results(body: bytes, n: int) -> list[Outcome]:
 
 
 @dataclass
-class RemoteReward:
+class RemoteReward(OutcomeScorer):
     """`score_outcomes(items)` / `score_batch(items)` against the service at `url`."""
 
     url: str
@@ -119,12 +119,3 @@ class RemoteReward:
             parts = list(ex.map(self._chunk, chunks))
         return [o for p in parts for o in p]
 
-    def score_batch(self, items: Sequence[ScoreItem]) -> list[RewardResult]:
-        outs = self.score_outcomes(items)
-        for o in outs:
-            if isinstance(o, BaseException):
-                raise o
-        return outs
-
-    def score(self, response_text: str, answer: str, record: dict[str, Any]) -> RewardResult:
-        return self.score_batch([(response_text, answer, record)])[0]
