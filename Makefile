@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-slow test-all test-slurm compare gpu-check-wheels test-sglang-app
+.PHONY: setup demo test test-slow test-all test-slurm compare reproduce gpu-check-wheels test-sglang-app
 
 setup:
 	@bash tools/setup_env.sh
@@ -27,6 +27,10 @@ test-all: setup
 compare: setup
 	@$(PY) examples/tiny_cpu/prepare.py
 	@$(PY) examples/tiny_cpu/compare.py
+
+# re-derive docs/benchmarks.md's CPU numbers (tools/reproduce.py --list: targets and time); TARGETS="warmstart --full"
+reproduce: setup
+	@$(PY) tools/reproduce.py $(TARGETS)
 
 test-slurm: setup
 	@$(PY) -m pytest -q -m slurm tests/test_slurm_local.py

@@ -246,6 +246,10 @@ class TrainerConfig:
     """The loop: steps, evaluation, checkpointing, seeds."""
 
     steps: int = 10
+    # stop after the step at which the rollout budget (rollout/generations_total: sampled responses, fix generations
+    # and dynamic-sampling refills included) reaches this; the stop step is evaluated and saved like the last one.
+    # null = run `steps` steps (the cap either way). For equal-budget comparisons (examples/tiny_cpu/compare.py)
+    max_generations: Optional[int] = None
     seed: int = 1
     eval_interval: int = 0  # 0 = no periodic eval
     eval_n_samples: int = 4  # k for avg@k / pass@k

@@ -32,7 +32,7 @@ from rfpo_megatron.train.checkpoint import STATE_FILE, capture_state, latest_tra
 from rfpo_megatron.train.critic import update_critic, value_pass
 from rfpo_megatron.train.generation import baseline_metrics, dynamic_sampling, fix_stage, rollout, run_eval
 from rfpo_megatron.train.runtime import (SEED_EVAL, SEED_FIX, Preempted, Runtime, abortable,  # noqa: F401
-                                         broadcast_groups, step_seed, stop_requested, timed, touch)
+                                         broadcast_groups, budget_reached, step_seed, stop_requested, timed, touch)
 from rfpo_megatron.train.lifecycle import setup, teardown
 from rfpo_megatron.train.weight_sync import sync_weights
 
@@ -52,7 +52,8 @@ def train(cfg: Config) -> dict[str, float]:
             metrics = train_one_step(rt, step)
             rt.step = step
             touch(cfg.trainer.heartbeat_file)
-            if cfg.trainer.eval_interval and (step % cfg.trainer.eval_interval == 0 or step == cfg.trainer.steps):
+            last = step == cfg.trainer.steps or budget_reached(rt)
+            if cfg.trainer.eval_interval and (step % cfg.trainer.eval_interval == 0 or last):
                 try:
                     with abortable(rt):  # rank 0 only, no collectives: SIGTERM just skips it
                         metrics.update(run_eval(rt, step))
@@ -61,11 +62,13 @@ def train(cfg: Config) -> dict[str, float]:
             if rt.is_rank0:
                 rt.logger.log(step, metrics)
             stop = stop_requested(rt)
-            if stop or step == cfg.trainer.steps or (cfg.trainer.save_interval
-                                                     and step % cfg.trainer.save_interval == 0):
+            if stop or last or (cfg.trainer.save_interval and step % cfg.trainer.save_interval == 0):
                 save_trainer_checkpoint(rt, step, capture_state(rt))
             if stop:
                 rt.log(f"SIGTERM: saved checkpoint at step {step}; exiting")
+                break
+            if last and step < cfg.trainer.steps:
+                rt.log(f"rollout budget trainer.max_generations={cfg.trainer.max_generations} reached at step {step}")
                 break
         if rt.is_rank0:
             rt.log(summary(rt))

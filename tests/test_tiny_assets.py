@@ -82,6 +82,55 @@ def test_sft_fix_examples_are_fix_prompts(tmp_path):
     assert f"|ref:{recs[0]['solution']}|fix:" in tok.decode(fix[0])
 
 
+def _gated(losses, **kw):
+    """Drive warmstart.GatedSchedule with a loss sequence; returns (schedule, lr after each step)."""
+    import torch
+
+    from warmstart import GatedSchedule
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched, lrs = GatedSchedule(opt, **kw), []
+    for x in losses:
+        if sched.done:
+            break
+        sched.step(x)
+        lrs.append(opt.param_groups[0]["lr"])
+    return sched, lrs
+
+
+def test_gated_schedule_holds_the_lr_until_the_loss_gate():
+    """Hand-worked: loss 0.5 for 200 steps then 0.01; the 50-step mean first drops below 0.02 when 49 of the
+    50 are 0.01 ((0.5 + 49 * 0.01) / 50 = 0.0198), i.e. after step 249; then a 100-step cosine to 0."""
+    import math
+
+    sched, lrs = _gated([0.5] * 200 + [0.01] * 1000, lr=3e-3, max_steps=5000, gate=0.02, decay=100, warmup=10)
+    assert sched.gated_at == 249 and sched.decay_from == 249 and len(lrs) == 349 and sched.done
+    assert lrs[0] == pytest.approx(3e-3 * 2 / 10) and lrs[8] == pytest.approx(3e-3)  # warm-up: (t+1)/10
+    assert all(x == pytest.approx(3e-3) for x in lrs[9:248])  # held while the loss is above the gate
+    for j in (0, 25, 50, 99, 100):  # step 249 + j: 0.5 * (1 + cos(pi * j / 100)) of the peak
+        assert lrs[248 + j] == pytest.approx(3e-3 * 0.5 * (1 + math.cos(math.pi * j / 100)), abs=1e-12)
+
+
+def test_gated_schedule_decays_at_the_cap_when_the_gate_is_never_met():
+    sched, lrs = _gated([0.5] * 5000, lr=1e-3, max_steps=1000, gate=0.02, decay=200, warmup=10)
+    assert sched.gated_at is None and sched.decay_from == 800 and len(lrs) == 1000 and lrs[-1] == pytest.approx(0)
+    assert lrs[798] == pytest.approx(1e-3) and lrs[899] == pytest.approx(0.5e-3)
+
+
+def test_check_band_names_what_is_outside():
+    from warmstart import check_band
+
+    band = {"metrics": {"easy_acc_greedy": {"mean": 0.98, "band": [0.95, 1.0]},
+                        "fix_on_hard.reference.fix_success_rate": {"mean": 0.9, "band": [0.8, 1.0]},
+                        "sft.final_loss": {"mean": 0.01, "band": [0.0, 0.02]}}}
+    rep = {"easy_acc_greedy": 0.96, "fix_on_hard": {"reference": {"fix_success_rate": 0.5}}, "sft": {"final_loss": 0.08}}
+    lines, outside = check_band(rep, band)
+    assert outside == ["reference fix success", "final SFT loss"] and len(lines) == 4
+    assert "ok" in lines[1] and "OUTSIDE" in lines[2]
+    assert check_band({**rep, "fix_on_hard": {"reference": {"fix_success_rate": 0.85}}, "sft": {"final_loss": 0.01}},
+                      band)[1] == []
+
+
 @pytest.mark.slow
 def test_prepare_end_to_end(tmp_path):
     out = tmp_path / "art"

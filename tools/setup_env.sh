@@ -11,16 +11,16 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PY="$VENV/bin/python"
 stamp="$VENV/.rfpo_installed"
-want=$(cat setup.py | sha1sum | cut -c1-12)
+want=$(cat setup.py constraints.txt | sha1sum | cut -c1-12)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$PY" -c "import torch, megatron.core, rfpo_megatron" 2>/dev/null; then
   "$PY" tools/fetch_sglang_ref.py  # SGLang's own code for the tests (pinned wheel, unpacked once)
   exit 0
 fi
 if ! "$PY" -c "import torch" 2>/dev/null; then
   echo "[setup] installing torch==2.13.0 (CPU build)"
-  "$PY" -m pip install -q "torch==2.13.0"
+  "$PY" -m pip install -q -c constraints.txt "torch==2.13.0"
 fi
-echo "[setup] installing rfpo_megatron[dev] (editable)"
-"$PY" -m pip install -q -e ".[dev]" "megatron-core>=0.16,<0.17"
+echo "[setup] installing rfpo_megatron[dev] (editable), versions pinned by constraints.txt"
+"$PY" -m pip install -q -c constraints.txt -e ".[dev]" "megatron-core>=0.16,<0.17"
 echo "$want" > "$stamp"
 "$PY" tools/fetch_sglang_ref.py

@@ -1,11 +1,14 @@
 """GRPO vs RFPO on the tiny CPU task: same warm start, same seeds, same rollout budget; a markdown table and a plot.
 
-    python examples/tiny_cpu/compare.py [--seeds 1 2 3] [--steps 100] [--parallel 2] [--out outputs/compare] [key=value ...]
+    python examples/tiny_cpu/compare.py [--seeds 1 2 3] [--steps 100] [--methods rfpo grpo grpo_ds]
+                                        [--parallel 2] [--out outputs/compare] [key=value ...]
 
 For each seed, RFPO runs `--steps` steps first; its rollout budget is the number of sampled responses it
-generated, fix generations included (`rollout/generations_total`). GRPO (`rfpo.enabled=false`) then runs
-as many steps as it takes to spend the same budget (ceil(budget / (prompts_per_step * n_samples))), so
-RFPO is not credited with free fix samples. Both evaluate on the held-out easy and hard splits every
+generated, fix generations included (`rollout/generations_total`). The baselines then run until they have
+spent the same budget (`trainer.max_generations`: they stop after the step that reaches it), so RFPO is not
+credited with free fix samples: GRPO (`rfpo.enabled=false`) and, with `--methods ... grpo_ds`, GRPO with
+DAPO's dynamic sampling (`algo.dynamic_sampling=true`: all-equal groups dropped and refilled; the refills
+count against the budget) — the baseline peers pick for all-wrong groups. Both evaluate on the held-out easy and hard splits every
 `--eval-interval` steps and at the end, with plain prompts only (no fix prompt): avg@k is the solve rate.
 
 Writes <out>/compare.md (table: final hard/easy avg@k and pass@k, zero_group_frac, fix_success_rate, R_off
@@ -35,12 +38,19 @@ def run_many(jobs: list[tuple], parallel: int) -> list[dict]:
         return list(pool.map(lambda job: run_one(*job), jobs))
 
 
+METHODS = {  # method -> its overrides (on top of the config and the command line's)
+    "rfpo": ["rfpo.enabled=true"],
+    "grpo": ["rfpo.enabled=false"],
+    "grpo_ds": ["rfpo.enabled=false", "algo.dynamic_sampling=true"],
+}
+LABELS = {"rfpo": "RFPO", "grpo": "GRPO", "grpo_ds": "GRPO + dynamic sampling"}
+
+
 def run_one(method: str, seed: int, steps: int, out: str, config: str, eval_interval: int,
             overrides: list[str]) -> dict:
     """One training run as a subprocess; returns {"dir", "records", "wall_s"} (records from metrics.jsonl)."""
     run_dir = os.path.join(out, f"{method}_seed{seed}")
-    args = [sys.executable, "-m", "rfpo_megatron.cli", "train", config,
-            f"rfpo.enabled={'true' if method == 'rfpo' else 'false'}", f"trainer.seed={seed}",
+    args = [sys.executable, "-m", "rfpo_megatron.cli", "train", config, *METHODS[method], f"trainer.seed={seed}",
             f"trainer.steps={steps}", f"trainer.eval_interval={eval_interval}", "trainer.save_interval=0",
             f"trainer.save_dir={run_dir}/ckpt", f"logging.log_dir={run_dir}/logs", "logging.wandb_mode=disabled",
             f"logging.run_name={method}_seed{seed}", *overrides]
@@ -106,16 +116,16 @@ def table(summaries: dict, k: int, start: dict) -> str:
             ("internalization_rate (end)", "rfpo/internalization_rate"),
             ("rollout budget (sampled responses, fixes included)", "generations"),
             ("steps", "steps"), ("wall time (s)", "wall_s")]
+    methods = [m for m in ("grpo", "grpo_ds", "rfpo") if m in summaries]
     seeds = sorted(next(iter(summaries.values())))
-    lines = [f"| metric (mean ± std over seeds {', '.join(map(str, seeds))}) | GRPO | RFPO |", "|---|---|---|"]
+    lines = [f"| metric (mean ± std over seeds {', '.join(map(str, seeds))}) | "
+             + " | ".join(LABELS[m] for m in methods) + " |", "|---" * (len(methods) + 1) + "|"]
     if start:
         lines.append(f"| warm start: hard avg@{k} / easy avg@{k} (step 0) | "
                      f"{start.get(f'eval/eval_hard/avg@{k}', float('nan')):.3f} / "
-                     f"{start.get(f'eval/eval_easy/avg@{k}', float('nan')):.3f} | same |")
+                     f"{start.get(f'eval/eval_easy/avg@{k}', float('nan')):.3f} |" + " same |" * (len(methods) - 1))
     for label, key in rows:
-        g = [summaries["grpo"][s][key] for s in seeds]
-        r = [summaries["rfpo"][s][key] for s in seeds]
-        lines.append(f"| {label} | {_ms(g)} | {_ms(r)} |")
+        lines.append(f"| {label} | " + " | ".join(_ms([summaries[m][s][key] for s in seeds]) for m in methods) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -143,7 +153,7 @@ def plot(runs: dict, k: int, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
-    colors = {"grpo": "tab:blue", "rfpo": "tab:red"}
+    colors = {"grpo": "tab:blue", "grpo_ds": "tab:green", "rfpo": "tab:red"}
     panels = [(f"eval/eval_hard/avg@{k}", "hard-split solve rate (avg@k, no fix prompt)", "rollout/generations_total"),
               (f"eval/eval_easy/avg@{k}", "easy-split accuracy (avg@k)", "rollout/generations_total"),
               ("rfpo/zero_group_frac", "zero_group_frac", "step"),
@@ -152,14 +162,14 @@ def plot(runs: dict, k: int, path: str) -> None:
               ("rollout/reward_mean", "rollout reward mean", "step")]
     for ax, (key, title, xkey) in zip(axes.flat, panels):
         for method, per_seed in runs.items():
-            if method == "grpo" and (key.startswith("rfpo/fix") or "roff" in key):
+            if method != "rfpo" and (key.startswith("rfpo/fix") or "roff" in key):
                 continue
             fixed_only = "roff" in key
             xs, mean, lo, hi = _series(per_seed, key, xkey, fixed_only)
             if not xs:
                 continue
             style = {"marker": "o", "ms": 4} if ("eval" in key or fixed_only) else {}
-            label = f"{method.upper()} ({'all seeds' if fixed_only else f'mean of {len(per_seed)} seeds'})"
+            label = f"{LABELS[method]} ({'all seeds' if fixed_only else f'mean of {len(per_seed)} seeds'})"
             ax.plot(xs, mean, color=colors[method], label=label,
                     linestyle="" if fixed_only else "-", **style)
             if not fixed_only:
@@ -181,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default=os.path.join("examples", "tiny_cpu", "config.yaml"))
     p.add_argument("--out", default=os.path.join("outputs", "compare"))
     p.add_argument("--parallel", type=int, default=2, help="runs at a time (each run: trainer + engine process)")
+    p.add_argument("--methods", nargs="+", default=["rfpo", "grpo"], choices=sorted(METHODS),
+                   help="rfpo always runs first (it sets the budget); grpo_ds = GRPO + dynamic sampling")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides for both methods")
     a = p.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
@@ -190,16 +202,20 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(a.config, a.overrides)
     k = cfg.trainer.eval_n_samples
     per_step = cfg.data.prompts_per_step * cfg.rollout.n_samples
-    runs: dict = {"grpo": {}, "rfpo": {}}
     done = run_many([("rfpo", s, a.steps, a.out, a.config, a.eval_interval, a.overrides) for s in a.seeds],
                     a.parallel)
-    runs["rfpo"] = dict(zip(a.seeds, done))
+    runs: dict = {"rfpo": dict(zip(a.seeds, done))}
+    baselines = [m for m in a.methods if m != "rfpo"]
     jobs = []
-    for seed in a.seeds:  # GRPO gets RFPO's rollout budget (fix generations included), in whole steps
-        budget = _last(runs["rfpo"][seed]["records"], "rollout/generations_total")
-        jobs.append(("grpo", seed, max(a.steps, math.ceil(budget / per_step)), a.out, a.config,
-                     a.eval_interval, a.overrides))
-    runs["grpo"] = dict(zip(a.seeds, run_many(jobs, a.parallel)))
+    for m in baselines:  # each baseline gets RFPO's rollout budget (fix generations included)
+        for seed in a.seeds:
+            budget = int(_last(runs["rfpo"][seed]["records"], "rollout/generations_total"))
+            cap = 10 * max(a.steps, math.ceil(budget / per_step))  # steps cap; the budget stops it first
+            jobs.append((m, seed, cap, a.out, a.config, a.eval_interval,
+                         [*a.overrides, f"trainer.max_generations={budget}"]))
+    done = run_many(jobs, a.parallel)
+    for i, m in enumerate(baselines):
+        runs[m] = dict(zip(a.seeds, done[i * len(a.seeds):(i + 1) * len(a.seeds)]))
     summaries = {m: {s: summarize(r, k) for s, r in per.items()} for m, per in runs.items()}
     start = {}
     try:  # the warm start itself, evaluated the same way (step 0)

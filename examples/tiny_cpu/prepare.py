@@ -75,7 +75,11 @@ def make_data(out: str, seed: int, task: str = "compose") -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--force", action="store_true", help="rebuild everything")
-    p.add_argument("--sft-steps", type=int, default=2000)
+    p.add_argument("--sft-steps", type=int, default=2000,
+                   help="SFT step cap (with --sft-gate) or the cosine length (--sft-gate 0)")
+    p.add_argument("--sft-gate", type=float, default=0.0,
+                   help="hold the lr until the 50-step mean SFT loss is below this, then decay (0: plain cosine)")
+    p.add_argument("--sft-decay", type=int, default=500, help="decay steps after the loss gate")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--fix-frac", type=float, default=1.0, help="share of SFT records also given as fix examples")
@@ -125,8 +129,9 @@ def main(argv: list[str] | None = None) -> int:
         log(f"data exists ({data_dir})")
 
     # 3) model + warm-start SFT
-    settings = {"v": 3, "task": a.task, "steps": a.sft_steps, "bs": a.batch_size, "lr": a.lr, "fix_frac": a.fix_frac,
-                "hard_fix_n": a.hard_fix_n, "seed": a.seed, "templates": templates}
+    settings = {"v": 4, "task": a.task, "steps": a.sft_steps, "gate": a.sft_gate, "decay": a.sft_decay,
+                "bs": a.batch_size, "lr": a.lr, "fix_frac": a.fix_frac, "hard_fix_n": a.hard_fix_n, "seed": a.seed,
+                "templates": templates}
     if a.force or not _done(model_dir, settings):
         torch.manual_seed(a.seed)
         model = Qwen2ForCausalLM(tiny_qwen2_config(tokenizer))
@@ -145,8 +150,13 @@ def main(argv: list[str] | None = None) -> int:
                                                                 seed=a.seed + 1)) if i % 2 == 1]
         log(f"warm-start SFT: {n_params / 1e6:.2f}M params, {len(examples)} examples "
             f"({len(examples) - len(easy)} fix-format), {a.sft_steps} steps x {a.batch_size}")
-        train_sft(model, examples, a.sft_steps, a.batch_size, a.lr, a.seed, log=log)
+        losses, gated_at = train_sft(model, examples, a.sft_steps, a.batch_size, a.lr, a.seed, log=log,
+                                     gate=a.sft_gate or None, decay=a.sft_decay)
         os.makedirs(model_dir, exist_ok=True)
+        with open(os.path.join(model_dir, "sft_log.json"), "w") as f:
+            json.dump({"steps": len(losses), "gated_at": gated_at, "final_loss": sum(losses[-50:]) / len(losses[-50:]),
+                       "loss_per_100": [sum(losses[i:i + 100]) / len(losses[i:i + 100])
+                                        for i in range(0, len(losses), 100)]}, f)
         model.save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)
         _mark(model_dir, settings)
@@ -173,11 +183,51 @@ def main(argv: list[str] | None = None) -> int:
         for v, r in rep["fix_on_hard"].items():
             log(f"fix on hard [{v:10s}] success/attempt {r['fix_success_rate']:.3f}  "
                 f"fixed targets {r['fix_target_success_rate']:.3f}  (zero groups {r['zero_group_frac']:.2f})")
+        sft_log = os.path.join(model_dir, "sft_log.json")
+        if os.path.exists(sft_log):
+            with open(sft_log) as f:
+                rep["sft"] = {k: v for k, v in json.load(f).items() if k != "loss_per_100"}
         with open(report_path, "w") as f:
             json.dump(rep, f, indent=1)
         log(f"report -> {report_path}")
+    if os.path.exists(report_path) and os.path.exists(BAND_FILE):
+        report_vs_band(report_path, a)
     log(f"done in {time.time() - t0:.0f}s; model: {model_dir}")
     return 0
+
+
+BAND_FILE = os.path.join(HERE, "warmstart_band.json")
+
+
+def report_vs_band(report_path: str, a: argparse.Namespace) -> bool:
+    """Print the warm start's numbers next to the documented band (warmstart_band.json); True if inside.
+
+    The band holds for the recipe it was measured with (its "recipe" entry); other settings only get the
+    table, with a note."""
+    from warmstart import check_band
+
+    with open(BAND_FILE) as f:
+        band = json.load(f)
+    with open(report_path) as f:
+        rep = json.load(f)
+    lines, outside = check_band(rep, band)
+    log(f"warm start vs the documented band ({band['measured']}):")
+    for line in lines:
+        print("    " + line, flush=True)
+    mine = {"task": a.task, "sft_steps": a.sft_steps, "sft_gate": a.sft_gate, "sft_decay": a.sft_decay,
+            "batch_size": a.batch_size, "lr": a.lr, "fix_frac": a.fix_frac, "hard_fix_n": a.hard_fix_n}
+    other = {k: v for k, v in mine.items() if band["recipe"].get(k) != v}
+    if other:
+        log(f"note: settings differ from the band's recipe ({other} vs {band['recipe']}): the band does not apply")
+        return not outside
+    if outside:
+        log("WARNING: the warm start is OUTSIDE the documented band for " + ", ".join(outside) + ". RL results "
+            "from it will not match docs/benchmarks.md. What to do: check `pip list` against constraints.txt "
+            "(make setup installs those pins), re-run with another --seed or --threads and --force, and "
+            "report it (with artifacts/warmstart_report.json and model/sft_log.json) if it stays outside.")
+    else:
+        log("warm start inside the documented band")
+    return not outside
 
 
 if __name__ == "__main__":

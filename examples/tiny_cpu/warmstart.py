@@ -65,14 +65,65 @@ def sft_examples(records: Sequence[dict], tokenizer: Any, templates: dict, fix_f
     return out
 
 
+class GatedSchedule:
+    """Warm-up, then constant lr until the SFT loss has converged, then a cosine decay of `decay` steps.
+
+    The tiny model learns the task in a sudden jump (loss ≈ 0.25 → ≈ 0.01, when it learns to copy digits
+    from the prompt) whose step depends on the seed, the thread count and the math kernels. A cosine over a
+    fixed step count decays the lr before a late jump and leaves a half-trained model; this schedule holds
+    the lr until the loss's moving average (over `window` steps) is below `gate`, so every run decays from
+    the same place. If the gate is not reached by `max_steps - decay`, the decay starts there anyway and
+    `gated_at` stays None (prepare.py reports it). Call `step(loss)` once per optimizer step.
+    """
+
+    def __init__(self, opt, lr: float, max_steps: int, gate: float, decay: int = 500, warmup: int = 100,
+                 window: int = 50):
+        self.opt, self.lr, self.max_steps, self.gate, self.decay = opt, lr, max_steps, gate, decay
+        self.warmup, self.window = warmup, window
+        self.t, self.decay_from, self.gated_at, self.recent = 0, None, None, []
+        self._set(lr * min(1.0, 1 / warmup))
+
+    def _set(self, lr: float) -> None:
+        for grp in self.opt.param_groups:
+            grp["lr"] = lr
+
+    @property
+    def done(self) -> bool:
+        return self.decay_from is not None and self.t >= self.decay_from + self.decay
+
+    def step(self, loss: float) -> None:
+        self.t += 1
+        self.recent = (self.recent + [loss])[-self.window:]
+        if self.decay_from is None:
+            converged = len(self.recent) == self.window and sum(self.recent) / self.window < self.gate
+            if converged:
+                self.gated_at = self.t
+            if converged or self.t >= self.max_steps - self.decay:
+                self.decay_from = self.t
+        if self.decay_from is None:
+            self._set(self.lr * min(1.0, (self.t + 1) / self.warmup))
+        else:
+            frac = min(1.0, (self.t - self.decay_from) / self.decay)
+            self._set(self.lr * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
 def train_sft(model, examples: list, steps: int, batch_size: int = 32, lr: float = 3e-3,
-              seed: int = 0, log: Callable[[str], None] = print, log_every: int = 100) -> list[float]:
-    """Next-token SFT on response tokens only (AdamW, warmup + cosine). Returns the loss curve."""
+              seed: int = 0, log: Callable[[str], None] = print, log_every: int = 100,
+              gate: float | None = None, decay: int = 500) -> tuple[list[float], int | None]:
+    """Next-token SFT on response tokens only (AdamW). Returns (loss curve, step the loss gate was met).
+
+    gate=None: warm-up + cosine over `steps` (the old recipe). gate=x: `GatedSchedule` — constant lr until
+    the 50-step mean loss < x, then `decay` cosine steps; `steps` is the cap.
+    """
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-    warm = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    if gate is None:
+        warm = max(1, steps // 20)
+        cos = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+        gated = None
+    else:
+        gated = GatedSchedule(opt, lr, steps, gate, decay=min(decay, steps // 2))
     model.train()
     losses, t0 = [], time.time()
     # length buckets (less padding): sort by length, 8 batches per bucket; a step samples one bucket
@@ -98,13 +149,23 @@ def train_sft(model, examples: list, steps: int, batch_size: int = 32, lr: float
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        sched.step()
         losses.append(float(loss.detach()))
-        if (step + 1) % log_every == 0 or step == steps - 1:
+        if gated is None:
+            cos.step()
+        else:
+            was_gated = gated.decay_from is not None
+            gated.step(losses[-1])
+            if not was_gated and gated.decay_from is not None:
+                why = f"loss < {gate} (50-step mean)" if gated.gated_at else "step cap reached, loss gate NOT met"
+                log(f"  sft step {step + 1}: {why}; cosine decay over {gated.decay} steps")
+        end = gated is not None and gated.done
+        if (step + 1) % log_every == 0 or step == steps - 1 or end:
             log(f"  sft step {step + 1}/{steps}  loss {sum(losses[-log_every:]) / len(losses[-log_every:]):.4f}"
-                f"  ({time.time() - t0:.0f}s)")
+                f"  lr {opt.param_groups[0]['lr']:.2e}  ({time.time() - t0:.0f}s)")
+        if end:
+            break
     model.eval()
-    return losses
+    return losses, (gated.gated_at if gated is not None else None)
 
 
 # ------------------------------------------------------------------------------ HF generate callable
@@ -195,3 +256,38 @@ def fix_rates(generate, tokenizer, records: Sequence[dict], verifier, templates:
                   "fix_target_success_rate": m["rfpo/fix_target_success_rate"],
                   "fix_attempts": m["rfpo/fix_attempts"]}
     return out
+
+
+# ------------------------------------------------------------------------------------ documented band
+
+BAND_METRICS = {  # report key path -> label
+    ("easy_acc_greedy",): "easy acc (greedy)",
+    ("easy_acc_t1",): "easy acc (T=1)",
+    ("hard_acc_greedy",): "hard acc (greedy)",
+    ("hard_acc_t1",): "hard acc (T=1)",
+    ("fix_on_hard", "reference", "fix_success_rate"): "reference fix success",
+    ("sft", "final_loss"): "final SFT loss",
+}
+
+
+def _get(rep: dict, path: tuple) -> float | None:
+    for k in path:
+        if not isinstance(rep, dict) or k not in rep:
+            return None
+        rep = rep[k]
+    return float(rep)
+
+
+def check_band(rep: dict, band: dict) -> tuple[list[str], list[str]]:
+    """Compare a warm-start report with the documented band (warmstart_band.json's "metrics":
+    {"a.b.c": {"mean", "min", "max", "band": [lo, hi]}}). Returns (table lines, names outside the band)."""
+    lines, outside = [f"{'metric':24s} {'measured':>9s}   documented band (mean)"], []
+    for path, label in BAND_METRICS.items():
+        b, v = band["metrics"].get(".".join(path)), _get(rep, path)
+        if b is None or v is None:
+            continue
+        lo, hi = b["band"]
+        ok = lo <= v <= hi
+        outside += [] if ok else [label]
+        lines.append(f"{label:24s} {v:9.3f}   [{lo:.3f}, {hi:.3f}] ({b['mean']:.3f})  {'ok' if ok else 'OUTSIDE'}")
+    return lines, outside

@@ -135,6 +135,22 @@ def stop_requested(rt: Runtime) -> bool:
     return rt.stop
 
 
+def budget_reached(rt: Runtime) -> bool:
+    """Whether rank 0's rollout budget (`rt.counters["generations"]`) reached `trainer.max_generations`
+    (all ranks agree: rank 0 decides, MAX all-reduce when distributed)."""
+    cap = rt.cfg.trainer.max_generations
+    if cap is None:
+        return False
+    hit = rt.is_rank0 and rt.counters.get("generations", 0) >= cap
+    if rt.world_size == 1:
+        return hit
+    import torch.distributed as dist
+
+    flag = torch.tensor([1 if hit else 0], dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
 def broadcast_groups(rt: Runtime, groups: Optional[list]) -> Optional[list]:
     """Rank 0's groups to every rank (None means "preempted: stop before the update")."""
     if rt.world_size == 1:

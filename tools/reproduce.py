@@ -1,0 +1,189 @@
+"""Re-derive the CPU numbers of docs/benchmarks.md on this machine (`make reproduce`).
+
+    python tools/reproduce.py --list                    # targets, what they re-derive, time on the 2-core box
+    python tools/reproduce.py warmstart                 # the warm-start band (default subset: 3 runs)
+    python tools/reproduce.py warmstart --full          # the whole band matrix (9 runs)
+    python tools/reproduce.py warmstart --full --write-band   # (re)write examples/tiny_cpu/warmstart_band.json
+    python tools/reproduce.py accuracy bench-step       # several targets in a row
+
+Each target prints what it measured next to what is documented and ends with `ok` / `OUTSIDE`; the exit
+status is 1 if any number fell outside its documented spread. Outputs go to outputs/reproduce/<target>/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "examples", "tiny_cpu")
+sys.path.insert(0, TINY)
+OUT = os.path.join(REPO, "outputs", "reproduce")
+
+# The warm-start recipe the band is documented for (prepare.py flags) and the matrix it was measured over:
+# seeds 0-4 at 1 thread with the default (AVX2) kernels, seeds 0-1 at 2 threads, seeds 0-1 with the
+# portable kernels (ATEN_CPU_CAPABILITY=default) -- every numeric path this box can select.
+RECIPE = {"task": "compose", "sft_steps": 6000, "sft_gate": 0.02, "sft_decay": 500, "batch_size": 32,
+          "lr": 3e-3, "fix_frac": 1.0, "hard_fix_n": 1500}
+FULL = ([(s, 1, "avx2") for s in range(5)] + [(s, 2, "avx2") for s in range(2)]
+        + [(s, 1, "default") for s in range(2)])
+SUBSET = [(0, 1, "avx2"), (1, 2, "avx2"), (2, 1, "default")]
+ACC_MARGIN = 0.03  # ~1 standard error of an accuracy over 128 prompts
+
+
+def log(msg: str) -> None:
+    print(f"[reproduce {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _run(cmd: list[str], env: dict | None = None, logfile: str | None = None) -> int:
+    full_env = dict(os.environ, PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false", **(env or {}))
+    if logfile is None:
+        return subprocess.call(cmd, cwd=REPO, env=full_env)
+    with open(logfile, "w") as f:
+        return subprocess.call(cmd, cwd=REPO, env=full_env, stdout=f, stderr=subprocess.STDOUT)
+
+
+# ------------------------------------------------------------------------------------------ warmstart
+
+def warmstart_run(seed: int, threads: int, isa: str) -> dict:
+    """prepare.py with the band's recipe into outputs/reproduce/warmstart/s{seed}_t{threads}_{isa}/."""
+    out = os.path.join(OUT, "warmstart", f"s{seed}_t{threads}_{isa}")
+    os.makedirs(out, exist_ok=True)
+    flags = ["--task", RECIPE["task"], "--sft-steps", str(RECIPE["sft_steps"]), "--sft-gate", str(RECIPE["sft_gate"]),
+             "--sft-decay", str(RECIPE["sft_decay"]), "--batch-size", str(RECIPE["batch_size"]),
+             "--lr", str(RECIPE["lr"]), "--fix-frac", str(RECIPE["fix_frac"]), "--hard-fix-n", str(RECIPE["hard_fix_n"])]
+    cmd = [sys.executable, os.path.join(TINY, "prepare.py"), "--out", out, "--seed", str(seed),
+           "--threads", str(threads), *flags]
+    t0 = time.time()
+    rc = _run(cmd, env={"OMP_NUM_THREADS": str(threads), "ATEN_CPU_CAPABILITY": isa},
+              logfile=os.path.join(out, "prepare.log"))
+    if rc != 0:
+        raise SystemExit(f"prepare.py failed (rc {rc}) for seed {seed}, {threads} threads, {isa}: "
+                         f"see {os.path.join(out, 'prepare.log')}")
+    with open(os.path.join(out, "warmstart_report.json")) as f:
+        rep = json.load(f)
+    rep["_run"] = {"seed": seed, "threads": threads, "isa": isa, "wall_s": round(time.time() - t0)}
+    log(f"  seed {seed}, {threads} thread(s), {isa}: easy {rep['easy_acc_greedy']:.3f} hard {rep['hard_acc_greedy']:.3f} "
+        f"ref fix {rep['fix_on_hard']['reference']['fix_success_rate']:.3f} SFT loss {rep['sft']['final_loss']:.4f} "
+        f"(gate at step {rep['sft']['gated_at']}, {rep['sft']['steps']} steps, {rep['_run']['wall_s']} s)")
+    return rep
+
+
+def make_band(reports: list[dict]) -> dict:
+    """mean/min/max of each band metric over the runs; band = [min - margin, max + margin] (accuracies,
+    margin ACC_MARGIN, clipped to [0, 1]) and [0, 2 x max] for the final SFT loss."""
+    from warmstart import BAND_METRICS, _get
+
+    metrics = {}
+    for path in BAND_METRICS:
+        vals = [_get(r, path) for r in reports]
+        lo, hi = min(vals), max(vals)
+        band = [0.0, round(2 * hi, 4)] if path[-1] == "final_loss" else \
+            [round(max(0.0, lo - ACC_MARGIN), 3), round(min(1.0, hi + ACC_MARGIN), 3)]
+        metrics[".".join(path)] = {"mean": round(statistics.mean(vals), 4), "std": round(statistics.pstdev(vals), 4),
+                                   "min": round(lo, 4), "max": round(hi, 4), "band": band}
+    return metrics
+
+
+def target_warmstart(a: argparse.Namespace) -> bool:
+    from warmstart import check_band
+
+    matrix = FULL if a.full else SUBSET
+    log(f"warmstart: {len(matrix)} prepare.py runs (seed, threads, kernels) = {matrix}, {a.parallel} at a time")
+    with ThreadPoolExecutor(a.parallel) as ex:
+        reports = list(ex.map(lambda m: warmstart_run(*m), matrix))
+    band_path = os.path.join(TINY, "warmstart_band.json")
+    if a.write_band:
+        band = {"recipe": RECIPE, "measured": f"{time.strftime('%Y-%m-%d')}, {len(reports)} runs: "
+                f"(seed, threads, ATEN_CPU_CAPABILITY) in {matrix}", "metrics": make_band(reports),
+                "runs": [dict(r["_run"], **{k: r[k] for k in ("easy_acc_greedy", "hard_acc_greedy", "easy_acc_t1",
+                                                              "hard_acc_t1")},
+                              ref_fix=r["fix_on_hard"]["reference"]["fix_success_rate"], sft=r["sft"]) for r in reports]}
+        with open(band_path, "w") as f:
+            json.dump(band, f, indent=1)
+        log(f"band written -> {band_path}")
+    with open(band_path) as f:
+        band = json.load(f)
+    ok = True
+    for r in reports:
+        lines, outside = check_band(r, band)
+        run = r["_run"]
+        log(f"seed {run['seed']}, {run['threads']} thread(s), {run['isa']}: {'ok' if not outside else 'OUTSIDE: ' + ', '.join(outside)}")
+        if outside:
+            print("\n".join("    " + x for x in lines))
+        ok &= not outside
+    return ok
+
+
+# ------------------------------------------------------------------------------------- other targets
+
+ACCURACY_TESTS = [  # the accuracy rows of docs/benchmarks.md's CPU table, each asserted by these tests
+    "tests/test_kernels_reference.py", "tests/test_kernels_logprob.py", "tests/test_kernels_loss.py",
+    "tests/test_kernels_tp.py", "tests/test_actor_parallel.py", "tests/test_convert_dist.py",
+    "tests/test_convert_tools.py", "tests/test_rollout_embedded.py",
+]
+
+
+def target_accuracy(a: argparse.Namespace) -> bool:
+    files = [f for f in ACCURACY_TESTS if os.path.exists(os.path.join(REPO, f))]
+    log(f"accuracy: pytest {' '.join(files)} (each test asserts its row's documented bound)")
+    return _run([sys.executable, "-m", "pytest", "-q", *files]) == 0
+
+
+def target_bench_step(a: argparse.Namespace) -> bool:
+    log("bench-step: tools/bench_step.py (timings depend on the machine and its load: printed, not checked)")
+    return _run([sys.executable, os.path.join(REPO, "tools", "bench_step.py"), "--warmup", "2", "--steps", "3",
+                 "--skip-old-logprob-pass", "both"], env={"OMP_NUM_THREADS": "2"}) == 0
+
+
+@dataclass(frozen=True)
+class Target:
+    what: str
+    minutes: str  # on the 2-core box, nothing else running
+    fn: Callable[[argparse.Namespace], bool]
+
+
+TARGETS = {
+    "warmstart": Target("warm-start band (docs/benchmarks.md 'warm start'): easy/hard accuracy, reference fix "
+                        "success, final SFT loss per run vs examples/tiny_cpu/warmstart_band.json",
+                        "3 runs ≈ 25 min (2 at a time); --full 9 runs ≈ 75 min", target_warmstart),
+    "accuracy": Target("the accuracy rows of the CPU table (kernels vs float64, TP/PP vs TP 1, HF vs Megatron, "
+                       "engine log-probs vs float64)", "≈ 4 min", target_accuracy),
+    "bench-step": Target("the trainer step's stage breakdown (issue 18 shape)", "≈ 2 min", target_bench_step),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("targets", nargs="*", help=f"any of {', '.join(TARGETS)} (default: warmstart accuracy)")
+    p.add_argument("--list", action="store_true", help="list the targets with time estimates")
+    p.add_argument("--full", action="store_true", help="warmstart: the whole band matrix")
+    p.add_argument("--write-band", action="store_true", help="warmstart: (re)write warmstart_band.json from the runs")
+    p.add_argument("--parallel", type=int, default=2, help="warmstart: prepare.py runs at a time (1 thread each "
+                                                         "run uses 1 core; 2-thread runs count double)")
+    a = p.parse_args(argv)
+    if a.list:
+        for name, t in TARGETS.items():
+            print(f"{name:11s} {t.minutes:40s} {t.what}")
+        return 0
+    names = a.targets or ["warmstart", "accuracy"]
+    bad = [n for n in names if n not in TARGETS]
+    if bad:
+        p.error(f"unknown target(s) {bad}; choose from {', '.join(TARGETS)} (--list)")
+    results = {}
+    for n in names:
+        t0 = time.time()
+        results[n] = TARGETS[n].fn(a)
+        log(f"{n}: {'ok' if results[n] else 'OUTSIDE / FAILED'} ({(time.time() - t0) / 60:.1f} min)")
+    return 0 if all(results.values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
