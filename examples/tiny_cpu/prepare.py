@@ -78,8 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sft-steps", type=int, default=2000,
                    help="SFT step cap (with --sft-gate) or the cosine length (--sft-gate 0)")
     p.add_argument("--sft-gate", type=float, default=0.0,
-                   help="hold the lr until the 50-step mean SFT loss is below this, then decay (0: plain cosine)")
-    p.add_argument("--sft-decay", type=int, default=500, help="decay steps after the loss gate")
+                   help="hold the lr until the greedy accuracy on 64 SFT prompts (probed every 200 steps) reaches "
+                        "this, then decay; --sft-steps is the cap (0: plain cosine over --sft-steps)")
+    p.add_argument("--sft-decay", type=int, default=500, help="decay steps after the gate")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--fix-frac", type=float, default=1.0, help="share of SFT records also given as fix examples")
@@ -150,11 +151,16 @@ def main(argv: list[str] | None = None) -> int:
                                                                 seed=a.seed + 1)) if i % 2 == 1]
         log(f"warm-start SFT: {n_params / 1e6:.2f}M params, {len(examples)} examples "
             f"({len(examples) - len(easy)} fix-format), {a.sft_steps} steps x {a.batch_size}")
-        losses, gated_at = train_sft(model, examples, a.sft_steps, a.batch_size, a.lr, a.seed, log=log,
-                                     gate=a.sft_gate or None, decay=a.sft_decay)
+        probe_recs = random.Random(a.seed + 7).sample(easy, 64)  # the gate's probe: SFT prompts, greedy
+        probe = lambda m: accuracy(hf_generate_fn(m, tokenizer, max_new_tokens=64), tokenizer, probe_recs,  # noqa: E731
+                                   get_reward_fn(reward_name), seed=None)
+        res = train_sft(model, examples, a.sft_steps, a.batch_size, a.lr, a.seed, log=log, probe=probe,
+                        gate=a.sft_gate, decay=a.sft_decay)
+        losses = res["losses"]
         os.makedirs(model_dir, exist_ok=True)
         with open(os.path.join(model_dir, "sft_log.json"), "w") as f:
-            json.dump({"steps": len(losses), "gated_at": gated_at, "final_loss": sum(losses[-50:]) / len(losses[-50:]),
+            json.dump({"steps": len(losses), "gated_at": res["gated_at"], "probes": res["probes"],
+                       "final_loss": sum(losses[-50:]) / len(losses[-50:]),
                        "loss_per_100": [sum(losses[i:i + 100]) / len(losses[i:i + 100])
                                         for i in range(0, len(losses), 100)]}, f)
         model.save_pretrained(model_dir)
@@ -186,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         sft_log = os.path.join(model_dir, "sft_log.json")
         if os.path.exists(sft_log):
             with open(sft_log) as f:
-                rep["sft"] = {k: v for k, v in json.load(f).items() if k != "loss_per_100"}
+                rep["sft"] = {k: v for k, v in json.load(f).items() if k not in ("loss_per_100", "probes")}
         with open(report_path, "w") as f:
             json.dump(rep, f, indent=1)
         log(f"report -> {report_path}")

@@ -66,21 +66,19 @@ def sft_examples(records: Sequence[dict], tokenizer: Any, templates: dict, fix_f
 
 
 class GatedSchedule:
-    """Warm-up, then constant lr until the SFT loss has converged, then a cosine decay of `decay` steps.
+    """Warm-up, then a constant lr until `start_decay()` is called (the model has learned the task), then a
+    cosine decay to 0 over `decay` steps. If `start_decay()` has not been called by `max_steps - decay`,
+    the decay starts there anyway and `gated_at` stays None. Call `step()` once per optimizer step.
 
-    The tiny model learns the task in a sudden jump (loss ≈ 0.25 → ≈ 0.01, when it learns to copy digits
-    from the prompt) whose step depends on the seed, the thread count and the math kernels. A cosine over a
-    fixed step count decays the lr before a late jump and leaves a half-trained model; this schedule holds
-    the lr until the loss's moving average (over `window` steps) is below `gate`, so every run decays from
-    the same place. If the gate is not reached by `max_steps - decay`, the decay starts there anyway and
-    `gated_at` stays None (prepare.py reports it). Call `step(loss)` once per optimizer step.
+    Why: the tiny model learns the task in a sudden jump (the SFT loss falls from ≈ 0.25 to ≈ 0.01 when it
+    learns to copy digits from the prompt) whose step depends on the seed, the thread count and the math
+    kernels; a cosine over a fixed step count can decay the lr before a late jump and leave a half-trained
+    model. Holding the lr until the jump has happened makes every run decay from the same place.
     """
 
-    def __init__(self, opt, lr: float, max_steps: int, gate: float, decay: int = 500, warmup: int = 100,
-                 window: int = 50):
-        self.opt, self.lr, self.max_steps, self.gate, self.decay = opt, lr, max_steps, gate, decay
-        self.warmup, self.window = warmup, window
-        self.t, self.decay_from, self.gated_at, self.recent = 0, None, None, []
+    def __init__(self, opt, lr: float, max_steps: int, decay: int = 500, warmup: int = 100):
+        self.opt, self.lr, self.max_steps, self.decay, self.warmup = opt, lr, max_steps, decay, warmup
+        self.t, self.decay_from, self.gated_at = 0, None, None
         self._set(lr * min(1.0, 1 / warmup))
 
     def _set(self, lr: float) -> None:
@@ -91,41 +89,40 @@ class GatedSchedule:
     def done(self) -> bool:
         return self.decay_from is not None and self.t >= self.decay_from + self.decay
 
-    def step(self, loss: float) -> None:
-        self.t += 1
-        self.recent = (self.recent + [loss])[-self.window:]
+    def start_decay(self) -> None:
         if self.decay_from is None:
-            converged = len(self.recent) == self.window and sum(self.recent) / self.window < self.gate
-            if converged:
-                self.gated_at = self.t
-            if converged or self.t >= self.max_steps - self.decay:
-                self.decay_from = self.t
+            self.decay_from = self.gated_at = self.t
+
+    def step(self) -> None:
+        self.t += 1
+        if self.decay_from is None and self.t >= self.max_steps - self.decay:
+            self.decay_from = self.t
         if self.decay_from is None:
             self._set(self.lr * min(1.0, (self.t + 1) / self.warmup))
         else:
-            frac = min(1.0, (self.t - self.decay_from) / self.decay)
-            self._set(self.lr * 0.5 * (1 + math.cos(math.pi * frac)))
+            self._set(self.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (self.t - self.decay_from) / self.decay))))
 
 
 def train_sft(model, examples: list, steps: int, batch_size: int = 32, lr: float = 3e-3,
               seed: int = 0, log: Callable[[str], None] = print, log_every: int = 100,
-              gate: float | None = None, decay: int = 500) -> tuple[list[float], int | None]:
-    """Next-token SFT on response tokens only (AdamW). Returns (loss curve, step the loss gate was met).
+              probe: Callable[[Any], float] | None = None, gate: float = 0.0, probe_every: int = 200,
+              decay: int = 500) -> dict:
+    """Next-token SFT on response tokens only (AdamW).
 
-    gate=None: warm-up + cosine over `steps` (the old recipe). gate=x: `GatedSchedule` — constant lr until
-    the 50-step mean loss < x, then `decay` cosine steps; `steps` is the cap.
+    gate = 0: warm-up + cosine over `steps` (the old recipe). gate > 0: `GatedSchedule` — constant lr until
+    `probe(model)` (a greedy accuracy, run every `probe_every` steps in eval mode, RNG state restored) is
+    >= gate, then `decay` cosine steps; `steps` is the cap.
+    Returns {"losses": [per step], "gated_at": step or None, "probes": [(step, accuracy)]}.
     """
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-    if gate is None:
+    gated = GatedSchedule(opt, lr, steps, decay=min(decay, steps // 2)) if gate > 0 else None
+    if gated is None:
         warm = max(1, steps // 20)
         cos = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
-        gated = None
-    else:
-        gated = GatedSchedule(opt, lr, steps, gate, decay=min(decay, steps // 2))
     model.train()
-    losses, t0 = [], time.time()
+    losses, probes, t0 = [], [], time.time()
     # length buckets (less padding): sort by length, 8 batches per bucket; a step samples one bucket
     # with probability proportional to its size, then a batch inside it (~uniform over examples)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]) + len(examples[i][1]))
@@ -153,11 +150,20 @@ def train_sft(model, examples: list, steps: int, batch_size: int = 32, lr: float
         if gated is None:
             cos.step()
         else:
-            was_gated = gated.decay_from is not None
-            gated.step(losses[-1])
-            if not was_gated and gated.decay_from is not None:
-                why = f"loss < {gate} (50-step mean)" if gated.gated_at else "step cap reached, loss gate NOT met"
-                log(f"  sft step {step + 1}: {why}; cosine decay over {gated.decay} steps")
+            gated.step()
+            if gated.decay_from is None and (step + 1) % probe_every == 0:
+                rng = torch.get_rng_state()
+                model.eval()
+                acc = probe(model)
+                model.train()
+                torch.set_rng_state(rng)
+                probes.append((step + 1, acc))
+                log(f"  sft step {step + 1}: probe accuracy {acc:.3f} (gate {gate})")
+                if acc >= gate:
+                    gated.start_decay()
+                    log(f"  sft step {step + 1}: gate met; cosine decay over {gated.decay} steps")
+            elif gated.decay_from == step + 1 and gated.gated_at is None:
+                log(f"  sft step {step + 1}: WARNING gate NOT met by the step cap; decaying anyway")
         end = gated is not None and gated.done
         if (step + 1) % log_every == 0 or step == steps - 1 or end:
             log(f"  sft step {step + 1}/{steps}  loss {sum(losses[-log_every:]) / len(losses[-log_every:]):.4f}"
@@ -165,7 +171,7 @@ def train_sft(model, examples: list, steps: int, batch_size: int = 32, lr: float
         if end:
             break
     model.eval()
-    return losses, (gated.gated_at if gated is not None else None)
+    return {"losses": losses, "gated_at": gated.gated_at if gated else None, "probes": probes}
 
 
 # ------------------------------------------------------------------------------ HF generate callable
