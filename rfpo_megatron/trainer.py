@@ -138,9 +138,11 @@ def next_groups(rt: Runtime, step: int, m: dict) -> Optional[list[RolloutGroup]]
     them while earlier steps trained (perf/rollout_wait_time: how long this step waited for them)."""
     if rt.producer is None:
         return collect_groups(rt, step, m)
+    cfg = rt.cfg  # deadline: each generate call of a step (rollout + fix per generation round) has its own timeout
+    deadline_s = cfg.rollout.request_timeout_s * 2 * (1 + cfg.algo.max_gen_batches)
     try:
         with abortable(rt), timed(m, "perf/rollout_wait_time"):
-            item = rt.producer.get(step, timeout_s=rt.cfg.rollout.request_timeout_s)
+            item = rt.producer.get(step, timeout_s=deadline_s)
     except Preempted:
         if rt.world_size == 1:
             raise

@@ -166,3 +166,51 @@ def test_one_step_step_time_is_the_max_not_the_sum(tmp_path):
     assert off["staleness_max"] == 0 and one["staleness_max"] == 1
     assert one["step"] < 0.9 * off["step"], res
     assert one["step"] < one["sum"], res
+
+
+@pytest.mark.parametrize("max_staleness", [1, 2])
+def test_producer_version_gate_and_consumed_data_position(max_staleness):
+    """The producer (a real thread, a collect function in place of rollout) runs exactly max_staleness + 1 steps
+    ahead of the engine's weight version; the trainer's sampler takes the position of the step it consumes,
+    not the producer's (which is ahead)."""
+    from rfpo_megatron.config import Config
+    from rfpo_megatron.data.sampler import PromptSampler
+    from rfpo_megatron.data.types import RolloutGroup
+    from rfpo_megatron.logging.metrics import InternalizationTracker
+    from rfpo_megatron.train.async_rollout import RolloutProducer, consume
+    from rfpo_megatron.train.runtime import Runtime
+
+    class Engine:  # what the producer calls on the engine when it stops
+        def abort(self, rid=None):
+            pass
+
+    rt = Runtime(Config(), sampler=PromptSampler(100, 2, seed=0, shuffle=False), tracker=InternalizationTracker(),
+                 engine=Engine())
+    started = []
+
+    def collect(view, step, m):
+        started.append(step)
+        m["rollout/x"] = float(step)
+        return [RolloutGroup(prompt_ids=[1], record={"id": i}) for i in view.sampler.next_indices()]
+
+    producer = RolloutProducer(rt, collect, start_step=1, version=0, max_staleness=max_staleness)
+    try:
+        def wait_started(n):
+            deadline = time.time() + 10
+            while len(started) < n and time.time() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.2)  # and nothing more starts
+            return list(started)
+
+        assert wait_started(max_staleness + 1) == list(range(1, max_staleness + 2))
+        for k in range(1, 4):
+            m = {}
+            groups = consume(rt, producer.get(k, timeout_s=10), k, m)
+            assert [g.record["id"] for g in groups] == [2 * (k - 1), 2 * k - 1]
+            assert rt.sampler.state_dict()["position"] == 2 * k  # the consumed step's, not the producer's
+            assert m["rollout/x"] == k
+            producer.set_version(k)  # the sync of step k
+            assert wait_started(k + max_staleness + 1) == list(range(1, k + max_staleness + 2))
+    finally:
+        producer.stop(timeout_s=5)
+    assert not producer._thread.is_alive()

@@ -107,8 +107,8 @@ class RolloutProducer:
                     raise RuntimeError("the rollout producer thread ended without producing step "
                                        f"{step}; see the log above")
                 if time.time() > deadline:
-                    raise RuntimeError(f"no rollout for step {step} within {timeout_s:.0f}s "
-                                       f"(rollout.request_timeout_s); check the rollout server log")
+                    raise RuntimeError(f"no rollout for step {step} within {timeout_s:.0f}s (from "
+                                       f"rollout.request_timeout_s); check the rollout server log")
         if item is None:
             raise self.error if self.error is not None else RuntimeError("rollout producer failed")
         if item.step != step:
