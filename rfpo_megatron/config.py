@@ -264,6 +264,13 @@ class TrainerConfig:
     # own detached log-probs are old_logp and the separate pass only scores RFPO's fixed rows + originals (R_off);
     # false: always run the full old-log-prob pass
     skip_old_logprob_pass: str = "auto"  # auto: old_logp from the train forward when exact (one optimizer step) | false
+    # overlap of rollout and training (docs/trainer.md "Asynchronous training"): off = every step generates with the
+    # weights of the step before (today's loop); one_step = a producer thread on rank 0 generates step k+1 (fix stage
+    # included) while the actor trains step k (data at most 1 step stale); bounded = up to max_staleness steps ahead.
+    # Needs rollout.colocate=false (the engine keeps its own devices). Generations running at a weight sync are
+    # aborted and resumed with the new weights (partial rollout); every token records its weight version.
+    async_mode: str = "off"  # off | one_step | bounded
+    max_staleness: int = 1  # bounded: how many weight versions older than the trainer's a sample may start from
 
 
 @dataclass
@@ -601,6 +608,19 @@ def validate(cfg: Config) -> Config:
     choice("trainer.checkpoint_format", cfg.trainer.checkpoint_format, ("auto", "dist", "full"))
     cfg.trainer.skip_old_logprob_pass = str(cfg.trainer.skip_old_logprob_pass).lower()
     choice("trainer.skip_old_logprob_pass", cfg.trainer.skip_old_logprob_pass, ("auto", "false"))
+    mode = str(cfg.trainer.async_mode)
+    cfg.trainer.async_mode = "off" if mode.lower() in ("false", "off", "no") else mode  # YAML reads `off` as false
+    choice("trainer.async_mode", cfg.trainer.async_mode, ("off", "one_step", "bounded"))
+    rng("trainer.max_staleness", cfg.trainer.max_staleness, 1)
+    if cfg.trainer.async_mode == "one_step" and cfg.trainer.max_staleness != 1:
+        raise ConfigError(f"config field 'trainer.max_staleness'={cfg.trainer.max_staleness} with "
+                          f"trainer.async_mode=one_step (which is staleness 1); use async_mode=bounded for more")
+    if cfg.trainer.async_mode != "off" and cfg.rollout.colocate:
+        raise ConfigError(f"config field 'trainer.async_mode'={cfg.trainer.async_mode} needs rollout.colocate=false: "
+                          f"a colocated engine releases its memory while the actor trains, so it cannot generate then")
+    if cfg.trainer.async_mode != "off" and cfg.rollout.generate_fn is not None:
+        raise ConfigError(f"config field 'trainer.async_mode'={cfg.trainer.async_mode} with rollout.generate_fn: custom "
+                          f"rollouts do not stamp weight versions yet; use async_mode=off")
     return cfg
 
 

@@ -12,6 +12,10 @@ data position, RNG states, tracker and W&B run id; `latest` names the newest com
 every `trainer.save_interval` steps, at the end, and on SIGTERM. `--resume` continues from `latest` so
 that the next step's metrics equal those of an uninterrupted run. A heartbeat file is touched every step
 and SIGUSR1 dumps every thread's stack (the Slurm watchdog's contract, docs/trainer.md).
+
+`trainer.async_mode` one_step | bounded: a producer thread on rank 0 runs `collect_groups` for the next steps
+while this loop trains (rfpo_megatron.train.async_rollout); the weight sync pauses generation, and the
+samples of later steps carry the weight versions that made them (metrics rollout/staleness_*).
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import torch
 from rfpo_megatron.config import Config, ConfigError, load_config
 from rfpo_megatron.data.types import RolloutGroup
 from rfpo_megatron.logging.metrics import grad_signal_frac, group_flags, roff_metrics, rollout_metrics
+from rfpo_megatron.train.async_rollout import consume, start_producer, sync_while_paused
 from rfpo_megatron.train.batch import (build_batch, compute_roff, fixed_logprob_pass, logprob_pass, make_step,
                                       old_logp_from_forward, step_advantages, update_policy)
 from rfpo_megatron.train.checkpoint import STATE_FILE, capture_state, latest_trainer_checkpoint, save_trainer_checkpoint  # noqa: F401
@@ -47,6 +52,8 @@ def train(cfg: Config) -> dict[str, float]:
     rt = setup(cfg)
     metrics: dict[str, float] = {}
     try:
+        if cfg.trainer.async_mode != "off" and rt.is_rank0:
+            rt.producer = start_producer(rt, collect_groups)  # generates the next steps while we train
         for step in range(rt.step + 1, cfg.trainer.steps + 1):
             rt.snapshot = capture_state(rt)  # what a checkpoint of step-1 holds (used if preempted mid-step)
             metrics = train_one_step(rt, step)
@@ -83,7 +90,7 @@ def train(cfg: Config) -> dict[str, float]:
 def train_one_step(rt: Runtime, step: int) -> dict[str, float]:
     """One RL step; returns its metrics (rollout/*, rfpo/*, train/*, perf/*)."""
     cfg, m, t_step = rt.cfg, {}, time.perf_counter()
-    groups = collect_groups(rt, step, m) if rt.is_rank0 else None  # rollout + reward + fix (rank 0)
+    groups = next_groups(rt, step, m) if rt.is_rank0 else None  # rollout + reward + fix (rank 0)
     if rt.is_rank0 and groups is not None and cfg.rollout.colocate:
         rt.engine.release_memory()  # colocated: the engine's weights + KV cache leave the GPUs while we train
     groups = broadcast_groups(rt, groups)
@@ -108,7 +115,10 @@ def train_one_step(rt: Runtime, step: int) -> dict[str, float]:
         m.update(update_policy(rt, step_data))
     if not stop_requested(rt):  # on SIGTERM the engine is going away: the checkpoint holds the weights
         with timed(m, "perf/weight_sync_time"):
-            sync_weights(rt, resume_memory=cfg.rollout.colocate)
+            if cfg.trainer.async_mode == "off":
+                sync_weights(rt, resume_memory=cfg.rollout.colocate)
+            else:  # between engine batches: running generations are resumed with the new weights
+                sync_while_paused(rt, step)
 
     m["perf/old_logprob_pass_skipped"] = float(old_logp is None)
     n_tok = sum(len(r) for r in batch.response_ids) + sum(len(p) for p in batch.prompt_ids)
@@ -124,6 +134,23 @@ def train_one_step(rt: Runtime, step: int) -> dict[str, float]:
     m["perf/tokens_per_s"] = n_tok / max(m["perf/step_time"], 1e-9)
     m["perf/train_tokens"] = float(n_tok)
     return m
+
+
+def next_groups(rt: Runtime, step: int, m: dict) -> Optional[list[RolloutGroup]]:
+    """Rank 0: step `step`'s groups -- made now (async_mode off), or taken from the rollout producer, which made
+    them while earlier steps trained (perf/rollout_wait_time: how long this step waited for them)."""
+    if rt.producer is None:
+        return collect_groups(rt, step, m)
+    cfg = rt.cfg  # deadline: each generate call of a step (rollout + fix per generation round) has its own timeout
+    deadline_s = cfg.rollout.request_timeout_s * 2 * (1 + cfg.algo.max_gen_batches)
+    try:
+        with abortable(rt), timed(m, "perf/rollout_wait_time"):
+            item = rt.producer.get(step, timeout_s=deadline_s)
+    except Preempted:
+        if rt.world_size == 1:
+            raise
+        return None
+    return consume(rt, item, step, m)
 
 
 def collect_groups(rt: Runtime, step: int, m: dict) -> Optional[list[RolloutGroup]]:

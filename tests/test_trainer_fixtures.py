@@ -138,6 +138,39 @@ if __name__ == "__main__":  # subprocess entry: python tests/test_trainer_fixtur
             return real(self, *a, **kw)
 
         Actor.train_step = train_step
+    if os.environ.get("RFPO_TEST_TRAIN_SLEEP_S"):  # a slow actor: every optimizer step sleeps this long first
+        import time
+
+        from rfpo_megatron.actor.actor import Actor
+
+        pause, real_step = float(os.environ["RFPO_TEST_TRAIN_SLEEP_S"]), Actor.train_step
+
+        def slow_train_step(self, *a, **kw):
+            time.sleep(pause)
+            return real_step(self, *a, **kw)
+
+        Actor.train_step = slow_train_step
+    if os.environ.get("RFPO_TEST_TRAINED_LOG"):  # one JSON line per trained step: the samples it trained on
+        import json
+
+        import rfpo_megatron.trainer as T
+
+        log_path, seen = os.environ["RFPO_TEST_TRAINED_LOG"], {}
+        real_build, real_update = T.build_batch, T.update_policy
+
+        def build_batch(groups, *a, **kw):
+            seen["prompts"] = [str(g.record.get("id")) for g in groups]
+            seen["samples"] = [[s.weight_version, s.token_versions, s.is_fixed] for g in groups for s in g.samples]
+            return real_build(groups, *a, **kw)
+
+        def update_policy(rt, *a, **kw):  # written once the update ran: the step is committed
+            out = real_update(rt, *a, **kw)
+            if rt.is_rank0:
+                with open(log_path, "a") as fh:
+                    fh.write(json.dumps({"step": rt.step + 1, **seen}) + "\n")
+            return out
+
+        T.build_batch, T.update_policy = build_batch, update_policy
     if sys.argv[1] == "train":
         from rfpo_megatron.trainer import main
 

@@ -44,6 +44,11 @@ class Sample:
                       final model turn, which is what the verifier scores.
     loss_mask:        [T] 0/1 per response token: 1 = the policy's own token (trained), 0 = an environment
                       token (never in the loss); None = every response token is the policy's.
+    weight_version:   the oldest weight version (trainer step whose update the engine served; 0 = the start
+                      weights) that produced any of the response's tokens; staleness at train step k is
+                      (k - 1) - weight_version (trainer.async_mode).
+    token_versions:   [T] weight version of each response token (a generation interrupted by a weight sync and
+                      resumed has two or more segments); None = all tokens are weight_version's.
     """
 
     prompt_ids: list[int]
@@ -60,6 +65,8 @@ class Sample:
     record: dict[str, Any] = field(default_factory=dict)
     response_text: str = ""
     loss_mask: Optional[list[int]] = None
+    weight_version: int = 0
+    token_versions: Optional[list[int]] = None
 
     @property
     def final_turn_start(self) -> int:

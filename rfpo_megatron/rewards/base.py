@@ -10,6 +10,7 @@ Quote the response's own text with `safe_quote`, which drops a quote that contai
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import dataclass
 from typing import Any, Protocol, Sequence, runtime_checkable
 
@@ -32,16 +33,23 @@ class Verifier(Protocol):
 ScoreItem = tuple[str, str, dict]  # (response_text, answer, record)
 
 
+# Verifiers are not thread-safe (a ProcessPool's workers, a client's session); under trainer.async_mode the rollout
+# producer thread and the trainer's eval both score, so every score_many call holds this lock.
+_SCORE_LOCK = threading.RLock()
+
+
 def score_many(verifier: Any, items: Sequence[ScoreItem]) -> list[RewardResult]:
-    """Score `items` with `verifier.score_batch` when it has one, else one `score` call per item.
+    """Score `items` with `verifier.score_batch` when it has one, else one `score` call per item (one call at a
+    time per process: `_SCORE_LOCK`).
 
     A plain callable `f(response_text, answer, record)` returning a RewardResult, a float, or a
     (reward, message) tuple is accepted too.
     """
-    if hasattr(verifier, "score_batch"):
-        return list(verifier.score_batch(list(items)))
-    fn = verifier.score if hasattr(verifier, "score") else verifier
-    return [as_result(fn(r, a, rec)) for r, a, rec in items]
+    with _SCORE_LOCK:
+        if hasattr(verifier, "score_batch"):
+            return list(verifier.score_batch(list(items)))
+        fn = verifier.score if hasattr(verifier, "score") else verifier
+        return [as_result(fn(r, a, rec)) for r, a, rec in items]
 
 
 class OutcomeScorer:

@@ -371,6 +371,15 @@ class EngineClient:
         body = {"rid": rid or "", "abort_all": rid is None}
         self._all_workers("POST", "/abort_request", body)
 
+    def pause_generation(self, mode: str = "abort") -> None:
+        """SGLang /pause_generation on every worker: mode "abort" ends the running requests now (each returns its
+        tokens so far, finish_reason abort) and holds new ones; returns once nothing runs (partial rollout)."""
+        self._all_workers("POST", "/pause_generation", {"mode": mode})
+
+    def continue_generation(self) -> None:
+        """SGLang /continue_generation on every worker: held requests start."""
+        self._all_workers("POST", "/continue_generation", {})
+
     # ------------------------------------------------------------------ weights
     def update_weights_from_tensors(self, named_tensors: Iterable[tuple[str, torch.Tensor]], flush_cache: bool = True,
                                     weight_version: str | None = None) -> None:

@@ -19,7 +19,11 @@ cluster takes: weight updates from tensors / the update group only inside /begin
 /end_weight_update; a tag-less release frees weights, KV cache and CUDA graphs (`MEMORY_TAGS`) and
 generation is refused until all are resumed; prompt + max_new_tokens over the context length fails
 the request unless `allow_auto_truncate`; flushing the cache (also after a disk update) fails while
-requests run.
+requests run. /pause_generation (mode "abort", SGLang's default) aborts the running requests -- they return
+the tokens and log-probs made so far with finish_reason abort -- and holds new ones until
+/continue_generation; weight updates in between never wait for a batch (the partial-rollout protocol,
+rfpo_megatron.rollout.partial). Env RFPO_EMBEDDED_DECODE_SLEEP_S (test instrumentation) sleeps that long per
+decode step: a deterministic slow engine.
 """
 from __future__ import annotations
 
@@ -185,6 +189,9 @@ class EmbeddedEngine:
         self.weight_session = False  # inside /begin_weight_update ... /end_weight_update
         self.health_generations = 0  # one-token health-check generations run (SGLang's /health does one)
         self.health_while_released = 0  # health checks that would have generated on released memory
+        self.paused = False  # /pause_generation ... /continue_generation: new requests wait, running ones aborted
+        self._pause_cond = threading.Condition()
+        self.decode_sleep_s = float(os.environ.get("RFPO_EMBEDDED_DECODE_SLEEP_S", "0") or 0)
 
     # ------------------------------------------------------------------ generation
     def _log(self, msg: str) -> None:
@@ -196,6 +203,22 @@ class EmbeddedEngine:
                 self._abort_epoch += 1
             elif rid:
                 self._abort_rids.add(rid)
+
+    def pause_generation(self, mode: str = "abort") -> None:
+        """SGLang's /pause_generation, mode "abort": running requests end now with finish_reason abort (their
+        tokens so far are returned), new ones wait for continue_generation. Returns once no batch runs."""
+        if mode != "abort":
+            raise RequestError(f"pause_generation mode={mode!r} is not supported by the embedded engine (use 'abort')")
+        with self._pause_cond:
+            self.paused = True
+            self.abort(abort_all=True)
+        with self.lock:  # the running batch has seen the abort and returned
+            pass
+
+    def continue_generation(self) -> None:
+        with self._pause_cond:
+            self.paused = False
+            self._pause_cond.notify_all()
 
     def generate(self, items: list[GenItem]) -> list[dict]:
         """Run all items (micro-batches of max_batch_size); one SGLang-style output dict per item."""
@@ -215,8 +238,11 @@ class EmbeddedEngine:
                                    f"{len(it.input_ids)} tokens from the input messages and {it.max_new_tokens} "
                                    f"tokens for the completion (request {it.rid}; start the server with "
                                    f"--allow-auto-truncate to clip max_new_tokens instead)")
-        with self._abort_lock:  # abort_all also cancels requests still waiting for the lock
-            epoch = self._abort_epoch
+        with self._pause_cond:  # paused: wait for /continue_generation (SGLang holds new requests the same way)
+            while self.paused:
+                self._pause_cond.wait(timeout=1.0)
+            with self._abort_lock:  # abort_all also cancels requests still waiting for the lock
+                epoch = self._abort_epoch
         with self.lock:
             if self.released:
                 raise RequestError(f"memory {sorted(self.released)} is released (/release_memory_occupation); call "
@@ -307,6 +333,8 @@ class EmbeddedEngine:
                     finish[b] = {"type": "length", "length": len(out_ids[b])}
             steps += 1
             self.progress += 1
+            if self.decode_sleep_s:
+                time.sleep(self.decode_sleep_s)
             self.last_progress = time.time()
             if self.last_progress - last_log >= self.log_every_s:
                 last_log = self.last_progress

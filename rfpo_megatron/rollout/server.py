@@ -17,6 +17,7 @@ Endpoints (same paths, fields and answers as SGLang 0.5.23's http_server.py; emb
   POST /destroy_weights_update_group      group_name
   GET|POST /release_memory_occupation, /resume_memory_occupation   tags (none = weights, kv_cache, cuda_graph)
   POST /abort_request                     rid, abort_all
+  POST /pause_generation, /continue_generation   mode ("abort" only); running requests return what they have
   POST /shutdown                          (embedded only) stop the server
 Malformed requests get HTTP 400 with {"object": "error", "message": ..., "code": 400}.
 """
@@ -191,6 +192,8 @@ def _require(body: dict, key: str, kind):
 @_route("GET|POST", "/health_generate")
 def _health(h: _Handler, body: Any) -> None:
     eng = _engine(h)
+    if eng.paused:  # a health generation would wait for /continue_generation
+        return h._reply(200, text="")
     if eng.released:  # SGLang would run its one-token check on released memory: count it, answer 503
         eng.health_while_released += 1
         print(f"[rfpo-embedded] health check while memory {sorted(eng.released)} is released "
@@ -348,6 +351,18 @@ def _abort(h: _Handler, body: Any) -> None:
         raise RequestError("rid must be a string")
     _engine(h).abort(rid=rid, abort_all=bool(body.get("abort_all")))
     h._reply(200, text="")
+
+
+@_route("POST", "/pause_generation")
+def _pause(h: _Handler, body: Any) -> None:
+    _engine(h).pause_generation(str(_dict_body(body).get("mode") or "abort"))
+    h._reply(200, {"message": "Generation paused successfully.", "status": "ok"})
+
+
+@_route("POST", "/continue_generation")
+def _continue(h: _Handler, body: Any) -> None:
+    _engine(h).continue_generation()
+    h._reply(200, {"message": "Generation continued successfully.", "status": "ok"})
 
 
 @_route("POST", "/shutdown")

@@ -50,7 +50,8 @@ def rollout(rt: Runtime, records: list, seed: int, n: Optional[int] = None,
         for it, res in zip(items, results):
             samples = [Sample(prompt_ids=list(it.prompt_ids), response_ids=list(r.output_ids),
                               rollout_logprobs=list(r.logprobs), finish_reason=r.finish_reason, record=it.record,
-                              response_text=rt.tokenizer.decode(r.output_ids, skip_special_tokens=True))
+                              response_text=rt.tokenizer.decode(r.output_ids, skip_special_tokens=True),
+                              **sample_versions(r))
                        for r in res]
             groups.append(RolloutGroup(prompt_ids=list(it.prompt_ids), samples=samples, record=it.record,
                                        prompt_text=it.prompt_text))
@@ -63,6 +64,17 @@ def rollout(rt: Runtime, records: list, seed: int, n: Optional[int] = None,
         for g, b in zip(groups, greedy):
             g.baseline_reward = float(b.samples[0].reward)
     return groups
+
+
+def sample_versions(res) -> dict:
+    """Sample.weight_version / token_versions of one GenerateResult: the oldest version among its tokens, and the
+    per-token versions when a weight sync split it into segments (rollout.partial; else None)."""
+    from rfpo_megatron.rollout.partial import token_versions, version_of
+
+    if int(res.meta.get("segments", 1)) <= 1:
+        return {"weight_version": version_of(res.meta)}
+    versions = token_versions(res)
+    return {"weight_version": min(versions) if versions else version_of(res.meta), "token_versions": versions}
 
 
 def custom_rollout(rt: Runtime, records: list, params) -> list[RolloutGroup]:
@@ -118,13 +130,14 @@ def fix_stage(rt: Runtime, groups: list[RolloutGroup], seed: int) -> tuple[list[
     from rfpo_megatron.fix import run_fix_stage
 
     cfg = rt.cfg
-    gen_count, gen_tokens = [0], [0]
+    gen_count, gen_tokens, versions = [0], [0], []
 
     def generate(prompt_ids: list, n: int, sampling: dict) -> list:
         params = sampling_params(cfg, n, sampling.get("seed", seed), rt.eos_ids,
                                  temperature=sampling.get("temperature"),
                                  max_new_tokens=sampling.get("max_new_tokens"))
         out = rt.engine.generate(prompt_ids, params)
+        versions.extend(sample_versions(r)["weight_version"] for o in out for r in o)
         gen_count[0] += sum(len(o) for o in out)
         gen_tokens[0] += sum(len(r.output_ids) for o in out for r in o)
         return out
@@ -133,6 +146,10 @@ def fix_stage(rt: Runtime, groups: list[RolloutGroup], seed: int) -> tuple[list[
                         sampling={"temperature": cfg.rollout.temperature,
                                   "max_new_tokens": cfg.rollout.max_new_tokens},
                         score=lambda samples: score_samples(rt, samples))
+    for g in res.groups:  # a placed fix carries the oldest weight version of the stage's generations
+        for s in g.samples:
+            if s.is_fixed and versions:
+                s.weight_version = min(versions)
     metrics = {k: float(v) for k, v in res.metrics.items() if not k.startswith("perf/")}
     metrics["rfpo/fix_generations"] = float(gen_count[0])
     metrics["rfpo/fix_generated_tokens"] = float(gen_tokens[0])

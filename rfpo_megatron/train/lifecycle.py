@@ -155,8 +155,8 @@ def setup(cfg: Config) -> Runtime:
 
         load_actor(rt.actor, cfg.actor.load, load_optimizer=False, load_rng=False)
         resumed = True
-    if resumed:
-        sync_weights(rt)  # the engine serves the HF start weights; give it the restored ones
+    if resumed:  # the engine serves the HF start weights; give it the restored ones (async: stamped rt.step)
+        sync_weights(rt, weight_version=rt.step if cfg.trainer.async_mode != "off" else None)
     if rt.is_rank0:
         rt.logger = MetricsLogger(cfg.logging, cfg.trainer.steps, config=to_dict(cfg), start_step=rt.step,
                                   wandb_run_id=rt.resumed_wandb_id if resumed else None)

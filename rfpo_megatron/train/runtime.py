@@ -70,6 +70,7 @@ class Runtime:
     resumed_wandb_id: Optional[str] = None
     weight_group: Any = None  # rollout.weight_sync=distributed: the trainer -> servers torch process group
     weight_syncs: int = 0  # rollout.weight_sync=disk: syncs written by this process (names the directories)
+    producer: Any = None  # trainer.async_mode != off: the rank-0 RolloutProducer (train.async_rollout)
 
     @property
     def is_rank0(self) -> bool:

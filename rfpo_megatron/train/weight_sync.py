@@ -14,7 +14,7 @@ from rfpo_megatron.config import Config, ConfigError
 from rfpo_megatron.train.runtime import Runtime, barrier
 
 
-def sync_weights(rt: Runtime, resume_memory: bool = False) -> None:
+def sync_weights(rt: Runtime, resume_memory: bool = False, weight_version: int | None = None) -> None:
     """Push the actor's weights to the rollout engine as HF-named tensors, in buckets
     (rollout.weight_sync_bucket_mb). Collective over TP (gathers shards); with PP each stage's TP rank 0 /
     DP rank 0 pushes its own layers (`tensor`), or relays them to global rank 0, the update group's only
@@ -22,8 +22,11 @@ def sync_weights(rt: Runtime, resume_memory: bool = False) -> None:
     then rank 0 alone asks the engine to load it. Tensor and distributed updates run inside one SGLang
     weight-update session (opened and closed by rank 0; SGLang >= 0.5.21 refuses updates outside one).
     `resume_memory`: the engine released its memory (rollout.colocate): re-allocate the weights first,
-    everything else it released (KV cache, and CUDA graphs from SGLang 0.5.5) after the update."""
+    everything else it released (KV cache, and CUDA graphs from SGLang 0.5.5) after the update.
+    `weight_version` (trainer.async_mode): sent with every update, the engine stamps it on what it generates
+    afterwards (meta_info.weight_version)."""
     mode = sync_mode(rt.cfg)
+    version = None if weight_version is None else str(int(weight_version))
     with contextlib.ExitStack() as session:
         if rt.is_rank0 and rt.engine is not None:
             if resume_memory:
@@ -35,12 +38,12 @@ def sync_weights(rt: Runtime, resume_memory: bool = False) -> None:
         if mode == "disk":
             path = write_weights_dir(rt, bucket_bytes)
             if rt.is_rank0 and rt.engine is not None:
-                rt.engine.update_weights_from_disk(path)
+                rt.engine.update_weights_from_disk(path, weight_version=version)
                 _remove_old_dirs(os.path.dirname(path), keep=os.path.basename(path))
         elif mode == "distributed":
-            _push_distributed(rt, bucket_bytes)
+            _push_distributed(rt, bucket_bytes, version)
         else:
-            _push_tensors(rt, bucket_bytes)
+            _push_tensors(rt, bucket_bytes, version)
         barrier(rt)
     if rt.is_rank0 and rt.engine is not None:
         if resume_memory:
@@ -48,17 +51,18 @@ def sync_weights(rt: Runtime, resume_memory: bool = False) -> None:
         rt.engine.flush_cache()
 
 
-def _push_tensors(rt: Runtime, bucket_bytes: int) -> None:
+def _push_tensors(rt: Runtime, bucket_bytes: int, version: str | None = None) -> None:
     """rollout.weight_sync=tensor: every stage's sender posts its buckets to every server itself."""
     from rfpo_megatron.convert.export import iter_hf_weights
 
     sender = rt.engine is not None and _is_sync_sender()
     for bucket in iter_hf_weights(rt.actor.modules, rt.actor.hf_config, bucket_bytes):
         if sender:
-            rt.engine.update_weights_from_tensors(list(bucket), flush_cache=False)
+            rt.engine.update_weights_from_tensors(list(bucket), flush_cache=False,
+                                                  **({} if version is None else {"weight_version": version}))
 
 
-def _push_distributed(rt: Runtime, bucket_bytes: int) -> None:
+def _push_distributed(rt: Runtime, bucket_bytes: int, version: str | None = None) -> None:
     """rollout.weight_sync=distributed: global rank 0 broadcasts every bucket over the update group. With PP,
     the sender of each later stage (TP 0 / DP 0, in rank 0's pipeline group) sends its buckets to rank 0 point
     to point (names/shapes/dtypes as an object, then the tensors), stage after stage, ending with None."""
@@ -73,7 +77,7 @@ def _push_distributed(rt: Runtime, bucket_bytes: int) -> None:
     sender = _is_sync_sender()
     for bucket in iter_hf_weights(rt.actor.modules, rt.actor.hf_config, bucket_bytes):
         if rt.is_rank0:
-            rt.engine.push_weights_distributed(rt.weight_group, list(bucket), flush_cache=False)
+            rt.engine.push_weights_distributed(rt.weight_group, list(bucket), flush_cache=False, weight_version=version)
         elif sender:
             dist.send_object_list([[(n, list(t.shape), t.dtype) for n, t in bucket]], dst=0)
             for _, t in bucket:
@@ -95,7 +99,7 @@ def _push_distributed(rt: Runtime, bucket_bytes: int) -> None:
                     t = torch.empty(shape, dtype=dtype, device=device)
                     dist.recv(t, src=src)
                     bucket.append((name, t))
-                rt.engine.push_weights_distributed(rt.weight_group, bucket, flush_cache=False)
+                rt.engine.push_weights_distributed(rt.weight_group, bucket, flush_cache=False, weight_version=version)
 
 
 def sync_mode(cfg: Config, nodes: int | None = None) -> str:
