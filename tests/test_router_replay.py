@@ -202,3 +202,32 @@ def test_thd_targets_follow_the_packed_positions():
     tgt, cnt = microbatch_targets([r0, None], [4, 2], [2, 1], layout="pad", seq_len=4)
     assert tgt[:, 0].tolist() == [[0, 1], [-1, -1], [2, 3], [-1, -1], [4, 5], [-1, -1], [-1, -1], [-1, -1]]
     assert cnt.tolist() == [False, True, True, False, True, False, False, False]
+
+
+def test_trainer_batch_carries_rollout_routing_to_the_actor_batch():
+    """Sample.routed_experts -> StepBatch -> the log-prob pass's ActorBatch; a fix (routed under the fix prompt)
+    and the fixed rows' originals carry none; a routing of the wrong length is refused naming the field."""
+    import pytest
+
+    from rfpo_megatron.actor.batch import ActorBatch
+    from rfpo_megatron.data.types import RolloutGroup, Sample
+    from rfpo_megatron.train.batch import build_batch, logprob_pass
+
+    r0 = torch.arange(5 * 2 * 2, dtype=torch.int32).reshape(5, 2, 2)  # P=3, T=3: 5 rows
+    s0 = Sample(prompt_ids=[1, 2, 3], response_ids=[4, 5, 6], routed_experts=r0)
+    s1 = Sample(prompt_ids=[1, 2, 3], response_ids=[7, 8], is_fixed=True, fixed_from=[9], use_tis=False,
+                routed_experts=torch.zeros(4, 2, 2, dtype=torch.int32))
+    b = build_batch([RolloutGroup(prompt_ids=[1, 2, 3], samples=[s0, s1])])
+    assert b.routed_experts[0] is r0 and b.routed_experts[1] is None
+
+    class Recorder:  # records the ActorBatch of the pass (no model needed for the plumbing)
+        def compute_logprobs(self, batch):
+            self.batch = batch
+            return [torch.zeros(r) for r in batch.response_lens], None
+
+    rec = Recorder()
+    logprob_pass(rec, b, originals=True)
+    got = rec.batch.routed_experts
+    assert len(got) == 3 and torch.equal(got[0], r0) and got[1] is None and got[2] is None
+    with pytest.raises(ValueError, match=r"routed_experts\[0\] has shape \(6, 2, 2\)"):
+        ActorBatch.from_prompt_response([[1, 2, 3]], [[4, 5, 6]], routed_experts=[torch.zeros(6, 2, 2)])

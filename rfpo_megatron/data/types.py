@@ -44,6 +44,10 @@ class Sample:
                       final model turn, which is what the verifier scores.
     loss_mask:        [T] 0/1 per response token: 1 = the policy's own token (trained), 0 = an environment
                       token (never in the loss); None = every response token is the policy's.
+    routed_experts:   MoE routing the rollout engine used (rollout.return_routed_experts): int32 tensor
+                      [P + T - 1, num_layers, num_experts_per_tok], row p = the experts of token p of
+                      prompt_ids + response_ids (SGLang's layout); None when not returned, and for fixed samples
+                      (their routing ran under the fix prompt) and custom/multi-turn rollouts.
     """
 
     prompt_ids: list[int]
@@ -60,6 +64,7 @@ class Sample:
     record: dict[str, Any] = field(default_factory=dict)
     response_text: str = ""
     loss_mask: Optional[list[int]] = None
+    routed_experts: Any = None
 
     @property
     def final_turn_start(self) -> int:
