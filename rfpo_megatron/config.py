@@ -159,7 +159,7 @@ class ActorConfig:
     grad_reduce_bucket_size: Optional[int] = None  # elements per reduction bucket (None: megatron's default)
     use_fused_kernels: bool = True  # Triton log-prob/loss kernels on CUDA
     use_reference: bool = False  # keep a reference model for KL (auto-on when a KL term is used)
-    router_replay: str = "off"  # MoE routing replay (R3): off | rollout (the log-prob pass and train step use the rollout engine's top-k experts per token; implies rollout.return_routed_experts; docs/actor.md)
+    router_replay: str = "off"  # MoE routing replay (R3): off | rollout (the log-prob pass and train step use the rollout engine's top-k experts per token; implies rollout.return_routed_experts; with recompute only at PP = 1; docs/actor.md)
 
 
 @dataclass
@@ -555,10 +555,11 @@ def validate(cfg: Config) -> Config:
                           "optimizer keeps fp32 host copies of bf16 params; fp32 params cannot be offloaded)")
     choice("actor.packing", c.packing, ("auto", "thd", "pad"))
     choice("actor.router_replay", c.router_replay, ("off", "rollout"))
-    if c.router_replay == "rollout" and c.recompute != "none":
-        raise ConfigError(f"config field 'actor.router_replay': rollout cannot be combined with actor.recompute="
-                          f"{c.recompute} (the recomputed forward would route again after later micro-batches set "
-                          "their targets); set actor.recompute=none or actor.router_replay=off")
+    if c.router_replay == "rollout" and c.recompute != "none" and c.pipeline_model_parallel_size > 1:
+        raise ConfigError(f"config field 'actor.router_replay': rollout with actor.recompute={c.recompute} needs "
+                          f"actor.pipeline_model_parallel_size=1 (got {c.pipeline_model_parallel_size}: the 1F1B "
+                          "schedule recomputes a micro-batch after later ones set their routing); set recompute=none, "
+                          "PP=1 or router_replay=off")
     if c.virtual_pipeline_model_parallel_size is not None:
         rng("actor.virtual_pipeline_model_parallel_size", c.virtual_pipeline_model_parallel_size, 1)
         if c.virtual_pipeline_model_parallel_size > 1 and c.pipeline_model_parallel_size < 2:

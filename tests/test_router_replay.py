@@ -15,7 +15,7 @@ from rfpo_megatron.actor.launch import spawn_world
 E, K, LAYERS = 4, 2, 2
 
 
-def _model(replay_flag: bool = False):
+def _model(replay_flag: bool = False, **extra):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -28,7 +28,7 @@ def _model(replay_flag: bool = False):
         gated_linear_unit=True, activation_func=torch.nn.functional.silu, add_bias_linear=False,
         qk_layernorm=True, use_cpu_initialization=True, params_dtype=torch.float32, calculate_per_token_loss=True,
         hidden_dropout=0.0, attention_dropout=0.0, moe_router_pre_softmax=False,
-        moe_enable_routing_replay=replay_flag, init_method_std=0.2,
+        moe_enable_routing_replay=replay_flag, init_method_std=0.2, **extra,
     )
     spec = get_gpt_layer_local_spec(num_experts=E, moe_grouped_gemm=False, qk_layernorm=True)
     return GPTModel(config=cfg, transformer_layer_spec=spec, vocab_size=64, max_sequence_length=32,
@@ -168,6 +168,19 @@ def _world(rank):
     run_schedule([model], [mb], fn, forward_only=False)
     out["train_used_equal"] = [bool(torch.equal(r.last_used, want[:, l])) for l, r in enumerate(reps)]
     out["router_grad"] = float(model.decoder.layers[0].mlp.router.weight.grad.abs().sum())
+    out["train_count"] = rr.take_mismatch([model])
+    # 6) full activation recomputation (PP = 1): the re-run forward routes the same way and counts once
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model3 = _model(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    model3.load_state_dict(model.state_dict())
+    rr.install([model3], replay=True)
+    model3.train()
+    run_schedule([model3], [mb], fn, forward_only=False)
+    out["recompute_count"] = rr.take_mismatch([model3])
+    out["recompute_grad_diff"] = max(float((p.grad - grads[n]).abs().max()) for n, p in model3.named_parameters()
+                                     if p.grad is not None)
+    out["recompute_grads"] = sum(p.grad is not None for p in model3.parameters())
+    out["grads"] = len(grads)
     return out
 
 
@@ -188,6 +201,11 @@ def test_router_replay_forces_rollout_experts_and_counts_mismatch():
     assert out["lp_on_vs_own"] > 1e-4  # the replay changed the log-probs (the test can fail)
     assert all(out["train_used_equal"])
     assert out["router_grad"] > 0.0
+    assert out["train_count"] == (out["want_mism_on"], out["want_cnt"])
+    # full recompute: the same gradients (the re-run forward replays too), the metric counted once
+    assert out["recompute_count"] == out["train_count"]
+    assert out["recompute_grads"] == out["grads"] > 0
+    assert out["recompute_grad_diff"] <= 1e-6, out["recompute_grad_diff"]
 
 
 def test_thd_targets_follow_the_packed_positions():

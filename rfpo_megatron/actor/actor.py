@@ -153,9 +153,9 @@ class Actor:
         self.router_replay = getattr(self.cfg, "router_replay", "off")
         if self.router_replay not in ("off", "rollout"):
             raise ValueError(f"actor.router_replay={self.router_replay!r} must be off or rollout")
-        if self.router_replay == "rollout" and self.cfg.recompute != "none":
-            raise ValueError("actor.router_replay=rollout needs actor.recompute=none (a recomputed forward would "
-                             "route again after later micro-batches set their targets)")
+        if self.router_replay == "rollout" and self.cfg.recompute != "none" and pp > 1:
+            raise ValueError("actor.router_replay=rollout with actor.recompute needs pipeline_model_parallel_size=1 "
+                             "(the 1F1B schedule recomputes a micro-batch after later ones set their routing)")
         self.has_routers = bool(router_replay.install(chunks, replay=self.router_replay == "rollout"))
         # (mismatched, counted) (response token, layer) pairs of the last compute_logprobs (whole batch)
         self.last_router_mismatch: Optional[tuple[float, float]] = None

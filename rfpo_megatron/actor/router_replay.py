@@ -31,8 +31,10 @@ Prompt tokens are replayed too (the engine returns them; they shape every respon
 context); the mismatch counts the response-scoring rows (position P - 1 … L - 2, the rows whose logits
 give the response log-probs, one per response token).
 
-Activation recomputation re-runs a layer's forward in the backward pass, after later micro-batches have
-set their targets; the actor refuses ``actor.recompute`` together with routing targets.
+Activation recomputation re-runs a layer's forward in the backward pass. Without pipelining megatron runs each
+micro-batch's backward right after its forward, so the targets are still that micro-batch's and the re-run routes
+the same way (counted once: only the first routing after ``set_target``); with PP > 1 the 1F1B schedule runs
+later forwards first, so the actor refuses ``actor.recompute`` with replay there.
 """
 
 from __future__ import annotations
@@ -61,12 +63,14 @@ class RolloutReplay:
         self.count_mask: Optional[torch.Tensor] = None
         self.mismatched = 0
         self.counted = 0
+        self._fresh = False  # the next routing is the first since set_target (recomputation re-runs are not counted)
         self.last_own: Optional[torch.Tensor] = None  # [n, k] own top-k of the last forward
         self.last_used: Optional[torch.Tensor] = None  # [n, k] the experts the last forward dispatched to
 
     def set_target(self, target: Optional[torch.Tensor], count_mask: Optional[torch.Tensor]) -> None:
         self.target = target
         self.count_mask = count_mask
+        self._fresh = True
 
     def get_replay_topk(self, scores, topk, num_groups=None, group_topk=None, default_compute_topk=None):
         """Megatron's hook: (values [n, k], indices [n, k]) of the experts each token is dispatched to."""
@@ -83,11 +87,12 @@ class RolloutReplay:
                 "and cover the sequence as SGLang's routed_experts does (prompt + response - 1 rows)"
             )
         have = (tgt >= 0).all(dim=-1)
-        if self.count_mask is not None:
+        if self.count_mask is not None and self._fresh:
             sel = have & self.count_mask.to(device=have.device)
             diff = (own.sort(dim=-1).values != tgt.sort(dim=-1).values).any(dim=-1)
             self.mismatched += int((diff & sel).sum())
             self.counted += int(sel.sum())
+        self._fresh = False
         if not self.replay:
             return vals, own
         idx = torch.where(have[:, None], tgt, own)
