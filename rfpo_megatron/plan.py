@@ -811,7 +811,7 @@ def format_plan(p: MemoryPlan, usable_frac: float = 0.95) -> str:
         _row(f"activations ({s.recompute} recompute, {min(lay.pp - p.worst_stage, s.num_microbatches or lay.pp)} mb"
              " in flight)", p.activations, "incl. held stage outputs" if lay.pp > 1 else ""),
         *([_row("  of which router logits/scores (fp32)", p.router_logits),
-           _row("MoE dispatcher buffers (alltoall send + recv, 1 layer)", p.dispatcher)] if moe else []),
+           _row("MoE dispatcher (alltoall send + recv, one layer)", p.dispatcher)] if moe else []),
         _row(f"logits ({'fused' if s.fused_logits else 'naive'}, response rows"
              f"{', last stage only' if lay.pp > 1 else ''})", p.logits,
              f"fused {p.logits_fused / GiB:.2f} | naive {p.logits_naive / GiB:.2f}"),
