@@ -156,7 +156,11 @@ class Actor:
         if self.router_replay == "rollout" and self.cfg.recompute != "none" and pp > 1:
             raise ValueError("actor.router_replay=rollout with actor.recompute needs pipeline_model_parallel_size=1 "
                              "(the 1F1B schedule recomputes a micro-batch after later ones set their routing)")
-        self.has_routers = bool(router_replay.install(chunks, replay=self.router_replay == "rollout"))
+        has = torch.tensor([float(bool(router_replay.install(chunks, replay=self.router_replay == "rollout")))],
+                           device=next(chunks[0].parameters()).device)
+        if dist.is_initialized() and dist.get_world_size() > 1:  # job-wide: a PP stage may hold only dense layers
+            dist.all_reduce(has, op=dist.ReduceOp.MAX)
+        self.has_routers = bool(has.item())
         # (mismatched, counted) (response token, layer) pairs of the last compute_logprobs (whole batch)
         self.last_router_mismatch: Optional[tuple[float, float]] = None
         config = chunks[0].config
