@@ -81,46 +81,9 @@ def test_qwen3_30b_a3b_preset():
 
 
 def _world(rank):
-    """Real megatron DDP buffers (dense + expert-parallel) of a GPTModel with MoE layers vs the planner."""
-    import torch
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-
-    from rfpo_megatron.actor.parallel import init_parallel
-
-    import test_router_replay as R
-
-    init_parallel(tp=1, pp=1, seed=1)
-    model = R._model()
-    names = {n: p.numel() for n, p in model.named_parameters() if "rotary" not in n}
-    out = {"names": names}
-    for dist_opt in (True, False):
-        ddp = DistributedDataParallel(config=model.config, module=model, ddp_config=DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, use_distributed_optimizer=dist_opt, overlap_grad_reduce=False))
-        out[dist_opt] = {"dense": [b.numel for b in ddp.buffers],
-                         "expert": [b.numel for b in ddp.expert_parallel_buffers]}
-        del ddp
-        model = R._model()
-    torch.distributed.barrier()
-    return out
-
-
-def test_planner_equals_real_megatron_moe_buffers():
-    import test_router_replay as R
-
-    out = spawn_world(_world, 1, timeout_s=300)[0]
-    m = P.ModelShape("t", 64, 32, 64, R.LAYERS, 4, 2, 8, False, False, True, num_experts=R.E, moe_topk=R.K,
-                     moe_ffn_hidden_size=16, moe_layers=tuple(range(R.LAYERS)))
-    plan_names = dict((n, k) for n, k, _ in P.stage_params(m, 1, 1, 0, vocab_multiple=64))
-    plan_names.update((n, k) for n, k, _ in P.stage_expert_params(m, 1, 0))
-    assert plan_names == out["names"]
-    for dist_opt in (True, False):
-        s = _settings(param_dtype="fp32", use_distributed_optimizer=dist_opt)
-        st = P.rank_state_bytes(m, 1, 1, 0, 1, s, vocab_multiple=64)
-        assert [b.numel for b in st.buffers] == out[dist_opt]["dense"] + out[dist_opt]["expert"], dist_opt
-
-
-def _world_ep2(rank):
-    """EP = 2 over 2 gloo ranks: megatron's separate expert-parallel buffer (EDP = 1) and the dense one (DP = 2)."""
+    """Real megatron DDP buffers (dense + expert-parallel) of a GPTModel with MoE layers on 2 gloo ranks:
+    EP = 1 (DP = 2: the experts stay in the dense buffer; distributed optimizer on and off), then EP = 2
+    (a separate expert-parallel buffer with EDP = 1 next to the dense one with DP = 2)."""
     import datetime
 
     import torch
@@ -137,34 +100,42 @@ def _world_ep2(rank):
 
     enable_cpu_compat()
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
-    mpu.initialize_model_parallel(expert_model_parallel_size=2)
-    torch.manual_seed(0)
-    tensor_parallel.model_parallel_cuda_manual_seed(0)
-    cfg = R._model().config
-    cfg.expert_model_parallel_size = 2
-    model = GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(num_experts=R.E,
-                                                                                  moe_grouped_gemm=False,
-                                                                                  qk_layernorm=True),
-                     vocab_size=64, max_sequence_length=32, position_embedding_type="rope")
-    out = {"names": {n: p.numel() for n, p in model.named_parameters()}}
-    ddp = DistributedDataParallel(config=cfg, module=model, ddp_config=DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, use_distributed_optimizer=True, overlap_grad_reduce=False))
-    out["dense"] = [b.numel for b in ddp.buffers]
-    out["expert"] = [b.numel for b in ddp.expert_parallel_buffers]
-    dist.barrier()
+    out = {}
+    for ep, dist_opts in ((1, (True, False)), (2, (True,))):
+        mpu.initialize_model_parallel(expert_model_parallel_size=ep)
+        tensor_parallel.model_parallel_cuda_manual_seed(0)
+        for dist_opt in dist_opts:
+            torch.manual_seed(0)
+            cfg = R._model().config
+            cfg.expert_model_parallel_size = ep
+            model = GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(
+                num_experts=R.E, moe_grouped_gemm=False, qk_layernorm=True), vocab_size=64, max_sequence_length=32,
+                position_embedding_type="rope")
+            ddp = DistributedDataParallel(config=cfg, module=model, ddp_config=DistributedDataParallelConfig(
+                grad_reduce_in_fp32=True, use_distributed_optimizer=dist_opt, overlap_grad_reduce=False))
+            out[(ep, dist_opt)] = dict(names={n: p.numel() for n, p in model.named_parameters()},
+                                       dense=[b.numel for b in ddp.buffers],
+                                       expert=[b.numel for b in ddp.expert_parallel_buffers])
+        dist.barrier()
+        mpu.destroy_model_parallel()
     return out
 
 
-def test_planner_equals_real_megatron_buffers_at_ep2():
+def test_planner_equals_real_megatron_moe_buffers():
     import test_router_replay as R
 
-    out = spawn_world(_world_ep2, 2, timeout_s=300)
+    out = spawn_world(_world, 2, timeout_s=300)
     m = P.ModelShape("t", 64, 32, 64, R.LAYERS, 4, 2, 8, False, False, True, num_experts=R.E, moe_topk=R.K,
                      moe_ffn_hidden_size=16, moe_layers=tuple(range(R.LAYERS)))
-    plan_names = dict((n, k) for n, k, _ in P.stage_params(m, 1, 1, 0, vocab_multiple=64))
-    plan_names.update((n, k) for n, k, _ in P.stage_expert_params(m, 1, 0, ep=2))
-    st = P.rank_state_bytes(m, 1, 1, 0, 2, _settings(param_dtype="fp32"), vocab_multiple=64, ep=2, etp=1)
-    for o in out:
-        assert plan_names == o["names"]
-        assert [b.numel for b in st.buffers] == o["dense"] + o["expert"]
-    assert len(out[0]["expert"]) == 1 and st.expert_params == R.LAYERS * (R.E // 2) * 3 * 32 * 16
+    for (ep, dist_opt) in out[0]:
+        names = dict((n, k) for n, k, _ in P.stage_params(m, 1, 1, 0, vocab_multiple=64))
+        names.update((n, k) for n, k, _ in P.stage_expert_params(m, 1, 0, ep=ep))
+        st = P.rank_state_bytes(m, 1, 1, 0, 2, _settings(param_dtype="fp32", use_distributed_optimizer=dist_opt),
+                                vocab_multiple=64, ep=ep, etp=1)
+        for o in out:
+            got = o[(ep, dist_opt)]
+            assert names == got["names"], (ep, dist_opt)
+            assert [b.numel for b in st.buffers] == got["dense"] + got["expert"], (ep, dist_opt)
+            assert len(got["expert"]) == (1 if ep > 1 else 0)
+    assert P.rank_state_bytes(m, 1, 1, 0, 2, _settings(), ep=2, etp=1).expert_params == \
+        R.LAYERS * (R.E // 2) * 3 * 32 * 16
