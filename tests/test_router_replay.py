@@ -181,6 +181,39 @@ def _world(rank):
                                      if p.grad is not None)
     out["recompute_grads"] = sum(p.grad is not None for p in model3.parameters())
     out["grads"] = len(grads)
+    # 7) the Actor's own path (ActorBatch.routed_experts -> packed micro-batch targets -> metric): the actor's
+    # model builder is swapped for this megatron MoE model (the actor builds MoE from HF configs with issue 15's
+    # expert-parallel work); everything else is the real Actor
+    import rfpo_megatron.actor.actor as actor_mod
+    from rfpo_megatron.actor.batch import ActorBatch
+    from rfpo_megatron.config import ActorConfig, AlgoConfig
+
+    state = model.state_dict()
+
+    def build(hf_config, **kw):
+        from megatron.core.tensor_parallel import set_defaults_if_not_set_tensor_model_parallel_attributes
+
+        from rfpo_megatron.actor.output_rows import enable_response_rows
+
+        m = _model()
+        m.load_state_dict(state)
+        m.vocab_size_unpadded = 64
+        enable_response_rows(m)
+        for p in m.parameters():
+            set_defaults_if_not_set_tensor_model_parallel_attributes(p)
+        return [m]
+
+    actor_mod.build_model = build
+    for mode in ("off", "rollout"):
+        a = actor_mod.Actor({}, ActorConfig(router_replay=mode, lr=1e-3, packing="pad"), total_steps=1)
+        b = ActorBatch(input_ids=ids, prompt_lens=plens, routed_experts=routed)
+        logp, _ = a.compute_logprobs(b)
+        out[f"actor_{mode}_logp_count"] = a.last_router_mismatch
+        out[f"actor_{mode}_logp"] = torch.cat(logp)
+        b.old_logp = logp
+        b.advantages = [torch.ones(len(r)) for _, r in SEQS]
+        out[f"actor_{mode}_train"] = a.train_step(b, AlgoConfig())["train/router_replay_mismatch"]
+    out["lp_off"], out["lp_on"] = lp_off, lp_on
     return out
 
 
@@ -206,6 +239,13 @@ def test_router_replay_forces_rollout_experts_and_counts_mismatch():
     assert out["recompute_count"] == out["train_count"]
     assert out["recompute_grads"] == out["grads"] > 0
     assert out["recompute_grad_diff"] <= 1e-6, out["recompute_grad_diff"]
+    # the Actor: replay off scores with its own routing, on with the rollout's; the metric in both modes
+    assert out["actor_off_logp_count"] == (out["want_mism"], out["want_cnt"])
+    assert out["actor_rollout_logp_count"] == (out["want_mism_on"], out["want_cnt"])
+    assert (out["actor_off_logp"] - out["lp_off"]).abs().max() <= 1e-5
+    assert (out["actor_rollout_logp"] - out["lp_on"]).abs().max() <= 1e-5
+    assert out["actor_off_train"] == out["want_mism"] / out["want_cnt"]
+    assert out["actor_rollout_train"] == out["want_mism_on"] / out["want_cnt"]
 
 
 def test_thd_targets_follow_the_packed_positions():
