@@ -159,6 +159,7 @@ class ActorConfig:
     grad_reduce_bucket_size: Optional[int] = None  # elements per reduction bucket (None: megatron's default)
     use_fused_kernels: bool = True  # Triton log-prob/loss kernels on CUDA
     use_reference: bool = False  # keep a reference model for KL (auto-on when a KL term is used)
+    router_replay: str = "off"  # MoE routing replay (R3): off | rollout (the log-prob pass and train step use the rollout engine's top-k experts per token; implies rollout.return_routed_experts; with recompute only at PP = 1; docs/actor.md)
 
 
 @dataclass
@@ -192,6 +193,7 @@ class RolloutConfig:
     server_args: dict = field(default_factory=dict)  # extra `sglang.launch_server` args
     router_args: dict = field(default_factory=dict)  # extra `sglang_router.launch_router` args (docs/rollout.md)
     deterministic_inference: bool = False  # SGLang --enable-deterministic-inference: sampling seeds honoured (slower)
+    return_routed_experts: bool = False  # MoE: servers run with --enable-return-routed-experts and every sample keeps its routing (train/router_replay_mismatch is logged; actor.router_replay=rollout replays it)
     server_urls: list = field(default_factory=list)  # use already-running servers instead of launching
     router_url: Optional[str] = None  # with server_urls: their router (generation goes there, weight sync to each)
     request_timeout_s: float = 600.0
@@ -563,6 +565,12 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("config field 'actor.optimizer_cpu_offload': true needs actor.bf16=true (megatron's offload "
                           "optimizer keeps fp32 host copies of bf16 params; fp32 params cannot be offloaded)")
     choice("actor.packing", c.packing, ("auto", "thd", "pad"))
+    choice("actor.router_replay", c.router_replay, ("off", "rollout"))
+    if c.router_replay == "rollout" and c.recompute != "none" and c.pipeline_model_parallel_size > 1:
+        raise ConfigError(f"config field 'actor.router_replay': rollout with actor.recompute={c.recompute} needs "
+                          f"actor.pipeline_model_parallel_size=1 (got {c.pipeline_model_parallel_size}: the 1F1B "
+                          "schedule recomputes a micro-batch after later ones set their routing); set recompute=none, "
+                          "PP=1 or router_replay=off")
     if c.virtual_pipeline_model_parallel_size is not None:
         rng("actor.virtual_pipeline_model_parallel_size", c.virtual_pipeline_model_parallel_size, 1)
         if c.virtual_pipeline_model_parallel_size > 1 and c.pipeline_model_parallel_size < 2:

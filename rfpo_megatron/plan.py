@@ -14,6 +14,13 @@ to 128*tp, the DDP buffer's 64-element param alignment and lcm(dp, 128) bucket p
 optimizer's per-DP-rank bucket shards) and are exact; activations follow Korthikanti et al. 2022
 ("Reducing Activation Recomputation in Large Transformer Models") adapted to GQA + SwiGLU + flash attention,
 see ``activation_bytes_per_token`` and docs/scaling.md.
+
+Mixture-of-experts models (Qwen3-MoE): expert weights, grads and Adam state live in megatron's separate
+expert-parallel DDP buffer — ``num_experts / ep`` local experts of ``3 h F_moe / etp`` each, the distributed
+optimizer sharding them over the expert data-parallel size ``edp = tp cp dp / (etp ep)`` — while the dense part
+(attention, norms, routers, embedding, head) is sharded over TP x PP and DP as before; MoE layers store the
+router logits, the permuted expert inputs/outputs and permutation maps, and the alltoall dispatcher's send/receive
+buffers are a per-layer transient (``moe_activation_bytes_per_token``).
 """
 from __future__ import annotations
 
@@ -54,6 +61,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "qwen3-32b": dict(model_type="qwen3", vocab_size=151936, hidden_size=5120, intermediate_size=25600,
                       num_hidden_layers=64, num_attention_heads=64, num_key_value_heads=8, head_dim=128,
                       tie_word_embeddings=False, max_position_embeddings=40960),
+    # Qwen/Qwen3-30B-A3B config.json: 48 MoE layers (decoder_sparse_step 1, no mlp_only_layers), 128 experts, top-8
+    "qwen3-30b-a3b": dict(model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+                          moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
+                          decoder_sparse_step=1, mlp_only_layers=[], num_hidden_layers=48, num_attention_heads=32,
+                          num_key_value_heads=4, head_dim=128, tie_word_embeddings=False,
+                          max_position_embeddings=40960, router_aux_loss_coef=0.001),
 }
 
 
@@ -82,6 +95,35 @@ class ModelShape:
     tie_embeddings: bool
     qkv_bias: bool
     qk_norm: bool
+    # mixture of experts (0 experts = dense): experts per MoE layer, top-k, expert FFN size, the MoE layers' indices
+    num_experts: int = 0
+    moe_topk: int = 0
+    moe_ffn_hidden_size: int = 0
+    moe_layers: tuple[int, ...] = ()
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Whether global layer i has a routed-expert MLP."""
+        return self.num_experts > 0 and i in self.moe_layers
+
+
+def moe_fields(d: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """ModelShape's MoE fields from a Qwen3-MoE HF config (num_experts, num_experts_per_tok, moe_intermediate_size,
+    decoder_sparse_step, mlp_only_layers); {} for a dense config."""
+    e = d.get("num_experts") or d.get("num_local_experts")
+    if not e:
+        return {}
+    for f in ("num_experts_per_tok", "moe_intermediate_size"):
+        if not isinstance(d.get(f), int) or d[f] <= 0:
+            raise PlanError(f"{name}: field '{f}' must be a positive integer for a MoE config (num_experts={e})")
+    if d.get("shared_expert_intermediate_size"):
+        raise PlanError(f"{name}: field 'shared_expert_intermediate_size' (shared experts) is not planned; "
+                        "the planner covers Qwen3-MoE (routed experts only)")
+    step = int(d.get("decoder_sparse_step", 1) or 1)
+    dense = set(d.get("mlp_only_layers") or [])
+    n = int(d["num_hidden_layers"])
+    layers = tuple(i for i in range(n) if i not in dense and (i + 1) % step == 0)
+    return dict(num_experts=int(e), moe_topk=int(d["num_experts_per_tok"]),
+                moe_ffn_hidden_size=int(d["moe_intermediate_size"]), moe_layers=layers)
 
 
 def shape_from_arch(arch: Arch, name: str) -> ModelShape:
@@ -131,13 +173,21 @@ def shape_from_hf(cfg: Any, name: Optional[str] = None) -> ModelShape:
             raise PlanError(f"--model {cfg!s}: cannot read {path} as JSON ({e})") from None
         return shape_from_hf(data, name=name or str(cfg))
     d: dict[str, Any] = {}
+    moe: dict[str, Any] = {}
     try:
         d = hf_config_dict(cfg)
-        arch = arch_from_hf_config(d, where=name or "HF config")
+        dense = d
+        if d.get("model_type") == "qwen3_moe":
+            # the attention/embedding part of Qwen3-MoE is Qwen3's: read it as such, the experts separately
+            moe = moe_fields(d, name or "HF config")
+            dense = {k: v for k, v in d.items() if k not in ("num_experts", "num_local_experts")}
+            dense["model_type"] = "qwen3"
+        arch = arch_from_hf_config(dense, where=name or "HF config")
     except ConversionError as e:
-        hint = _FAMILY_HINT if d and d.get("model_type") not in SUPPORTED_MODEL_TYPES else ""
+        hint = _FAMILY_HINT if d and d.get("model_type") not in SUPPORTED_MODEL_TYPES + ("qwen3_moe",) else ""
         raise PlanError(f"{e}{hint}") from None
-    return shape_from_arch(arch, name or str(d.get("_name_or_path") or arch.model_type))
+    shape = shape_from_arch(arch, name or str(d.get("_name_or_path") or arch.model_type))
+    return dataclasses.replace(shape, **moe) if moe else shape
 
 
 def padded_vocab(vocab: int, tp: int, multiple: int = 128) -> int:
@@ -148,8 +198,9 @@ def padded_vocab(vocab: int, tp: int, multiple: int = 128) -> int:
 
 
 def total_params(m: ModelShape, vocab_multiple: int = 128) -> int:
-    """Unsharded parameter count (tp=1 padding), i.e. what SGLang holds across its TP group."""
-    return sum(n for _, n, _ in stage_params(m, tp=1, pp=1, stage=0, vocab_multiple=vocab_multiple))
+    """Unsharded parameter count (tp=1 padding), i.e. what SGLang holds across its TP group (experts included)."""
+    return (sum(n for _, n, _ in stage_params(m, tp=1, pp=1, stage=0, vocab_multiple=vocab_multiple))
+            + sum(n for _, n, _ in stage_expert_params(m, pp=1, stage=0)))
 
 
 def stage_params(m: ModelShape, tp: int, pp: int, stage: int, vocab_multiple: int = 128) -> list[tuple[str, int, bool]]:
@@ -182,6 +233,7 @@ def stage_params(m: ModelShape, tp: int, pp: int, stage: int, vocab_multiple: in
     qkv_out = qkv_rows // tp
     for i in range(per):
         p = f"decoder.layers.{i}."
+        moe = m.is_moe_layer(stage * per + i)
         out.append((p + "input_layernorm.weight", h, False))
         out.append((p + "self_attention.linear_proj.weight", h * q_local * d, False))
         out.append((p + "self_attention.linear_qkv.weight", qkv_out * h, False))
@@ -191,6 +243,9 @@ def stage_params(m: ModelShape, tp: int, pp: int, stage: int, vocab_multiple: in
             out.append((p + "self_attention.q_layernorm.weight", d, False))
             out.append((p + "self_attention.k_layernorm.weight", d, False))
         out.append((p + "pre_mlp_layernorm.weight", h, False))
+        if moe:  # the router is replicated over TP and EP; the experts are in stage_expert_params
+            out.append((p + "mlp.router.weight", m.num_experts * h, False))
+            continue
         out.append((p + "mlp.linear_fc1.weight", 2 * (m.ffn_hidden_size // tp) * h, False))
         out.append((p + "mlp.linear_fc2.weight", h * (m.ffn_hidden_size // tp), False))
     if last:
@@ -199,6 +254,29 @@ def stage_params(m: ModelShape, tp: int, pp: int, stage: int, vocab_multiple: in
             out.append(("output_layer.weight", v * h, False))
         elif pp > 1:
             out.append(("output_layer.weight", v * h, True))
+    return out
+
+
+def stage_expert_params(m: ModelShape, pp: int, stage: int, ep: int = 1, etp: int = 1) -> list[tuple[str, int, bool]]:
+    """This (ep rank, etp rank, pp stage)'s routed-expert weights (megatron SequentialMLP names), the params of
+    megatron's expert-parallel DDP buffer: per MoE layer ``num_experts / ep`` local experts, each
+    linear_fc1 [2 F_moe / etp, h] (gate and up) and linear_fc2 [h, F_moe / etp]."""
+    if not m.num_experts:
+        return []
+    if m.num_experts % ep:
+        raise PlanError(f"actor.expert_model_parallel_size={ep} must divide num_experts={m.num_experts}")
+    if m.moe_ffn_hidden_size % etp:
+        raise PlanError(f"actor.expert_tensor_parallel_size={etp} must divide moe_intermediate_size={m.moe_ffn_hidden_size}")
+    per = m.num_layers // pp
+    h, f = m.hidden_size, m.moe_ffn_hidden_size // etp
+    out = []
+    for i in range(per):
+        if not m.is_moe_layer(stage * per + i):
+            continue
+        for j in range(m.num_experts // ep):
+            p = f"decoder.layers.{i}.mlp.experts.local_experts.{j}."
+            out.append((p + "linear_fc1.weight", 2 * f * h, False))
+            out.append((p + "linear_fc2.weight", h * f, False))
     return out
 
 
@@ -268,10 +346,25 @@ class Layout:
     sglang_tp: int = 1
     mem_fraction_static: float = 0.7
     colocate: bool = True
+    ep: int = 1  # expert parallel (actor.expert_model_parallel_size)
+    etp: Optional[int] = None  # expert tensor parallel; None = tp (megatron's default)
 
     @property
     def gpus(self) -> int:
         return self.tp * self.pp * self.dp * self.cp
+
+    @property
+    def expert_tp(self) -> int:
+        return self.tp if self.etp is None else self.etp
+
+    @property
+    def edp(self) -> int:
+        """Expert data-parallel size: megatron's expert grid is etp x ep x edp over the tp x cp x dp ranks of a stage."""
+        n, d = self.tp * self.cp * self.dp, self.expert_tp * self.ep
+        if n % d:
+            raise PlanError(f"expert_tensor_parallel_size x expert_model_parallel_size = {self.expert_tp} x {self.ep} "
+                            f"must divide tp x cp x dp = {n}")
+        return n // d
 
 
 @dataclass
@@ -298,10 +391,12 @@ class TrainSettings:
     actor_in_rollout: str = "resident"  # resident | weights (grads+optimizer freed/offloaded) | offloaded
     overhead_gib: float = 4.0  # CUDA context + NCCL buffers + allocator slack, per phase
     kv_min_seqs: int = 16  # a SGLang engine must hold at least this many full-length sequences
+    moe_aux_loss: bool = True  # MoE load-balancing loss on (its fp32 router scores are kept for backward)
 
 
 def activation_bytes_per_token(m: ModelShape, tp: int, sp: bool, seq_len: int, recompute: str,
-                               flash: bool = True) -> tuple[float, float]:
+                               flash: bool = True, moe: bool = False, etp: int = 1,
+                               aux_loss: bool = True) -> tuple[float, float]:
     """(stored bytes per token per layer, transient working set per token) for one transformer layer.
 
     Per token in bf16 (Korthikanti et al. 2022 Sec. 4, with dropout 0, GQA, SwiGLU, RMSNorm):
@@ -313,12 +408,14 @@ def activation_bytes_per_token(m: ModelShape, tp: int, sp: bool, seq_len: int, r
       fc1 output (gate, up) + SwiGLU output (fc2 in)                                  = (2*2f + 2f) / tp
     selective recompute drops the attention-core internals (stats / probabilities); full recompute keeps only
     the layer input 2h (/tp with SP) and re-runs one layer at a time (the 'none' amount, transient).
+    ``moe``: a routed-expert layer, whose MLP term is ``moe_mlp_bytes_per_token`` instead of 6f/tp.
     """
     h, d, f = m.hidden_size, m.head_dim, m.ffn_hidden_size
     nq, nkv = m.num_heads, max(m.num_kv_heads, 1)
     spdiv = tp if (sp and tp > 1) else 1
     core_internal = (4 * nq if flash else 2 * nq * seq_len) / tp
-    none = 8 * h / spdiv + (2 * (nq + 2 * nkv) * d + 2 * nq * d + 6 * f) / tp + core_internal
+    mlp = moe_mlp_bytes_per_token(m, tp, sp, etp, aux_loss) if moe else 6 * f / tp
+    none = 8 * h / spdiv + (2 * (nq + 2 * nkv) * d + 2 * nq * d) / tp + mlp + core_internal
     if recompute == "none":
         return none, 0.0
     if recompute == "selective":
@@ -328,8 +425,34 @@ def activation_bytes_per_token(m: ModelShape, tp: int, sp: bool, seq_len: int, r
     raise PlanError(f"actor.recompute={recompute!r} must be one of {RECOMPUTE_MODES}")
 
 
+def moe_mlp_bytes_per_token(m: ModelShape, tp: int, sp: bool, etp: int = 1, aux_loss: bool = True) -> float:
+    """Stored bytes per token (of the micro-batch) on one rank of a routed-expert MLP (bf16, router fp32).
+
+    The router sees this rank's tokens (1/tp of them with SP, which megatron requires for MoE with TP > 1);
+    each token goes to k experts, and expert TP all-gathers the routed tokens over etp, so a rank handles
+    ``slots = k etp / tp`` routed copies per token on average (balanced routing):
+      router logits (fp32) 4E, routing map (bool) E, with the aux loss its fp32 scores 4E        (/tp with SP)
+      per routed copy: expert input (fc1 in) 2h, expert output kept for the probability weighting 2h,
+      permutation index (int64) 8                                                              x slots
+      fc1 output (gate, up) 2*2 F/etp + SwiGLU output 2 F/etp                                   x slots
+    """
+    h, e, f = m.hidden_size, m.num_experts, m.moe_ffn_hidden_size
+    spdiv = tp if (sp and tp > 1) else 1
+    router = (4 * e + e + (4 * e if aux_loss else 0)) / spdiv
+    slots = m.moe_topk * etp / spdiv
+    return router + slots * (4 * h + 8 + 6 * f / etp)
+
+
+def moe_dispatcher_bytes_per_token(m: ModelShape, tp: int, sp: bool, etp: int = 1) -> float:
+    """Transient bytes per token of megatron's alltoall token dispatcher for one MoE layer (bf16): the permuted
+    tokens it sends and the ones it receives, [tokens k / tp, h] each, plus the expert-TP all-gather output."""
+    spdiv = tp if (sp and tp > 1) else 1
+    sent = 2 * m.hidden_size * m.moe_topk / spdiv
+    return 2 * sent + (sent * etp if etp > 1 else 0.0)
+
+
 def stage_activation_bytes(m: ModelShape, layers: int, tp: int, sp: bool, s: "TrainSettings",
-                           in_flight: int, tokens: float) -> float:
+                           in_flight: int, tokens: float, stage: int = 0, etp: int = 1) -> float:
     """Activation bytes of one pipeline stage with ``layers`` layers and ``in_flight`` micro-batches stored.
 
     none / selective: every layer stores its amount (``activation_bytes_per_token``).
@@ -338,19 +461,24 @@ def stage_activation_bytes(m: ModelShape, layers: int, tp: int, sp: bool, s: "Tr
     full, block: the first ``recompute_num_layers`` layers of the stage are recomputed (input stored, one
     re-run transient), the others store the 'none' amount.
     """
-    store, transient = activation_bytes_per_token(m, tp, sp, s.seq_len, s.recompute, s.flash_attention)
+    def per_layer(mode: str, moe: bool) -> tuple[float, float]:
+        return activation_bytes_per_token(m, tp, sp, s.seq_len, mode, s.flash_attention, moe, etp, s.moe_aux_loss)
+
+    kinds = [m.is_moe_layer(stage * layers + i) for i in range(layers)]
+    store = [per_layer(s.recompute, k)[0] for k in kinds]
     if s.recompute != "full":
-        return in_flight * layers * store * tokens
-    none, _ = activation_bytes_per_token(m, tp, sp, s.seq_len, "none", s.flash_attention)
+        return in_flight * sum(store) * tokens
+    none = [per_layer("none", k)[0] for k in kinds]
     k = max(1, int(s.recompute_num_layers))
     if s.recompute_method == "block":
         rec = min(k, layers)
-        return in_flight * (rec * store + (layers - rec) * none) * tokens + (transient * tokens if rec else 0)
+        return (in_flight * (sum(store[:rec]) + sum(none[rec:])) * tokens
+                + (max(none[:rec]) * tokens if rec else 0))
     if s.recompute_method != "uniform":
         raise PlanError(f"actor.recompute_method={s.recompute_method!r} must be uniform or block")
     k = min(k, layers)
-    chunks = -(-layers // k)
-    return in_flight * chunks * store * tokens + k * transient * tokens
+    chunks = [none[c:c + k] for c in range(0, layers, k)]
+    return in_flight * len(chunks) * store[0] * tokens + max(sum(c) for c in chunks) * tokens
 
 
 def pipeline_held_bytes(m: ModelShape, tp: int, sp: bool, stage: int, pp: int, s: "TrainSettings",
@@ -406,6 +534,13 @@ class MemoryPlan:
     rollout_peak: int
     fits: dict[str, bool] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # MoE (0 for dense): of weights / grads / optimizer_gpu the routed experts; the alltoall dispatcher's
+    # send/receive buffers of one layer (in train_peak); of activations the router logits/scores kept
+    expert_weights: int = 0
+    expert_grads: int = 0
+    expert_optimizer: int = 0
+    dispatcher: int = 0
+    router_logits: int = 0
 
 
 def kv_bytes_per_token(m: ModelShape, sglang_tp: int) -> int:
@@ -426,19 +561,39 @@ class RankState:
     main_params: int = 0  # of ``optimizer``: the fp32 main params (bf16 params only)
     moments: int = 0  # of ``optimizer``: Adam exp_avg + exp_avg_sq (fp32)
     on_host: bool = False  # optimizer_cpu_offload: main params, moments and an fp32 grad copy are host memory
+    # of params / weights / grads / optimizer: the routed experts (megatron's expert-parallel buffer, sharded over edp)
+    expert_params: int = 0
+    expert_weights: int = 0
+    expert_grads: int = 0
+    expert_optimizer: int = 0
 
 
 def rank_state_bytes(m: ModelShape, tp: int, pp: int, stage: int, dp: int, s: TrainSettings,
-                     vocab_multiple: int = 128, dp_rank: Optional[int] = None) -> RankState:
+                     vocab_multiple: int = 128, dp_rank: Optional[int] = None, ep: int = 1,
+                     etp: Optional[int] = None, cp: int = 1) -> RankState:
     """Weights/grads/Adam bytes on one (tp, pp=stage, dp) rank; dp_rank=None takes the largest DP shard.
 
     DDP groups params by dtype into one buffer each (bf16, and fp32 norms with ``norms_fp32``).
     bf16 params: weights 2 B, grads 4 B (grad_fp32) or 2 B, Adam 12 B/owned element (fp32 main + 2 moments).
     fp32 params: weights 4 B, grads 4 B, Adam 8 B/owned element (the fp32 param is its own main copy).
+    MoE: with EP > 1 the routed experts (``stage_expert_params``) form megatron's expert-parallel buffer, laid out
+    and sharded like the dense one but over the expert data-parallel size ``tp cp dp / (etp ep)`` (etp None = tp);
+    dp_rank then indexes the expert DP ranks for that buffer (the largest shard when None). With EP = 1 megatron
+    keeps them in the dense buffer (``allreduce`` stays True: tensor_parallel/layers.py), after each layer's router.
     """
     if s.param_dtype not in ("bf16", "fp32"):
         raise PlanError(f"param_dtype={s.param_dtype!r} must be 'bf16' or 'fp32'")
     ps = stage_params(m, tp, pp, stage, vocab_multiple)
+    etp_ = tp if etp is None else etp
+    experts = stage_expert_params(m, pp, stage, ep, etp_)
+    n_expert = sum(n for _, n, _ in experts)
+    if experts and ep == 1:  # megatron's order: each layer's experts right after its router, one buffer
+        by_layer: dict[str, list] = {}
+        for e in experts:
+            by_layer.setdefault(e[0].split(".mlp.")[0], []).append(e)
+        ps = [x for item in ps for x in ([item] + (by_layer.get(item[0].split(".mlp.")[0], [])
+                                                    if item[0].endswith("mlp.router.weight") else []))]
+        experts = []
     low = s.param_dtype == "bf16"
     groups: dict[bool, list[tuple[str, int, bool]]] = {}
     for name, n, sh in ps:
@@ -448,13 +603,19 @@ def rank_state_bytes(m: ModelShape, tp: int, pp: int, stage: int, dp: int, s: Tr
     bucket = (s.grad_reduce_bucket_size or max(40_000_000, 1_000_000 * dp)) if s.overlap_grad_reduce else None
     if stage > 0:
         bucket = None
+    edp = Layout(tp=tp, pp=pp, dp=dp, cp=cp, ep=ep, etp=etp_).edp if experts else dp
     weights = grads = opt = fp32g = params = main = mom = 0
     bufs = []
-    for is_fp32, items in groups.items():
-        buf = buffer_layout([n for _, n, _ in items], [sh for _, _, sh in items], dp, s.use_distributed_optimizer,
-                            bucket)
+    todo = [(is_fp32, items, dp) for is_fp32, items in groups.items()]
+    if experts:
+        todo.append((not low, experts, edp))
+    ex = [0, 0, 0, 0]  # expert params, weights, grads, optimizer
+    for k, (is_fp32, items, group_dp) in enumerate(todo):
+        buf = buffer_layout([n for _, n, _ in items], [sh for _, _, sh in items], group_dp,
+                            s.use_distributed_optimizer, bucket)
         bufs.append(buf)
-        owned = buf.optimizer_numel[dp_rank] if dp_rank is not None else max(buf.optimizer_numel)
+        r = None if dp_rank is None else min(dp_rank, group_dp - 1)
+        owned = buf.optimizer_numel[r] if r is not None else max(buf.optimizer_numel)
         n_real = sum(n for _, n, _ in items)
         params += n_real
         pbytes = 4 if is_fp32 else 2
@@ -464,7 +625,14 @@ def rank_state_bytes(m: ModelShape, tp: int, pp: int, stage: int, dp: int, s: Tr
         main += 0 if is_fp32 else 4 * owned
         mom += 8 * owned
         fp32g += 4 * owned
-    return RankState(params, weights, grads, opt, fp32g, bufs, main, mom, bool(s.optimizer_cpu_offload))
+        if experts and k == len(todo) - 1:
+            ex = [n_real, (4 if is_fp32 else 2) * (buf.numel if s.use_distributed_optimizer else n_real),
+                  (4 if (is_fp32 or s.grad_fp32) else 2) * buf.numel, (8 if is_fp32 else 12) * owned]
+    if n_expert and not experts:  # EP = 1: the experts' share of the dense buffer (padding not attributed)
+        pb = 2 if low else 4
+        ex = [n_expert, pb * n_expert, (4 if (not low or s.grad_fp32) else 2) * n_expert,
+              (12 if low else 8) * n_expert // (dp if s.use_distributed_optimizer else 1)]
+    return RankState(params, weights, grads, opt, fp32g, bufs, main, mom, bool(s.optimizer_cpu_offload), *ex)
 
 
 def plan_memory(m: ModelShape, lay: Layout, s: TrainSettings, gpu_capacity: Optional[dict[str, int]] = None,
@@ -488,23 +656,39 @@ def plan_memory(m: ModelShape, lay: Layout, s: TrainSettings, gpu_capacity: Opti
     rows = min(tokens, resp / lay.cp) if resp is not None else tokens
     best: Optional[MemoryPlan] = None
     max_resident = 0
+    if m.num_experts:
+        if lay.tp > 1 and not sp:
+            raise PlanError(f"MoE with actor.tensor_model_parallel_size={lay.tp} needs actor.sequence_parallel=true "
+                            "(megatron requires sequence parallelism for MoE with TP > 1)")
+        _ = lay.edp  # validates the expert grid
+    elif lay.ep != 1:
+        raise PlanError(f"actor.expert_model_parallel_size={lay.ep} needs a mixture-of-experts model ({m.name} is dense)")
+    etp = lay.expert_tp
     for stage in range(lay.pp):
-        st = rank_state_bytes(m, lay.tp, lay.pp, stage, lay.dp, s, vocab_multiple)
+        st = rank_state_bytes(m, lay.tp, lay.pp, stage, lay.dp, s, vocab_multiple, ep=lay.ep, etp=etp, cp=lay.cp)
         n_params, weights, grads, opt = st.params, st.weights, st.grads, st.optimizer
         opt_gpu, opt_cpu = (0, opt + st.optimizer_fp32_grad) if s.optimizer_cpu_offload else (opt, 0)
         in_flight = min(lay.pp - stage, n_mb)
         layers = m.num_layers // lay.pp
-        act = int(stage_activation_bytes(m, layers, lay.tp, sp, s, in_flight, tokens)
+        n_moe = sum(m.is_moe_layer(stage * layers + i) for i in range(layers))
+        act = int(stage_activation_bytes(m, layers, lay.tp, sp, s, in_flight, tokens, stage, etp)
                   + pipeline_held_bytes(m, lay.tp, sp, stage, lay.pp, s, in_flight, tokens))
+        dispatcher = int(moe_dispatcher_bytes_per_token(m, lay.tp, sp, etp) * tokens) if n_moe else 0
+        spdiv = lay.tp if sp else 1
+        router = int(in_flight * n_moe * (9 if s.moe_aux_loss else 5) * m.num_experts / spdiv * tokens) \
+            if s.recompute != "full" else 0
         last = stage == lay.pp - 1
         l_naive = int(rows * logits_bytes_per_token(m, lay.tp, False, vocab_multiple))
         l_fused = int(rows * logits_bytes_per_token(m, lay.tp, True, vocab_multiple))
         logits = (l_fused if s.fused_logits else l_naive) if last else 0
         overhead = int(s.overhead_gib * GiB)
-        train_peak = weights + grads + opt_gpu + act + logits + overhead
+        train_peak = weights + grads + opt_gpu + act + logits + overhead + dispatcher
         resident = {"resident": weights + grads + opt_gpu, "weights": weights, "offloaded": 0}[s.actor_in_rollout]
         p = MemoryPlan(m.name, lay, s, stage, n_params, weights, grads, opt_gpu, opt_cpu, act, logits, l_naive,
-                       l_fused, overhead, train_peak, 0, 0, 0, resident, 0)
+                       l_fused, overhead, train_peak, 0, 0, 0, resident, 0,
+                       expert_weights=st.expert_weights, expert_grads=st.expert_grads,
+                       expert_optimizer=0 if s.optimizer_cpu_offload else st.expert_optimizer,
+                       dispatcher=dispatcher, router_logits=router)
         max_resident = max(max_resident, resident)
         if best is None or p.train_peak > best.train_peak:
             best = p
@@ -607,8 +791,10 @@ def format_plan(p: MemoryPlan, usable_frac: float = 0.95) -> str:
     sp = "on" if lay.sequence_parallel and lay.tp > 1 else "off"
     mode = "colocated" if lay.colocate else "disaggregated"
     grad = "fp32" if (s.grad_fp32 or s.param_dtype == "fp32") else "bf16"
+    moe = p.expert_weights > 0
+    ep = f" EP={lay.ep} ETP={lay.expert_tp} EDP={lay.edp}" if moe else ""
     lines = [
-        f"model {p.model}: actor TP={lay.tp} PP={lay.pp} CP={lay.cp} DP={lay.dp} (SP {sp}, {lay.gpus} GPUs) | "
+        f"model {p.model}: actor TP={lay.tp} PP={lay.pp} CP={lay.cp} DP={lay.dp}{ep} (SP {sp}, {lay.gpus} GPUs) | "
         f"SGLang TP={lay.sglang_tp} mem_fraction_static={lay.mem_fraction_static:.2f} ({mode})",
         f"  tokens/micro-batch {s.tokens_per_microbatch}, seq {s.seq_len}, recompute {s.recompute}, "
         f"{'distributed' if s.use_distributed_optimizer else 'replicated'} Adam"
@@ -616,11 +802,16 @@ def format_plan(p: MemoryPlan, usable_frac: float = 0.95) -> str:
         f"logits {'fused' if s.fused_logits else 'naive'}, actor during rollout: {s.actor_in_rollout}",
         f"train phase, worst stage {p.worst_stage} ({p.params / 1e9:.3f} B params on the rank){'GiB/GPU':>20}",
         _row(f"weights ({s.param_dtype})", p.weights),
+        *([_row(f"  of which routed experts (1/EP={lay.ep}, 1/ETP={lay.expert_tp})", p.expert_weights)] if moe else []),
         _row(f"grads ({grad} buffer)", p.grads),
+        *([_row("  of which routed experts", p.expert_grads)] if moe else []),
         _row("optimizer (fp32 main + Adam m, v)", p.optimizer_gpu,
              f"host: {p.optimizer_cpu / GiB:.1f} GiB/GPU" if p.optimizer_cpu else ""),
+        *([_row(f"  of which routed experts (sharded over EDP={lay.edp})", p.expert_optimizer)] if moe else []),
         _row(f"activations ({s.recompute} recompute, {min(lay.pp - p.worst_stage, s.num_microbatches or lay.pp)} mb"
              " in flight)", p.activations, "incl. held stage outputs" if lay.pp > 1 else ""),
+        *([_row("  of which router logits/scores (fp32)", p.router_logits),
+           _row("MoE dispatcher (alltoall send + recv, one layer)", p.dispatcher)] if moe else []),
         _row(f"logits ({'fused' if s.fused_logits else 'naive'}, response rows"
              f"{', last stage only' if lay.pp > 1 else ''})", p.logits,
              f"fused {p.logits_fused / GiB:.2f} | naive {p.logits_naive / GiB:.2f}"),
@@ -672,7 +863,8 @@ def settings_from_recipe(cfg: Mapping[str, Any]) -> tuple[dict[str, Any], dict[s
     lay = dict(tp=int(a.get("tensor_model_parallel_size", 1)), pp=int(a.get("pipeline_model_parallel_size", 1)),
                cp=cp, sequence_parallel=bool(a.get("sequence_parallel", False)),
                sglang_tp=int(r.get("sglang_tp", 1)), mem_fraction_static=float(r.get("mem_fraction_static", 0.7)),
-               colocate=bool(r.get("colocate", True)))
+               colocate=bool(r.get("colocate", True)), ep=int(a.get("expert_model_parallel_size", 1) or 1),
+               etp=a.get("expert_tensor_parallel_size"))
     dist_opt = a.get("use_distributed_optimizer")
     st = dict(tokens_per_microbatch=tokens, seq_len=seq, recompute=str(a.get("recompute", "none")),
               recompute_method=str(a.get("recompute_method", "uniform")),
@@ -683,7 +875,8 @@ def settings_from_recipe(cfg: Mapping[str, Any]) -> tuple[dict[str, Any], dict[s
               use_distributed_optimizer=True if dist_opt is None else bool(dist_opt),
               optimizer_cpu_offload=bool(a.get("optimizer_cpu_offload", False)),
               fused_logits=bool(a.get("use_fused_kernels", True)),
-              param_dtype="bf16" if a.get("bf16", False) else "fp32")
+              param_dtype="bf16" if a.get("bf16", False) else "fp32",
+              moe_aux_loss=float(a.get("moe_aux_loss_coef", 0.0) or 0.0) > 0)
     return lay, st
 
 
@@ -694,7 +887,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--gpus", type=int, help="recommend layouts for this many GPUs (instead of planning one)")
     ap.add_argument("--gpus-per-node", type=int, default=8)
     ap.add_argument("--gpu", choices=sorted(GPU_CAPACITY), default="h100", help="GPU kind for --gpus")
-    for k in ("tp", "pp", "dp", "cp", "sglang-tp"):
+    for k in ("tp", "pp", "dp", "cp", "sglang-tp", "ep", "etp"):
         ap.add_argument(f"--{k}", type=int)
     ap.add_argument("--mem-fraction", type=float, help="SGLang mem_fraction_static")
     ap.add_argument("--no-sp", action="store_true", help="sequence parallel off")
@@ -725,7 +918,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.config:
             lay_kw, st_kw = settings_from_recipe(_load_recipe(args.config))
         for k, v in (("tp", args.tp), ("pp", args.pp), ("dp", args.dp), ("cp", args.cp),
-                     ("sglang_tp", args.sglang_tp), ("mem_fraction_static", args.mem_fraction)):
+                     ("sglang_tp", args.sglang_tp), ("mem_fraction_static", args.mem_fraction),
+                     ("ep", args.ep), ("etp", args.etp)):
             if v is not None:
                 lay_kw[k] = v
         if args.no_sp:

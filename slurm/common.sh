@@ -130,7 +130,8 @@ rfpo_cleanup() {
 # rfpo_start_sglang NODE_OFFSET NUM_NODES GPUS_PER_NODE MEM_FRACTION EXTRA_FLAGS -> sets RFPO_SGLANG_URLS
 # Each server: --tp-size, --mem-fraction-static, EXTRA_FLAGS (--enable-memory-saver when colocated) and
 # --enable-deterministic-inference when rollout.deterministic_inference is true (SGLang ignores sampling
-# seeds without it). The router (several servers): Prometheus on a port of its own next to the servers'
+# seeds without it), --enable-return-routed-experts when the run keeps MoE routing (rollout.return_routed_experts
+# or actor.router_replay=rollout). The router (several servers): Prometheus on a port of its own next to the servers'
 # (0.3.x would bind 0.0.0.0:29000), the health check on /get_model_info (SGLang's /health generates a token
 # on an idle server, on released memory when colocated) and no router retries (same rid resent on a 5xx).
 rfpo_start_sglang() {
@@ -139,6 +140,9 @@ rfpo_start_sglang() {
   unset RFPO_ROUTER_URL  # set below only when a router is started here and answers /health
   model="$(cfg_get actor.hf_model_path)"; tp="$(cfg_get rollout.sglang_tp)"
   if [ "$(cfg_get rollout.deterministic_inference)" = true ]; then extra="$extra --enable-deterministic-inference"; fi
+  if [ "$(cfg_get rollout.return_routed_experts)" = true ] || [ "$(cfg_get actor.router_replay)" = rollout ]; then
+    extra="$extra --enable-return-routed-experts"  # MoE routing for R3 (docs/rollout.md)
+  fi
   per_node=$(( gpn / tp )); [ "$per_node" -ge 1 ] || { echo "rfpo slurm: rollout.sglang_tp=$tp > $gpn GPUs per node" >&2; exit 2; }
   base_port=$(( MASTER_PORT + 100 ))
   mkdir -p "$RFPO_RUN_DIR/sglang"

@@ -23,7 +23,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(_HERE), "tools"))
 from fetch_sglang_ref import SGLANG_REF_VERSION, ref_dir  # noqa: E402
 
-SERVER_FIELDS = ("model_path", "host", "port", "tp_size", "mem_fraction_static", "enable_memory_saver",
+SERVER_FIELDS = ("enable_return_routed_experts", "model_path", "host", "port", "tp_size", "mem_fraction_static", "enable_memory_saver",
                  "enable_deterministic_inference", "allow_auto_truncate")
 ROUTER_FIELDS = ("worker_urls", "host", "port", "prometheus_host", "prometheus_port", "health_check_endpoint",
                  "disable_retries", "request_timeout_secs", "health_check_interval_secs")

@@ -18,7 +18,7 @@ import torch
 from rfpo_megatron import plan as P
 from rfpo_megatron.actor import model as actor_model
 from rfpo_megatron.actor.model import padded_vocab_size
-from rfpo_megatron.convert.arch import SUPPORTED_MODEL_TYPES, arch_from_hf_config
+from rfpo_megatron.convert.arch import SUPPORTED_MODEL_TYPES, ConversionError, arch_from_hf_config
 from rfpo_megatron.convert.mapping import all_rules
 from rfpo_megatron.convert.sharding import shard_tp
 
@@ -105,7 +105,13 @@ def test_presets_are_actor_archs_without_network(monkeypatch):
     monkeypatch.setattr(socket, "create_connection", no_network)
     for name, cfg in P.PRESETS.items():
         m = P.shape_from_hf(name)
-        arch = arch_from_hf_config(cfg)
+        try:
+            arch = arch_from_hf_config(cfg)
+        except ConversionError:
+            # qwen3-30b-a3b before convert.arch reads Qwen3-MoE (issue 15's expert-parallel work): its attention
+            # and embedding part is Qwen3's; the experts are checked in tests/test_plan_moe.py
+            assert cfg["model_type"] == "qwen3_moe", name
+            arch = arch_from_hf_config({**{k: v for k, v in cfg.items() if k != "num_experts"}, "model_type": "qwen3"})
         assert m.name == name and (m.qkv_bias, m.qk_norm) == (arch.qkv_bias, arch.qk_norm)
         assert (m.num_kv_heads, m.head_dim, m.vocab_size) == (arch.num_kv_heads, arch.head_dim, arch.vocab_size)
     assert P.main(["--model", "qwen2.5-32b", "--tp", "4", "--pp", "2", "--json"]) == 0

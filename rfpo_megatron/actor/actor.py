@@ -20,7 +20,9 @@ import inspect
 from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
 
+from rfpo_megatron.actor import router_replay
 from rfpo_megatron.actor.batch import ActorBatch, pad_tokens
 from rfpo_megatron.actor.forward import dp_sum, logprob_output_fn, pp_broadcast_from_last, run_schedule
 from rfpo_megatron.actor.model import build_model, resolve_layout
@@ -146,6 +148,21 @@ class Actor:
             for c in chunks:
                 c.requires_grad_(False)
             self.model = list(chunks)
+        # MoE routing replay (R3): every router measures its own top-k against the batch's rollout routing and,
+        # with actor.router_replay=rollout, dispatches to the rollout's experts (router_replay.py); dense: none
+        self.router_replay = getattr(self.cfg, "router_replay", "off")
+        if self.router_replay not in ("off", "rollout"):
+            raise ValueError(f"actor.router_replay={self.router_replay!r} must be off or rollout")
+        if self.router_replay == "rollout" and self.cfg.recompute != "none" and pp > 1:
+            raise ValueError("actor.router_replay=rollout with actor.recompute needs pipeline_model_parallel_size=1 "
+                             "(the 1F1B schedule recomputes a micro-batch after later ones set their routing)")
+        has = torch.tensor([float(bool(router_replay.install(chunks, replay=self.router_replay == "rollout")))],
+                           device=next(chunks[0].parameters()).device)
+        if dist.is_initialized() and dist.get_world_size() > 1:  # job-wide: a PP stage may hold only dense layers
+            dist.all_reduce(has, op=dist.ReduceOp.MAX)
+        self.has_routers = bool(has.item())
+        # (mismatched, counted) (response token, layer) pairs of the last compute_logprobs (whole batch)
+        self.last_router_mismatch: Optional[tuple[float, float]] = None
         config = chunks[0].config
         config.finalize_model_grads_func = finalize_model_grads
         config.no_sync_func = None
@@ -233,10 +250,27 @@ class Actor:
         dev = torch.device("cuda", torch.cuda.current_device()) if self.on_gpu else torch.device("cpu")
         mbs = [
             pack_microbatch(batch.input_ids, batch.prompt_lens, [mine[j] for j in g], layout=self.layout, device=dev,
-                            pad_to_multiple=self.seq_multiple)
+                            pad_to_multiple=self.seq_multiple,
+                            routed_experts=batch.routed_experts if self.has_routers else None)
             for g in groups
         ]
         return mine, mbs
+
+    def _router_mismatch(self) -> tuple[float, float]:
+        """(mismatched, counted) (response token, layer) pairs since the last call, summed over the job (collective).
+
+        Each PP stage counts its own layers and each DP rank its samples; TP ranks see the same tokens unless
+        sequence parallelism splits them, so without SP only TP rank 0 counts."""
+        from megatron.core import parallel_state as mpu
+
+        mism, cnt = router_replay.take_mismatch(self.modules)
+        if not self.sequence_parallel and mpu.get_tensor_model_parallel_rank() != 0:
+            mism = cnt = 0
+        dev = next(self.model[0].parameters()).device
+        t = torch.tensor([float(mism), float(cnt)], dtype=torch.float64, device=dev)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(t)
+        return float(t[0]), float(t[1])
 
     def _run_eval(self, mbs: list, fn) -> list[dict]:
         """Forward-only schedule with the model chunks in eval mode (restored afterwards)."""
@@ -276,6 +310,7 @@ class Actor:
             response_rows_only=self.response_rows_only,
         )
         stats = self._run_eval(mbs, fn)
+        self.last_router_mismatch = self._router_mismatch() if self.has_routers and batch.routed_experts else None
         for mb, st in zip(mbs, stats):
             pieces = torch.split(st["logp"].float(), mb.resp_lens)
             epieces = torch.split(st["entropy"].float(), mb.resp_lens) if compute_entropy else None
@@ -443,6 +478,10 @@ class Actor:
         keys = ("train/loss", "train/pg_loss", "train/kl_loss", "train/entropy", "train/ppo_kl",
                 "train/pg_clipfrac") + extra_keys
         out, grad_norm, ok = self._optimizer_step(batch, fn, keys)
+        if self.has_routers and batch.routed_experts is not None:
+            # share of (response token, layer) pairs whose own top-k set differs from the rollout's (R3)
+            mism, cnt = self._router_mismatch()
+            out["train/router_replay_mismatch"] = mism / cnt if cnt else 0.0
         out["train/grad_norm"] = grad_norm
         out["train/lr"] = self._last_lr
         out["train/update_skipped"] = 0.0 if ok else 1.0

@@ -33,6 +33,9 @@ class ActorBatch:
     log_roff:     [B] float, RFPO log R_off per sequence (0 for unfixed); None = all 0.
     is_fixed:     [B] bool, the sample is an RFPO fix o_f.
     is_positive:  [B] bool, the sample is a correct response (VAPO positive-example NLL).
+    routed_experts: B entries, each the rollout engine's MoE routing of sample i, int [L_i - 1, num_layers, k]
+                  (row p = the experts of the token at position p; SGLang's routed_experts), or None for a sample
+                  without; MoE actors measure (and with ``actor.router_replay=rollout`` force) these choices.
     """
 
     input_ids: list[torch.Tensor]
@@ -46,6 +49,7 @@ class ActorBatch:
     log_roff: Optional[torch.Tensor] = None
     is_fixed: Optional[torch.Tensor] = None
     is_positive: Optional[torch.Tensor] = None
+    routed_experts: Optional[list] = None
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -79,6 +83,20 @@ class ActorBatch:
                     )
                 conv.append(t.bool() if name == "response_mask" else t.float())
             setattr(self, name, conv)
+        if self.routed_experts is not None:
+            if len(self.routed_experts) != B:
+                raise ValueError(f"ActorBatch.routed_experts has {len(self.routed_experts)} entries, expected {B}")
+            conv = []
+            for i, r in enumerate(self.routed_experts):
+                if r is not None:
+                    r = torch.as_tensor(r)
+                    if r.dim() != 3 or r.shape[0] != self.input_ids[i].numel() - 1:
+                        raise ValueError(
+                            f"ActorBatch.routed_experts[{i}] has shape {tuple(r.shape)}, expected "
+                            f"[{self.input_ids[i].numel() - 1} (prompt + response - 1), layers, k]; the routing must "
+                            "come from the rollout of exactly these tokens")
+                conv.append(r)
+            self.routed_experts = conv if any(r is not None for r in conv) else None
         for name in ("log_roff", "is_fixed", "is_positive"):
             v = getattr(self, name)
             if v is None:

@@ -410,6 +410,12 @@ def _patch_megatron() -> None:
     clip_grads.clip_grad_by_total_norm_fp32 = _cpu_clip_grad_by_total_norm_fp32
     optimizer.clip_grad_by_total_norm_fp32 = _cpu_clip_grad_by_total_norm_fp32
     FileSystemWriterAsync.write_preloaded_data_multiproc = staticmethod(_inprocess_write_preloaded_data_multiproc)
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        # 0.16.1 reads te_general_gemm in RouterGatingLinearFunction but binds it only when TE imports
+        # (NameError without TE; fixed upstream): None selects its plain-torch router GEMM
+        moe_utils.te_general_gemm = None
 
 
 def _patch_autograd_backward() -> None:

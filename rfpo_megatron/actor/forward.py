@@ -18,6 +18,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from rfpo_megatron.actor import router_replay
 from rfpo_megatron.actor.output_rows import set_response_rows
 from rfpo_megatron.actor.packing import PackedMicroBatch
 from rfpo_megatron.kernels.logprob import vocab_parallel_logprobs
@@ -213,6 +214,9 @@ def run_schedule(
     def forward_step(data_iterator, model):
         mb, pad = next(data_iterator)
         set_response_rows(model, mb.label_rows if rows_only else None)
+        # MoE routing replay: this micro-batch's rollout experts (None clears them); no-op without MoE
+        router_replay.set_targets(model, mb.routed_target, mb.routed_count,
+                                  sequence_parallel=bool(_unwrap(model).config.sequence_parallel))
         out = model(
             mb.input_ids,
             mb.position_ids,

@@ -97,6 +97,9 @@ class PackedMicroBatch:
     labels:       [N] int64 the response token ids those rows predict.
     sample_ids:   indices (into the caller's batch) of the samples, in order.
     resp_lens:    [len(sample_ids)] response lengths, the split sizes of [N].
+    routed_target: [b*T, num_layers, k] int64 rollout expert ids in the MoE routers' token order (-1 = own
+                  routing), or None; routed_count: [b*T] bool response-scoring rows
+                  (``router_replay.microbatch_targets``).
     """
 
     input_ids: torch.Tensor
@@ -106,6 +109,8 @@ class PackedMicroBatch:
     labels: torch.Tensor
     sample_ids: list[int]
     resp_lens: list[int]
+    routed_target: Optional[torch.Tensor] = None
+    routed_count: Optional[torch.Tensor] = None
 
     @property
     def num_tokens(self) -> int:
@@ -122,6 +127,7 @@ def pack_microbatch(
     pad_id: int = 0,
     device: torch.device | str = "cpu",
     pad_to_multiple: int = 1,
+    routed_experts: Optional[Sequence[Optional[torch.Tensor]]] = None,
 ) -> PackedMicroBatch:
     """Build a PackedMicroBatch from per-sample token ids.
 
@@ -133,6 +139,9 @@ def pack_microbatch(
     parallelism needs TP, context parallelism 2*CP). "pad": T_max is rounded up. "thd": the packed length
     sum L is rounded up by a padding tail that is one more (dummy) sequence in cu_seqlens, so no real token
     attends to it and its RoPE positions restart at 0; label rows never point into it.
+
+    routed_experts: per-sample rollout routing ([L_i - 1, num_layers, k] or None, indexed like input_ids) for
+    MoE router replay; sets ``routed_target`` / ``routed_count``.
     """
     mult = int(pad_to_multiple)
     if mult < 1:
@@ -178,6 +187,12 @@ def pack_microbatch(
         )
     else:
         raise ValueError(f"layout={layout!r} must be 'pad' or 'thd'")
+    target = count = None
+    if routed_experts is not None:
+        from rfpo_megatron.actor.router_replay import microbatch_targets
+
+        target, count = microbatch_targets([routed_experts[i] for i in sample_ids], lens, plens, layout=layout,
+                                           seq_len=int(ids.shape[1]))
     return PackedMicroBatch(
         input_ids=ids.to(device),
         position_ids=pos.to(device),
@@ -186,4 +201,6 @@ def pack_microbatch(
         labels=torch.cat(labels).to(device),
         sample_ids=list(sample_ids),
         resp_lens=resp_lens,
+        routed_target=None if target is None else target.to(device),
+        routed_count=None if count is None else count.to(device),
     )

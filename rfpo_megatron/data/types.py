@@ -49,6 +49,10 @@ class Sample:
                       (k - 1) - weight_version (trainer.async_mode).
     token_versions:   [T] weight version of each response token (a generation interrupted by a weight sync and
                       resumed has two or more segments); None = all tokens are weight_version's.
+    routed_experts:   MoE routing the rollout engine used (rollout.return_routed_experts): int32 tensor
+                      [P + T - 1, num_layers, num_experts_per_tok], row p = the experts of token p of
+                      prompt_ids + response_ids (SGLang's layout); None when not returned, and for fixed samples
+                      (their routing ran under the fix prompt) and custom/multi-turn rollouts.
     """
 
     prompt_ids: list[int]
@@ -67,6 +71,7 @@ class Sample:
     loss_mask: Optional[list[int]] = None
     weight_version: int = 0
     token_versions: Optional[list[int]] = None
+    routed_experts: Any = None
 
     @property
     def final_turn_start(self) -> int:

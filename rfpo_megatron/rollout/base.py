@@ -6,6 +6,7 @@ that speaks SGLang's HTTP protocol to either kind of server.
 """
 from __future__ import annotations
 
+import base64
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Protocol, runtime_checkable
@@ -88,13 +89,16 @@ class GenerateResult:
 
     finish_reason is "stop" (a stop/EOS token was produced; it is the last of output_ids),
     "length" (max_new_tokens or the context limit) or "abort". `meta` keeps SGLang's meta_info
-    (rid, prompt_tokens, weight_version, the raw finish_reason dict, ...).
+    (rid, prompt_tokens, weight_version, the raw finish_reason dict, ...). routed_experts: the MoE routing
+    SGLang returned (``return_routed_experts``), int32 [prompt + output - 1, num_layers, num_experts_per_tok],
+    row p = the experts of the token at position p; None when not requested.
     """
 
     output_ids: list[int]
     logprobs: list[float]
     finish_reason: str
     meta: dict[str, Any] = field(default_factory=dict)
+    routed_experts: torch.Tensor | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -162,6 +166,25 @@ class RolloutEngine(Protocol):
     def abort(self, rid: str | None = None) -> None: ...
 
     def shutdown(self) -> None: ...
+
+
+def encode_routed_experts(ids: torch.Tensor) -> str:
+    """[rows, layers, k] expert ids -> SGLang's meta_info["routed_experts"]: base64 of the int32 C-order bytes
+    (sglang/srt/managers/detokenizer_manager.py ``_b64_encode_per_request``)."""
+    return base64.b64encode(ids.to(torch.int32).contiguous().numpy().tobytes()).decode("ascii")
+
+
+def decode_routed_experts(payload: str, num_layers: int, topk: int, rows: int | None = None) -> torch.Tensor:
+    """SGLang's base64 routed_experts -> int32 [rows, num_layers, topk] (a ValueError names a size mismatch)."""
+    import numpy as np
+
+    flat = np.frombuffer(base64.b64decode(payload.encode("ascii")), dtype=np.int32)
+    per = int(num_layers) * int(topk)
+    if per <= 0 or flat.size % per or (rows is not None and flat.size != rows * per):
+        raise ValueError(f"routed_experts holds {flat.size} int32 values: not {rows if rows is not None else 'N'} rows x "
+                         f"{num_layers} layers x {topk} experts; the rollout model differs from the configured one "
+                         "(num_hidden_layers, num_experts_per_tok)")
+    return torch.from_numpy(flat.copy()).reshape(-1, int(num_layers), int(topk))
 
 
 def parse_finish_reason(fr: Any) -> str:

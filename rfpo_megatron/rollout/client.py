@@ -34,7 +34,7 @@ import torch
 
 from . import weights as W
 from .base import (EngineConnectionError, EngineError, EngineRequestError, EngineTimeoutError, GenerateResult,
-                   SamplingParams, derive_seed, parse_finish_reason)
+                   SamplingParams, decode_routed_experts, derive_seed, parse_finish_reason)
 from .procs import ManagedProcess
 
 EMBEDDED_ENGINE = "rfpo-embedded"
@@ -65,7 +65,7 @@ class EngineClient:
                  *, tp_size: int = 1, request_timeout_s: float = 3600.0, control_timeout_s: float = 600.0,
                  connect_timeout_s: float = 10.0, retries: int = 4, backoff_s: float = 0.5,
                  watchdog_s: float = 300.0, max_items_per_request: int = 64, max_concurrency: int = 16,
-                 router: bool | None = None):
+                 router: bool | None = None, routed_experts_shape: tuple[int, int] | None = None):
         if not url and not worker_urls:
             raise ValueError("EngineClient needs a url or worker_urls")
         self.worker_urls = [u.rstrip("/") for u in (worker_urls or [url])]
@@ -87,12 +87,15 @@ class EngineClient:
         self._kind: str | None = None
         self._version: tuple[int, ...] | None = None
         self._session = requests.Session()
+        # (num_hidden_layers, num_experts_per_tok): request MoE routing (SGLang return_routed_experts) and decode
+        # it into GenerateResult.routed_experts; the servers need --enable-return-routed-experts
+        self.routed_experts_shape = tuple(int(x) for x in routed_experts_shape) if routed_experts_shape else None
 
     def spec(self) -> dict[str, Any]:
         """What another process needs to talk to the same deployment (`from_spec`): URLs, TP size, router."""
         return {"url": self.url, "worker_urls": list(self.worker_urls), "tp_size": self.tp_size,
                 "router": self.via_router, "request_timeout_s": self.request_timeout_s,
-                "control_timeout_s": self.control_timeout_s}
+                "control_timeout_s": self.control_timeout_s, "routed_experts_shape": self.routed_experts_shape}
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> "EngineClient":
@@ -235,9 +238,10 @@ class EngineClient:
         def seed(i: int, j: int) -> int | None:
             return None if params.seed is None else derive_seed(params.seed, i, j)
 
+        extra = {"return_routed_experts": True} if self.routed_experts_shape else {}
         if self.via_router:
             return [({"input_ids": [int(t) for t in prompts[i]], "sampling_params": params.to_sglang(seed(i, j)),
-                      "rid": f"{prefix}-{i}-{j}", "return_logprob": True, "logprob_start_len": -1}, [(i, j)])
+                      "rid": f"{prefix}-{i}-{j}", "return_logprob": True, "logprob_start_len": -1, **extra}, [(i, j)])
                     for i, j in index]
         out = []
         for s in range(0, len(index), self.max_items_per_request):
@@ -248,6 +252,7 @@ class EngineClient:
                 "rid": [f"{prefix}-{i}-{j}" for i, j in chunk],
                 "return_logprob": True,
                 "logprob_start_len": -1,
+                **extra,
             }
             out.append((payload, chunk))
         return out
@@ -298,7 +303,7 @@ class EngineClient:
                 raise EngineError(f"rollout server {self.generate_urls[0]}/generate returned {type(out).__name__} of "
                                   f"{len(out) if isinstance(out, list) else '?'} items for {len(chunk)} requested")
             for (i, j), item in zip(chunk, out):
-                results[i][j] = parse_generate_item(item, self.generate_urls[0])
+                results[i][j] = parse_generate_item(item, self.generate_urls[0], self.routed_experts_shape)
         return results  # type: ignore[return-value]
 
     async def _post_generate(self, session, sem: asyncio.Semaphore, url: str, body: dict) -> Any:
@@ -564,8 +569,11 @@ class EngineClient:
         self.shutdown()
 
 
-def parse_generate_item(item: dict, url: str = "") -> GenerateResult:
-    """One SGLang /generate output dict -> GenerateResult (ids and log-probs from output_token_logprobs)."""
+def parse_generate_item(item: dict, url: str = "", routed_experts_shape: tuple[int, int] | None = None) -> GenerateResult:
+    """One SGLang /generate output dict -> GenerateResult (ids and log-probs from output_token_logprobs).
+
+    routed_experts_shape: (layers, top-k); decodes meta_info.routed_experts into GenerateResult.routed_experts
+    ([prompt_tokens + completion_tokens - 1, layers, k] int32; missing or mis-sized is an EngineError)."""
     if not isinstance(item, dict) or "meta_info" not in item:
         raise EngineError(f"rollout server {url} returned an item without meta_info: {str(item)[:200]}")
     meta = dict(item["meta_info"])
@@ -576,7 +584,20 @@ def parse_generate_item(item: dict, url: str = "") -> GenerateResult:
     else:
         ids = [int(t) for t in item.get("output_ids", [])]
         lps = []
-    return GenerateResult(output_ids=ids, logprobs=lps, finish_reason=parse_finish_reason(meta.get("finish_reason")), meta=meta)
+    routed = None
+    if routed_experts_shape:
+        payload = meta.pop("routed_experts", None)
+        if payload is None:
+            raise EngineError(f"rollout server {url} returned no meta_info.routed_experts although the request set "
+                              "return_routed_experts: start the SGLang servers with --enable-return-routed-experts "
+                              "(rollout.return_routed_experts does it for launched servers) and serve a MoE model")
+        rows = int(meta.get("prompt_tokens", 0)) + int(meta.get("completion_tokens", len(ids))) - 1
+        try:
+            routed = decode_routed_experts(payload, *routed_experts_shape, rows=max(rows, 0))
+        except ValueError as e:
+            raise EngineError(f"rollout server {url}: {e}") from None
+    return GenerateResult(output_ids=ids, logprobs=lps, finish_reason=parse_finish_reason(meta.get("finish_reason")),
+                          meta=meta, routed_experts=routed)
 
 
 def _message(text: str) -> str:

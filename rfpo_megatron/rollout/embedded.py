@@ -24,6 +24,14 @@ the tokens and log-probs made so far with finish_reason abort -- and holds new o
 /continue_generation; weight updates in between never wait for a batch (the partial-rollout protocol,
 rfpo_megatron.rollout.partial). Env RFPO_EMBEDDED_DECODE_SLEEP_S (test instrumentation) sleeps that long per
 decode step: a deterministic slow engine.
+
+Routed experts (R3; SGLang `--enable-return-routed-experts` + request `return_routed_experts`, see
+docs/rollout.md for the wheel's code): for MoE models (HF `Qwen3MoeForCausalLM`: a forward hook on each
+layer's `Qwen3MoeTopKRouter`, whose third output is HF's top-k of the router softmax)
+`meta_info["routed_experts"]` is base64 of int32 C-order bytes shaped [prompt + output - 1 -
+routed_experts_start_len, num_hidden_layers, num_experts_per_tok]: row p is the routing of the token at
+position p (prompt tokens, then every output token but the last, which is never fed to the model); dense
+layers' columns are 0 (SGLang's zero-initialised buffer).
 """
 from __future__ import annotations
 
@@ -40,6 +48,7 @@ from typing import Any, Iterable
 import torch
 
 from . import weights as W
+from .base import encode_routed_experts
 
 GREEDY_EPS = 1e-6  # SGLang's _SAMPLING_EPS
 SGLANG_COMPAT = "0.5.23"  # the SGLang release whose HTTP behaviour this engine imitates
@@ -73,6 +82,8 @@ class GenItem:
     ignore_eos: bool = False
     seed: int | None = None
     return_logprob: bool = False
+    return_routed_experts: bool = False
+    routed_experts_start_len: int = 0
 
 
 def _num(sp: dict, key: str, default, kind):
@@ -144,7 +155,7 @@ class EmbeddedEngine:
     def __init__(self, model_path: str, dtype: str = "float32", attn_implementation: str = "eager",
                  max_batch_size: int = 64, return_original_logprob: bool = False,
                  weights_cpu_backup: bool = False, log_every_s: float = 2.0, device: str = "cpu",
-                 allow_auto_truncate: bool = False):
+                 allow_auto_truncate: bool = False, enable_return_routed_experts: bool = False):
         path = Path(model_path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"model_path '{model_path}' has no config.json: pass an HF model directory")
@@ -192,6 +203,45 @@ class EmbeddedEngine:
         self.paused = False  # /pause_generation ... /continue_generation: new requests wait, running ones aborted
         self._pause_cond = threading.Condition()
         self.decode_sleep_s = float(os.environ.get("RFPO_EMBEDDED_DECODE_SLEEP_S", "0") or 0)
+        self.enable_return_routed_experts = bool(enable_return_routed_experts)
+        self._route_sink: list | None = None  # per forward: {layer: [rows, k] int32} while routing is captured
+        if self.enable_return_routed_experts:
+            self._install_routing_hooks()
+
+    def _install_routing_hooks(self) -> None:
+        """Hook every MoE layer's top-k router (HF Qwen3MoeTopKRouter: outputs logits, scores, indices)."""
+        layers = getattr(getattr(self.model, "model", None), "layers", None) or []
+        cfg = self.model.config
+        self.num_layers = int(getattr(cfg, "num_hidden_layers", len(layers)))
+        self.topk = int(getattr(cfg, "num_experts_per_tok", 0) or 0)
+        hooked = 0
+        for i, layer in enumerate(layers):
+            gate = getattr(getattr(layer, "mlp", None), "gate", None)
+            if gate is None or not type(gate).__name__.endswith("TopKRouter"):
+                continue  # a dense layer (mlp_only_layers / decoder_sparse_step)
+            gate.register_forward_hook(lambda mod, args, out, i=i: self._capture(i, out))
+            hooked += 1
+        if not hooked or not self.topk:
+            raise ValueError(
+                f"--enable-return-routed-experts needs a mixture-of-experts model (e.g. Qwen3MoeForCausalLM); "
+                f"{self.model_path} is {type(self.model).__name__} without top-k routers: drop the flag"
+            )
+
+    def _capture(self, layer: int, out) -> None:
+        if self._route_sink is not None:
+            self._route_sink[-1][layer] = out[2].detach().to(device="cpu", dtype=torch.int32)
+
+    def _routing_step(self) -> None:
+        if self._route_sink is not None:
+            self._route_sink.append({})
+
+    def _routing_rows(self, batch: int, seq: int) -> torch.Tensor:
+        """The last forward's routing as [batch, seq, num_layers, k] int32 (dense layers 0)."""
+        step = self._route_sink[-1]
+        out = torch.zeros(batch, seq, self.num_layers, self.topk, dtype=torch.int32)
+        for layer, idx in step.items():
+            out[:, :, layer] = idx.reshape(batch, seq, self.topk)
+        return out
 
     # ------------------------------------------------------------------ generation
     def _log(self, msg: str) -> None:
@@ -231,6 +281,12 @@ class EmbeddedEngine:
             if len(it.input_ids) >= self.max_context:
                 raise RequestError(f"The input ({len(it.input_ids)} tokens) is longer than the model's context "
                                    f"length ({self.max_context} tokens).")
+            if it.return_routed_experts and not self.enable_return_routed_experts:
+                raise RequestError(f"request {it.rid}: return_routed_experts needs the server started with "
+                                   "--enable-return-routed-experts (and a mixture-of-experts model)")
+            if it.return_routed_experts and not 0 <= it.routed_experts_start_len <= len(it.input_ids):
+                raise RequestError(f"request {it.rid}: routed_experts_start_len={it.routed_experts_start_len} must "
+                                   f"be in [0, {len(it.input_ids)}] (the number of input tokens)")
             total = len(it.input_ids) + it.max_new_tokens
             if total > self.max_context and not self.allow_auto_truncate:
                 raise RequestError(f"Requested token count exceeds the model's maximum context length of "
@@ -298,14 +354,22 @@ class EmbeddedEngine:
             if limits[b] <= 0:
                 finish[b] = {"type": "length", "length": 0}
 
+        want_routes = self.enable_return_routed_experts and any(it.return_routed_experts for it in items)
+        routes: list[list[torch.Tensor]] = [[] for _ in items]  # per item: [n, layers, k] pieces by position
+        self._route_sink = [] if want_routes else None
         cache = DynamicCache()
         steps, last_log = 0, time.time()
         rows = torch.arange(B)  # row k of the model inputs and of the KV cache is items[rows[k]]
         logits = None
-        if any(f is None for f in finish):
+        if any(f is None for f in finish) or want_routes:
+            self._routing_step()
             logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                 position_ids=pos.to(self.device), past_key_values=cache, use_cache=True,
                                 logits_to_keep=1).logits[:, -1, :]
+            if want_routes:
+                pre = self._routing_rows(len(uniq), T)
+                for b, it in enumerate(items):
+                    routes[b].append(pre[int(fan[b]), T - lens[b]:])
             if len(uniq) < B or not torch.equal(fan, torch.arange(B)):
                 cache.batch_select_indices(fan.to(self.device))
                 logits, mask, pos = logits[fan.to(logits.device)], mask[fan], pos[fan]
@@ -343,8 +407,16 @@ class EmbeddedEngine:
                 break
             mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
             pos = pos[:, -1:] + 1
+            self._routing_step()
             logits = self.model(input_ids=tok[:, None].to(self.device), attention_mask=mask.to(self.device),
                                 position_ids=pos.to(self.device), past_key_values=cache, use_cache=True).logits[:, -1, :]
+            if want_routes:
+                dec = self._routing_rows(len(rows), 1)
+                for k, b in enumerate(rows.tolist()):
+                    if finish[b] is None:  # a finished sample's last token is not part of its sequence
+                        routes[b].append(dec[k])
+                self._route_sink = [self._route_sink[-1]]
+        self._route_sink = None
         dt = time.time() - t0
         results = []
         for b, it in enumerate(items):
@@ -359,6 +431,10 @@ class EmbeddedEngine:
             }
             if it.return_logprob:
                 meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(out_lp[b], out_ids[b])]
+            if it.return_routed_experts:
+                seq = torch.cat(routes[b]) if routes[b] else torch.zeros(0, self.num_layers, self.topk, dtype=torch.int32)
+                seq = seq[: max(0, lens[b] + len(out_ids[b]) - 1)][it.routed_experts_start_len:]
+                meta["routed_experts"] = encode_routed_experts(seq)
             results.append({"output_ids": out_ids[b], "meta_info": meta})
         self._log(f"generated batch={B} new_tokens={sum(map(len, out_ids))} in {dt:.2f}s")
         return results

@@ -4,6 +4,7 @@ cfg is an `EngineConfig` or any object/dict with the same field names (an OmegaC
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -32,6 +33,7 @@ class EngineConfig:
     retry_backoff_s: float = 0.5
     max_items_per_request: int = 64    # samples per /generate request (small: the router spreads them)
     max_concurrency: int = 16          # /generate requests in flight
+    return_routed_experts: bool = False  # MoE: servers get --enable-return-routed-experts, requests ask for the routing (R3)
     # embedded
     dtype: str = "float32"
     max_batch_size: int = 64
@@ -66,10 +68,25 @@ def _as_config(cfg: Any) -> EngineConfig:
     return EngineConfig(**vals)
 
 
+def routed_experts_shape(model_path: str) -> tuple[int, int]:
+    """(num_hidden_layers, num_experts_per_tok) of an HF MoE model dir: the shape of SGLang's routed_experts rows."""
+    f = Path(model_path) / "config.json"
+    if not f.is_file():
+        raise ValueError(f"rollout.return_routed_experts needs rollout.model_path (an HF dir with config.json) to know the "
+                         f"routing shape; '{model_path}' has none")
+    cfg = json.loads(f.read_text())
+    cfg = cfg.get("text_config", cfg)
+    if not cfg.get("num_experts_per_tok"):
+        raise ValueError(f"rollout.return_routed_experts: {f} has no num_experts_per_tok (not a mixture-of-experts "
+                         "model); set rollout.return_routed_experts=false (and actor.router_replay=off)")
+    return int(cfg["num_hidden_layers"]), int(cfg["num_experts_per_tok"])
+
+
 def _client_kwargs(c: EngineConfig) -> dict[str, Any]:
     return dict(request_timeout_s=c.request_timeout_s, control_timeout_s=c.control_timeout_s, watchdog_s=c.watchdog_s,
                 retries=c.retries, backoff_s=c.retry_backoff_s, max_items_per_request=c.max_items_per_request,
-                max_concurrency=c.max_concurrency)
+                max_concurrency=c.max_concurrency,
+                routed_experts_shape=routed_experts_shape(c.model_path) if c.return_routed_experts else None)
 
 
 def launch_embedded_server(model_path: str, *, host: str = "127.0.0.1", port: int = 0, log_dir: str | os.PathLike = "rollout_logs",
@@ -106,13 +123,16 @@ def launch_engine(cfg: Any) -> EngineClient:
             extra.append("--return-original-logprob")
         if c.allow_auto_truncate:
             extra.append("--allow-auto-truncate")
+        if c.return_routed_experts:
+            extra.append("--enable-return-routed-experts")
         return launch_embedded_server(c.model_path, host=c.host, port=c.port, log_dir=c.log_dir,
                                       startup_timeout_s=c.startup_timeout_s, extra_args=extra, threads=c.threads,
                                       **_client_kwargs(c))
     if c.backend == "sglang":
         from .sglang import launch_sglang
 
-        return launch_sglang(c.model_path, num_gpus=c.num_gpus, tp_size=c.tp_size, server_args=c.server_args,
+        server_args = dict(c.server_args, **({"enable_return_routed_experts": True} if c.return_routed_experts else {}))
+        return launch_sglang(c.model_path, num_gpus=c.num_gpus, tp_size=c.tp_size, server_args=server_args,
                              router=c.router, router_args=c.router_args, host=c.host, port=c.port or None,
                              log_dir=c.log_dir, startup_timeout_s=c.startup_timeout_s, **_client_kwargs(c))
     if c.backend == "external":

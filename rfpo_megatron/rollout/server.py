@@ -5,7 +5,8 @@ Endpoints (same paths, fields and answers as SGLang 0.5.23's http_server.py; emb
                                           memory is released (SGLang would generate on released memory)
   GET  /get_server_info, /get_model_info  JSON; get_server_info has "version", "sglang_compat" and
                                           "engine": "rfpo-embedded"
-  POST /generate                          GenerateRequest subset: input_ids, sampling_params, rid, return_logprob;
+  POST /generate                          GenerateRequest subset: input_ids, sampling_params, rid, return_logprob,
+                                          return_routed_experts, routed_experts_start_len (MoE, R3);
                                           unknown top-level fields are ignored (the router adds some), unknown
                                           sampling_params keys are refused — both as SGLang
   GET|POST /flush_cache                   400 while requests run (SGLang flushes only an idle server)
@@ -88,13 +89,18 @@ def parse_generate_request(body: Any, vocab_size: int) -> tuple[list[GenItem], b
         if len(set(rids)) != len(rids):
             raise RequestError("duplicate rids in one request")
     rlp = per_item("return_logprob", body.get("return_logprob"), bool)
+    rre = body.get("return_routed_experts") or False  # one bool per request, as SGLang's GenerateReqInput
+    rre_start = body.get("routed_experts_start_len") or 0
+    if not isinstance(rre, bool) or isinstance(rre_start, bool) or not isinstance(rre_start, int):
+        raise RequestError("return_routed_experts must be a bool and routed_experts_start_len an int")
     items: list[GenItem] = []
     for i, p in enumerate(prompts):
         sp = parse_sampling_params(sps[i], vocab_size)
         n = sp.pop("n")
         for j in range(n):
             rid = rids[i] if (rids is not None and n == 1) else new_rid()
-            items.append(GenItem(rid=rid, input_ids=list(p), return_logprob=bool(rlp[i]), **sp))
+            items.append(GenItem(rid=rid, input_ids=list(p), return_logprob=bool(rlp[i]), return_routed_experts=rre,
+                                 routed_experts_start_len=rre_start, **sp))
     return items, single and len(items) == 1
 
 
@@ -412,6 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1") or 1), help="torch CPU threads")
     p.add_argument("--parent-pid", type=int, default=None, help="exit when this process is gone")
     p.add_argument("--tp-size", type=int, default=1, help="accepted for SGLang command-line compatibility; must be 1")
+    p.add_argument("--enable-return-routed-experts", action="store_true",
+                   help="MoE models: answer return_routed_experts requests with meta_info.routed_experts (SGLang flag)")
     p.add_argument("--allow-auto-truncate", action="store_true",
                    help="clip max_new_tokens to the context instead of failing the request (SGLang flag of the same name)")
     return p
@@ -429,7 +437,8 @@ def main(argv: list[str] | None = None) -> int:
         engine = EmbeddedEngine(args.model_path, dtype=args.dtype, attn_implementation=args.attn_implementation,
                                 max_batch_size=args.max_batch_size, return_original_logprob=args.return_original_logprob,
                                 weights_cpu_backup=args.enable_weights_cpu_backup, log_every_s=args.log_every_s,
-                                device=args.device, allow_auto_truncate=args.allow_auto_truncate)
+                                device=args.device, allow_auto_truncate=args.allow_auto_truncate,
+                                enable_return_routed_experts=args.enable_return_routed_experts)
     except (FileNotFoundError, ValueError) as e:
         print(f"rfpo-megatron serve: {e}", file=sys.stderr)
         return 2

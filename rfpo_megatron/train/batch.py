@@ -44,6 +44,8 @@ class StepBatch:
     fixed_rows: [F] rows of the fixed samples; orig_response_ids: F lists, the original wrong o of each.
     baseline_rewards: [N] the row's group `baseline_reward` (greedy reward, ReMax), or None when a group
     has none.
+    routed_experts: N entries, each the sample's rollout MoE routing [P_i + T_i - 1, layers, k] or None
+    (Sample.routed_experts); None when no sample has any.
     """
 
     prompt_ids: list
@@ -58,6 +60,7 @@ class StepBatch:
     orig_response_ids: list
     num_groups: int
     baseline_rewards: Optional[torch.Tensor] = None
+    routed_experts: Optional[list] = None
 
     @property
     def n(self) -> int:
@@ -69,6 +72,7 @@ def build_batch(groups: list[RolloutGroup], pad_id: int = 0) -> StepBatch:
     prompt_ids, response_ids, rollout_logp, rewards, gidx, fixed, tis = [], [], [], [], [], [], []
     token_masks = []
     fixed_rows, orig = [], []
+    routed = []
     for gi, g in enumerate(groups):
         for s in g.samples:
             if s.is_fixed:
@@ -83,6 +87,7 @@ def build_batch(groups: list[RolloutGroup], pad_id: int = 0) -> StepBatch:
             gidx.append(gi)
             fixed.append(bool(s.is_fixed))
             tis.append(bool(s.use_tis) and not s.is_fixed)
+            routed.append(None if s.is_fixed else s.routed_experts)  # a fix's routing ran under the fix prompt
             token_masks.append([True] * len(s.response_ids) if s.loss_mask is None else [bool(x) for x in s.loss_mask])
     base = None
     if groups and all(g.baseline_reward is not None for g in groups):
@@ -90,7 +95,7 @@ def build_batch(groups: list[RolloutGroup], pad_id: int = 0) -> StepBatch:
     return StepBatch(prompt_ids, response_ids, rollout_logp, torch.tensor(rewards, dtype=torch.float32),
                      torch.tensor(gidx, dtype=torch.long), torch.tensor(fixed, dtype=torch.bool),
                      torch.tensor(tis, dtype=torch.bool), token_mask(token_masks), fixed_rows,
-                     orig, len(groups), base)
+                     orig, len(groups), base, routed if any(r is not None for r in routed) else None)
 
 
 def token_mask(rows: list) -> torch.Tensor:
@@ -122,7 +127,9 @@ def logprob_pass(actor: Any, batch: StepBatch, originals: bool = True) -> tuple[
     each fixed row's original wrong response on the same plain prompt q -> [F, T0] (else None). One forward
     pass over all N + F sequences; the prompt ids are exactly the batch's (for a fixed sample: q)."""
     seqs = sequences_for_logprob(batch, originals)
-    logp, _ = actor.compute_logprobs(ActorBatch.from_prompt_response([p for p, _ in seqs], [r for _, r in seqs]))
+    routed = None if batch.routed_experts is None else list(batch.routed_experts) + [None] * (len(seqs) - batch.n)
+    logp, _ = actor.compute_logprobs(ActorBatch.from_prompt_response([p for p, _ in seqs], [r for _, r in seqs],
+                                                                     routed_experts=routed))
     old = pad_tokens(logp[:batch.n], dtype=torch.float32)
     old = torch.nn.functional.pad(old, (0, batch.response_mask.shape[1] - old.shape[1]))  # T >= 1 like the mask
     return old, (pad_tokens(logp[batch.n:], dtype=torch.float32) if originals else None)
@@ -345,7 +352,8 @@ class Step:
                       rewards=b.rewards[sl], group_index=b.group_index[sl], is_fixed=b.is_fixed[sl],
                       use_tis=b.use_tis[sl], response_mask=b.response_mask[sl], fixed_rows=fixed,
                       orig_response_ids=[o for r, o in zip(b.fixed_rows, b.orig_response_ids) if start <= r < stop],
-                      baseline_rewards=None if b.baseline_rewards is None else b.baseline_rewards[sl])
+                      baseline_rewards=None if b.baseline_rewards is None else b.baseline_rewards[sl],
+                      routed_experts=None if b.routed_experts is None else b.routed_experts[sl])
 
         def cut(t):
             return None if t is None else t[sl]
@@ -366,7 +374,7 @@ class Step:
             b.prompt_ids, b.response_ids, advantages=per_row(self.advantages), old_logp=per_row(self.old_logp),
             ref_logp=per_row(self.ref_logp), tis_weights=per_row(self.tis_weights),
             response_mask=per_row(self.loss_mask), log_roff=self.log_roff if with_roff else None,
-            is_fixed=b.is_fixed, is_positive=self.is_positive)
+            is_fixed=b.is_fixed, is_positive=self.is_positive, routed_experts=b.routed_experts)
 
 
 def make_step(cfg: Config, batch: StepBatch, old_logp: Optional[torch.Tensor], ref_logp: Optional[torch.Tensor],

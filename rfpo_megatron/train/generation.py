@@ -50,6 +50,7 @@ def rollout(rt: Runtime, records: list, seed: int, n: Optional[int] = None,
         for it, res in zip(items, results):
             samples = [Sample(prompt_ids=list(it.prompt_ids), response_ids=list(r.output_ids),
                               rollout_logprobs=list(r.logprobs), finish_reason=r.finish_reason, record=it.record,
+                              routed_experts=r.routed_experts,
                               response_text=rt.tokenizer.decode(r.output_ids, skip_special_tokens=True),
                               **sample_versions(r))
                        for r in res]

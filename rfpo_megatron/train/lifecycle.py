@@ -24,12 +24,19 @@ def sglang_server_args(cfg: Config) -> dict:
         want["enable_memory_saver"] = True
     if r.deterministic_inference:
         want["enable_deterministic_inference"] = True
+    if returns_routed_experts(cfg):
+        want["enable_return_routed_experts"] = True
     for key, value in want.items():
         if key in args and args[key] != value:
             raise ConfigError(f"rollout.server_args.{key}={args[key]!r} contradicts the rollout section (which asks "
                               f"for {value!r}); set it in one place")
         args[key] = value
     return args
+
+
+def returns_routed_experts(cfg: Config) -> bool:
+    """Whether the rollout keeps each sample's MoE routing: rollout.return_routed_experts or actor.router_replay=rollout."""
+    return bool(cfg.rollout.return_routed_experts or cfg.actor.router_replay == "rollout")
 
 
 def engine_config(cfg: Config) -> dict:
@@ -41,7 +48,8 @@ def engine_config(cfg: Config) -> dict:
             "startup_timeout_s": r.startup_timeout_s, "request_timeout_s": r.request_timeout_s,
             "watchdog_s": r.watchdog_s, "tp_size": r.sglang_tp, "num_gpus": r.num_servers * r.sglang_tp,
             "server_args": sglang_server_args(cfg) if r.engine == "sglang" else dict(r.server_args),
-            "router_args": dict(r.router_args), "threads": int(os.environ.get("OMP_NUM_THREADS", "1") or 1)}
+            "router_args": dict(r.router_args), "threads": int(os.environ.get("OMP_NUM_THREADS", "1") or 1),
+            "return_routed_experts": returns_routed_experts(cfg)}
 
 
 def validate_setup(cfg: Config, check_files: bool = True) -> None:
