@@ -159,6 +159,12 @@ class ActorConfig:
     grad_reduce_bucket_size: Optional[int] = None  # elements per reduction bucket (None: megatron's default)
     use_fused_kernels: bool = True  # Triton log-prob/loss kernels on CUDA
     use_reference: bool = False  # keep a reference model for KL (auto-on when a KL term is used)
+    # MoE models (Qwen3-MoE) only; ignored by dense models
+    expert_model_parallel_size: int = 1  # EP: the experts of each MoE layer spread over this many ranks
+    expert_tensor_parallel_size: Optional[int] = None  # expert TP (each expert's linears split); null = tensor_model_parallel_size
+    moe_token_dispatcher_type: str = "alltoall"  # alltoall | allgather (allgather needs pipeline_model_parallel_size=1)
+    moe_aux_loss_coef: Optional[float] = None  # load-balancing loss coefficient (megatron's aux_loss); null = the HF config's router_aux_loss_coef
+    moe_z_loss_coef: Optional[float] = None  # router z-loss coefficient; null = off
 
 
 @dataclass
@@ -552,6 +558,13 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("config field 'actor.optimizer_cpu_offload': true needs actor.bf16=true (megatron's offload "
                           "optimizer keeps fp32 host copies of bf16 params; fp32 params cannot be offloaded)")
     choice("actor.packing", c.packing, ("auto", "thd", "pad"))
+    rng("actor.expert_model_parallel_size", c.expert_model_parallel_size, 1)
+    if c.expert_tensor_parallel_size is not None:
+        rng("actor.expert_tensor_parallel_size", c.expert_tensor_parallel_size, 1)
+    choice("actor.moe_token_dispatcher_type", c.moe_token_dispatcher_type, ("alltoall", "allgather"))
+    for name in ("moe_aux_loss_coef", "moe_z_loss_coef"):
+        if getattr(c, name) is not None:
+            rng(f"actor.{name}", getattr(c, name), 0, None)
     if c.virtual_pipeline_model_parallel_size is not None:
         rng("actor.virtual_pipeline_model_parallel_size", c.virtual_pipeline_model_parallel_size, 1)
         if c.virtual_pipeline_model_parallel_size > 1 and c.pipeline_model_parallel_size < 2:
