@@ -5,7 +5,8 @@ balancing loss normalised over the whole step like the policy loss.
       Qwen3MoeForCausalLM (megatron's switch load-balancing formula on HF's router logits, autograd);
       (b) a duplicated batch in 1 vs 2 micro-batches gives the same weights (aux loss on).
   W2  2 ranks: EP = 2 (DP = 2 for the dense part), then EP = 1 (DP = 2) in the same processes: logits and
-      weights after one train step (aux loss on).
+      weights after one train step (aux loss on); a "full" actor checkpoint saved at EP = 2 resumes at EP = 1
+      and the second step equals EP = 2's.
 """
 from __future__ import annotations
 
@@ -84,7 +85,8 @@ def _w1(rank, hf_dir):
     return out
 
 
-def _w2(rank, hf_dir):
+def _w2(rank, hf_dir, ckpt):
+    from rfpo_megatron.actor.checkpoint import load_actor_state, save_actor_state
     from rfpo_megatron.actor.parallel import destroy_parallel, init_parallel
 
     out = {}
@@ -95,6 +97,17 @@ def _w2(rank, hf_dir):
         out[f"logits_{ep}"] = a.forward_logits(ids)
         out[f"metrics_{ep}"] = _step(a, _batch(MIXED, 5))
         out[f"weights_{ep}"] = _full(a)
+        if ep == 2:  # checkpoint at EP = 2 (experts and their Adam moments gathered), then a second step
+            save_actor_state(a, ckpt, step=1, fmt="full")
+            _step(a, _batch(MIXED, 6))
+            out["step2_ep2"] = _full(a)
+        else:  # the EP = 2 checkpoint resumed at EP = 1: the same second step
+            r = _actor(hf_dir, ep=1, micro_batch_size=3)
+            load_actor_state(r, ckpt)
+            out["resumed_ep1"] = _full(r)
+            _step(r, _batch(MIXED, 6))
+            out["step2_ep1"] = _full(r)
+            del r
         del a
         destroy_parallel(keep_process_group=True)
     return out
@@ -104,7 +117,7 @@ def _w2(rank, hf_dir):
 def worlds(tmp_path_factory):
     hf_dir = make_tiny_moe(tmp_path_factory.mktemp("moe_actor") / "hf")
     return {"hf_dir": hf_dir, "w1": spawn_world(_w1, 1, hf_dir, timeout_s=400)[0],
-            "w2": spawn_world(_w2, 2, hf_dir, timeout_s=500)}
+            "w2": spawn_world(_w2, 2, hf_dir, str(tmp_path_factory.mktemp("moe_ckpt")), timeout_s=500)}
 
 
 def _maxdiff(a: dict, b: dict) -> float:
@@ -178,3 +191,10 @@ def test_ep2_equals_ep1_logits_and_step(worlds):
     print("EP2 vs EP1: logits", (r0["logits_2"] - r0["logits_1"]).abs().max().item(), "weights",
           _maxdiff(r0["weights_2"], r0["weights_1"]), "aux", r0["metrics_2"]["train/moe_aux_loss"])
     assert r0["metrics_2"]["train/moe_aux_loss"] > 0
+
+
+def test_checkpoint_saved_at_ep2_resumes_at_ep1(worlds):
+    r0, _ = worlds["w2"]
+    assert _maxdiff(r0["resumed_ep1"], r0["weights_2"]) == 0.0
+    assert _maxdiff(r0["step2_ep1"], r0["step2_ep2"]) <= 1e-5  # Adam moments of every expert restored
+    assert _maxdiff(r0["step2_ep2"], r0["weights_2"]) > 1e-4
