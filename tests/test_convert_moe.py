@@ -1,5 +1,6 @@
 """Qwen3-MoE conversion: transformers' Qwen3MoeForCausalLM (tiny, random weights) vs the megatron actor at
-TP 1, EP 2, PP 2 (and TP 2 x EP 2, slow), plus HF -> megatron -> HF round trips tensor by tensor.
+TP 1, EP 2, PP 2 (one 2-rank world; TP 2 x EP 2 in a 4-rank one, slow), plus HF -> megatron -> HF round trips
+tensor by tensor.
 
 The tiny model has 4 layers, layer 1 dense (``mlp_only_layers``), the others MoE with 4 experts, top-2.
 Reference logits are transformers' own forward in float32; the round trip compares the HF safetensors that
@@ -38,7 +39,7 @@ def _hf_tensors(path) -> dict:
     return out
 
 
-def _world(rank, hf_dir, out_root, tp, pp, ep, etp, sp):
+def _layout(hf_dir, out_root, tp, pp, ep, etp, sp):
     from transformers import AutoConfig
 
     from rfpo_megatron.actor.actor import Actor
@@ -64,6 +65,17 @@ def _world(rank, hf_dir, out_root, tp, pp, ep, etp, sp):
     return {"logits": actor.forward_logits(_ids()), "out_dir": out_dir, "stage_hf": stage,
             "local_experts": sorted({n.split("local_experts.")[1].split(".")[0]
                                      for n, _ in actor.modules[0].named_parameters() if "local_experts" in n})}
+
+
+def _world(rank, hf_dir, out_root, layouts):
+    """Each (tp, pp, ep, etp, sp) layout in turn in the same processes (one megatron import per world)."""
+    from rfpo_megatron.actor.parallel import destroy_parallel
+
+    out = []
+    for layout in layouts:
+        out.append(_layout(hf_dir, out_root, *layout))
+        destroy_parallel(keep_process_group=True)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -128,24 +140,31 @@ def test_mapping_names_and_mismatch_names_the_tensor(moe_dir):
         check_hf_tensors(arch, missing)
 
 
-def test_tp1_logits_and_round_trip(moe_dir):
-    outs = spawn_world(_world, 1, moe_dir["path"], moe_dir["root"], 1, 1, 1, None, False, timeout_s=300)
-    _check_world(moe_dir, outs)
+LAYOUTS_2 = {"tp1": (1, 1, 1, None, False), "ep2": (1, 1, 2, None, False), "pp2": (1, 2, 1, None, False)}
 
 
-def test_ep2_logits_and_round_trip(moe_dir):
-    outs = spawn_world(_world, 2, moe_dir["path"], moe_dir["root"], 1, 1, 2, None, False, timeout_s=300)
+@pytest.fixture(scope="module")
+def world2(moe_dir):
+    per_rank = spawn_world(_world, 2, moe_dir["path"], moe_dir["root"], list(LAYOUTS_2.values()), timeout_s=500)
+    return {name: [r[i] for r in per_rank] for i, name in enumerate(LAYOUTS_2)}
+
+
+def test_tp1_logits_and_round_trip(moe_dir, world2):
+    _check_world(moe_dir, world2["tp1"])  # TP = 1 (x DP = 2)
+
+
+def test_ep2_logits_and_round_trip(moe_dir, world2):
+    outs = world2["ep2"]
     assert [o["local_experts"] for o in outs] == [["0", "1"], ["0", "1"]]  # 2 local experts per EP rank
     _check_world(moe_dir, outs)
 
 
-def test_pp2_logits_and_round_trip(moe_dir):
-    outs = spawn_world(_world, 2, moe_dir["path"], moe_dir["root"], 1, 2, 1, None, False, timeout_s=300)
-    _check_world(moe_dir, outs)
+def test_pp2_logits_and_round_trip(moe_dir, world2):
+    _check_world(moe_dir, world2["pp2"])
 
 
 @pytest.mark.slow
 def test_tp2_ep2_logits_and_round_trip(moe_dir):
     # expert TP = TP = 2 (megatron's default) and sequence parallel (megatron requires it with TP and EP)
-    outs = spawn_world(_world, 4, moe_dir["path"], moe_dir["root"], 2, 1, 2, None, True, timeout_s=600)
-    _check_world(moe_dir, outs)
+    outs = spawn_world(_world, 4, moe_dir["path"], moe_dir["root"], [(2, 1, 2, None, True)], timeout_s=600)
+    _check_world(moe_dir, [o[0] for o in outs])
