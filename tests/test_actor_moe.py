@@ -3,7 +3,8 @@ balancing loss normalised over the whole step like the policy loss.
 
   W1  1 rank: (a) router-loss value and gradients vs a float64 reference built on transformers'
       Qwen3MoeForCausalLM (megatron's switch load-balancing formula on HF's router logits, autograd);
-      (b) a duplicated batch in 1 vs 2 micro-batches gives the same weights (aux loss on).
+      (b) a duplicated batch in 1 vs 2 micro-batches gives the same weights (aux loss on). (a) also has the
+      router z-loss on.
   W2  2 ranks: EP = 2 (DP = 2 for the dense part), then EP = 1 (DP = 2) in the same processes: logits and
       weights after one train step (aux loss on); a "full" actor checkpoint saved at EP = 2 resumes at EP = 1
       and the second step equals EP = 2's.
@@ -17,6 +18,7 @@ from rfpo_megatron.actor.launch import spawn_world
 from tiny_hf import MOE_HF as HF, make_tiny_moe
 
 AUX = 0.1  # large, so that the router loss moves the weights visibly
+ZLOSS = 0.01  # router z-loss, on in W1 (a)
 EQUAL = [(3, 7)] * 4  # (prompt, response): equal lengths, one unpadded micro-batch (the float64 reference)
 MIXED = [(3, 9), (2, 5), (6, 14), (1, 6), (4, 4), (5, 11), (2, 13), (3, 3)]
 
@@ -67,7 +69,7 @@ def _w1(rank, hf_dir):
     init_parallel(tp=1, pp=1, seed=3)
     out = {}
     # (a) zero advantages: the policy loss has no gradient, every gradient is the router loss's
-    a = _actor(hf_dir, micro_batch_size=len(EQUAL), clip_grad=0.0)
+    a = _actor(hf_dir, micro_batch_size=len(EQUAL), clip_grad=0.0, moe_z_loss_coef=ZLOSS)
     out["a_metrics"] = _step(a, _batch(EQUAL, 1, zero_adv=True))
     out["a_grads"] = {n: p.main_grad.detach().clone() for n, p in canonical_params(a.modules)
                       if getattr(p, "main_grad", None) is not None}
@@ -108,6 +110,17 @@ def _w2(rank, hf_dir, ckpt):
             _step(r, _batch(MIXED, 6))
             out["step2_ep1"] = _full(r)
             del r
+        if ep == 2:  # the allgather dispatcher needs equal token blocks on every EP rank: refused with EP
+            try:
+                _actor(hf_dir, ep=2, moe_token_dispatcher_type="allgather")
+            except Exception as exc:  # noqa: BLE001 - the message is asserted
+                out["allgather_ep2_error"] = f"{type(exc).__name__}: {exc}"
+        else:  # megatron's allgather token dispatcher (EP = 1, PP = 1) gives alltoall's logits and step
+            g = _actor(hf_dir, ep=1, micro_batch_size=3, moe_token_dispatcher_type="allgather")
+            out["logits_allgather"] = g.forward_logits(ids)
+            _step(g, _batch(MIXED, 5))
+            out["weights_allgather"] = _full(g)
+            del g
         del a
         destroy_parallel(keep_process_group=True)
     return out
@@ -141,19 +154,23 @@ def _float64_router_loss(hf_dir):
             0, p.topk(k, dim=-1).indices.reshape(-1), torch.ones(p.shape[0] * k, dtype=torch.float64))
         T = p.shape[0]
         losses.append(E / (k * T * T) * (count * p.sum(0)).sum())
-    total = AUX * torch.stack(losses).sum()
+    z = [torch.logsumexp(lg.reshape(-1, E), dim=-1).square().mean() for lg in logits_per_layer]
+    total = AUX * torch.stack(losses).sum() + ZLOSS * torch.stack(z).sum()
     total.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return float(torch.stack(losses).mean()), grads, len(losses)
+    return float(torch.stack(losses).mean()), float(torch.stack(z).mean()), grads, len(losses)
 
 
 def test_router_loss_value_and_gradient_match_float64_reference(worlds):
-    ref_value, ref_grads, n_moe = _float64_router_loss(worlds["hf_dir"])
+    ref_value, ref_z, ref_grads, n_moe = _float64_router_loss(worlds["hf_dir"])
     assert n_moe == 3  # layers 0, 2, 3 (layer 1 is dense)
     w1 = worlds["w1"]
     got = w1["a_metrics"]["train/moe_aux_loss"]
     assert abs(got - ref_value) <= 1e-6 * abs(ref_value), (got, ref_value)
-    # the routers' gradient is exactly coef * d(aux)/dW: normalised by the step, not scaled by its token count
+    got_z = w1["a_metrics"]["train/moe_z_loss"]
+    assert abs(got_z - ref_z) <= 1e-6 * abs(ref_z), (got_z, ref_z)
+    # the routers' gradient is exactly d(coef · aux + z_coef · z)/dW: normalised by the step, not scaled by its
+    # token count
     for layer in HF_MOE_LAYERS:
         g = w1["a_grads"][f"decoder.layers.{layer}.mlp.router.weight"].double()
         r = ref_grads[f"model.layers.{layer}.mlp.gate.weight"]
@@ -198,3 +215,11 @@ def test_checkpoint_saved_at_ep2_resumes_at_ep1(worlds):
     assert _maxdiff(r0["resumed_ep1"], r0["weights_2"]) == 0.0
     assert _maxdiff(r0["step2_ep1"], r0["step2_ep2"]) <= 1e-5  # Adam moments of every expert restored
     assert _maxdiff(r0["step2_ep2"], r0["weights_2"]) > 1e-4
+
+
+def test_allgather_dispatcher_equals_alltoall(worlds):
+    r0, _ = worlds["w2"]
+    assert (r0["logits_allgather"] - r0["logits_1"]).abs().max().item() <= 1e-6 * r0["logits_1"].abs().max().item()
+    assert _maxdiff(r0["weights_allgather"], r0["weights_1"]) <= 1e-5
+    err = r0["allgather_ep2_error"]
+    assert err.startswith("ConfigError") and "actor.moe_token_dispatcher_type" in err and "alltoall" in err

@@ -45,6 +45,10 @@ def check_moe_layout(cfg: Any, arch: Any, tp: int, sequence_parallel: bool) -> N
             raise ConfigError(f"actor.expert_model_parallel_size={cfg.expert_model_parallel_size} needs a MoE model; "
                               f"model_type={arch.model_type!r} is dense (set it to 1)")
         return
+    if cfg.moe_token_dispatcher_type == "allgather" and cfg.expert_model_parallel_size > 1:
+        raise ConfigError("actor.moe_token_dispatcher_type='allgather' needs actor.expert_model_parallel_size=1: "
+                          "megatron's allgather dispatcher gathers equal-size token blocks over the EP group, and "
+                          "the actor's micro-batches differ in length across data-parallel ranks; use 'alltoall'")
     if tp > 1 and not sequence_parallel:
         raise ConfigError("actor.sequence_parallel must be true for a MoE model with actor.tensor_model_parallel_size "
                           f"={tp} (megatron's router counts tokens over the TP group, and with experts spread over "
