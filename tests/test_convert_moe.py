@@ -57,7 +57,7 @@ def _layout(hf_dir, out_root, tp, pp, ep, etp, sp):
                       expert_tensor_parallel_size=etp, sequence_parallel=sp)
     actor = Actor(hf_config, cfg, with_optimizer=False)
     load_hf_into_model(actor.modules, hf_dir)
-    out_dir = os.path.join(out_root, f"tp{tp}pp{pp}ep{ep}")
+    out_dir = os.path.join(out_root, f"tp{tp}pp{pp}ep{ep}etp{etp}")
     save_hf(actor.modules, hf_config, out_dir)
     # the canonical full state of this stage -> HF names (what the offline tools convert)
     stage = mcore_to_hf_state(arch_from_hf_config(hf_config),
@@ -165,6 +165,9 @@ def test_pp2_logits_and_round_trip(moe_dir, world2):
 
 @pytest.mark.slow
 def test_tp2_ep2_logits_and_round_trip(moe_dir):
-    # expert TP = TP = 2 (megatron's default) and sequence parallel (megatron requires it with TP and EP)
-    outs = spawn_world(_world, 4, moe_dir["path"], moe_dir["root"], [(2, 1, 2, None, True)], timeout_s=600)
+    # expert TP = TP = 2 (megatron's default), then expert TP = 1 (experts whole, EP over TP ranks); sequence
+    # parallel (megatron requires it with TP and EP)
+    outs = spawn_world(_world, 4, moe_dir["path"], moe_dir["root"], [(2, 1, 2, None, True), (2, 1, 2, 1, True)],
+                       timeout_s=600)
     _check_world(moe_dir, [o[0] for o in outs])
+    _check_world(moe_dir, [o[1] for o in outs])
