@@ -88,6 +88,7 @@ def moe_dir(tmp_path_factory):
 def _check_world(moe_dir, outs, tol=1e-5):
     for o in outs:
         diff = (o["logits"] - moe_dir["logits"]).abs().max().item()
+        print(f"{o['out_dir'].rsplit('/', 1)[-1]}: max |logits - HF| = {diff:.2e}")
         assert diff <= tol, diff
     ref = moe_dir["tensors"]
     got = _hf_tensors(outs[0]["out_dir"])
