@@ -172,3 +172,14 @@ def test_tp2_ep2_logits_and_round_trip(moe_dir):
                        timeout_s=600)
     _check_world(moe_dir, [o[0] for o in outs])
     _check_world(moe_dir, [o[1] for o in outs])
+
+
+@pytest.mark.parametrize("fmt", ["actor", "sharded"])
+def test_offline_tools_round_trip_tp2_pp2(moe_dir, tmp_path, fmt):
+    from rfpo_megatron.offline.tools import hf_to_mcore, mcore_to_hf
+
+    hf_to_mcore(moe_dir["path"], tmp_path / "mcore", tp=2, pp=2, fmt=fmt, progress=False)  # experts split by TP
+    mcore_to_hf(tmp_path / "mcore", tmp_path / "back", progress=False)
+    got, ref = _hf_tensors(tmp_path / "back"), moe_dir["tensors"]
+    assert sorted(got) == sorted(ref)
+    assert all(torch.equal(got[n], ref[n]) for n in ref)
