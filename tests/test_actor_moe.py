@@ -7,7 +7,7 @@ balancing loss normalised over the whole step like the policy loss.
       router z-loss on.
   W2  2 ranks: EP = 2 (DP = 2 for the dense part), then EP = 1 (DP = 2) in the same processes: logits and
       weights after one train step (aux loss on); a "full" actor checkpoint saved at EP = 2 resumes at EP = 1
-      and the second step equals EP = 2's.
+      and the second step equals EP = 2's; then PP = 2 vs W1's one-rank step on the same micro-batches.
 """
 from __future__ import annotations
 
@@ -84,6 +84,10 @@ def _w1(rank, hf_dir):
         out[f"b_metrics_{mbs}"] = _step(act, b)
         weights.append(_full(act))
     out["b_weights"] = weights
+    # (c) the reference of W2's PP = 2 step: one rank, the same batch and micro-batches
+    c = _actor(hf_dir, micro_batch_size=3)
+    out["c_metrics"] = _step(c, _batch(MIXED, 5))
+    out["c_weights"] = _full(c)
     return out
 
 
@@ -123,6 +127,11 @@ def _w2(rank, hf_dir, ckpt):
             del g
         del a
         destroy_parallel(keep_process_group=True)
+    init_parallel(tp=1, pp=2, ep=1, seed=3)  # PP = 2: MoE layers on both stages, router losses back through the pipe
+    p = _actor(hf_dir, micro_batch_size=3, pipeline_model_parallel_size=2)
+    out["pp2_metrics"] = _step(p, _batch(MIXED, 5))
+    out["pp2_weights"] = _full(p)
+    destroy_parallel(keep_process_group=True)
     return out
 
 
@@ -229,3 +238,13 @@ def test_allgather_dispatcher_equals_alltoall(worlds):
     assert _maxdiff(r0["weights_allgather"], r0["weights_1"]) <= 1e-5
     err = r0["allgather_ep2_error"]
     assert err.startswith("ConfigError") and "actor.moe_token_dispatcher_type" in err and "alltoall" in err
+
+
+def test_pp2_step_equals_one_rank(worlds):
+    r0, r1 = worlds["w2"]
+    ref = worlds["w1"]
+    full = {**r0["pp2_weights"], **r1["pp2_weights"]}  # each stage gathers its own layers
+    print(f"PP2 vs 1 rank: weights {_maxdiff(full, ref['c_weights']):.1e}")
+    assert _maxdiff(full, ref["c_weights"]) <= 1e-5
+    for key in ("train/loss", "train/moe_aux_loss"):
+        assert abs(r0["pp2_metrics"][key] - ref["c_metrics"][key]) <= 1e-6, key

@@ -99,25 +99,31 @@ class StepRouterLoss:
 
         from rfpo_megatron.actor.forward import dp_sum
 
-        tracker = get_moe_layer_wise_logging_tracker()
-        names = [("train/moe_aux_loss", "load_balancing_loss", "moe_aux_loss_coeff"),
-                 ("train/moe_z_loss", "z_loss", "moe_z_loss_coeff")]
-        names = [n for n in names if self.base[n[2]] is not None and (n[0] != "train/moe_aux_loss" or self.base[n[2]] > 0)]
+        names = []  # (metric, megatron tracker key) of the losses that are on
+        if (self.base["moe_aux_loss_coeff"] or 0.0) > 0:
+            names.append(("train/moe_aux_loss", "load_balancing_loss"))
+        if self.base["moe_z_loss_coeff"] is not None:
+            names.append(("train/moe_z_loss", "z_loss"))
         if not names:
             return {}
+        tracker = get_moe_layer_wise_logging_tracker()
         acc = torch.zeros(len(names), dtype=torch.float64, device=_device())
-        for i, (_, key, _) in enumerate(names):
-            if key in tracker:
+        for i, (_, key) in enumerate(names):
+            if key in tracker:  # per layer, summed over this rank's micro-batches
                 acc[i] = tracker[key]["values"].double().sum()
-        if self.configs[0].sequence_parallel and mpu.get_tensor_model_parallel_world_size() > 1:
-            dist.all_reduce(acc, group=mpu.get_tensor_model_parallel_group())  # each TP rank holds a part
-            if "z_loss" in [k for _, k, _ in names]:  # megatron's z-loss is the TP mean on each rank already
-                acc[[k for _, k, _ in names].index("z_loss")] /= mpu.get_tensor_model_parallel_world_size()
+        tp = mpu.get_tensor_model_parallel_world_size()
+        if self.configs[0].sequence_parallel and tp > 1:
+            # each TP rank holds its sequence shard's part of the load-balancing loss; megatron's z-loss on a
+            # rank is already its shard's mean (summed over TP, then divided by TP)
+            dist.all_reduce(acc, group=mpu.get_tensor_model_parallel_group())
+            for i, (_, key) in enumerate(names):
+                if key == "z_loss":
+                    acc[i] /= tp
         if mpu.get_pipeline_model_parallel_world_size() > 1:
-            dist.all_reduce(acc, group=mpu.get_pipeline_model_parallel_group())
+            dist.all_reduce(acc, group=mpu.get_pipeline_model_parallel_group())  # layers live on their stages
         dp_sum(acc)
         denom = max(self.step_micro_batches, 1.0) * max(self.num_moe_layers, 1)
-        return {name: float(v) / denom for (name, _, _), v in zip(names, acc.tolist())}
+        return {name: float(v) / denom for (name, _), v in zip(names, acc.tolist())}
 
 
 def equal_microbatch_count(groups: list[list[int]], lengths: list[int]) -> list[list[int]]:
