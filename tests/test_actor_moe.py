@@ -4,7 +4,7 @@ balancing loss normalised over the whole step like the policy loss.
   W1  1 rank: (a) router-loss value and gradients vs a float64 reference built on transformers'
       Qwen3MoeForCausalLM (megatron's switch load-balancing formula on HF's router logits, autograd);
       (b) a duplicated batch in 1 vs 2 micro-batches gives the same weights (aux loss on). (a) also has the
-      router z-loss on.
+      router z-loss on; (c) a plain and (d) a full-recompute step on mixed lengths.
   W2  2 ranks: EP = 2 (DP = 2 for the dense part), then EP = 1 (DP = 2) in the same processes: logits and
       weights after one train step (aux loss on); a "full" actor checkpoint saved at EP = 2 resumes at EP = 1
       and the second step equals EP = 2's; then PP = 2 vs W1's one-rank step on the same micro-batches.
@@ -88,6 +88,10 @@ def _w1(rank, hf_dir):
     c = _actor(hf_dir, micro_batch_size=3)
     out["c_metrics"] = _step(c, _batch(MIXED, 5))
     out["c_weights"] = _full(c)
+    # (d) full activation recompute: the router losses are then computed in the backward's re-forward
+    d = _actor(hf_dir, micro_batch_size=3, recompute="full")
+    out["d_metrics"] = _step(d, _batch(MIXED, 5))
+    out["d_weights"] = _full(d)
     return out
 
 
@@ -248,3 +252,10 @@ def test_pp2_step_equals_one_rank(worlds):
     assert _maxdiff(full, ref["c_weights"]) <= 1e-5
     for key in ("train/loss", "train/moe_aux_loss"):
         assert abs(r0["pp2_metrics"][key] - ref["c_metrics"][key]) <= 1e-6, key
+
+
+def test_full_recompute_step_equals_plain(worlds):
+    w1 = worlds["w1"]
+    print(f"recompute full vs none: weights {_maxdiff(w1['d_weights'], w1['c_weights']):.1e}")
+    assert _maxdiff(w1["d_weights"], w1["c_weights"]) <= 1e-6
+    assert abs(w1["d_metrics"]["train/moe_aux_loss"] - w1["c_metrics"]["train/moe_aux_loss"]) <= 1e-7
