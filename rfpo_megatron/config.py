@@ -160,6 +160,12 @@ class ActorConfig:
     use_fused_kernels: bool = True  # Triton log-prob/loss kernels on CUDA
     use_reference: bool = False  # keep a reference model for KL (auto-on when a KL term is used)
     router_replay: str = "off"  # MoE routing replay (R3): off | rollout (the log-prob pass and train step use the rollout engine's top-k experts per token; implies rollout.return_routed_experts; with recompute only at PP = 1; docs/actor.md)
+    # MoE models (Qwen3-MoE) only; ignored by dense models
+    expert_model_parallel_size: int = 1  # EP: the experts of each MoE layer spread over this many ranks
+    expert_tensor_parallel_size: Optional[int] = None  # expert TP (each expert's linears split); null = tensor_model_parallel_size
+    moe_token_dispatcher_type: str = "alltoall"  # alltoall | allgather (allgather needs pipeline_model_parallel_size=1)
+    moe_aux_loss_coef: Optional[float] = None  # load-balancing loss coefficient (megatron's aux_loss); null = the HF config's router_aux_loss_coef
+    moe_z_loss_coef: Optional[float] = None  # router z-loss coefficient; null = off
 
 
 @dataclass
@@ -571,6 +577,13 @@ def validate(cfg: Config) -> Config:
                           f"actor.pipeline_model_parallel_size=1 (got {c.pipeline_model_parallel_size}: the 1F1B "
                           "schedule recomputes a micro-batch after later ones set their routing); set recompute=none, "
                           "PP=1 or router_replay=off")
+    rng("actor.expert_model_parallel_size", c.expert_model_parallel_size, 1)
+    if c.expert_tensor_parallel_size is not None:
+        rng("actor.expert_tensor_parallel_size", c.expert_tensor_parallel_size, 1)
+    choice("actor.moe_token_dispatcher_type", c.moe_token_dispatcher_type, ("alltoall", "allgather"))
+    for name in ("moe_aux_loss_coef", "moe_z_loss_coef"):
+        if getattr(c, name) is not None:
+            rng(f"actor.{name}", getattr(c, name), 0, None)
     if c.virtual_pipeline_model_parallel_size is not None:
         rng("actor.virtual_pipeline_model_parallel_size", c.virtual_pipeline_model_parallel_size, 1)
         if c.virtual_pipeline_model_parallel_size > 1 and c.pipeline_model_parallel_size < 2:

@@ -89,7 +89,8 @@ def evaluate_checkpoint(cfg: Any, checkpoint: Optional[str], k: Optional[int] = 
             from rfpo_megatron.actor.parallel import init_parallel
 
             init_parallel(cfg.actor.tensor_model_parallel_size, cfg.actor.pipeline_model_parallel_size,
-                          seed=cfg.trainer.seed, vpp=cfg.actor.virtual_pipeline_model_parallel_size)
+                          seed=cfg.trainer.seed, vpp=cfg.actor.virtual_pipeline_model_parallel_size,
+                         ep=cfg.actor.expert_model_parallel_size, etp=cfg.actor.expert_tensor_parallel_size)
             from rfpo_megatron.actor.checkpoint import load_actor_state as load_actor
 
             rt.actor = T.build_actor(cfg, with_optimizer=False)

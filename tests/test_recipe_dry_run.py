@@ -60,6 +60,12 @@ NOT_CHECKED = {
     "use_fused_kernels": "Triton kernels are CUDA-only (tests/test_kernels_*.py)",
     "use_reference": "reference actor is build_actor(with_optimizer=False), no recipe flag of its own",
     "router_replay": "R3 needs a MoE model and rollout routing (tests/test_router_replay.py)",
+    # MoE only (ignored by the dense recipes): tests/test_actor_moe.py, tests/test_convert_moe.py
+    "expert_model_parallel_size": "MoE only; EP vs EP=1 in tests/test_actor_moe.py",
+    "expert_tensor_parallel_size": "MoE only; expert TP 1 and 2 in tests/test_convert_moe.py (slow)",
+    "moe_token_dispatcher_type": "MoE only; alltoall vs allgather in tests/test_actor_moe.py",
+    "moe_aux_loss_coef": "MoE only; float64 reference in tests/test_actor_moe.py",
+    "moe_z_loss_coef": "MoE only; float64 reference in tests/test_actor_moe.py",
 }
 
 

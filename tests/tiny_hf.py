@@ -1,4 +1,4 @@
-"""Test helper: tiny HF causal-LM directories built from a config (no downloads); used by the rollout tests.
+"""Test helper: tiny HF causal-LM directories built from a config (no downloads); used by the rollout and MoE tests.
 (Moved here from rfpo_megatron/rollout/testing.py: the package itself never used it.)"""
 from __future__ import annotations
 
@@ -25,3 +25,43 @@ def make_tiny_hf_model(path: str | Path, seed: int = 0, vocab_size: int = 300, h
     path = Path(path)
     model.save_pretrained(path)
     return path
+
+
+# tiny Qwen3-MoE (the shape of Qwen3-30B-A3B, scaled down): 4 layers, layer 1 dense, 4 experts, top-2
+MOE_HF = dict(
+    model_type="qwen3_moe",
+    architectures=["Qwen3MoeForCausalLM"],
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    moe_intermediate_size=32,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    num_experts=4,
+    num_experts_per_tok=2,
+    norm_topk_prob=True,
+    decoder_sparse_step=1,
+    mlp_only_layers=[1],
+    router_aux_loss_coef=0.01,
+    rms_norm_eps=1e-6,
+    rope_theta=10000.0,
+    max_position_embeddings=64,
+    tie_word_embeddings=False,
+)
+
+
+def make_tiny_moe(path, cfg: dict = MOE_HF, seed: int = 0) -> str:
+    """Save a random tiny Qwen3MoeForCausalLM under `path` (weights ~N(0, 0.15) so routing is far from uniform)."""
+    import torch
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(seed)
+    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**{k: v for k, v in cfg.items() if k != "model_type"})).float()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.15)
+    model.save_pretrained(path)
+    return str(path)

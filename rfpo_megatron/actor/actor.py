@@ -26,9 +26,11 @@ from rfpo_megatron.actor import router_replay
 from rfpo_megatron.actor.batch import ActorBatch, pad_tokens
 from rfpo_megatron.actor.forward import dp_sum, logprob_output_fn, pp_broadcast_from_last, run_schedule
 from rfpo_megatron.actor.model import build_model, resolve_layout
+from rfpo_megatron.actor.moe import StepRouterLoss, check_moe_layout, equal_microbatch_count, moe_overrides
 from rfpo_megatron.actor.packing import PackedMicroBatch, make_microbatches, pack_microbatch, split_for_dp
 from rfpo_megatron.algos.registry import get_policy_loss
 from rfpo_megatron.config import ActorConfig
+from rfpo_megatron.convert.arch import arch_from_hf_config
 
 FUSED_LOSSES = ("ppo", "raft_pp")  # policy losses the fused token-loss kernel computes (kernels/loss.py)
 
@@ -126,8 +128,20 @@ class Actor:
                 overrides.setdefault("recompute_num_layers", int(self.cfg.recompute_num_layers))
         elif self.cfg.recompute != "none":
             raise ValueError(f"actor.recompute={self.cfg.recompute!r} must be none, selective or full")
+        arch = arch_from_hf_config(hf_config)
+        check_moe_layout(self.cfg, arch, tp, overrides["sequence_parallel"])
+        if arch.is_moe:
+            ep, etp = self.cfg.expert_model_parallel_size, self.cfg.expert_tensor_parallel_size
+            if (ep, tp if etp is None else etp) != (mpu.get_expert_model_parallel_world_size(),
+                                                    mpu.get_expert_tensor_parallel_world_size()):
+                raise ValueError(f"actor.expert_model_parallel_size={ep}, expert_tensor_parallel_size={etp} differ "
+                                 "from init_parallel(ep=..., etp=...); pass the same values")
+            for k, v in moe_overrides(self.cfg, arch).items():
+                overrides.setdefault(k, v)
         chunks = self._prepare_chunks(build_model(hf_config, params_dtype=dtype, spec=spec, layout=self.layout,
                                                   **overrides))
+        # MoE: router losses normalised over the whole step (actor/moe.py); None for a dense model
+        self.router_loss = StepRouterLoss([c.config for c in chunks], self.seq_multiple) if arch.is_moe else None
         self.vocab_size = int(chunks[0].vocab_size_unpadded)
         want = self.cfg.use_distributed_optimizer
         self.use_dist_opt = bool(want) if want is not None else (self.on_gpu or bool(self.cfg.optimizer_cpu_offload))
@@ -247,6 +261,8 @@ class Actor:
             micro_batch_size=self.cfg.micro_batch_size,
             layout=self.layout,
         )
+        if self.router_loss is not None and mpu.get_expert_model_parallel_world_size() > 1:
+            groups = equal_microbatch_count(groups, [lengths[i] for i in mine])
         dev = torch.device("cuda", torch.cuda.current_device()) if self.on_gpu else torch.device("cpu")
         mbs = [
             pack_microbatch(batch.input_ids, batch.prompt_lens, [mine[j] for j in g], layout=self.layout, device=dev,
@@ -531,6 +547,8 @@ class Actor:
         for m in self.model:
             m.zero_grad_buffer()
         _, mbs = self._my_microbatches(batch)
+        if self.router_loss is not None:
+            self.router_loss.set_step_tokens(mbs, real=bool(mbs))
         if not mbs:
             # this DP rank got no samples: one zero-loss micro-batch keeps its gradient hooks, bucketed
             # reductions and pipeline sends in step with the other ranks (its gradients are exactly 0)
@@ -553,6 +571,8 @@ class Actor:
             self.scheduler.step(increment=1)
         self.step += 1
         out = {k: float(v) for k, v in zip(keys, acc.tolist())}
+        if self.router_loss is not None:
+            out.update(self.router_loss.metrics())
         return out, float(grad_norm) if grad_norm is not None else float("nan"), bool(ok)
 
     def _bapo_bounds(self, batch: ActorBatch, masks: list, pl_kwargs: dict, loss_form: str = "faithful",

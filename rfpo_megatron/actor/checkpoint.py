@@ -42,7 +42,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from rfpo_megatron.convert.sharding import canonical_params, gather_full_state, load_full_state, merge_tp, shard_tp, tp_kind
+from rfpo_megatron.convert.sharding import (canonical_params, expert_name, gather_full_state, is_expert, load_full_state,
+                                            merge_tp, shard_tp, tp_kind)
 
 FORMAT_VERSION = 1
 LATEST = "latest"
@@ -154,17 +155,41 @@ def _torch_optimizer_of(opt) -> dict[int, torch.optim.Optimizer]:
     return out
 
 
-def _tp_gather(name: str, local: torch.Tensor, vocab_size: int) -> torch.Tensor:
+def _tp_group(name: str) -> tuple[int, int, Any]:
+    """(size, rank, group) a parameter is TP-split over: TP, or expert TP for MoE experts."""
     from megatron.core import parallel_state as mpu
 
-    tp = mpu.get_tensor_model_parallel_world_size()
+    if is_expert(name):
+        return (mpu.get_expert_tensor_parallel_world_size(), mpu.get_expert_tensor_parallel_rank(),
+                mpu.get_expert_tensor_parallel_group())
+    return (mpu.get_tensor_model_parallel_world_size(), mpu.get_tensor_model_parallel_rank(),
+            mpu.get_tensor_model_parallel_group())
+
+
+def _tp_gather(name: str, local: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    tp, _, group = _tp_group(name)
     if tp == 1 or tp_kind(name) == "rep":
         shards = [local]
     else:
         local = local.contiguous()
         shards = [torch.empty_like(local) for _ in range(tp)]
-        dist.all_gather(shards, local, group=mpu.get_tensor_model_parallel_group())
+        dist.all_gather(shards, local, group=group)
     return merge_tp(name, shards, vocab_size=vocab_size if tp_kind(name) == "vocab" else None)
+
+
+def _ep_gather(name: str, entry: dict, n_experts: int) -> dict[str, dict]:
+    """{canonical name: entry} of this expert's state on every EP rank (the entry itself without EP / for non-experts)."""
+    from megatron.core import parallel_state as mpu
+
+    ep = mpu.get_expert_model_parallel_world_size() if n_experts else 1
+    if ep == 1 or not is_expert(name):
+        return {name: entry}
+    boxes: list = [None] * ep
+    dist.all_gather_object(boxes, {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in entry.items()},
+                           group=mpu.get_expert_model_parallel_group())
+    n_local = n_experts // ep
+    k = int(name.split("local_experts.")[1].split(".")[0]) % n_local
+    return {expert_name(name, r * n_local + k): box for r, box in enumerate(boxes)}
 
 
 def _rng_state() -> dict:
@@ -292,6 +317,7 @@ def _gather_optimizer_state(actor) -> dict[str, Any]:
     """Canonical name -> {"exp_avg", "exp_avg_sq", "step", ["main_param"]} as full TP=1 tensors."""
     pmap = _state_param_map(actor.optimizer)
     tstate = _torch_state(actor.optimizer)
+    n_experts = getattr(actor.modules[0].config, "num_moe_experts", None) or 0
     out: dict[str, Any] = {}
     for name, p in canonical_params(actor.modules):
         sp = pmap.get(id(p))
@@ -304,7 +330,7 @@ def _gather_optimizer_state(actor) -> dict[str, Any]:
             entry["step"] = float(st["step"])
         if sp is not None and sp is not p:
             entry["main_param"] = _tp_gather(name, sp.detach(), actor.vocab_size)
-        out[name] = entry
+        out.update(_ep_gather(name, entry, n_experts))  # MoE: every EP rank's experts
     return out
 
 
@@ -390,14 +416,12 @@ def load_actor_state(actor, path: str, *, load_optimizer: bool = True, load_rng:
 
 
 def _load_optimizer_state(actor, optim: dict[str, Any], vocab_size: int) -> None:
-    from megatron.core import parallel_state as mpu
-
-    tp, rank = mpu.get_tensor_model_parallel_world_size(), mpu.get_tensor_model_parallel_rank()
     pmap = _state_param_map(actor.optimizer)
     owners = _torch_optimizer_of(actor.optimizer)
     missing = []
 
     def shard(name, full, like):
+        tp, rank, _ = _tp_group(name)  # experts: the expert-TP split
         if tp_kind(name) == "vocab":
             full = full[:vocab_size]
             return shard_tp(name, full, tp, rank, padded_vocab=like.shape[0] * tp)

@@ -33,6 +33,11 @@ What it does (process-wide, idempotent):
    file writer forks one process per bucket, and the fork deadlocks in a process
    that already runs gloo threads (the "save hangs over gloo" symptom); on CPU the
    buckets are written in-process by the same worker function.
+   MoE (megatron 0.16.1 without TE): the alltoall token dispatcher's side stream is the ``torch.cuda.Stream``
+   stand-in above; the router's fp32 GEMM names ``te_general_gemm``, which exists only with TE (set to None:
+   megatron's torch path); the EP all-to-all passes split sizes to gloo as lists, not tensors; the uneven
+   all-gather / reduce-scatter of the dispatcher over the expert-TP group (gloo has equal-size all_gather and
+   no list reduce_scatter) become a padded all-gather / an all-reduce plus slice.
 3. RNG tracker. megatron's ``get_cuda_rng_tracker()`` forks CUDA generator
    states (attention dropout, TP weight init). It is replaced by
    :class:`CpuRNGStatesTracker`, which keeps named CPU generator states and
@@ -418,6 +423,80 @@ def _patch_megatron() -> None:
         moe_utils.te_general_gemm = None
 
 
+def _as_split_list(sizes: Any) -> Any:
+    """Split sizes as a list of ints (gloo's all_to_all_single raises TypeError on a tensor); None stays None."""
+    if torch.is_tensor(sizes):
+        return [int(x) for x in sizes.tolist()]
+    return sizes
+
+
+def _uneven_gather(orig):
+    """megatron's _gather_along_first_dim whose uneven form (``output_split_sizes``, the MoE dispatcher over the
+    expert-TP group) runs on gloo: gloo's all_gather takes equal sizes only, so every rank's rows are padded to
+    the largest, gathered, and cut back (same result)."""
+
+    def gather(input_, group, output_split_sizes=None, use_global_buffer=False):
+        import torch.distributed as dist
+
+        if output_split_sizes is None or group.size() == 1 or dist.get_backend(group) != "gloo":
+            return orig(input_, group, output_split_sizes, use_global_buffer)
+        sizes = _as_split_list(output_split_sizes)
+        rows = max(sizes)
+        padded = input_.new_zeros((rows, *input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded.contiguous(), group=group)
+        return torch.cat([p[:n] for p, n in zip(parts, sizes)], dim=0)
+
+    gather._rfpo_cpu_compat = True  # type: ignore[attr-defined]
+    return gather
+
+
+def _uneven_reduce_scatter(orig):
+    """megatron's _reduce_scatter_along_first_dim whose uneven form (``input_split_sizes``) runs on gloo (no
+    list reduce_scatter there): an all-reduce of the whole input, then this rank's rows (same result)."""
+
+    def reduce_scatter(input_, group, input_split_sizes=None, use_global_buffer=False):
+        import torch.distributed as dist
+
+        if input_split_sizes is None or group.size() == 1 or dist.get_backend(group) != "gloo":
+            return orig(input_, group, input_split_sizes, use_global_buffer)
+        sizes = _as_split_list(input_split_sizes)
+        full = input_.contiguous().clone()
+        dist.all_reduce(full, group=group)
+        return torch.split(full, sizes, dim=0)[group.rank()].contiguous()
+
+    reduce_scatter._rfpo_cpu_compat = True  # type: ignore[attr-defined]
+    return reduce_scatter
+
+
+def _patch_moe() -> None:
+    """megatron 0.16.1 MoE on CPU: ``te_general_gemm`` and tensor split sizes of the EP all-to-all.
+
+    ``moe_utils`` names ``te_general_gemm`` in the fp32 router GEMM but defines it only when
+    TransformerEngine imports (NameError without TE; fixed upstream): it is set to None, megatron's own
+    torch fallback. The alltoall dispatcher hands its split sizes to ``all_to_all_single`` as tensors,
+    which gloo refuses (TypeError); megatron's ``_AllToAll`` gets them as lists (same values).
+    """
+    from megatron.core.tensor_parallel import mappings
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+    if not getattr(mappings._gather_along_first_dim, "_rfpo_cpu_compat", False):
+        mappings._gather_along_first_dim = _uneven_gather(mappings._gather_along_first_dim)
+        mappings._reduce_scatter_along_first_dim = _uneven_reduce_scatter(mappings._reduce_scatter_along_first_dim)
+    orig = mappings._AllToAll.forward
+    if getattr(orig, "_rfpo_cpu_compat", False):
+        return
+
+    def forward(ctx, group, input, output_split_sizes, input_split_sizes):
+        return orig(ctx, group, input, _as_split_list(output_split_sizes), _as_split_list(input_split_sizes))
+
+    forward._rfpo_cpu_compat = True  # type: ignore[attr-defined]
+    mappings._AllToAll.forward = staticmethod(forward)
+
+
 def _patch_autograd_backward() -> None:
     """Run every ``autograd.Function.backward`` under the device redirect.
 
@@ -462,6 +541,7 @@ def enable_cpu_compat() -> bool:
         _MODE.__enter__()
         _install_rng_tracker()
         _patch_megatron()
+        _patch_moe()
         _patch_autograd_backward()
         _ENABLED = True
     return True

@@ -1,4 +1,4 @@
-"""Megatron-core GPTModel construction from a Hugging Face config (Qwen2/2.5, Llama-3, Qwen3 dense).
+"""Megatron-core GPTModel construction from a Hugging Face config (Qwen2/2.5, Llama-3, Qwen3 dense, Qwen3-MoE).
 
 ``transformer_config_from_hf`` maps the validated ``convert.arch.Arch`` of an HF config (the
 single HF-config reader, shared with the conversion tools) to a ``TransformerConfig``;
@@ -109,8 +109,40 @@ def transformer_config_from_hf(
         variable_seq_lengths=True,
         moe_token_dispatcher_type="alltoall",  # megatron requires it with variable_seq_lengths
     )
+    if arch.is_moe:
+        kw.update(moe_config_fields(arch))
     kw.update(overrides)
+    if arch.is_moe and kw.get("moe_token_dispatcher_type") == "allgather":
+        if pp > 1:
+            raise ConfigError("actor.moe_token_dispatcher_type='allgather' needs actor.pipeline_model_parallel_size=1 "
+                              "(megatron's allgather dispatcher cannot take the variable sequence lengths the "
+                              "pipeline sends); use 'alltoall'")
+        kw["variable_seq_lengths"] = False  # no pipeline: nothing sends shapes
     return TransformerConfig(**kw)
+
+
+def moe_config_fields(arch: Arch) -> dict[str, Any]:
+    """TransformerConfig fields of a Qwen3-MoE architecture (router, experts, which layers are MoE).
+
+    Qwen3-MoE routes by softmax over all experts then top-k; ``norm_topk_prob`` renormalises the k
+    probabilities, which is megatron's softmax over the top-k logits (``moe_router_pre_softmax=False``);
+    without it the top-k of the full softmax are used as is (``moe_router_pre_softmax=True``). The router runs
+    in fp32 (``moe_router_dtype``). Experts use megatron's SequentialMLP (``moe_grouped_gemm`` off: megatron's
+    grouped GEMMs need the grouped_gemm package or TransformerEngine, see docs/conversion.md). The
+    load-balancing coefficients are set by the actor (``actor.moe_aux_loss_coef`` / ``moe_z_loss_coef``).
+    """
+    return dict(
+        num_moe_experts=arch.num_experts,
+        moe_router_topk=arch.moe_topk,
+        moe_ffn_hidden_size=arch.moe_ffn_hidden_size,
+        moe_router_score_function="softmax",
+        moe_router_pre_softmax=not arch.norm_topk_prob,
+        moe_router_load_balancing_type="aux_loss",
+        moe_aux_loss_coeff=0.0,
+        moe_router_dtype="fp32",
+        moe_grouped_gemm=False,
+        moe_layer_freq=[1 if arch.is_moe_layer(i) else 0 for i in range(arch.num_layers)],
+    )
 
 
 def gpu_fusions() -> dict[str, bool]:
@@ -203,17 +235,21 @@ def resolve_layout(packing: str, spec: str = "auto") -> str:
     return packing
 
 
-def layer_spec(config, spec: str = "auto", layout: str = "pad"):
+def layer_spec(config, spec: str = "auto", layout: str = "pad", moe: bool = False):
     """ModuleSpec for one transformer layer: TE on GPU when importable, else local.
 
     With the local spec and ``layout="thd"`` (packed sequences) the core attention is
     ``varlen_attention.VarlenDotProductAttention`` (megatron's DotProductAttention plus cu_seqlens).
+    ``moe``: the layer's MLP is megatron's MoE layer (router + SequentialMLP experts, ``config.num_moe_experts``).
     """
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
+    experts = config.num_moe_experts if moe else None
     if uses_te_spec(spec):
-        return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
-    out = _swap_norms(specs.get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm,
+        return specs.get_gpt_layer_with_transformer_engine_spec(num_experts=experts, moe_grouped_gemm=False,
+                                                                qk_layernorm=config.qk_layernorm)
+    out = _swap_norms(specs.get_gpt_layer_local_spec(num_experts=experts, moe_grouped_gemm=False,
+                                                     qk_layernorm=config.qk_layernorm,
                                                      normalization=config.normalization))
     if layout == "thd":
         from rfpo_megatron.actor.varlen_attention import VarlenDotProductAttention
@@ -230,10 +266,21 @@ def block_spec(config, spec: str = "auto", layout: str = "pad", vp_stage: Any = 
     from megatron.core.transformer.transformer_block import (LayerNormImpl, TransformerBlockSubmodules,
                                                              get_num_layers_to_build)
 
-    layer = layer_spec(config, spec, layout)
-    n = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=mpu.get_pipeline_model_parallel_rank())
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    pp_rank = mpu.get_pipeline_model_parallel_rank()
+    n = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    freq = config.moe_layer_freq if config.num_moe_experts else None
+    if isinstance(freq, int):  # megatron's "every freq-th layer" form
+        freq = [1 if i % freq == 0 else 0 for i in range(config.num_layers)]
+    if freq is None:
+        layers = [layer_spec(config, spec, layout)] * n
+    else:  # per-layer: MoE where moe_layer_freq (one 0/1 entry per global layer) says so
+        first = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
+        kinds = {k: layer_spec(config, spec, layout, moe=bool(k)) for k in set(freq)}
+        layers = [kinds[freq[first + j]] for j in range(n)]
     final_norm = LayerNormImpl if uses_te_spec(spec) else LocalNorm
-    return TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=final_norm)
+    return TransformerBlockSubmodules(layer_specs=layers, layer_norm=final_norm)
 
 
 def build_model(
@@ -264,6 +311,12 @@ def build_model(
     pp = mpu.get_pipeline_model_parallel_world_size()
     vpp = mpu.get_virtual_pipeline_model_parallel_world_size()
     arch = arch_from_hf_config(hf_config)
+    if arch.is_moe:
+        ep = mpu.get_expert_model_parallel_world_size()
+        if arch.num_experts % ep:
+            raise ConfigError(f"num_experts={arch.num_experts} is not divisible by actor.expert_model_parallel_size={ep}")
+        overrides.setdefault("expert_model_parallel_size", ep)
+        overrides.setdefault("expert_tensor_parallel_size", mpu.get_expert_tensor_parallel_world_size())
     if vpp is not None:
         if arch.num_layers % (pp * vpp) != 0:
             raise ConfigError(

@@ -23,7 +23,7 @@ from rfpo_megatron.actor.compat import enable_cpu_compat
 
 @dataclass(frozen=True)
 class ParallelInfo:
-    """This rank's coordinates in the (tp, pp, dp) grid."""
+    """This rank's coordinates in the (tp, pp, dp) grid (and the expert grid of MoE models)."""
 
     rank: int
     world_size: int
@@ -35,6 +35,9 @@ class ParallelInfo:
     dp_rank: int
     backend: str
     vpp: int | None = None  # virtual pipeline stages (model chunks) per rank; None = not interleaved
+    ep: int = 1  # expert-parallel size (MoE): experts spread over ep ranks
+    etp: int = 1  # expert tensor-parallel size (MoE)
+    ep_rank: int = 0
 
 
 def _env_int(*names: str, default: int | None = None) -> int | None:
@@ -69,6 +72,8 @@ def init_parallel(
     backend: str | None = None,
     timeout_s: float = 600.0,
     vpp: int | None = None,
+    ep: int = 1,
+    etp: int | None = None,
 ) -> ParallelInfo:
     """Initialise torch.distributed (if needed) and megatron's model-parallel groups.
 
@@ -79,6 +84,10 @@ def init_parallel(
 
     ``vpp`` (``actor.virtual_pipeline_model_parallel_size``): model chunks per pipeline rank for
     megatron's interleaved 1F1B schedule; None (or 1) = off. Needs ``pp > 1``.
+
+    ``ep`` / ``etp`` (``actor.expert_model_parallel_size`` / ``expert_tensor_parallel_size``, MoE only): the
+    experts are spread over ``ep`` ranks and each expert's linears split over ``etp`` ranks (None = ``tp``,
+    megatron's default); ``etp * ep * pp`` must divide the world size, the rest is expert data parallel.
     """
     from megatron.core import parallel_state as mpu
     from megatron.core import tensor_parallel
@@ -92,6 +101,12 @@ def init_parallel(
         raise ValueError(
             f"actor.tp={tp} x actor.pp={pp} must divide the world size {world}; "
             "change tp/pp or the number of processes"
+        )
+    etp_size = tp if etp is None else etp
+    if ep < 1 or etp_size < 1 or world % (etp_size * ep * pp) != 0:
+        raise ValueError(
+            f"actor.expert_tensor_parallel_size={etp_size} x actor.expert_model_parallel_size={ep} x "
+            f"actor.pp={pp} must divide the world size {world}; change the expert sizes or the number of processes"
         )
     if vpp == 1:
         vpp = None  # one chunk per rank is the plain schedule
@@ -114,13 +129,17 @@ def init_parallel(
             mpu.get_tensor_model_parallel_world_size() != tp
             or mpu.get_pipeline_model_parallel_world_size() != pp
             or mpu.get_virtual_pipeline_model_parallel_world_size() != vpp
+            or mpu.get_expert_model_parallel_world_size() != ep
+            or mpu.get_expert_tensor_parallel_world_size() != etp_size
         ):
-            raise RuntimeError("init_parallel called again with different tp/pp/vpp; call destroy_parallel() first")
+            raise RuntimeError("init_parallel called again with different tp/pp/vpp/ep/etp; call destroy_parallel() first")
     else:
         mpu.initialize_model_parallel(
             tensor_model_parallel_size=tp,
             pipeline_model_parallel_size=pp,
             virtual_pipeline_model_parallel_size=vpp,
+            expert_model_parallel_size=ep,
+            expert_tensor_parallel_size=etp_size,
             distributed_timeout_minutes=max(1, int(timeout_s // 60)),
             create_gloo_process_groups=(backend == "nccl"),
         )
@@ -157,6 +176,9 @@ def parallel_info() -> ParallelInfo:
         dp_rank=mpu.get_data_parallel_rank(),
         backend=dist.get_backend(),
         vpp=mpu.get_virtual_pipeline_model_parallel_world_size(),
+        ep=mpu.get_expert_model_parallel_world_size(),
+        etp=mpu.get_expert_tensor_parallel_world_size(),
+        ep_rank=mpu.get_expert_model_parallel_rank(),
     )
 
 

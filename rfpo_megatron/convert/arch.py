@@ -4,14 +4,17 @@
 `config.json` (a dict or a `transformers.PretrainedConfig`), and every attribute remembers the
 config field it came from, so that a mismatch names the field to fix.
 
-Supported families (HF `model_type`): `qwen2` (Qwen2 / Qwen2.5), `llama` (Llama-3), `qwen3` (dense).
+Supported families (HF `model_type`): `qwen2` (Qwen2 / Qwen2.5), `llama` (Llama-3), `qwen3` (dense) and
+`qwen3_moe` (Qwen3-MoE, e.g. Qwen3-30B-A3B: top-k softmax router, no shared experts; the MoE layers follow
+`decoder_sparse_step` / `mlp_only_layers`, the other layers are dense SwiGLU MLPs of `intermediate_size`).
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
-SUPPORTED_MODEL_TYPES = ("qwen2", "llama", "qwen3")
+SUPPORTED_MODEL_TYPES = ("qwen2", "llama", "qwen3", "qwen3_moe")
+MOE_MODEL_TYPES = ("qwen3_moe",)
 
 # Arch attribute -> HF config field (for error messages).
 FIELD_OF = {
@@ -30,6 +33,11 @@ FIELD_OF = {
     "rms_norm_eps": "rms_norm_eps",
     "rope_theta": "rope_theta",
     "rope_scaling": "rope_scaling / rope_parameters",
+    "num_experts": "num_experts",
+    "moe_topk": "num_experts_per_tok",
+    "moe_ffn_hidden_size": "moe_intermediate_size",
+    "norm_topk_prob": "norm_topk_prob",
+    "moe_layers": "decoder_sparse_step / mlp_only_layers",
 }
 
 
@@ -39,7 +47,7 @@ class ConversionError(ValueError):
 
 @dataclass(frozen=True)
 class Arch:
-    """Shapes and switches of a dense GPT-style decoder (all sizes unpadded, TP = 1)."""
+    """Shapes and switches of a GPT-style decoder (all sizes unpadded, TP = 1; MoE fields 0/() when dense)."""
 
     model_type: str
     num_layers: int
@@ -57,6 +65,19 @@ class Arch:
     rms_norm_eps: float
     rope_theta: float
     rope_scaling: tuple[tuple[str, Any], ...] = ()  # sorted (key, value) pairs; () = plain rope
+    num_experts: int = 0  # routed experts per MoE layer (0: dense model)
+    moe_topk: int = 0  # experts per token (num_experts_per_tok)
+    moe_ffn_hidden_size: int = 0  # one expert's SwiGLU width (moe_intermediate_size)
+    norm_topk_prob: bool = False  # renormalise the top-k probabilities to sum to 1
+    moe_layers: tuple[int, ...] = ()  # global 0-based indices of the MoE layers (the rest are dense)
+    router_aux_loss_coef: float = 0.0  # the config's load-balancing coefficient (a training default, not a shape)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def is_moe_layer(self, i: int) -> bool:
+        return i in self.moe_layers
 
     @property
     def rope_type(self) -> str:
@@ -141,12 +162,13 @@ def arch_from_hf_config(hf_config: Any, *, where: str = "config.json") -> Arch:
             f"{where}: unsupported HF model_type={model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)} "
             "(dense Qwen2/2.5, Llama-3, Qwen3)"
         )
-    for moe_field in ("num_experts", "num_local_experts"):
-        if cfg.get(moe_field):
-            raise ConversionError(
-                f"{where}: field '{moe_field}'={cfg[moe_field]}: experts (MoE) are not supported; "
-                f"model_type={model_type!r} is supported only as a dense model"
-            )
+    if model_type not in MOE_MODEL_TYPES:
+        for moe_field in ("num_experts", "num_local_experts"):
+            if cfg.get(moe_field):
+                raise ConversionError(
+                    f"{where}: field '{moe_field}'={cfg[moe_field]}: experts (MoE) are not supported for "
+                    f"model_type={model_type!r}; MoE is supported for {', '.join(MOE_MODEL_TYPES)}"
+                )
     n_layers = _int_field(cfg, "num_hidden_layers", where)
     hidden = _int_field(cfg, "hidden_size", where)
     ffn = _int_field(cfg, "intermediate_size", where)
@@ -181,8 +203,9 @@ def arch_from_hf_config(hf_config: Any, *, where: str = "config.json") -> Arch:
                 "megatron-core (add_bias_linear puts biases on all linear layers or none)"
             )
         qkv_bias = o_bias = attn_bias
-        qk_norm = model_type == "qwen3"
+        qk_norm = model_type in ("qwen3", "qwen3_moe")
     eps = cfg.get("rms_norm_eps", 1e-6)
+    moe = _moe_fields(cfg, n_layers, where) if model_type in MOE_MODEL_TYPES else {}
     return Arch(
         model_type=model_type,
         num_layers=n_layers,
@@ -200,7 +223,39 @@ def arch_from_hf_config(hf_config: Any, *, where: str = "config.json") -> Arch:
         rms_norm_eps=float(eps),
         rope_theta=rope_theta_of(cfg),
         rope_scaling=rope_scaling_of(cfg),
+        **moe,
     )
+
+
+def _moe_fields(cfg: Mapping[str, Any], n_layers: int, where: str) -> dict[str, Any]:
+    """The MoE fields of a Qwen3-MoE config; ConversionError naming the field for what megatron cannot express."""
+    e_field = "num_experts" if cfg.get("num_experts") is not None else "num_local_experts"
+    n_exp = _int_field(cfg, e_field, where)
+    topk = _int_field(cfg, "num_experts_per_tok", where)
+    if topk > n_exp:
+        raise ConversionError(f"{where}: field 'num_experts_per_tok'={topk} exceeds '{e_field}'={n_exp}")
+    ffn = _int_field(cfg, "moe_intermediate_size", where)
+    for shared in ("shared_expert_intermediate_size", "n_shared_experts", "num_shared_experts"):
+        if cfg.get(shared):
+            raise ConversionError(f"{where}: field '{shared}'={cfg[shared]}: shared experts are not supported "
+                                  "for qwen3_moe (Qwen3-MoE has none)")
+    step = cfg.get("decoder_sparse_step", 1)
+    step = 1 if step is None else _int_field(cfg, "decoder_sparse_step", where)
+    dense_only = cfg.get("mlp_only_layers") or []
+    if not isinstance(dense_only, (list, tuple)) or any(
+            isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n_layers for i in dense_only):
+        raise ConversionError(f"{where}: field 'mlp_only_layers'={dense_only!r} must list layer indices in "
+                              f"[0, num_hidden_layers={n_layers})")
+    layers = tuple(i for i in range(n_layers) if i not in dense_only and (i + 1) % step == 0)
+    if not layers:
+        raise ConversionError(f"{where}: 'decoder_sparse_step'={step} with 'mlp_only_layers'={list(dense_only)} "
+                              "leaves no MoE layer; use a dense config (model_type 'qwen3') instead")
+    if cfg.get("router_jitter_noise"):
+        raise ConversionError(f"{where}: field 'router_jitter_noise'={cfg['router_jitter_noise']} is not supported "
+                              "(set it to 0)")
+    return dict(num_experts=n_exp, moe_topk=topk, moe_ffn_hidden_size=ffn,
+                norm_topk_prob=bool(cfg.get("norm_topk_prob", False)), moe_layers=layers,
+                router_aux_loss_coef=float(cfg.get("router_aux_loss_coef", 0.0) or 0.0))
 
 
 def compare_archs(expected: Arch, got: Arch, *, expected_name: str, got_name: str) -> list[str]:

@@ -1,7 +1,8 @@
 """HF-named full weights out of a live (TP/PP-sharded) megatron model, in buckets: the rollout weight-sync source.
 
 `iter_hf_weights` is collective over the TP group (every TP rank of a stage must iterate it in
-lockstep and gets the same tensors); each PP stage yields only its own layers (stage 0 also the
+lockstep and gets the same tensors; for MoE also over the expert TP and EP groups, and experts come out under
+the checkpoint's per-expert names ``model.layers.i.mlp.experts.e.{gate,up,down}_proj.weight``); each PP stage yields only its own layers (stage 0 also the
 embedding, the last stage the final norm and lm_head). It uses the same mapping as the to-HF tool
 (`mapping.mcore_to_hf_tensors`), so the union over PP stages equals the tool's output tensor for
 tensor. A tied model's last-stage copy of the embedding is not yielded (HF has no lm_head then).
@@ -76,12 +77,14 @@ def save_hf(
     cfg = hf_config if isinstance(hf_config, dict) else hf_config.to_dict()
     pp_rank = ps.get_pipeline_model_parallel_rank()
     pieces: list = []
-    if ps.get_data_parallel_rank() == 0:
-        writer = HFWriter(out_dir, max_shard_bytes=max_shard_bytes, prefix=f"pp{pp_rank:03d}-")
+    writes = ps.get_data_parallel_rank() == 0 and ps.get_tensor_model_parallel_rank() == 0
+    # MoE: the EP group spans data-parallel ranks, so every rank joins the expert gathers (DP rank 0 writes)
+    if ps.get_data_parallel_rank() == 0 or ps.get_expert_model_parallel_world_size() > 1:
+        writer = HFWriter(out_dir, max_shard_bytes=max_shard_bytes, prefix=f"pp{pp_rank:03d}-") if writes else None
         for bucket in iter_hf_weights(model_chunks, cfg, bucket_bytes=max_shard_bytes):
-            if ps.get_tensor_model_parallel_rank() == 0:
+            if writer is not None:
                 writer.add_many(bucket)
-        if ps.get_tensor_model_parallel_rank() == 0:
+        if writer is not None:
             pieces = [(pp_rank, *p) for p in writer.finish()]
     everyone: list = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, pieces)

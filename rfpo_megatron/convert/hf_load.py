@@ -4,7 +4,8 @@
 safetensors slicing (rows for column-parallel/vocab/GLU, columns for row-parallel, whole KV groups for
 the fused QKV), so a rank of a TP = 8 job reads about 1/8 of its stage's weights. It equals
 `sharding.shard_tp(name, mapping.hf_to_mcore_tensor(...), tp, rank)` (tested); the one case it reads
-whole tensors is linear_qkv with num_key_value_heads < TP.
+whole tensors is linear_qkv with num_key_value_heads < TP. A MoE rank reads only its own experts (EP) and
+their expert-TP slices.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 from rfpo_megatron.convert.arch import Arch, ConversionError, arch_from_hf_config
 from rfpo_megatron.convert.hf_io import HFReader, read_hf_config
 from rfpo_megatron.convert.mapping import Rule, check_hf_tensors, fuse_qkv, hf_to_mcore_tensor, rule_for_mcore
-from rfpo_megatron.convert.sharding import canonical_params, pad_vocab, shard_tp, tp_kind
+from rfpo_megatron.convert.sharding import canonical_params, is_expert, pad_vocab, shard_tp, tp_kind
 from rfpo_megatron.convert.validate import model_diffs, require_no_diffs
 
 
@@ -42,9 +43,9 @@ def read_hf_shard(arch: Arch, rule: Rule, reader: HFReader, tp: int, rank: int, 
         c = cols // tp
         return reader.get_part(name, cols=(rank * c, (rank + 1) * c)).contiguous()
     if kind == "glu":
-        F = arch.ffn_hidden_size
+        F = rule.hf_shapes[0][0]  # intermediate_size, or moe_intermediate_size for an expert
         if F % tp:
-            raise ConversionError(f"'{rule.mcore}': intermediate_size {F} is not divisible by TP={tp}")
+            raise ConversionError(f"'{rule.mcore}': {rule.fields.split(',')[0]} {F} is not divisible by TP={tp}")
         n = F // tp
         gate, up = (reader.get_part(h, rows=(rank * n, (rank + 1) * n)) for h in rule.hf)
         return torch.cat([gate, up], 0).contiguous()
@@ -76,13 +77,15 @@ def load_hf_into_model(model_chunks: Sequence[torch.nn.Module], hf_dir: str | os
     reader = HFReader(hf_dir)
     check_hf_tensors(arch, reader.shapes(), source=str(hf_dir))
     tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    etp, erank = (ps.get_expert_tensor_parallel_world_size(), ps.get_expert_tensor_parallel_rank()) if arch.is_moe else (1, 0)
     plan: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
     problems: list[str] = []
     for name, param in canonical_params(model_chunks):
         src = "embedding.word_embeddings.weight" if name == "output_layer.weight" and arch.tie_embeddings else name
         rule = rule_for_mcore(arch, src)
         padded = param.shape[0] * tp if tp_kind(name) == "vocab" else None
-        shard = read_hf_shard(arch, rule, reader, tp, rank, padded_vocab=padded)
+        t, r = (etp, erank) if is_expert(name) else (tp, rank)  # experts split over expert TP; EP picks the expert
+        shard = read_hf_shard(arch, rule, reader, t, r, padded_vocab=padded)
         if shard.shape != param.shape:
             problems.append(f"'{name}': HF gives TP shard {list(shard.shape)}, the model has {list(param.shape)}")
             continue

@@ -11,11 +11,19 @@ Each megatron parameter comes from one or more HF tensors through one `Rule`:
   group interleave: for each KV group g the rows are (q heads of g, k_g, v_g).
 - ``glu``:  gate [F, h], up [F, h]  →  linear_fc1 [2F, h] = cat(gate, up) (at TP = 1).
 
+MoE layers (Qwen3-MoE) replace the MLP by a router and experts in megatron's SequentialMLP layout with
+GLOBAL expert numbers e (the EP rank's local expert k is e = ep_rank · E/EP + k, see `sharding.py`):
+``mlp.router.weight`` [E, h] ← ``mlp.gate.weight``; ``mlp.experts.local_experts.{e}.linear_fc1.weight``
+[2F_e, h] ← ``mlp.experts.{e}.gate_proj/up_proj.weight`` (glu); ``…linear_fc2.weight`` [h, F_e] ←
+``mlp.experts.{e}.down_proj.weight``. The HF names are the checkpoint's (and SGLang's) per-expert names, not
+transformers 5's fused in-memory ``experts.gate_up_proj``.
+
 HF → megatron is many-to-one and megatron → HF is one-to-many, so export can stream parameter by
 parameter (`mcore_to_hf_tensors`).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Mapping
 
@@ -92,6 +100,8 @@ def layer_rules(arch: Arch, i: int) -> list[Rule]:
     rules.append(
         Rule(m + "pre_mlp_layernorm.weight", (p + "post_attention_layernorm.weight",), "copy", (h,), ((h,),), "hidden_size")
     )
+    if arch.is_moe_layer(i):
+        return rules + moe_mlp_rules(arch, i)
     rules.append(
         Rule(
             m + "mlp.linear_fc1.weight",
@@ -118,6 +128,24 @@ def layer_rules(arch: Arch, i: int) -> list[Rule]:
     )
     if arch.mlp_bias:
         rules.append(Rule(m + "mlp.linear_fc2.bias", (p + "mlp.down_proj.bias",), "copy", (h,), ((h,),), "hidden_size"))
+    return rules
+
+
+EXPERT_PREFIX = "mlp.experts.local_experts."
+
+
+def moe_mlp_rules(arch: Arch, i: int) -> list[Rule]:
+    """Router and expert rules of MoE layer `i` (global layer, global expert numbers)."""
+    h, E, F = arch.hidden_size, arch.num_experts, arch.moe_ffn_hidden_size
+    m, p = f"{LAYER_PREFIX}{i}.", f"model.layers.{i}."
+    rules = [Rule(m + "mlp.router.weight", (p + "mlp.gate.weight",), "copy", (E, h), ((E, h),),
+                  "num_experts, hidden_size")]
+    for e in range(E):
+        me, pe = m + f"{EXPERT_PREFIX}{e}.", p + f"mlp.experts.{e}."
+        rules.append(Rule(me + "linear_fc1.weight", (pe + "gate_proj.weight", pe + "up_proj.weight"), "glu",
+                          (2 * F, h), ((F, h), (F, h)), "moe_intermediate_size, hidden_size"))
+        rules.append(Rule(me + "linear_fc2.weight", (pe + "down_proj.weight",), "copy", (h, F), ((h, F),),
+                          "hidden_size, moe_intermediate_size"))
     return rules
 
 
@@ -265,9 +293,12 @@ def _field_values(arch: Arch, fields: str) -> str:
         "head_dim": arch.head_dim,
         "hidden_size": arch.hidden_size,
         "intermediate_size": arch.ffn_hidden_size,
+        "moe_intermediate_size": arch.moe_ffn_hidden_size,
+        "num_experts": arch.num_experts,
         "vocab_size": arch.vocab_size,
     }
-    used = [f"{k}={v}" for k, v in vals.items() if k in fields]
+    named = set(re.findall(r"[a-z_]+", fields))
+    used = [f"{k}={v}" for k, v in vals.items() if k in named]
     return "; " + ", ".join(used) if used else ""
 
 

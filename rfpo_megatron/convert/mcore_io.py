@@ -204,6 +204,12 @@ def save_weights(
     from rfpo_megatron.convert.hf_io import copy_aux_files, write_hf_config
 
     arch = arch_from_hf_config(hf_config)
+    if arch.is_moe and (ps.get_expert_model_parallel_world_size() > 1
+                        or ps.get_expert_tensor_parallel_world_size() != ps.get_tensor_model_parallel_world_size()):
+        raise ConversionError(
+            "the rfpo-mcore format stores one file per (TP, PP) rank and cannot hold experts spread over "
+            "expert_model_parallel_size > 1 (or split over an expert TP other than TP); save with "
+            "actor.checkpoint.save_actor_state or convert.export.save_hf")
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
     t, p = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     ranges: list[Any] = [None] * pp
@@ -247,7 +253,9 @@ def load_weights(model_chunks: Sequence[torch.nn.Module], ckpt_dir: str | os.Pat
     check_files(ckpt_dir, meta)
     tp, t, p = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     names = [n for n, _ in canonical_params(model_chunks)]
-    same_layout = tp == meta.tp and ps.get_pipeline_model_parallel_world_size() == meta.pp and list(
+    experts_apart = arch.is_moe and (ps.get_expert_model_parallel_world_size() > 1
+                                     or ps.get_expert_tensor_parallel_world_size() != tp)  # files hold TP splits
+    same_layout = not experts_apart and tp == meta.tp and ps.get_pipeline_model_parallel_world_size() == meta.pp and list(
         _stage_ranges(model_chunks)) == list(meta.stages[p])
     if same_layout:
         with safe_open(rank_file(ckpt_dir, t, p), framework="pt") as f:

@@ -12,7 +12,12 @@ How megatron-core shards each parameter over TP (`tp_kind`):
              tensor; this holds also when num_query_groups < TP (megatron all-gathers and slices).
 - ``glu``:   linear_fc1 of SwiGLU: rank r holds cat(gate[r-th F/tp rows], up[r-th F/tp rows]).
 - ``row``:   RowParallelLinear weight (linear_proj, linear_fc2): contiguous columns (dim 1).
-- ``rep``:   replicated (layernorms, row-parallel biases).
+- ``rep``:   replicated (layernorms, row-parallel biases, the MoE router).
+
+MoE experts (``mlp.experts.local_experts.{k}.linear_fc1/fc2``) split like ``glu`` / ``row`` but over the
+EXPERT tensor-parallel group (``expert_tensor_parallel_size``), and the experts themselves are distributed over
+the expert-parallel group: EP rank r holds the E/EP experts r·E/EP … (r+1)·E/EP − 1 under local numbers k.
+Canonical names carry the global expert number (`to_canonical`); `iter_full_params` gathers experts over EP.
 """
 from __future__ import annotations
 
@@ -32,6 +37,13 @@ TE_TO_LOCAL = {
 LOCAL_TO_TE = {v: k for k, v in TE_TO_LOCAL.items()}
 VOCAB_NAMES = ("embedding.word_embeddings.weight", "output_layer.weight")
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+_EXPERT_RE = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(.+)$")
+
+
+def is_expert(name: str) -> bool:
+    """True for a (canonical or local) expert parameter of a MoE layer (split over expert TP, spread over EP)."""
+    m = _LAYER_RE.match(name)
+    return bool(m and _EXPERT_RE.match(m.group(2)))
 
 
 def tp_kind(name: str) -> str:
@@ -44,6 +56,9 @@ def tp_kind(name: str) -> str:
         return "rep"
     if suffix.startswith("self_attention.linear_qkv."):
         return "col"
+    e = _EXPERT_RE.match(suffix)
+    if e:
+        suffix = "mlp." + e.group(2)  # an expert's linears split as the dense MLP's (over expert TP)
     if suffix.startswith("mlp.linear_fc1."):
         return "glu"
     if suffix in ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight"):
@@ -124,28 +139,58 @@ def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
 
 
 def canonical_params(model_chunks: Sequence[torch.nn.Module]) -> Iterator[tuple[str, torch.nn.Parameter]]:
-    """Yield (canonical global name, parameter) of this rank's chunks (local layer j → layer_number - 1)."""
+    """Yield (canonical global name, parameter) of this rank's chunks (local layer j → layer_number - 1,
+    local expert k → ep_rank · E/EP + k)."""
     for chunk in model_chunks:
         model = unwrap(chunk)
         layers = model.decoder.layers if hasattr(model, "decoder") else []
         offsets = [int(layer.layer_number) - 1 for layer in layers]
+        first_expert = _ep_info(model)[3]
         for name, param in model.named_parameters():
-            yield to_canonical(name, offsets), param
+            yield to_canonical(name, offsets, first_expert), param
 
 
-def to_canonical(name: str, global_index: Sequence[int]) -> str:
-    """Local/TE name of a chunk → canonical name; global_index[j] is the global number of local layer j."""
+def to_canonical(name: str, global_index: Sequence[int], first_expert: int = 0) -> str:
+    """Local/TE name of a chunk → canonical name; global_index[j] is the global number of local layer j,
+    first_expert the global number of this rank's local expert 0."""
     m = _LAYER_RE.match(name)
     if not m:
         return name
     j, suffix = int(m.group(1)), m.group(2)
+    e = _EXPERT_RE.match(suffix)
+    if e:
+        suffix = f"mlp.experts.local_experts.{first_expert + int(e.group(1))}.{e.group(2)}"
     return f"decoder.layers.{global_index[j]}.{TE_TO_LOCAL.get(suffix, suffix)}"
 
 
-def _tp_info() -> tuple[int, int, object]:
+def expert_name(name: str, expert: int) -> str:
+    """A canonical expert name with its expert number replaced by `expert`."""
+    m = _LAYER_RE.match(name)
+    e = _EXPERT_RE.match(m.group(2)) if m else None
+    if e is None:
+        raise ValueError(f"'{name}' is not an expert parameter")
+    return f"decoder.layers.{m.group(1)}.mlp.experts.local_experts.{expert}.{e.group(2)}"
+
+
+def _tp_info(expert: bool = False) -> tuple[int, int, object]:
+    """(size, rank, group) of the group a parameter is TP-split over: TP, or expert TP for experts."""
     from megatron.core import parallel_state as ps
 
+    if expert:
+        return (ps.get_expert_tensor_parallel_world_size(), ps.get_expert_tensor_parallel_rank(),
+                ps.get_expert_tensor_parallel_group())
     return ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_group()
+
+
+def _ep_info(model: torch.nn.Module) -> tuple[int, int, object, int]:
+    """(EP size, EP rank, EP group, global number of local expert 0) for a GPTModel; (1, 0, None, 0) when dense."""
+    n_exp = getattr(getattr(model, "config", None), "num_moe_experts", None)
+    if not n_exp:
+        return 1, 0, None, 0
+    from megatron.core import parallel_state as ps
+
+    ep, r = ps.get_expert_model_parallel_world_size(), ps.get_expert_model_parallel_rank()
+    return ep, r, ps.get_expert_model_parallel_group(), r * (n_exp // ep)
 
 
 def _check_param_attrs(name: str, param: torch.Tensor, kind: str, tp: int) -> None:
@@ -164,15 +209,19 @@ def iter_full_params(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (canonical global name, full TP = 1 tensor) for every parameter of this rank's PP stage.
 
-    Collective over the TP group: all TP ranks must iterate in lockstep; each gets the same tensors.
+    Collective over the TP group (and, for MoE, the expert TP and EP groups): those ranks must iterate in
+    lockstep; each gets the same tensors. Experts are yielded once per EP rank's block (global numbers).
     Gathers one parameter at a time (memory: one full tensor). Vocab tensors are cut to
     `vocab_size` rows when given, else keep the padded rows [Vp, h].
     """
     import torch.distributed as dist
 
-    tp, _, group = _tp_info()
+    ep, _, ep_group, _ = _ep_info(unwrap(model_chunks[0])) if model_chunks else (1, 0, None, 0)
+    n_local = (unwrap(model_chunks[0]).config.num_moe_experts or 0) // ep if model_chunks else 0
     for name, param in canonical_params(model_chunks):
         kind = tp_kind(name)
+        expert = is_expert(name)
+        tp, _, group = _tp_info(expert)
         _check_param_attrs(name, param, kind, tp)
         local = param.detach()
         if kind == "rep" or tp == 1:
@@ -181,7 +230,17 @@ def iter_full_params(
             local = local.contiguous()
             shards = [torch.empty_like(local) for _ in range(tp)]
             dist.all_gather(shards, local, group=group)
-        yield name, merge_tp(name, shards, vocab_size=vocab_size)
+        full = merge_tp(name, shards, vocab_size=vocab_size)
+        if not expert or ep == 1:
+            yield name, full
+            continue
+        # every EP rank holds the same local expert k of a different block of experts
+        full = full.contiguous()
+        parts = [torch.empty_like(full) for _ in range(ep)]
+        dist.all_gather(parts, full, group=ep_group)
+        k = int(_EXPERT_RE.match(_LAYER_RE.match(name).group(2)).group(1)) % n_local
+        for r, part in enumerate(parts):
+            yield expert_name(name, r * n_local + k), part
 
 
 def gather_full_state(model_chunks: Sequence[torch.nn.Module], *, vocab_size: int | None = None) -> dict[str, torch.Tensor]:
@@ -202,10 +261,10 @@ def load_full_state(
     PP stage takes output_layer.weight from embedding.word_embeddings.weight when the former is absent.
     Raises ConversionError listing every missing or shape-mismatched tensor (nothing is loaded then).
     """
-    tp, rank, _ = _tp_info()
     plan: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
     problems: list[str] = []
     for name, param in canonical_params(model_chunks):
+        tp, rank, _ = _tp_info(is_expert(name))
         src_name = name
         if name not in full_state and name == "output_layer.weight" and "embedding.word_embeddings.weight" in full_state:
             src_name = "embedding.word_embeddings.weight"

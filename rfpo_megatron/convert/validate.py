@@ -37,6 +37,22 @@ def config_diffs(arch: Arch, tconfig: Any) -> list[str]:
         ("hidden_act", "silu", "activation_func", act),
         ("(RMSNorm)", "RMSNorm", "normalization", tconfig.normalization),
     ]
+    n_exp = getattr(tconfig, "num_moe_experts", None) or 0
+    checks.append(("num_experts", arch.num_experts, "num_moe_experts", n_exp))
+    if arch.is_moe and n_exp:
+        freq = tconfig.moe_layer_freq
+        pattern = [1 if i % freq == 0 else 0 for i in range(tconfig.num_layers)] if isinstance(freq, int) else list(freq)
+        checks += [
+            ("num_experts_per_tok", arch.moe_topk, "moe_router_topk", tconfig.moe_router_topk),
+            ("moe_intermediate_size", arch.moe_ffn_hidden_size, "moe_ffn_hidden_size", tconfig.moe_ffn_hidden_size),
+            ("norm_topk_prob (softmax over the top-k)", arch.norm_topk_prob, "not moe_router_pre_softmax",
+             not tconfig.moe_router_pre_softmax),
+            ("decoder_sparse_step / mlp_only_layers (MoE layers)", list(arch.moe_layers), "moe_layer_freq",
+             [i for i, f in enumerate(pattern) if f]),
+            ("(softmax router)", "softmax", "moe_router_score_function", tconfig.moe_router_score_function),
+            ("(no shared experts)", None, "moe_shared_expert_intermediate_size",
+             tconfig.moe_shared_expert_intermediate_size),
+        ]
     return [f"{hf}={a!r} but megatron {mc}={b!r}" for hf, a, mc, b in checks if a != b]
 
 

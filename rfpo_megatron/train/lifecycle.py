@@ -121,7 +121,8 @@ def setup(cfg: Config) -> Runtime:
 
         os.environ["MASTER_PORT"] = str(free_port())
     info = init_parallel(cfg.actor.tensor_model_parallel_size, cfg.actor.pipeline_model_parallel_size,
-                         seed=cfg.trainer.seed, vpp=cfg.actor.virtual_pipeline_model_parallel_size)
+                         seed=cfg.trainer.seed, vpp=cfg.actor.virtual_pipeline_model_parallel_size,
+                         ep=cfg.actor.expert_model_parallel_size, etp=cfg.actor.expert_tensor_parallel_size)
     rt = Runtime(cfg, rank=info.rank, world_size=info.world_size, prompts=prompts,
                  eval_sets=eval_sets if info.rank == 0 else {})
     if rt.is_rank0:  # only rank 0 scores (a process-pool verifier would otherwise start on every rank)
