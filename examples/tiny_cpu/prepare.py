@@ -75,9 +75,9 @@ def make_data(out: str, seed: int, task: str = "compose") -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--force", action="store_true", help="rebuild everything")
-    p.add_argument("--sft-steps", type=int, default=2000,
+    p.add_argument("--sft-steps", type=int, default=5000,
                    help="SFT step cap (with --sft-gate) or the cosine length (--sft-gate 0)")
-    p.add_argument("--sft-gate", type=float, default=0.0,
+    p.add_argument("--sft-gate", type=float, default=0.9,
                    help="hold the lr until the greedy accuracy on 64 SFT prompts (probed every 200 steps) reaches "
                         "this, then decay; --sft-steps is the cap (0: plain cosine over --sft-steps)")
     p.add_argument("--sft-decay", type=int, default=500, help="decay steps after the gate")
