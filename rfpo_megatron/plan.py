@@ -106,26 +106,6 @@ class ModelShape:
         return self.num_experts > 0 and i in self.moe_layers
 
 
-def moe_fields(d: Mapping[str, Any], name: str) -> dict[str, Any]:
-    """ModelShape's MoE fields from a Qwen3-MoE HF config (num_experts, num_experts_per_tok, moe_intermediate_size,
-    decoder_sparse_step, mlp_only_layers); {} for a dense config."""
-    e = d.get("num_experts") or d.get("num_local_experts")
-    if not e:
-        return {}
-    for f in ("num_experts_per_tok", "moe_intermediate_size"):
-        if not isinstance(d.get(f), int) or d[f] <= 0:
-            raise PlanError(f"{name}: field '{f}' must be a positive integer for a MoE config (num_experts={e})")
-    if d.get("shared_expert_intermediate_size"):
-        raise PlanError(f"{name}: field 'shared_expert_intermediate_size' (shared experts) is not planned; "
-                        "the planner covers Qwen3-MoE (routed experts only)")
-    step = int(d.get("decoder_sparse_step", 1) or 1)
-    dense = set(d.get("mlp_only_layers") or [])
-    n = int(d["num_hidden_layers"])
-    layers = tuple(i for i in range(n) if i not in dense and (i + 1) % step == 0)
-    return dict(num_experts=int(e), moe_topk=int(d["num_experts_per_tok"]),
-                moe_ffn_hidden_size=int(d["moe_intermediate_size"]), moe_layers=layers)
-
-
 def shape_from_arch(arch: Arch, name: str) -> ModelShape:
     """The planner's ModelShape of a validated `convert.arch.Arch` (the actor's own reading of the HF config).
 
@@ -147,6 +127,10 @@ def shape_from_arch(arch: Arch, name: str) -> ModelShape:
         tie_embeddings=arch.tie_embeddings,
         qkv_bias=arch.qkv_bias,
         qk_norm=arch.qk_norm,
+        num_experts=arch.num_experts,  # MoE (Qwen3-MoE): as the actor reads them (convert.arch, validated there)
+        moe_topk=arch.moe_topk,
+        moe_ffn_hidden_size=arch.moe_ffn_hidden_size,
+        moe_layers=tuple(arch.moe_layers),
     )
 
 
@@ -156,7 +140,8 @@ def shape_from_hf(cfg: Any, name: Optional[str] = None) -> ModelShape:
 
     The config is read by `rfpo_megatron.convert.arch.arch_from_hf_config`, the same reader the actor and
     the conversion tools use, so the planner accepts exactly the families the actor builds (SUPPORTED_MODEL_TYPES:
-    dense Qwen2/2.5, Llama-3, Qwen3) and decides qkv_bias / qk_norm / head_dim / kv heads the same way.
+    dense Qwen2/2.5, Llama-3, Qwen3, and Qwen3-MoE) and decides qkv_bias / qk_norm / head_dim / kv heads and the MoE
+    fields (experts, top-k, expert width, which layers are MoE) the same way.
     Errors are one-line PlanErrors naming the field.
     """
     if isinstance(cfg, (str, os.PathLike)):
@@ -173,21 +158,13 @@ def shape_from_hf(cfg: Any, name: Optional[str] = None) -> ModelShape:
             raise PlanError(f"--model {cfg!s}: cannot read {path} as JSON ({e})") from None
         return shape_from_hf(data, name=name or str(cfg))
     d: dict[str, Any] = {}
-    moe: dict[str, Any] = {}
     try:
         d = hf_config_dict(cfg)
-        dense = d
-        if d.get("model_type") == "qwen3_moe":
-            # the attention/embedding part of Qwen3-MoE is Qwen3's: read it as such, the experts separately
-            moe = moe_fields(d, name or "HF config")
-            dense = {k: v for k, v in d.items() if k not in ("num_experts", "num_local_experts")}
-            dense["model_type"] = "qwen3"
-        arch = arch_from_hf_config(dense, where=name or "HF config")
+        arch = arch_from_hf_config(d, where=name or "HF config")
     except ConversionError as e:
-        hint = _FAMILY_HINT if d and d.get("model_type") not in SUPPORTED_MODEL_TYPES + ("qwen3_moe",) else ""
+        hint = _FAMILY_HINT if d and d.get("model_type") not in SUPPORTED_MODEL_TYPES else ""
         raise PlanError(f"{e}{hint}") from None
-    shape = shape_from_arch(arch, name or str(d.get("_name_or_path") or arch.model_type))
-    return dataclasses.replace(shape, **moe) if moe else shape
+    return shape_from_arch(arch, name or str(d.get("_name_or_path") or arch.model_type))
 
 
 def padded_vocab(vocab: int, tp: int, multiple: int = 128) -> int:

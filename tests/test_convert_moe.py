@@ -111,6 +111,11 @@ def test_arch_reads_qwen3_moe_and_refuses_what_megatron_cannot_express():
     # transformers 5 writes num_local_experts into config.json; Qwen's own files say num_experts
     assert arch_from_hf_config({**{k: v for k, v in HF.items() if k != "num_experts"}, "num_local_experts": 4}) == a
     assert arch_from_hf_config({**HF, "decoder_sparse_step": 2, "mlp_only_layers": []}).moe_layers == (1, 3)
+    # decoder_sparse_step absent = Qwen3MoeConfig's default 1 (the transformers class says so)
+    from transformers import Qwen3MoeConfig
+
+    assert Qwen3MoeConfig().decoder_sparse_step == 1
+    assert arch_from_hf_config({k: v for k, v in HF.items() if k != "decoder_sparse_step"}) == a
     for bad, field in (({"num_experts_per_tok": 5}, "num_experts_per_tok"),
                        ({"moe_intermediate_size": None}, "moe_intermediate_size"),
                        ({"mlp_only_layers": [7]}, "mlp_only_layers"),

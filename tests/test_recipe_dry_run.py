@@ -5,11 +5,14 @@ A recipe is *meant for GPUs* when its rollout engine is not the CPU `embedded` e
 project's `load_config` and overrides only
 
   * actor.hf_model_path -> a tiny random HF model of the recipe's family (read from the hf_model_path name:
-    Qwen2.5-<size>B -> Qwen2 with qkv bias, embeddings tied below 7B as the released models), with 4 heads /
+    Qwen2.5-<size>B -> Qwen2 with qkv bias, embeddings tied below 7B as the released models; Qwen3-<n>B-A<k>B ->
+    Qwen3-MoE, the tests/tiny_hf.py shape: 4 experts, top-2, every second layer dense), with 4 heads /
     2 KV heads (TP = 2 divides both), 2 layers per pipeline stage and a vocab that megatron pads;
   * the layout: TP -> min(TP, 2), PP -> min(PP, 2) (VPP -> min(VPP, 2) once the actor has the field), and DP ->
     4 // (TP * PP), so every case fills 4 ranks (DP = 2 where the layout leaves room, which shards the distributed
-    optimizer for real). The recipe's own DP (`sbatch -N` x `--gpus-per-node` / (TP * PP)) is only reported.
+    optimizer for real); MoE: EP -> min(EP, 2) (2 of the 4 experts per rank, expert DP = 4 / (EP x expert TP x PP)),
+    expert TP as the recipe sets it (min(., 2)). The recipe's own DP (`sbatch -N` x `--gpus-per-node` / (TP * PP))
+    is only reported.
 
 Every other flag (sequence parallel, distributed optimizer, CPU-Adam offload, recompute and its knobs, bf16,
 grad-reduce overlap, packing, token budget, optimizer and schedule settings, the algo and rfpo sections) stays as
@@ -48,7 +51,8 @@ CHECKED = {"tensor_model_parallel_size", "pipeline_model_parallel_size", "sequen
            "recompute_method", "recompute_num_layers", "bf16", "use_distributed_optimizer", "optimizer_cpu_offload",
            "overlap_grad_reduce", "grad_reduce_bucket_size", "packing", "lr", "weight_decay", "adam_beta1",
            "adam_beta2", "adam_eps", "clip_grad", "min_lr", "lr_decay_style", "lr_warmup_steps",
-           "virtual_pipeline_model_parallel_size"}
+           "virtual_pipeline_model_parallel_size", "expert_model_parallel_size", "expert_tensor_parallel_size",
+           "moe_token_dispatcher_type"}
 NOT_CHECKED = {
     "hf_model_path": "swapped for the tiny model",
     "load": "no megatron checkpoint in CI (tests/test_actor_checkpoint.py)",
@@ -59,11 +63,9 @@ NOT_CHECKED = {
     "ppo_epochs": "applied by the trainer",
     "use_fused_kernels": "Triton kernels are CUDA-only (tests/test_kernels_*.py)",
     "use_reference": "reference actor is build_actor(with_optimizer=False), no recipe flag of its own",
-    "router_replay": "R3 needs a MoE model and rollout routing (tests/test_router_replay.py)",
+    "router_replay": "R3 needs rollout routing; the dry-run batch has none (tests/test_router_replay.py, "
+                     "tests/test_trainer_moe.py)",
     # MoE only (ignored by the dense recipes): tests/test_actor_moe.py, tests/test_convert_moe.py
-    "expert_model_parallel_size": "MoE only; EP vs EP=1 in tests/test_actor_moe.py",
-    "expert_tensor_parallel_size": "MoE only; expert TP 1 and 2 in tests/test_convert_moe.py (slow)",
-    "moe_token_dispatcher_type": "MoE only; alltoall vs allgather in tests/test_actor_moe.py",
     "moe_aux_loss_coef": "MoE only; float64 reference in tests/test_actor_moe.py",
     "moe_z_loss_coef": "MoE only; float64 reference in tests/test_actor_moe.py",
 }
@@ -110,6 +112,8 @@ def model_family(hf_model_path: str) -> dict:
     m = re.match(r"(?i)qwen2(?:\.5)?-(\d+(?:\.\d+)?)b", name)
     if m:  # Qwen2 / Qwen2.5: qkv bias (Qwen2Config), embeddings tied for the sub-7B models only
         return dict(family="qwen2", tie_word_embeddings=float(m.group(1)) < 7)
+    if re.match(r"(?i)qwen3-\d+(?:\.\d+)?b-a\d+(?:\.\d+)?b", name):  # Qwen3-MoE (30B-A3B, 235B-A22B): untied
+        return dict(family="qwen3_moe", tie_word_embeddings=False)
     raise AssertionError(f"recipe model {hf_model_path!r}: no tiny-model builder for this family in "
                          f"tests/test_recipe_dry_run.py (add one: the dry-run must cover every recipe)")
 
@@ -132,16 +136,28 @@ def scaled_case(name: str, path: str, extra: list, gpus, tmp: str) -> dict:
     dp = MAX_WORLD // (tp * pp)  # fill the 4 ranks: DP > 1 wherever the layout leaves room (real dist-opt shards)
     fam = model_family(a.get("hf_model_path", ""))
     model_dir = os.path.join(tmp, name.replace(".yaml", ""))
-    from tiny_hf import make_tiny_hf_model
+    from tiny_hf import MOE_HF, make_tiny_hf_model, make_tiny_moe
 
-    make_tiny_hf_model(model_dir, num_layers=2 * pp * vpp, max_positions=64,
-                       tie_word_embeddings=fam["tie_word_embeddings"], **TINY)
     overrides = list(extra) + [f"actor.hf_model_path={model_dir}", f"actor.tensor_model_parallel_size={tp}",
                  f"actor.pipeline_model_parallel_size={pp}"]
+    ep, etp = 1, None
+    if fam["family"] == "qwen3_moe":
+        layers = 2 * pp * vpp
+        make_tiny_moe(model_dir, dict(MOE_HF, num_hidden_layers=layers, max_position_embeddings=64,
+                                      mlp_only_layers=list(range(1, layers, 2)), **TINY))
+        ep = min(int(a.get("expert_model_parallel_size", 1) or 1), 2)
+        etp0 = a.get("expert_tensor_parallel_size")
+        etp = None if etp0 is None else min(int(etp0), 2)
+        overrides.append(f"actor.expert_model_parallel_size={ep}")
+        if etp is not None:
+            overrides.append(f"actor.expert_tensor_parallel_size={etp}")
+    else:
+        make_tiny_hf_model(model_dir, num_layers=2 * pp * vpp, max_positions=64,
+                           tie_word_embeddings=fam["tie_word_embeddings"], **TINY)
     if vpp > 1:
         overrides.append(f"actor.virtual_pipeline_model_parallel_size={vpp}")
     return dict(path=path, name=name, overrides=overrides, tp=tp, pp=pp, vpp=vpp, dp=dp, world=tp * pp * dp,
-                recipe_layout=(tp0, pp0, dp0), model_dir=model_dir, family=fam)
+                ep=ep, etp=tp if etp is None else etp, recipe_layout=(tp0, pp0, dp0), model_dir=model_dir, family=fam)
 
 
 def _batch(rfpo_enabled: bool, seed: int = 3):
@@ -173,6 +189,8 @@ def _honoured(actor, tp: int, pp: int) -> dict:
     out = dict(
         tp=mpu.get_tensor_model_parallel_world_size(), pp=mpu.get_pipeline_model_parallel_world_size(),
         dp=mpu.get_data_parallel_world_size(), vpp=len(actor.modules),
+        ep=mpu.get_expert_model_parallel_world_size(), etp=mpu.get_expert_tensor_parallel_world_size(),
+        moe_token_dispatcher_type=mc.moe_token_dispatcher_type if mc.num_moe_experts else None,
         sequence_parallel=bool(mc.sequence_parallel),
         recompute_granularity=mc.recompute_granularity, recompute_method=mc.recompute_method,
         recompute_num_layers=mc.recompute_num_layers,
@@ -219,7 +237,9 @@ def _world(rank: int, cases: list) -> list:
         cfg = load_config(case["path"], case["overrides"])  # config.validate on the scaled recipe
         validate_setup(cfg, check_files=False)
         a = cfg.actor
-        init_parallel(a.tensor_model_parallel_size, a.pipeline_model_parallel_size, seed=cfg.trainer.seed)
+        init_parallel(a.tensor_model_parallel_size, a.pipeline_model_parallel_size, seed=cfg.trainer.seed,
+                      vpp=a.virtual_pipeline_model_parallel_size, ep=a.expert_model_parallel_size,
+                      etp=a.expert_tensor_parallel_size)  # as train.lifecycle does
         info = parallel_info()
         actor = build_actor(cfg)  # the trainer's own build path (Actor + HF weights)
         pre = {n: t.clone() for bucket in iter_hf_weights(actor.modules, actor.hf_config, bucket_bytes=1 << 16)
@@ -253,7 +273,8 @@ def _expected(cfg, case: dict) -> dict:
     on_gpu = torch.cuda.is_available()
     dist_opt = bool(a.use_distributed_optimizer) if a.use_distributed_optimizer is not None else (
         on_gpu or bool(a.optimizer_cpu_offload))
-    exp = dict(tp=case["tp"], pp=case["pp"], dp=case["dp"], vpp=case["vpp"],
+    exp = dict(tp=case["tp"], pp=case["pp"], dp=case["dp"], vpp=case["vpp"], ep=case["ep"], etp=case["etp"],
+               moe_token_dispatcher_type=a.moe_token_dispatcher_type if case["family"]["family"] == "qwen3_moe" else None,
                sequence_parallel=bool(a.sequence_parallel and case["tp"] > 1),
                recompute_granularity=None if a.recompute == "none" else a.recompute,
                param_dtypes=["torch.bfloat16" if a.bf16 else "torch.float32"],
@@ -294,16 +315,24 @@ def _check_flags(name: str, flags: dict, exp: dict) -> None:
 
 
 def _hf_logp(model_dir: str, state: dict, batch) -> list:
-    """Log-probs of `batch`'s responses under an HF transformers model holding the exported weights (float32)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """Log-probs of `batch`'s responses under an HF transformers model holding the exported weights (float32).
 
-    hf_cfg = AutoConfig.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_config(hf_cfg).float().eval()
-    missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
-    assert not unexpected, unexpected
-    assert set(missing) <= ({"lm_head.weight"} if hf_cfg.tie_word_embeddings else set()), missing
-    if hf_cfg.tie_word_embeddings:
-        model.tie_weights()
+    The weights are saved as a checkpoint next to the model's config.json and loaded by transformers'
+    `from_pretrained`, whose own conversion turns per-expert MoE names into its fused expert parameters."""
+    import shutil
+    import tempfile
+
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    with tempfile.TemporaryDirectory() as d:
+        shutil.copy(os.path.join(model_dir, "config.json"), d)
+        save_file({k: v.float().contiguous() for k, v in state.items()}, os.path.join(d, "model.safetensors"))
+        model, info = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, output_loading_info=True)
+    model.eval()
+    assert not info["unexpected_keys"] and not info["mismatched_keys"], info
+    tied = model.config.tie_word_embeddings
+    assert set(info["missing_keys"]) <= ({"lm_head.weight"} if tied else set()), info["missing_keys"]
     out = []
     with torch.no_grad():
         for x, p in zip(batch.input_ids, batch.prompt_lens):

@@ -204,8 +204,14 @@ def _world(rank):
         return [m]
 
     actor_mod.build_model = build
+    # the HF config of that model (the Actor reads its architecture: MoE layout checks, router-loss set-up)
+    hf = dict(model_type="qwen3_moe", vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+              num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=E,
+              num_experts_per_tok=K, norm_topk_prob=True, router_aux_loss_coef=0.0, max_position_embeddings=32,
+              tie_word_embeddings=False, rms_norm_eps=1e-5, rope_theta=10000.0)
     for mode in ("off", "rollout"):
-        a = actor_mod.Actor({}, ActorConfig(router_replay=mode, lr=1e-3, packing="pad"), total_steps=1)
+        a = actor_mod.Actor(hf, ActorConfig(router_replay=mode, lr=1e-3, packing="pad", moe_aux_loss_coef=0.0),
+                            total_steps=1)
         b = ActorBatch(input_ids=ids, prompt_lens=plens, routed_experts=routed)
         logp, _ = a.compute_logprobs(b)
         out[f"actor_{mode}_logp_count"] = a.last_router_mismatch

@@ -239,8 +239,8 @@ def _moe_fields(cfg: Mapping[str, Any], n_layers: int, where: str) -> dict[str, 
         if cfg.get(shared):
             raise ConversionError(f"{where}: field '{shared}'={cfg[shared]}: shared experts are not supported "
                                   "for qwen3_moe (Qwen3-MoE has none)")
-    step = cfg.get("decoder_sparse_step", 1)
-    step = 1 if step is None else _int_field(cfg, "decoder_sparse_step", where)
+    # absent or null = 1 (Qwen3MoeConfig's default: every layer MoE unless in mlp_only_layers)
+    step = 1 if cfg.get("decoder_sparse_step") is None else _int_field(cfg, "decoder_sparse_step", where)
     dense_only = cfg.get("mlp_only_layers") or []
     if not isinstance(dense_only, (list, tuple)) or any(
             isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n_layers for i in dense_only):

@@ -49,6 +49,7 @@ import torch
 
 from . import weights as W
 from .base import encode_routed_experts
+from .hf_experts import fused_expert_slots, slot_view
 
 GREEDY_EPS = 1e-6  # SGLang's _SAMPLING_EPS
 SGLANG_COMPAT = "0.5.23"  # the SGLang release whose HTTP behaviour this engine imitates
@@ -196,6 +197,7 @@ class EmbeddedEngine:
         self._abort_epoch = 0
         self._abort_lock = threading.Lock()
         self.groups: dict[str, Any] = {}
+        self._expert_slots = fused_expert_slots(self._state())  # per-expert checkpoint name -> fused slice
         self.allow_auto_truncate = bool(allow_auto_truncate)
         self.weight_session = False  # inside /begin_weight_update ... /end_weight_update
         self.health_generations = 0  # one-token health-check generations run (SGLang's /health does one)
@@ -466,16 +468,25 @@ class EmbeddedEngine:
         return self.model.state_dict(keep_vars=True)
 
     def load_named_tensors(self, named: Iterable[tuple[str, torch.Tensor]]) -> int:
-        """Copy HF-named tensors into the model (all validated before any is copied). Returns the count."""
+        """Copy HF-named tensors into the model (all validated before any is copied). Returns the count.
+
+        Names are the model's own state names or, for fused MoE experts, the checkpoint's per-expert names
+        (``...mlp.experts.e.gate_proj.weight`` [I, H] etc., see hf_experts.py), written into their slice."""
         named = list(named)
         if not named:
             raise RequestError("no tensors in the weight update")
+        if "weights" in self.released:
+            raise RequestError("weights are released; call /resume_memory_occupation before updating them")
         state = self._state()
-        unknown = [n for n, _ in named if n not in state]
+        unknown = [n for n, _ in named if n not in state and n not in self._expert_slots]
         if unknown:
             raise RequestError(f"unknown weight names {unknown[:5]}{'...' if len(unknown) > 5 else ''} "
                                f"(expected HF names such as {next(iter(state))!r})")
-        bad = [(n, tuple(t.shape), tuple(state[n].shape)) for n, t in named if tuple(t.shape) != tuple(state[n].shape)]
+
+        def target(n: str) -> torch.Tensor:
+            return state[n] if n in state else slot_view(state, self._expert_slots[n])
+
+        bad = [(n, tuple(t.shape), tuple(target(n).shape)) for n, t in named if tuple(t.shape) != tuple(target(n).shape)]
         if bad:
             raise RequestError(f"shape mismatch (name, got, expected): {bad[:5]}")
         with self.lock:
@@ -484,7 +495,8 @@ class EmbeddedEngine:
             state = self._state()
             with torch.no_grad():
                 for n, t in named:
-                    state[n].copy_(t.to(device=state[n].device, dtype=state[n].dtype))
+                    dst = target(n)
+                    dst.copy_(t.to(device=dst.device, dtype=dst.dtype))
         return len(named)
 
     def update_weights_from_disk(self, model_path: str) -> int:
