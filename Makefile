@@ -11,7 +11,7 @@ demo: setup
 	@bash examples/tiny_cpu/run_demo.sh
 
 test: setup
-	@$(PY) -m pytest -q -m "not slow and not slurm and not gpu"
+	@$(PY) -m pytest -q --durations=25 -m "not slow and not slurm and not gpu"
 
 test-slow: setup
 	@$(PY) -m pytest -q -m "slow"

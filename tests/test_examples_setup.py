@@ -13,7 +13,6 @@ from rfpo_megatron.config import load_config
 from rfpo_megatron.rewards import available_rewards
 from rfpo_megatron.train import engine_config, sync_mode
 from rfpo_megatron.train.lifecycle import validate_setup
-from recipe_fields import missing_actor_fields, skip_reason
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = sorted(glob.glob(os.path.join(ROOT, "examples", "*", "config*.yaml")))
@@ -34,8 +33,6 @@ def test_every_example_is_covered():
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: os.path.relpath(p, ROOT))
 def test_example_passes_setup_validation(path):
-    if missing := missing_actor_fields(path):
-        pytest.skip(skip_reason(os.path.relpath(path, ROOT), missing))
     cfg = load_config(path)
     validate_setup(cfg, check_files=False)  # the trainer's own checks (model and data paths exist only on the cluster)
     nodes = _train_nodes(path)

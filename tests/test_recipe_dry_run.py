@@ -83,11 +83,9 @@ def is_gpu_recipe(path: str) -> bool:
             or bool(tree.get("actor", {}).get("bf16", False)))
 
 
-from recipe_fields import missing_actor_fields, skip_reason  # noqa: E402
 
 # recipes naming actor fields this checkout lacks (the Qwen3-MoE recipe before the expert-parallel actor) wait
-WAITING = [p for p in EXAMPLES if is_gpu_recipe(p) and missing_actor_fields(p)]
-GPU_RECIPES = [p for p in EXAMPLES if is_gpu_recipe(p) and p not in WAITING]
+GPU_RECIPES = [p for p in EXAMPLES if is_gpu_recipe(p)]
 # Documented variants of a shipped recipe, run as that recipe plus these overrides (name, recipe, overrides, GPUs):
 # docs/scaling.md's 32B on one node (TP = 8 with megatron's CPU-Adam offload), so the offload path is dry-run too.
 VARIANTS = [("qwen2.5-32b__single_node_offload", "qwen2.5-32b/config.yaml",
@@ -360,11 +358,6 @@ def dry_runs(tmp_path_factory):
         for c in group:
             results[c["name"]] = [next(r for r in rank_res if r["name"] == c["name"]) for rank_res in per_rank]
     return {c["name"]: (c, results[c["name"]]) for c in cases}, walls
-
-
-@pytest.mark.parametrize("path", WAITING, ids=lambda p: os.path.relpath(p, ROOT))
-def test_recipe_waiting_for_actor_fields(path):
-    pytest.skip(skip_reason(os.path.relpath(path, ROOT), missing_actor_fields(path)))
 
 
 def test_gpu_recipes_are_selected():
