@@ -81,7 +81,9 @@ class Engine:
         self.script = [list(s) for s in script]
 
     def generate(self, prompts, params):
-        return [[SimpleNamespace(output_ids=self.script.pop(0), logprobs=None, finish_reason="stop")
+        from rfpo_megatron.rollout.base import GenerateResult
+
+        return [[GenerateResult(output_ids=self.script.pop(0), logprobs=None, finish_reason="stop")
                  for _ in range(params.n)] for _ in prompts]
 
 
