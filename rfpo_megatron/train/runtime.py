@@ -124,32 +124,30 @@ def install_signal_handlers(rt: Runtime) -> None:
     faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
 
 
-def stop_requested(rt: Runtime) -> bool:
-    """Whether any rank saw SIGTERM (all ranks agree: MAX all-reduce when distributed)."""
+def any_rank(rt: Runtime, flag: bool) -> bool:
+    """True on every rank if `flag` is true on any rank (MAX all-reduce when distributed)."""
     if rt.world_size == 1:
-        return rt.stop
+        return flag
     import torch.distributed as dist
 
-    flag = torch.tensor([1 if rt.stop else 0], dtype=torch.int32)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    rt.stop = bool(flag.item())
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def stop_requested(rt: Runtime) -> bool:
+    """Whether any rank saw SIGTERM (all ranks agree)."""
+    rt.stop = any_rank(rt, rt.stop)
     return rt.stop
 
 
 def budget_reached(rt: Runtime) -> bool:
     """Whether rank 0's rollout budget (`rt.counters["generations"]`) reached `trainer.max_generations`
-    (all ranks agree: rank 0 decides, MAX all-reduce when distributed)."""
+    (rank 0 decides, all ranks agree)."""
     cap = rt.cfg.trainer.max_generations
     if cap is None:
         return False
-    hit = rt.is_rank0 and rt.counters.get("generations", 0) >= cap
-    if rt.world_size == 1:
-        return hit
-    import torch.distributed as dist
-
-    flag = torch.tensor([1 if hit else 0], dtype=torch.int32)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
+    return any_rank(rt, rt.is_rank0 and rt.counters.get("generations", 0) >= cap)
 
 
 def broadcast_groups(rt: Runtime, groups: Optional[list]) -> Optional[list]:
