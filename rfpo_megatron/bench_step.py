@@ -19,6 +19,7 @@ and shape runs with --trl when `import trl` works (an optional extra, never a de
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -139,6 +140,15 @@ def run_trainer(args: argparse.Namespace, assets: dict, skip: str) -> dict:
     wraps = []
     try:
         params = sum(p.numel() for m in rt.actor.model for p in m.parameters())
+        captured: dict = {}
+        real_train = rt.actor.train_step
+
+        @functools.wraps(real_train)  # keeps the signature the trainer inspects (old_logp_from_forward)
+        def capture_train(batch, *a, **kw):
+            captured["batch"] = batch
+            return real_train(batch, *a, **kw)
+
+        rt.actor.train_step = capture_train
         wraps = [_Wrapped(rt.engine, "generate", "bench/generate_time", sink),
                  _Wrapped(gen_mod, "score_samples", "bench/reward_time", sink),
                  _Wrapped(actor_mod, "run_schedule", "bench/fwd_bwd_time", sink,
@@ -161,7 +171,8 @@ def run_trainer(args: argparse.Namespace, assets: dict, skip: str) -> dict:
             rows.append(m)
             print(f"  [{skip}] step {step}{' (warm-up)' if step <= args.warmup else ''}: "
                   f"{m['perf/step_time']:.3f} s", flush=True)
-        return {"steps": rows[args.warmup:], "params": int(params)}
+        return {"steps": rows[args.warmup:], "params": int(params), "batch": captured.get("batch"),
+                "micro_batch_size": int(cfg.actor.micro_batch_size)}
     finally:
         for w in wraps:
             w.undo()
@@ -274,6 +285,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-old-logprob-pass", choices=["auto", "false", "both"], default="both",
                    help="trainer.skip_old_logprob_pass of the run(s); both: one run each")
     p.add_argument("--trl", action="store_true", help="also run TRL's GRPOTrainer (when installed)")
+    p.add_argument("--no-baselines", dest="baselines", action="store_false",
+                   help="skip the plain in-process HF generate / PyTorch train references (bench_baselines)")
     p.add_argument("--work-dir", default=None, help="where the model/data/run dirs go (default: a temp dir)")
     p.add_argument("--json", default=None, help="write the summaries to this JSON file")
     p.add_argument("override", nargs="*", help="extra section.key=value config overrides")
@@ -294,9 +307,10 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"{args.warmup} warm-up + {args.steps} measured steps")
     print(f"measured float32 matmul peak: {peak / 1e9:.1f} GFLOP/s")
     modes = ["false", "auto"] if args.skip_old_logprob_pass == "both" else [args.skip_old_logprob_pass]
-    results = {}
+    results, raw = {}, {}
     for mode in modes:
-        results[mode] = summarize(run_trainer(args, assets, mode), peak)
+        raw[mode] = run_trainer(args, assets, mode)
+        results[mode] = summarize(raw[mode], peak)
     P = next(iter(results.values()))["params"]
     print(f"params: {P / 1e6:.3f} M; median over measured steps:")
     print(format_table(results))
@@ -304,18 +318,50 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"old-logp pass {mode}: skipped={bool(r['old_logprob_pass_skipped'])}, step {r['perf/step_time']:.4f} s "
               f"(min {r['step_min']:.4f} s), "
               f"{r['tokens_per_s']:.0f} tokens/s, generated tokens/step {r['generated_tokens']}")
-    if args.trl:
-        trl_s = run_trl(args, assets)
-        if trl_s is not None:
-            for mode, r in results.items():
-                print(f"TRL GRPOTrainer median {trl_s:.4f} s/step; ours ({mode}) / TRL = "
-                      f"{r['perf/step_time'] / trl_s:.2f}")
-    else:
+    base = baselines(args, assets, raw[modes[-1]]) if args.baselines else {}
+    trl_s = run_trl(args, assets) if args.trl else None
+    if not args.trl:
         print("TRL comparison: not requested (--trl; needs `import trl`)")
+    if trl_s is not None:
+        base["trl_step"] = trl_s
+    if base:
+        print(format_targets(results[modes[-1]], base, modes[-1]))
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"peak_flops": peak, "results": results}, fh, indent=1)
+            json.dump({"peak_flops": peak, "results": results, "baselines": base}, fh, indent=1)
     return 0
+
+
+def baselines(args: argparse.Namespace, assets: dict, res: dict) -> dict:
+    """The plain in-process references (rfpo_megatron.bench_baselines) on the last measured step's batch."""
+    from rfpo_megatron.bench_baselines import plain_generate, plain_train
+
+    batch = res.get("batch")
+    if batch is None:
+        return {}
+    prompts = [x[:p].tolist() for x, p in zip(batch.input_ids, batch.prompt_lens)]
+    g = plain_generate(assets["model"], prompts, args.max_new_tokens, reps=max(3, args.steps))
+    t = plain_train(assets["model"], batch, res["micro_batch_size"], args.lr, reps=max(3, args.steps))
+    print(f"plain HF generate (same {len(prompts)} prompts, in-process): {g['time']:.4f} s, {g['tokens']:.0f} new "
+          f"tokens; plain PyTorch fwd+bwd+AdamW (same batch, {t['micro_batches']:.0f} micro-batches): {t['time']:.4f} s")
+    return {"generate": g["time"], "generate_tokens": g["tokens"], "train": t["time"],
+            "train_micro_batches": t["micro_batches"]}
+
+
+def format_targets(r: dict, base: dict, mode: str) -> str:
+    """Issue 18's ratios, each with its target; generate is also compared per generated token (EOS differs)."""
+    lines = [f"| ratio (old-logp pass {mode}) | measured | target |", "|---|---|---|"]
+    if "generate" in base:
+        per_tok = (r["perf/rollout_time"] / max(r["generated_tokens"], 1)) / (base["generate"] / max(base["generate_tokens"], 1))
+        lines.append(f"| rollout / plain HF generate | {r['perf/rollout_time'] / base['generate']:.2f} "
+                     f"(per generated token {per_tok:.2f}) | <= 1.10 |")
+    if "train" in base:
+        lines.append(f"| train / plain PyTorch fwd+bwd+AdamW | {r['perf/train_time'] / base['train']:.2f} | <= 1.30 |")
+    lines.append(f"| weight sync / step | {100 * r.get('perf/weight_sync_time', 0.0) / r['perf/step_time']:.1f} % | <= 5 % |")
+    if "trl_step" in base:
+        lines.append(f"| step / TRL GRPOTrainer step ({base['trl_step']:.4f} s) | "
+                     f"{r['perf/step_time'] / base['trl_step']:.2f} | <= 0.80 |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

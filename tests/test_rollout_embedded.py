@@ -150,7 +150,13 @@ def _flat(out):
 P_CMP = SamplingParams(n=2, temperature=0.9, top_p=0.95, max_new_tokens=10, seed=7, ignore_eos=True)
 
 
-def test_weight_update_from_tensors_equals_fresh_engine(client, models):
+@pytest.mark.parametrize("same_host", [True, False], ids=["shm", "base64"])
+def test_weight_update_from_tensors_equals_fresh_engine(client, models, same_host, monkeypatch):
+    """Both payload forms: the shared-memory file (the default for a server this client launched) and base64."""
+    monkeypatch.setattr(client, "same_host", same_host)
+    sent = []
+    real = client.tensor_payloads
+    monkeypatch.setattr(client, "tensor_payloads", lambda *a, **k: sent.append(real(*a, **k)) or sent[-1])
     before = _flat(client.generate(PROMPTS, P_CMP))
     assert before == _fresh_reference(models[0], PROMPTS, P_CMP)
     new = state_of(models[1])
@@ -164,6 +170,45 @@ def test_weight_update_from_tensors_equals_fresh_engine(client, models):
     assert after[0][0].meta["weight_version"] == "v2"
     client.update_weights_from_disk(str(models[0]))  # back to m1 from disk
     assert _flat(client.generate(PROMPTS, P_CMP)) == before
+    assert {b[0]["load_format"] for b in sent} == {W.SAFETENSORS_SHM if same_host else W.SAFETENSORS_B64}
+
+
+def test_shm_payload_is_a_safetensors_file_and_only_shm_files_are_read(client, tmp_path):
+    """write_safetensors_shm's file read back by safetensors' own loader (every dtype the weights use, a 0-d and
+    an empty tensor, a non-contiguous view); the server refuses paths that are not the trainer's shm payloads."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(6, 4, generator=g)
+    named = [("a.weight", base), ("b.bf16", torch.randn(3, 5, generator=g).to(torch.bfloat16)),
+             ("c.half", torch.randn(2, generator=g).half()), ("d.ids", torch.arange(7)), ("e.flag", torch.tensor([True, False])),
+             ("f.scalar", torch.tensor(2.5)), ("g.empty", torch.zeros(0, 3)), ("h.view", base.t()[1:3])]
+    path = f"{W.shm_dir()}/{W.SHM_PREFIX}test_{id(named)}"
+    try:
+        W.write_safetensors_shm(named, path)
+        got = load_file(path)
+        assert set(got) == {n for n, _ in named}
+        for n, t in named:
+            assert got[n].dtype == t.dtype and got[n].shape == t.shape and torch.equal(got[n], t), n
+        with safe_open(path, "pt") as fh:
+            assert sorted(fh.keys()) == sorted(n for n, _ in named)
+        back = dict(W.read_safetensors_shm(path))
+        assert set(back) == set(got) and all(torch.equal(back[n], got[n]) for n in got)
+    finally:
+        import os
+
+        os.remove(path)
+    elsewhere = tmp_path / f"{W.SHM_PREFIX}x"
+    W.write_safetensors_shm(named[:1], str(elsewhere))
+    with pytest.raises(ValueError, match="not a rfpo_weights_"):
+        W.read_safetensors_shm(str(elsewhere))
+    with client.weight_update_session():
+        for bad in (str(elsewhere), "/etc/passwd", f"{W.shm_dir()}/{W.SHM_PREFIX}missing"):
+            with pytest.raises(EngineRequestError) as e:
+                client._all_workers("POST", "/update_weights_from_tensor",
+                                    {"serialized_named_tensors": [bad], "load_format": W.SAFETENSORS_SHM})
+            assert e.value.status == 400 and ("not a rfpo_weights_" in str(e.value) or "does not exist" in str(e.value))
 
 
 def test_weight_update_distributed_gloo_equals_fresh_engine(client, models):
@@ -475,7 +520,8 @@ def test_sampling_frequencies_match_filtered_distribution(temperature, top_p, to
     row = lambda x, dt=torch.float32: torch.tensor([x] * N, dtype=dt)  # noqa: E731
     tok, lp = EmbeddedEngine._sample(SimpleNamespace(return_original_logprob=False), torch.tensor([logits] * N),
                                      row(temperature), row(top_k if top_k > 0 else V, torch.long), row(top_p),
-                                     row(min_p), [g] * N)
+                                     row(min_p), torch.rand(N, generator=g, dtype=torch.float64),
+                                     plain=top_p >= 1.0 and top_k < 0 and min_p <= 0.0)
     counts = torch.bincount(tok, minlength=V).double() / N
     for i in range(V):
         want = expected.get(i, 0.0)

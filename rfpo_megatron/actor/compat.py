@@ -46,7 +46,8 @@ What it does (process-wide, idempotent):
    the CPU generator.
 
 The mode is pushed once and never popped; it costs a Python call per torch
-function, which is fine for the tiny CPU models this path exists for.
+function (a fast path: one keyword probe and one set lookup), which is fine for the tiny CPU models this
+path exists for (tools/bench_step.py measures the train step against plain PyTorch).
 """
 
 from __future__ import annotations
@@ -81,23 +82,34 @@ def _is_cuda_device(dev: Any) -> bool:
 
 
 class _CudaToCpuMode(TorchFunctionMode):
-    """Torch function mode that maps every CUDA device request to the CPU."""
+    """Torch function mode that maps every CUDA device request to the CPU.
+
+    It sees every torch call of the process, so the common case (no ``device``/``pin_memory`` keyword, not one
+    of the four rewritten methods) is one dict probe and one identity test before calling through."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
-            kwargs["device"] = "cpu"
-        if kwargs.get("pin_memory"):
-            kwargs["pin_memory"] = False  # page-locked host memory needs an accelerator
-        if func is torch.Tensor.cuda or func is torch.Tensor.pin_memory:
-            return args[0]
-        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
-            args = (args[0], "cpu", *args[2:])
-        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
-            # megatron's mixed-precision and distributed optimizers sort params by their CUDA type name
-            name = func(*args)
-            return _CUDA_TYPE_NAMES.get(name, name)
+        if kwargs:
+            if ("device" in kwargs and _is_cuda_device(kwargs["device"])) or kwargs.get("pin_memory"):
+                kwargs = dict(kwargs)
+                if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+                    kwargs["device"] = "cpu"
+                if kwargs.get("pin_memory"):
+                    kwargs["pin_memory"] = False  # page-locked host memory needs an accelerator
+        else:
+            kwargs = {}
+        if func in _REWRITTEN:
+            if func is torch.Tensor.cuda or func is torch.Tensor.pin_memory:
+                return args[0]
+            if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+                args = (args[0], "cpu", *args[2:])
+            elif func is torch.Tensor.type and len(args) == 1 and not kwargs:
+                # megatron's mixed-precision and distributed optimizers sort params by their CUDA type name
+                name = func(*args)
+                return _CUDA_TYPE_NAMES.get(name, name)
         return func(*args, **kwargs)
+
+
+_REWRITTEN = frozenset({torch.Tensor.cuda, torch.Tensor.pin_memory, torch.Tensor.to, torch.Tensor.type})
 
 
 class CpuRNGStatesTracker:

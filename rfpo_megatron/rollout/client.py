@@ -21,9 +21,11 @@ new log output for `watchdog_s` seconds, raises at once with the server address 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import contextlib
 import json
+import os
 import threading
 import time
 import uuid
@@ -65,7 +67,8 @@ class EngineClient:
                  *, tp_size: int = 1, request_timeout_s: float = 3600.0, control_timeout_s: float = 600.0,
                  connect_timeout_s: float = 10.0, retries: int = 4, backoff_s: float = 0.5,
                  watchdog_s: float = 300.0, max_items_per_request: int = 64, max_concurrency: int = 16,
-                 router: bool | None = None, routed_experts_shape: tuple[int, int] | None = None):
+                 router: bool | None = None, routed_experts_shape: tuple[int, int] | None = None,
+                 same_host: bool | None = None):
         if not url and not worker_urls:
             raise ValueError("EngineClient needs a url or worker_urls")
         self.worker_urls = [u.rstrip("/") for u in (worker_urls or [url])]
@@ -87,9 +90,16 @@ class EngineClient:
         self._kind: str | None = None
         self._version: tuple[int, ...] | None = None
         self._session = requests.Session()
+        # like the aiohttp session of /generate (trust_env=False): no proxy / netrc lookups from the environment
+        # for the servers' control calls (an HTTP proxy in front of in-cluster servers is a misconfiguration)
+        self._session.trust_env = False
         # (num_hidden_layers, num_experts_per_tok): request MoE routing (SGLang return_routed_experts) and decode
         # it into GenerateResult.routed_experts; the servers need --enable-return-routed-experts
         self.routed_experts_shape = tuple(int(x) for x in routed_experts_shape) if routed_experts_shape else None
+        # same_host: the servers share this machine's memory (default: this client launched them), so an
+        # embedded server takes weight buckets as a shared-memory file (weights.SAFETENSORS_SHM) instead of base64
+        self.same_host = bool(self.processes) if same_host is None else bool(same_host)
+        self._shm_path: str | None = None
 
     def spec(self) -> dict[str, Any]:
         """What another process needs to talk to the same deployment (`from_spec`): URLs, TP size, router."""
@@ -402,8 +412,14 @@ class EngineClient:
         if weight_version is not None:
             extra["weight_version"] = str(weight_version)
         if (kind or self.kind) == "embedded":
-            body = {"serialized_named_tensors": [W.encode_safetensors_b64(named)], "load_format": W.SAFETENSORS_B64,
-                    **extra}
+            if self.same_host:
+                if self._shm_path is None:
+                    self._shm_path = os.path.join(W.shm_dir(), f"{W.SHM_PREFIX}{os.getpid()}_{uuid.uuid4().hex[:8]}")
+                    atexit.register(_remove_quietly, self._shm_path)
+                ser, fmt = W.write_safetensors_shm(named, self._shm_path), W.SAFETENSORS_SHM
+            else:
+                ser, fmt = W.encode_safetensors_b64(named), W.SAFETENSORS_B64
+            body = {"serialized_named_tensors": [ser], "load_format": fmt, **extra}
             return [body] * len(self.worker_urls)
         return [{"serialized_named_tensors": W.encode_sglang_named_tensors(named, self.tp_size), "load_format": None,
                  **extra} for _ in self.worker_urls]
@@ -561,12 +577,21 @@ class EngineClient:
         for p in reversed(self.processes):
             p.stop()
         self._session.close()
+        if self._shm_path is not None:
+            _remove_quietly(self._shm_path)
 
     def __enter__(self) -> "EngineClient":
         return self
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
 
 
 def parse_generate_item(item: dict, url: str = "", routed_experts_shape: tuple[int, int] | None = None) -> GenerateResult:

@@ -10,9 +10,10 @@ Sampling follows SGLang 0.5.x (python/sglang/srt/layers/sampler.py, torch fallba
 * a stop token (stop_token_ids, or the model's EOS unless ignore_eos) ends the sample and is kept as
   its last output token: finish_reason {"type": "stop", "matched": id}; otherwise
   {"type": "length", "length": n_generated}; aborted samples {"type": "abort", ...}.
-* `sampling_seed` seeds a per-sample torch.Generator, so a seeded sample does not depend on the
-  other samples in the batch. (SGLang honours sampling_seed only with --enable-deterministic-inference;
-  see docs/rollout.md for what is reproducible on GPU.)
+* `sampling_seed` seeds a per-sample torch.Generator (one uniform per decode step, drawn up front; the token
+  is the inverse CDF of the kept mass at it), so a seeded sample does not depend on the other samples in the
+  batch. (SGLang honours sampling_seed only with --enable-deterministic-inference; see docs/rollout.md for
+  what is reproducible on GPU.)
 
 Server behaviour follows SGLang `SGLANG_COMPAT` (0.5.23), so the CPU suite drives the client paths a
 cluster takes: weight updates from tensors / the update group only inside /begin_weight_update ...
@@ -35,6 +36,7 @@ layers' columns are 0 (SGLang's zero-initialised buffer).
 """
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import sys
@@ -187,6 +189,9 @@ class EmbeddedEngine:
         self.log_every_s = float(log_every_s)
         self.weight_version = "default"
         self.lock = threading.Lock()
+        # the one thread that runs model work (_on_torch_thread); created first so loading happens elsewhere only
+        self._torch_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rfpo-embedded-torch")
+        self._torch_thread = self._torch_pool.submit(threading.current_thread).result()
         self.progress = 0  # decode steps done since start
         self.last_progress = time.time()
         self.busy = False
@@ -301,6 +306,9 @@ class EmbeddedEngine:
                 self._pause_cond.wait(timeout=1.0)
             with self._abort_lock:  # abort_all also cancels requests still waiting for the lock
                 epoch = self._abort_epoch
+        return self._on_torch_thread(self._generate_locked, items, epoch)
+
+    def _generate_locked(self, items: list[GenItem], epoch: int) -> list[dict]:
         with self.lock:
             if self.released:
                 raise RequestError(f"memory {sorted(self.released)} is released (/release_memory_occupation); call "
@@ -316,6 +324,17 @@ class EmbeddedEngine:
                 with self._abort_lock:
                     for it in items:
                         self._abort_rids.discard(it.rid)
+
+    def _on_torch_thread(self, fn, *args):
+        """Run fn(*args) on the engine's one torch thread and return its result (or raise its error).
+
+        All model work (generation, weight copies, release / resume) runs on one long-lived thread, so the
+        process has one OpenMP team: torch work spread over short-lived HTTP handler threads, each with its own
+        team, ran 2x slower on a 2-core box once a second thread had done torch work. Waiting for a pause and
+        validation stay on the caller's thread, so a paused generate never blocks a weight update."""
+        if threading.current_thread() is self._torch_thread:
+            return fn(*args)
+        return self._torch_pool.submit(fn, *args).result()
 
     def _aborted(self, rid: str, epoch: int) -> bool:
         with self._abort_lock:
@@ -342,13 +361,18 @@ class EmbeddedEngine:
         top_ks = torch.tensor([1 if it.temperature < GREEDY_EPS else (it.top_k if it.top_k > 0 else self.vocab_size) for it in items])
         top_ps = torch.tensor([it.top_p for it in items], dtype=torch.float32)
         min_ps = torch.tensor([it.min_p for it in items], dtype=torch.float32)
-        gens = []
-        for it in items:
-            g = torch.Generator()
-            g.manual_seed(it.seed if it.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
-            gens.append(g)
         stops = [set(it.stop_token_ids) | (set() if it.ignore_eos else set(self.eos_ids)) for it in items]
         limits = [min(it.max_new_tokens, self.max_context - lens[b]) for b, it in enumerate(items)]
+        # one uniform per (sample, decode step), drawn up front from the sample's own generator: a seeded
+        # sample does not depend on the batch it runs in, and sampling is one vectorised inverse-CDF per step
+        uniforms = torch.zeros(B, max([1, *limits]), dtype=torch.float64)
+        for b, it in enumerate(items):
+            g = torch.Generator()
+            g.manual_seed(it.seed if it.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
+            if limits[b] > 0:
+                uniforms[b, :limits[b]] = torch.rand(limits[b], generator=g, dtype=torch.float64)
+        plain = all(float(top_ps[b]) >= 1.0 and int(top_ks[b]) >= self.vocab_size and float(min_ps[b]) <= 0.0
+                    for b in range(B))  # no filtering anywhere in the batch: no sort needed
         out_ids: list[list[int]] = [[] for _ in items]
         out_lp: list[list[float]] = [[] for _ in items]
         finish: list[dict | None] = [None] * B
@@ -376,23 +400,28 @@ class EmbeddedEngine:
                 cache.batch_select_indices(fan.to(self.device))
                 logits, mask, pos = logits[fan.to(logits.device)], mask[fan], pos[fan]
         while logits is not None:
-            for b in rows.tolist():
+            row_list = rows.tolist()
+            for b in row_list:
                 if finish[b] is None and self._aborted(items[b].rid, epoch):
                     finish[b] = {"type": "abort", "message": "Abort in waiting queue" if not out_ids[b] else "Abort request",
                                  "status_code": 400}
-            keep = [k for k, b in enumerate(rows.tolist()) if finish[b] is None]
+            keep = [k for k, b in enumerate(row_list) if finish[b] is None]
             if not keep:
                 break
-            if len(keep) < len(rows):  # drop finished samples from the batch and the KV cache
+            # drop finished samples from the batch and the KV cache once they are a quarter of it (compacting
+            # copies the whole cache; until then their rows decode along and are ignored)
+            if len(rows) - len(keep) >= max(1, len(rows) // 4):
                 kt = torch.tensor(keep)
                 cache.batch_select_indices(kt.to(self.device))
                 logits, mask, pos, rows = logits[kt.to(logits.device)], mask[kt], pos[kt], rows[kt]
+                row_list = rows.tolist()
             tok, lp = self._sample(logits.float().cpu(), temps[rows], top_ks[rows], top_ps[rows], min_ps[rows],
-                                   [gens[b] for b in rows.tolist()])
-            for k, b in enumerate(rows.tolist()):
-                t = int(tok[k])
+                                   uniforms[rows, steps], plain=plain)
+            for b, t, v in zip(row_list, tok.tolist(), lp.tolist()):
+                if finish[b] is not None:
+                    continue  # finished, still in the batch until the next compaction
                 out_ids[b].append(t)
-                out_lp[b].append(float(lp[k]))
+                out_lp[b].append(v)
                 if t in stops[b]:
                     finish[b] = {"type": "stop", "matched": t}
                 elif len(out_ids[b]) >= limits[b]:
@@ -405,7 +434,7 @@ class EmbeddedEngine:
             if self.last_progress - last_log >= self.log_every_s:
                 last_log = self.last_progress
                 self._log(f"decode batch={B} step={steps} running={sum(f is None for f in finish)}")
-            if all(finish[b] is not None for b in rows.tolist()):
+            if all(finish[b] is not None for b in row_list):
                 break
             mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
             pos = pos[:, -1:] + 1
@@ -414,7 +443,7 @@ class EmbeddedEngine:
                                 position_ids=pos.to(self.device), past_key_values=cache, use_cache=True).logits[:, -1, :]
             if want_routes:
                 dec = self._routing_rows(len(rows), 1)
-                for k, b in enumerate(rows.tolist()):
+                for k, b in enumerate(row_list):
                     if finish[b] is None:  # a finished sample's last token is not part of its sequence
                         routes[b].append(dec[k])
                 self._route_sink = [self._route_sink[-1]]
@@ -441,25 +470,31 @@ class EmbeddedEngine:
         self._log(f"generated batch={B} new_tokens={sum(map(len, out_ids))} in {dt:.2f}s")
         return results
 
-    def _sample(self, logits: torch.Tensor, temps, top_ks, top_ps, min_ps, gens) -> tuple[torch.Tensor, torch.Tensor]:
-        """logits [b, V] fp32 and per-row params [b] -> (sampled token [b], reported log-prob [b])."""
+    def _sample(self, logits: torch.Tensor, temps, top_ks, top_ps, min_ps, u: torch.Tensor, plain: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """logits [b, V] fp32, per-row params [b] and uniforms u [b] in [0, 1) -> (sampled token [b], reported
+        log-prob [b]). Inverse-CDF sampling from the kept mass (exactly the renormalised filtered distribution):
+        the first token whose cumulative kept probability exceeds u * (kept mass). `plain` (no top-p / top-k /
+        min-p in any row) skips the sort; greedy rows (top_k = 1) keep only the most likely token."""
         scaled = logits / temps[:, None]
         logp = torch.log_softmax(scaled, dim=-1)
         report = torch.log_softmax(logits, dim=-1) if self.return_original_logprob else logp
-        probs = logp.exp()
-        p_sort, idx = probs.sort(dim=-1, descending=True)
-        cum = p_sort.cumsum(dim=-1)
-        ranks = torch.arange(p_sort.shape[-1])[None, :]
-        keep = ((cum - p_sort) <= top_ps[:, None]) & (ranks < top_ks[:, None]) & (p_sort >= p_sort[:, :1] * min_ps[:, None])
-        keep[:, 0] = True
-        p_sort = torch.where(keep, p_sort, torch.zeros_like(p_sort))
-        tok = torch.empty(logits.shape[0], dtype=torch.long)
-        for k in range(logits.shape[0]):
-            if int(top_ks[k]) == 1:
-                tok[k] = idx[k, 0]
-            else:
-                j = torch.multinomial(p_sort[k], 1, generator=gens[k])
-                tok[k] = idx[k, j[0]]
+        probs = logp.exp().double()
+        greedy = top_ks == 1
+        if plain and not bool(greedy.any()):
+            cum = probs.cumsum(dim=-1)
+            tok = torch.searchsorted(cum, (u * cum[:, -1])[:, None], right=True)[:, 0].clamp_(max=probs.shape[-1] - 1)
+        else:
+            p_sort, idx = probs.sort(dim=-1, descending=True)
+            cum = p_sort.cumsum(dim=-1)
+            ranks = torch.arange(p_sort.shape[-1])[None, :]
+            keep = (((cum - p_sort) <= top_ps[:, None].double()) & (ranks < top_ks[:, None])
+                    & (p_sort >= p_sort[:, :1] * min_ps[:, None].double()))
+            keep[:, 0] = True
+            kept = torch.where(keep, p_sort, torch.zeros_like(p_sort)).cumsum(dim=-1)
+            j = torch.searchsorted(kept, (u * kept[:, -1])[:, None], right=True)[:, 0].clamp_(max=p_sort.shape[-1] - 1)
+            j = torch.where(greedy, torch.zeros_like(j), j)
+            tok = idx.gather(1, j[:, None])[:, 0]
         lp = report.gather(1, tok[:, None])[:, 0]
         return tok, lp
 
@@ -489,15 +524,16 @@ class EmbeddedEngine:
         bad = [(n, tuple(t.shape), tuple(target(n).shape)) for n, t in named if tuple(t.shape) != tuple(target(n).shape)]
         if bad:
             raise RequestError(f"shape mismatch (name, got, expected): {bad[:5]}")
-        with self.lock:
-            if "weights" in self.released:
-                raise RequestError("weights are released; call /resume_memory_occupation before updating them")
-            state = self._state()
-            with torch.no_grad():
-                for n, t in named:
-                    dst = target(n)
-                    dst.copy_(t.to(device=dst.device, dtype=dst.dtype))
-        return len(named)
+        def copy() -> int:
+            with self.lock:
+                if "weights" in self.released:
+                    raise RequestError("weights are released; call /resume_memory_occupation before updating them")
+                with torch.no_grad():
+                    for n, t in named:
+                        dst = target(n)
+                        dst.copy_(t.to(device=dst.device, dtype=dst.dtype))
+            return len(named)
+        return self._on_torch_thread(copy)
 
     def update_weights_from_disk(self, model_path: str) -> int:
         from safetensors.torch import load_file
@@ -532,15 +568,17 @@ class EmbeddedEngine:
 
     def update_weights_from_tensor(self, serialized: list[str], load_format: str | None) -> int:
         self._require_session("update_weights_from_tensor")
-        if load_format != W.SAFETENSORS_B64:
+        if load_format not in (W.SAFETENSORS_B64, W.SAFETENSORS_SHM):
             raise RequestError(
                 f"load_format={load_format!r}: the embedded engine takes load_format='{W.SAFETENSORS_B64}' "
-                "(base64 safetensors bytes; pickled SGLang payloads are refused); EngineClient picks it automatically"
+                f"(base64 safetensors bytes) or '{W.SAFETENSORS_SHM}' (a shared-memory file on this host); pickled "
+                "SGLang payloads are refused. EngineClient picks one automatically"
             )
         if not isinstance(serialized, list) or not serialized:
-            raise RequestError("serialized_named_tensors must be a non-empty list of base64 strings")
-        try:
-            named = W.decode_safetensors_b64(serialized[0])  # one entry per TP rank; tp=1 here
+            raise RequestError("serialized_named_tensors must be a non-empty list of strings")
+        try:  # one entry per TP rank; tp=1 here
+            named = (W.decode_safetensors_b64(serialized[0]) if load_format == W.SAFETENSORS_B64
+                     else W.read_safetensors_shm(serialized[0]))
         except ValueError as e:
             raise RequestError(str(e)) from None
         return self.load_named_tensors(named)
@@ -576,6 +614,9 @@ class EmbeddedEngine:
         tags = list(MEMORY_TAGS) if not tags else list(tags)
         if self.busy:
             raise RequestError("release_memory_occupation needs an idle server: requests are still running")
+        self._on_torch_thread(self._release_locked, tags)
+
+    def _release_locked(self, tags: list[str]) -> None:
         with self.lock:
             if "weights" in tags and "weights" not in self.released:
                 for n, p in self.model.named_parameters():
@@ -586,7 +627,9 @@ class EmbeddedEngine:
             self.released.update(tags)
 
     def resume_memory(self, tags: list[str] | None) -> None:
-        tags = list(MEMORY_TAGS) if not tags else list(tags)
+        self._on_torch_thread(self._resume_locked, list(MEMORY_TAGS) if not tags else list(tags))
+
+    def _resume_locked(self, tags: list[str]) -> None:
         with self.lock:
             if "weights" in tags and "weights" in self.released:
                 for n, p in self.model.named_parameters():

@@ -106,6 +106,11 @@ def parse_generate_request(body: Any, vocab_size: int) -> tuple[list[GenItem], b
 
 class _Handler(BaseHTTPRequestHandler):
     server_version = "rfpo-embedded"
+    # keep-alive (every reply has a Content-Length): a client's session reuses one connection and handler thread
+    # instead of a TCP connect and a new thread per call; model work runs on the engine's one torch thread
+    # (EmbeddedEngine._on_torch_thread), never on these threads
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # TCP_NODELAY: headers and body go out at once (no 40 ms delayed-ACK stall)
     routes: dict[tuple[str, str], Callable] = {}
 
     def log_message(self, fmt, *args):  # quiet access log; errors are logged explicitly

@@ -9,6 +9,11 @@ Two payload formats travel in `serialized_named_tensors` of /update_weights_from
   until the call returns).
 * The embedded engine's (`load_format="rfpo_safetensors_b64"`): one base64 string holding the bytes of
   a safetensors file of the named tensors (safe to decode: no pickle), copied by value.
+* The embedded engine's same-host form (`load_format="rfpo_safetensors_shm"`): the path of a safetensors
+  file in shared memory (/dev/shm) that the trainer rewrites for every bucket; the server memory-maps and
+  copies it. No base64, no JSON of the tensor bytes: the CPU twin of SGLang's same-node CUDA IPC handles.
+  The client picks it for an embedded server it launched itself (same host); the server reads only files
+  named `SHM_PREFIX*` in the shared-memory directory.
 
 The broadcast group (`init_weights_update_group` / `update_weights_from_distributed`) is a process
 group built outside the default one: a TCP store at master_address:master_port, prefixed by the group
@@ -18,24 +23,94 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 from datetime import timedelta
 from typing import Iterable
 
 import torch
 
 SAFETENSORS_B64 = "rfpo_safetensors_b64"
+SAFETENSORS_SHM = "rfpo_safetensors_shm"
+SHM_PREFIX = "rfpo_weights_"
+
+
+def shm_dir() -> str:
+    """Where same-host weight payloads live: /dev/shm (RAM-backed) when present, else the temp dir."""
+    import tempfile
+
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+
+
+def _named_dict(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for name, t in named_tensors:
+        if name in tensors:
+            raise ValueError(f"weight '{name}' appears twice in one update")
+        tensors[name] = t.detach().to("cpu").contiguous()
+    return tensors
+
+
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+
+
+def write_safetensors_shm(named_tensors: Iterable[tuple[str, torch.Tensor]], path: str) -> str:
+    """Write HF-named tensors as a safetensors file at `path` (in shm_dir(), named SHM_PREFIX*); returns path.
+
+    The safetensors layout written directly (8-byte little-endian header size, JSON header of dtype / shape /
+    data_offsets, then the raw bytes in header order), one copy per tensor into the file; the reader is
+    safetensors' own loader, which validates it."""
+    import json
+    import struct
+
+    tensors = _named_dict(named_tensors)
+    header: dict[str, dict] = {}
+    offset = 0
+    for name, t in tensors.items():
+        if t.dtype not in _ST_DTYPES:
+            raise ValueError(f"weight '{name}': dtype {t.dtype} has no safetensors code")
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the format pads the header to 8 bytes with spaces
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as fh:
+        fh.write(struct.pack("<Q", len(head)))
+        fh.write(head)
+        for t in tensors.values():
+            if t.numel():
+                fh.write(t.reshape(-1).view(torch.uint8).numpy().data)
+    os.replace(tmp, path)  # a reader never sees a half-written file
+    return path
+
+
+def read_safetensors_shm(path: str) -> list[tuple[str, torch.Tensor]]:
+    """Inverse of write_safetensors_shm; raises ValueError for a path outside shm_dir() / not SHM_PREFIX*, a
+    missing file or one that is not safetensors."""
+    from safetensors.torch import load_file
+
+    if not isinstance(path, str):
+        raise ValueError("load_format=rfpo_safetensors_shm: each serialized_named_tensors entry must be a file path")
+    real = os.path.realpath(path)
+    if os.path.dirname(real) != os.path.realpath(shm_dir()) or not os.path.basename(real).startswith(SHM_PREFIX):
+        raise ValueError(f"load_format=rfpo_safetensors_shm: {path!r} is not a {SHM_PREFIX}* file in {shm_dir()} "
+                         "(the server reads only the trainer's shared-memory payloads)")
+    try:
+        return list(load_file(real).items())
+    except FileNotFoundError:
+        raise ValueError(f"load_format=rfpo_safetensors_shm: {path} does not exist (is the server on the "
+                         "trainer's host? use load_format=rfpo_safetensors_b64 across hosts)") from None
+    except Exception as e:  # safetensors errors
+        raise ValueError(f"{path} is not a safetensors file ({type(e).__name__}: {e})") from None
 
 
 def encode_safetensors_b64(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
     """HF-named tensors -> base64 text of a safetensors file (tensors copied to CPU, contiguous)."""
     from safetensors.torch import save
 
-    tensors: dict[str, torch.Tensor] = {}
-    for name, t in named_tensors:
-        if name in tensors:
-            raise ValueError(f"weight '{name}' appears twice in one update")
-        tensors[name] = t.detach().to("cpu").contiguous()
-    return base64.b64encode(save(tensors)).decode("ascii")
+    return base64.b64encode(save(_named_dict(named_tensors))).decode("ascii")
 
 
 def decode_safetensors_b64(payload: str) -> list[tuple[str, torch.Tensor]]:
