@@ -9,13 +9,22 @@ without the project around it, on the same model, prompts and batch.
   step's own ActorBatch, split into the actor's micro-batches (right-padded each), GRPO token-mean loss
   ``-mean(A * exp(logp - logp.detach()))`` over response tokens. The target of the train stage (<= 1.3x this).
 
-Both return the median of ``reps`` timed runs after one warm-up; they never touch the trainer's state.
+* `trl_step`: TRL's ``GRPOTrainer`` on the same model, prompts, reward and shape (8 prompts x 8 samples, beta 0,
+  one optimizer step per generation batch), precision and recompute matched to the actor (fp32: ``bf16=False``;
+  ``gradient_checkpointing=False``; TRL's defaults are bf16 autocast and checkpointing), constant lr.
+
+All return the median of timed runs after warm-up. ``python -m rfpo_megatron.bench_baselines`` runs them in a
+process of their own (bench_step calls it so: the trainer's process has megatron's CPU redirect active).
 """
 from __future__ import annotations
 
+import argparse
+import json
 import statistics
+import sys
+import tempfile
 import time
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -98,3 +107,91 @@ def plain_train(model_dir: str, batch: Any, micro_batch_size: int, lr: float, re
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
     return {"time": _median_time(step, reps), "micro_batches": float(len(chunks))}
+
+
+def trl_step(model_dir: str, train_file: str, prompts: int, samples: int, max_new_tokens: int, lr: float,
+             warmup: int, steps: int, work_dir: str) -> Optional[float]:
+    """Median s/step of TRL's GRPOTrainer over `steps` steps after `warmup`; None when TRL is not installed."""
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        print("TRL comparison: skipped — `import trl` failed (optional: make bench-trl builds .venv-trl with TRL)")
+        return None
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from rfpo_megatron.rewards.registry import get_reward_fn
+
+    with open(train_file) as fh:
+        recs = [json.loads(line) for line in fh]
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    verifier = get_reward_fn("arithmetic")
+    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": str(r["answer"])}
+                            for r in recs])
+
+    def reward(completions, answer, **kw):
+        texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
+        return [float(verifier.score(t, a, {}).reward) for t, a in zip(texts, answer)]
+
+    times: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, *a, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *a, **kw):
+            times.append(time.perf_counter() - self.t0)
+
+    conf = GRPOConfig(output_dir=tempfile.mkdtemp(prefix="bench_trl_", dir=work_dir), use_cpu=True,
+                      per_device_train_batch_size=prompts * samples, num_generations=samples,
+                      max_completion_length=max_new_tokens, beta=0.0, learning_rate=lr, lr_scheduler_type="constant",
+                      bf16=False, gradient_checkpointing=False, max_steps=warmup + steps, logging_steps=1,
+                      report_to=[], save_strategy="no", disable_tqdm=True)
+    GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), reward_funcs=reward,
+                args=conf, train_dataset=ds, processing_class=tok, callbacks=[Clock()]).train()
+    print(f"TRL GRPOTrainer steps (s): {[round(t, 4) for t in times]}")
+    return statistics.median(times[warmup:]) if len(times) > warmup else None
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m rfpo_megatron.bench_baselines", description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="HF model directory")
+    p.add_argument("--batch", required=True, help="torch.save'd {input_ids, prompt_lens, advantages} of one step")
+    p.add_argument("--max-new-tokens", type=int, required=True)
+    p.add_argument("--micro-batch-size", type=int, required=True)
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--no-plain", dest="plain", action="store_false", help="skip plain generate / train")
+    p.add_argument("--trl", action="store_true")
+    p.add_argument("--train-file")
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--samples", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--work-dir", default=tempfile.gettempdir())
+    p.add_argument("--json", required=True, help="write the results here")
+    a = p.parse_args(argv)
+    from types import SimpleNamespace
+
+    b = SimpleNamespace(**torch.load(a.batch))
+    out: dict[str, float] = {}
+    if a.plain:
+        prompts = [x[:n].tolist() for x, n in zip(b.input_ids, b.prompt_lens)]
+        g = plain_generate(a.model, prompts, a.max_new_tokens, reps=a.reps)
+        t = plain_train(a.model, b, a.micro_batch_size, a.lr, reps=a.reps)
+        print(f"plain HF generate (same {len(prompts)} prompts, in-process): {g['time']:.4f} s, {g['tokens']:.0f} new "
+              f"tokens; plain PyTorch fwd+bwd+AdamW (same batch, {t['micro_batches']:.0f} micro-batches): "
+              f"{t['time']:.4f} s", flush=True)
+        out.update(generate=g["time"], generate_tokens=g["tokens"], train=t["time"], train_micro_batches=t["micro_batches"])
+    if a.trl:
+        s = trl_step(a.model, a.train_file, a.prompts, a.samples, a.max_new_tokens, a.lr, a.warmup, a.steps, a.work_dir)
+        if s is not None:
+            out["trl_step"] = s
+    with open(a.json, "w") as fh:
+        json.dump(out, fh)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -14,7 +14,9 @@ by wrapping (never changing) the calls: rollout = engine generate (client call: 
 Model FLOPs: 2·P per token for a forward (rollout prefill/decode, log-prob pass), 6·P for a train token (P =
 all parameters, embeddings included; attention's T² term ignored). The machine's peak is a timed float32
 matmul (best of a few 2048³ products with torch's current thread count). TRL's GRPOTrainer on the same model
-and shape runs with --trl when `import trl` works (an optional extra, never a dependency).
+and shape runs with --trl when `import trl` works (an optional extra, never a dependency: `make bench-trl`
+builds a separate .venv-trl with it). The references (plain HF generate, plain PyTorch train, TRL) run in a
+child process without megatron's CPU redirect (rfpo_megatron.bench_baselines).
 """
 from __future__ import annotations
 
@@ -223,50 +225,6 @@ def format_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def run_trl(args: argparse.Namespace, assets: dict) -> Optional[float]:
-    """Median s/step of TRL's GRPOTrainer on the same model, prompts and shape; None when TRL is missing.
-    Unverified here (TRL is not installed on the box this was written on)."""
-    try:
-        import trl  # noqa: F401
-    except ImportError:
-        print("TRL comparison: skipped — `import trl` failed (TRL is an optional extra: pip install trl)")
-        return None
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
-
-    from rfpo_megatron.rewards.registry import get_reward_fn
-
-    with open(assets["train"]) as fh:
-        recs = [json.loads(line) for line in fh]
-    tok = AutoTokenizer.from_pretrained(assets["model"])
-    verifier = get_reward_fn("arithmetic")
-    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": str(r["answer"])}
-                            for r in recs])
-
-    def reward(completions, answer, **kw):
-        texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
-        return [float(verifier.score(t, a, {}).reward) for t, a in zip(texts, answer)]
-
-    times: list[float] = []
-
-    class Clock(TrainerCallback):
-        def on_step_begin(self, *a, **kw):
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, *a, **kw):
-            times.append(time.perf_counter() - self.t0)
-
-    n = args.prompts * args.samples
-    conf = GRPOConfig(output_dir=tempfile.mkdtemp(prefix="bench_trl_", dir=args.work_dir), use_cpu=True,
-                      per_device_train_batch_size=n, num_generations=args.samples,
-                      max_completion_length=args.max_new_tokens, beta=0.0, learning_rate=args.lr,
-                      max_steps=args.warmup + args.steps, logging_steps=1, report_to=[], save_strategy="no")
-    GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(assets["model"]), reward_funcs=reward, args=conf,
-                train_dataset=ds, processing_class=tok, callbacks=[Clock()]).train()
-    return statistics.median(times[args.warmup:]) if len(times) > args.warmup else None
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rfpo-megatron bench --step", description=__doc__.splitlines()[0])
     p.add_argument("--step", action="store_true", help=argparse.SUPPRESS)  # `rfpo-megatron bench --step`
@@ -318,12 +276,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"old-logp pass {mode}: skipped={bool(r['old_logprob_pass_skipped'])}, step {r['perf/step_time']:.4f} s "
               f"(min {r['step_min']:.4f} s), "
               f"{r['tokens_per_s']:.0f} tokens/s, generated tokens/step {r['generated_tokens']}")
-    base = baselines(args, assets, raw[modes[-1]]) if args.baselines else {}
-    trl_s = run_trl(args, assets) if args.trl else None
+    base = baselines(args, assets, raw[modes[-1]]) if (args.baselines or args.trl) else {}
     if not args.trl:
         print("TRL comparison: not requested (--trl; needs `import trl`)")
-    if trl_s is not None:
-        base["trl_step"] = trl_s
     if base:
         print(format_targets(results[modes[-1]], base, modes[-1]))
     if args.json:
@@ -333,19 +288,32 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def baselines(args: argparse.Namespace, assets: dict, res: dict) -> dict:
-    """The plain in-process references (rfpo_megatron.bench_baselines) on the last measured step's batch."""
-    from rfpo_megatron.bench_baselines import plain_generate, plain_train
+    """The plain in-process references (rfpo_megatron.bench_baselines) on the last measured step's batch, and
+    TRL's GRPOTrainer with --trl, in a fresh child process: this one has megatron's CPU redirect active, which
+    would slow every torch call of the references (and flatter the ratios)."""
+    import subprocess
 
     batch = res.get("batch")
     if batch is None:
         return {}
-    prompts = [x[:p].tolist() for x, p in zip(batch.input_ids, batch.prompt_lens)]
-    g = plain_generate(assets["model"], prompts, args.max_new_tokens, reps=max(3, args.steps))
-    t = plain_train(assets["model"], batch, res["micro_batch_size"], args.lr, reps=max(3, args.steps))
-    print(f"plain HF generate (same {len(prompts)} prompts, in-process): {g['time']:.4f} s, {g['tokens']:.0f} new "
-          f"tokens; plain PyTorch fwd+bwd+AdamW (same batch, {t['micro_batches']:.0f} micro-batches): {t['time']:.4f} s")
-    return {"generate": g["time"], "generate_tokens": g["tokens"], "train": t["time"],
-            "train_micro_batches": t["micro_batches"]}
+    path = os.path.join(args.work_dir, "bench_batch.pt")
+    torch.save({"input_ids": batch.input_ids, "prompt_lens": batch.prompt_lens, "advantages": batch.advantages}, path)
+    out = os.path.join(args.work_dir, "bench_baselines.json")
+    cmd = [sys.executable, "-m", "rfpo_megatron.bench_baselines", "--model", assets["model"], "--batch", path,
+           "--max-new-tokens", str(args.max_new_tokens), "--micro-batch-size", str(res["micro_batch_size"]),
+           "--lr", str(args.lr), "--reps", str(max(3, args.steps)), "--json", out]
+    if not args.baselines:
+        cmd.append("--no-plain")
+    if args.trl:
+        cmd += ["--trl", "--train-file", assets["train"], "--samples", str(args.samples), "--prompts", str(args.prompts),
+                "--warmup", str(args.warmup), "--steps", str(args.steps), "--work-dir", args.work_dir]
+    print("references (child process): " + " ".join(cmd), flush=True)
+    r = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)), timeout=3600)
+    if r.returncode != 0:
+        print(f"references: the child process failed (exit {r.returncode}); no ratios")
+        return {}
+    with open(out) as fh:
+        return json.load(fh)
 
 
 def format_targets(r: dict, base: dict, mode: str) -> str:

@@ -52,6 +52,7 @@ import torch
 from . import weights as W
 from .base import encode_routed_experts
 from .hf_experts import fused_expert_slots, slot_view
+from .lean_decode import LeanDecoder, unsupported_reason
 
 GREEDY_EPS = 1e-6  # SGLang's _SAMPLING_EPS
 SGLANG_COMPAT = "0.5.23"  # the SGLang release whose HTTP behaviour this engine imitates
@@ -158,7 +159,8 @@ class EmbeddedEngine:
     def __init__(self, model_path: str, dtype: str = "float32", attn_implementation: str = "eager",
                  max_batch_size: int = 64, return_original_logprob: bool = False,
                  weights_cpu_backup: bool = False, log_every_s: float = 2.0, device: str = "cpu",
-                 allow_auto_truncate: bool = False, enable_return_routed_experts: bool = False):
+                 allow_auto_truncate: bool = False, enable_return_routed_experts: bool = False,
+                 lean_decode: bool = True):
         path = Path(model_path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"model_path '{model_path}' has no config.json: pass an HF model directory")
@@ -211,6 +213,11 @@ class EmbeddedEngine:
         self._pause_cond = threading.Condition()
         self.decode_sleep_s = float(os.environ.get("RFPO_EMBEDDED_DECODE_SLEEP_S", "0") or 0)
         self.enable_return_routed_experts = bool(enable_return_routed_experts)
+        # decode steps through lean_decode.LeanDecoder (same arithmetic as HF's eager forward, without its
+        # per-module overhead) where it covers the model; HF's forward otherwise and for routing capture
+        why = unsupported_reason(self.model) if lean_decode else "disabled"
+        self.lean_decode = why is None
+        self.decode_path = "lean" if self.lean_decode else f"hf ({why})"
         self._route_sink: list | None = None  # per forward: {layer: [rows, k] int32} while routing is captured
         if self.enable_return_routed_experts:
             self._install_routing_hooks()
@@ -399,6 +406,10 @@ class EmbeddedEngine:
             if len(uniq) < B or not torch.equal(fan, torch.arange(B)):
                 cache.batch_select_indices(fan.to(self.device))
                 logits, mask, pos = logits[fan.to(logits.device)], mask[fan], pos[fan]
+        lean = None
+        if self.lean_decode and not want_routes and logits is not None:
+            lean = LeanDecoder(self.model, cache, mask.to(self.device), capacity=T + max([1, *limits]))
+            cache = None
         while logits is not None:
             row_list = rows.tolist()
             for b in row_list:
@@ -412,7 +423,10 @@ class EmbeddedEngine:
             # copies the whole cache; until then their rows decode along and are ignored)
             if len(rows) - len(keep) >= max(1, len(rows) // 4):
                 kt = torch.tensor(keep)
-                cache.batch_select_indices(kt.to(self.device))
+                if lean is not None:
+                    lean.select(kt.to(self.device))
+                else:
+                    cache.batch_select_indices(kt.to(self.device))
                 logits, mask, pos, rows = logits[kt.to(logits.device)], mask[kt], pos[kt], rows[kt]
                 row_list = rows.tolist()
             tok, lp = self._sample(logits.float().cpu(), temps[rows], top_ks[rows], top_ps[rows], min_ps[rows],
@@ -438,6 +452,9 @@ class EmbeddedEngine:
                 break
             mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
             pos = pos[:, -1:] + 1
+            if lean is not None:
+                logits = lean.step(tok.to(self.device), pos[:, 0].to(self.device))
+                continue
             self._routing_step()
             logits = self.model(input_ids=tok[:, None].to(self.device), attention_mask=mask.to(self.device),
                                 position_ids=pos.to(self.device), past_key_values=cache, use_cache=True).logits[:, -1, :]

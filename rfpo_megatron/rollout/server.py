@@ -425,6 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tp-size", type=int, default=1, help="accepted for SGLang command-line compatibility; must be 1")
     p.add_argument("--enable-return-routed-experts", action="store_true",
                    help="MoE models: answer return_routed_experts requests with meta_info.routed_experts (SGLang flag)")
+    p.add_argument("--no-lean-decode", dest="lean_decode", action="store_false",
+                   help="decode through HF's forward instead of rollout.lean_decode (same arithmetic, slower)")
     p.add_argument("--allow-auto-truncate", action="store_true",
                    help="clip max_new_tokens to the context instead of failing the request (SGLang flag of the same name)")
     return p
@@ -443,7 +445,8 @@ def main(argv: list[str] | None = None) -> int:
                                 max_batch_size=args.max_batch_size, return_original_logprob=args.return_original_logprob,
                                 weights_cpu_backup=args.enable_weights_cpu_backup, log_every_s=args.log_every_s,
                                 device=args.device, allow_auto_truncate=args.allow_auto_truncate,
-                                enable_return_routed_experts=args.enable_return_routed_experts)
+                                enable_return_routed_experts=args.enable_return_routed_experts,
+                                lean_decode=args.lean_decode)
     except (FileNotFoundError, ValueError) as e:
         print(f"rfpo-megatron serve: {e}", file=sys.stderr)
         return 2
@@ -451,7 +454,8 @@ def main(argv: list[str] | None = None) -> int:
     host, port = srv.server_address[:2]
     if args.parent_pid:
         threading.Thread(target=_watch_parent, args=(args.parent_pid,), daemon=True).start()
-    print(f"[rfpo-embedded] serving {args.model_path} on http://{host}:{port} (pid {os.getpid()})", flush=True)
+    print(f"[rfpo-embedded] serving {args.model_path} on http://{host}:{port} (pid {os.getpid()}; decode path: "
+          f"{engine.decode_path})", flush=True)
     try:
         srv.serve_forever(poll_interval=0.2)
     except KeyboardInterrupt:
