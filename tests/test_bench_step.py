@@ -19,6 +19,7 @@ def test_bench_step_runs_one_step_and_prints_the_breakdown(tmp_path):
     for label in ("| rollout |", "generate (engine call)", "| log-prob (old + ref) |", "| train |",
                   "forward+backward", "optimizer", "| weight sync |", "| eval | n/a |", "| step |", "tokens/s",
                   "achieved FLOP/s fraction, train", "measured float32 matmul peak", "skipped=True",
-                  "TRL comparison"):
+                  "TRL comparison", "plain HF generate", "| rollout / plain HF generate |",
+                  "| train / plain PyTorch fwd+bwd+AdamW |", "| weight sync / step |"):
         assert label in out, (label, out)
     assert os.path.isdir(tmp_path)

@@ -317,7 +317,8 @@ def test_trainer_gae_with_rfpo_trains_the_critic(gae_run):
     assert trunk and any(not torch.equal(s1[k], s2[k]) for k in trunk)
 
 
-@pytest.mark.parametrize("fmt", ["full", "dist"])
+# the "full" format's resume is the slow lane's (39 s; the trainer's resume tests cover that format by default)
+@pytest.mark.parametrize("fmt", [pytest.param("full", marks=pytest.mark.slow), "dist"])
 def test_trainer_gae_save_and_resume_in_both_checkpoint_formats(gae_run, fmt):
     """Interrupted after step 2 (its checkpoint holds actor and critic in trainer.checkpoint_format), resumed for
     step 3: the resumed step's metrics equal the uninterrupted run's (critic value head and Adam state restored)."""

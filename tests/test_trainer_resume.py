@@ -128,6 +128,7 @@ def test_resume_reproduces_next_step_exactly(assets, full_run, tmp_path):
     assert no_eval(full[2]) == no_eval(resumed[2])
 
 
+@pytest.mark.slow  # 40 s; the SIGTERM-during-update test below covers the signal, the checkpoint and the resume by default
 def test_sigterm_leaves_loadable_checkpoint_and_resumes(assets, tmp_path):
     out = str(tmp_path)
     proc = subprocess.Popen(run_trainer_cmd(_args(assets, out, **{"trainer.steps": 200, "trainer.save_interval": 0})),
