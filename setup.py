@@ -37,6 +37,8 @@ setup(
         "gpu": ["sglang[all]>=0.5.4", "sglang-router>=0.3", "transformer-engine[pytorch]"],
         # sglang-router: the real router in the rollout tests; msgspec..orjson: what SGLang's own request schema,
         # serializer and CLI parser need when the tests load them from the pinned wheel (tools/fetch_sglang_ref.py)
+        # TRL's GRPOTrainer beside the step benchmark (tools/bench_step.py --trl); `make bench-trl` puts it in .venv-trl
+        "trl": ["trl==1.16.0"],
         "dev": ["pytest>=7", "pytest-timeout", "matplotlib", "pyarrow", "sglang-router==0.3.2", "msgspec", "pybase64",
                 "pyzmq", "pillow", "orjson"],
     },

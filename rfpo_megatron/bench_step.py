@@ -44,6 +44,9 @@ STAGES = [  # (label, metric key); sub-stages are indented
     ("  optimizer", "bench/optimizer_time"),
     ("  rest", "bench/train_rest_time"),
     ("weight sync", "perf/weight_sync_time"),
+    ("  payload (shm file / base64)", "bench/sync_payload_time"),
+    ("  engine load (HTTP call)", "bench/sync_load_time"),
+    ("  rest (export, session, flush)", "bench/sync_rest_time"),
     ("eval", "perf/eval_time"),
     ("step", "perf/step_time"),
 ]
@@ -155,7 +158,9 @@ def run_trainer(args: argparse.Namespace, assets: dict, skip: str) -> dict:
                  _Wrapped(gen_mod, "score_samples", "bench/reward_time", sink),
                  _Wrapped(actor_mod, "run_schedule", "bench/fwd_bwd_time", sink,
                           pred=lambda a, kw: kw.get("forward_only") is False),
-                 _Wrapped(rt.actor.optimizer, "step", "bench/optimizer_time", sink)]
+                 _Wrapped(rt.actor.optimizer, "step", "bench/optimizer_time", sink),
+                 _Wrapped(rt.engine, "tensor_payloads", "bench/sync_payload_time", sink),
+                 _Wrapped(rt.engine, "update_weights_from_tensors", "bench/sync_call_time", sink)]
         rows, prev_total = [], 0.0
         for step in range(1, args.warmup + args.steps + 1):
             sink.clear()
@@ -166,6 +171,10 @@ def run_trainer(args: argparse.Namespace, assets: dict, skip: str) -> dict:
             m.update(sink)
             m["bench/rollout_rest_time"] = (m.get("perf/rollout_time", 0.0) - m.get("bench/generate_time", 0.0)
                                            - m.get("bench/reward_time", 0.0))
+            if "bench/sync_call_time" in m:  # the call = payload + the HTTP round trip with the engine's load
+                m["bench/sync_load_time"] = m.pop("bench/sync_call_time") - m.get("bench/sync_payload_time", 0.0)
+                m["bench/sync_rest_time"] = (m.get("perf/weight_sync_time", 0.0) - m["bench/sync_load_time"]
+                                             - m.get("bench/sync_payload_time", 0.0))
             m["bench/train_rest_time"] = (m.get("perf/train_time", 0.0) - m.get("bench/fwd_bwd_time", 0.0)
                                          - m.get("bench/optimizer_time", 0.0))
             total = m.get("rollout/generated_tokens_total", 0.0)

@@ -139,8 +139,8 @@ def target_accuracy(a: argparse.Namespace) -> bool:
 
 def target_bench_step(a: argparse.Namespace) -> bool:
     log("bench-step: tools/bench_step.py (timings depend on the machine and its load: printed, not checked)")
-    return _run([sys.executable, os.path.join(REPO, "tools", "bench_step.py"), "--warmup", "2", "--steps", "3",
-                 "--skip-old-logprob-pass", "both"], env={"OMP_NUM_THREADS": "2"}) == 0
+    return _run([sys.executable, os.path.join(REPO, "tools", "bench_step.py"), "--warmup", "2", "--steps", "5",
+                 "--skip-old-logprob-pass", "both", "actor.micro_batch_size=64"], env={"OMP_NUM_THREADS": "2"}) == 0
 
 
 @dataclass(frozen=True)

@@ -545,10 +545,15 @@ class EmbeddedEngine:
             with self.lock:
                 if "weights" in self.released:
                     raise RequestError("weights are released; call /resume_memory_occupation before updating them")
-                with torch.no_grad():
-                    for n, t in named:
-                        dst = target(n)
-                        dst.copy_(t.to(device=dst.device, dtype=dst.dtype))
+                threads = torch.get_num_threads()
+                torch.set_num_threads(1)  # memcpy-bound; a 2-thread team stalls while the trainer still holds a core
+                try:
+                    with torch.no_grad():
+                        for n, t in named:
+                            dst = target(n)
+                            dst.copy_(t.to(device=dst.device, dtype=dst.dtype))
+                finally:
+                    torch.set_num_threads(threads)
             return len(named)
         return self._on_torch_thread(copy)
 
