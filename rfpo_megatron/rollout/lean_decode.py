@@ -56,6 +56,14 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _cache_tensors(cache: Any, n_layers: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(keys, values) [B, Hk, T, D] per layer of an HF DynamicCache: transformers >= 5 (`cache.layers[i].keys`)
+    or 4.x (`cache.key_cache[i]`)."""
+    if hasattr(cache, "layers"):
+        return [(cache.layers[i].keys, cache.layers[i].values) for i in range(n_layers)]
+    return [(cache.key_cache[i], cache.value_cache[i]) for i in range(n_layers)]
+
+
 def _fused(cache: dict, key: tuple, linears: tuple) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The weights (and biases) of `linears` stacked along the output dim, rebuilt only when one of them changed
     (a weight update copies in place and bumps the tensor's version; a resume replaces the tensor)."""
@@ -91,15 +99,16 @@ class LeanDecoder:
         self.head_dim = int(attn.head_dim)
         self.scaling = float(attn.scaling)
         T = int(mask.shape[1])
-        first = hf_cache.layers[0].keys
+        kv = _cache_tensors(hf_cache, len(self.layers))
+        first = kv[0][0]
         B, Hk, D = int(first.shape[0]), int(first.shape[1]), int(first.shape[3])
         self.n_kv = Hk
         self.keys, self.values = [], []
         for i in range(len(self.layers)):
             k = torch.zeros(B, Hk, capacity, D, dtype=first.dtype, device=first.device)
             v = torch.zeros_like(k)
-            k[:, :, :T] = hf_cache.layers[i].keys
-            v[:, :, :T] = hf_cache.layers[i].values
+            k[:, :, :T] = kv[i][0]
+            v[:, :, :T] = kv[i][1]
             self.keys.append(k)
             self.values.append(v)
         self.fused = model.__dict__.setdefault("_rfpo_lean_fused", {})  # (layer, "qkv"|"gate_up") -> stacked weights
