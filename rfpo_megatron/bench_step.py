@@ -9,7 +9,10 @@ work dir, then runs the real trainer step (`trainer.train_one_step`: rollout on 
 with --rfpo, old-log-prob pass, train step, weight sync; `--eval`: the trainer's eval too) `warmup + steps`
 times and prints the medians over the measured steps of the trainer's perf/* timings plus sub-stages measured
 by wrapping (never changing) the calls: rollout = engine generate (client call: HTTP + generation) + reward
-+ rest (queue, grouping); train = forward+backward (megatron schedule) + optimizer + rest.
++ rest (queue, grouping); train = forward+backward (megatron schedule) + optimizer + rest; weight sync
+(tensor mode) = payload (shared-memory file or base64) + engine load (the HTTP call) + rest (HF export,
+update session, flush, the colocated release / resume). Then the ratios to the references: plain HF
+generate, plain PyTorch train and (--trl) TRL's GRPOTrainer (rfpo_megatron.bench_baselines).
 
 Model FLOPs: 2·P per token for a forward (rollout prefill/decode, log-prob pass), 6·P for a train token (P =
 all parameters, embeddings included; attention's T² term ignored). The machine's peak is a timed float32
