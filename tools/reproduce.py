@@ -31,8 +31,9 @@ OUT = os.path.join(REPO, "outputs", "reproduce")
 # in examples/tiny_cpu/warmstart_band.json was computed from (seeds 0-2 at 1 thread with the default AVX2 kernels,
 # seed 0 with the portable kernels, ATEN_CPU_CAPABILITY=default); FULL adds seeds 3-4 and 2-thread runs (issue 20's
 # matrix, not yet measured in one go on the 2-core box).
-RECIPE = {"task": "compose", "sft_steps": 5000, "sft_gate": 0.9, "sft_decay": 500, "batch_size": 32,
-          "lr": 3e-3, "fix_frac": 1.0, "hard_fix_n": 1500}
+from prepare import recipe_defaults  # noqa: E402  (examples/tiny_cpu, on sys.path above)
+
+RECIPE = recipe_defaults()  # prepare.py's own defaults: the recipe is stated once, there
 MEASURED = [(0, 1, "avx2"), (1, 1, "avx2"), (2, 1, "avx2"), (0, 1, "default")]
 FULL = MEASURED + [(3, 1, "avx2"), (4, 1, "avx2"), (0, 2, "avx2"), (1, 2, "avx2"), (1, 1, "default")]
 ACC_MARGIN = 0.03  # ~1 standard error of an accuracy over 128 prompts
@@ -56,9 +57,7 @@ def warmstart_run(seed: int, threads: int, isa: str) -> dict:
     """prepare.py with the band's recipe into outputs/reproduce/warmstart/s{seed}_t{threads}_{isa}/."""
     out = os.path.join(OUT, "warmstart", f"s{seed}_t{threads}_{isa}")
     os.makedirs(out, exist_ok=True)
-    flags = ["--task", RECIPE["task"], "--sft-steps", str(RECIPE["sft_steps"]), "--sft-gate", str(RECIPE["sft_gate"]),
-             "--sft-decay", str(RECIPE["sft_decay"]), "--batch-size", str(RECIPE["batch_size"]),
-             "--lr", str(RECIPE["lr"]), "--fix-frac", str(RECIPE["fix_frac"]), "--hard-fix-n", str(RECIPE["hard_fix_n"])]
+    flags = [x for k, v in RECIPE.items() for x in (f"--{k.replace('_', '-')}", str(v))]
     cmd = [sys.executable, os.path.join(TINY, "prepare.py"), "--out", out, "--seed", str(seed),
            "--threads", str(threads), *flags]
     t0 = time.time()

@@ -72,7 +72,22 @@ def make_data(out: str, seed: int, task: str = "compose") -> dict:
     return {k: len(v) for k, v in splits.items()} | {"train_rl": len(mix)}
 
 
+# the settings that define the warm-start recipe (the band in warmstart_band.json holds for its "recipe" of these)
+RECIPE_KEYS = ("task", "sft_steps", "sft_gate", "sft_decay", "batch_size", "lr", "fix_frac", "hard_fix_n")
+
+
+def recipe_defaults() -> dict:
+    """The default recipe: this script's defaults of RECIPE_KEYS (tools/reproduce.py runs exactly these)."""
+    p = parser()
+    return {k: p.get_default(k) for k in RECIPE_KEYS}
+
+
 def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    return run(a)
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--force", action="store_true", help="rebuild everything")
     p.add_argument("--sft-steps", type=int, default=5000,
@@ -95,8 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default=os.path.join(HERE, "config.yaml"))
     p.add_argument("--skip-measure", action="store_true")
     p.add_argument("--out", default=ART)
-    a = p.parse_args(argv)
+    return p
 
+
+def run(a: argparse.Namespace) -> int:
     import torch
 
     torch.set_num_threads(a.threads)
@@ -220,8 +237,7 @@ def report_vs_band(report_path: str, a: argparse.Namespace) -> bool:
     log(f"warm start vs the documented band ({band['measured']}):")
     for line in lines:
         print("    " + line, flush=True)
-    mine = {"task": a.task, "sft_steps": a.sft_steps, "sft_gate": a.sft_gate, "sft_decay": a.sft_decay,
-            "batch_size": a.batch_size, "lr": a.lr, "fix_frac": a.fix_frac, "hard_fix_n": a.hard_fix_n}
+    mine = {k: getattr(a, k) for k in RECIPE_KEYS}
     other = {k: v for k, v in mine.items() if band["recipe"].get(k) != v}
     if other:
         log(f"note: settings differ from the band's recipe ({other} vs {band['recipe']}): the band does not apply")
