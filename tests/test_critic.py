@@ -317,8 +317,10 @@ def test_trainer_gae_with_rfpo_trains_the_critic(gae_run):
     assert trunk and any(not torch.equal(s1[k], s2[k]) for k in trunk)
 
 
-# the "full" format's resume is the slow lane's (39 s; the trainer's resume tests cover that format by default)
-@pytest.mark.parametrize("fmt", [pytest.param("full", marks=pytest.mark.slow), "dist"])
+# the slow lane's (40-46 s each): by default the critic's checkpoint round trip in both formats is
+# test_critic_checkpoint_with_value_head_resumes_exactly_at_another_layout, the trainer's resume test_trainer_resume
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["full", "dist"])
 def test_trainer_gae_save_and_resume_in_both_checkpoint_formats(gae_run, fmt):
     """Interrupted after step 2 (its checkpoint holds actor and critic in trainer.checkpoint_format), resumed for
     step 3: the resumed step's metrics equal the uninterrupted run's (critic value head and Adam state restored)."""
@@ -342,6 +344,7 @@ def test_trainer_gae_save_and_resume_in_both_checkpoint_formats(gae_run, fmt):
     assert strip(resumed[-1]) == strip(full[-1])
 
 
+@pytest.mark.slow  # 42 s; the actor's PP 2 trainer run (test_trainer_multirank) stays in the default lane
 def test_trainer_gae_pipeline_parallel_matches_single_process(tmp_path):
     """PPO-GAE with RFPO under torchrun, pipeline parallel 2 (critic and actor split over 2 stages, values
     broadcast from the last stage): the step metrics equal the single-process run's (critic/* and train/* up to

@@ -18,7 +18,7 @@ PKG = "rfpo_megatron"
 LAYERS = [
     ["config"],
     ["algos", "kernels", "data", "logging", "convert", "rewards", "rollout"],
-    ["actor", "fix", "plan"],
+    ["actor", "fix", "plan", "bench_baselines"],
     ["offline", "train"],
     ["trainer", "evaluate"],
     ["bench_step"],

@@ -338,6 +338,7 @@ def test_trainer_cli_names_a_bad_generate_fn_in_one_line(env, tmp_path):
         "rfpo-megatron train: rollout.generate_fn 'missing/gen.py:rollout': file 'missing/gen.py' not found")
 
 
+@pytest.mark.slow  # 20 s; the dialogue replay, loss mask, gradients and fix stage are tested above by default
 def test_three_step_multi_turn_run_with_rfpo(env, tmp_path):
     from rfpo_megatron.logging import read_metrics
 

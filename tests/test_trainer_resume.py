@@ -87,6 +87,7 @@ def test_run_artifacts(full_run):
     assert "step 3/3" in p.stdout and "ETA" in p.stdout
 
 
+@pytest.mark.slow  # 19 s
 def test_standalone_eval_of_checkpoint_equals_in_training_eval(assets, full_run, tmp_path):
     """`rfpo-megatron eval --checkpoint` loads step 3's weights into a fresh engine (through the actor and the
     weight sync); with the trainer's eval seed it reproduces the eval/* the trainer logged at step 3."""
@@ -110,6 +111,7 @@ def test_standalone_eval_of_checkpoint_equals_in_training_eval(assets, full_run,
     assert got == pytest.approx(logged)
 
 
+@pytest.mark.slow  # 35 s; the SIGTERM-during-update test resumes and compares the next step exactly by default
 def test_resume_reproduces_next_step_exactly(assets, full_run, tmp_path):
     full_out, _ = full_run
     out = str(tmp_path)
