@@ -191,7 +191,7 @@ class EmbeddedEngine:
         self.log_every_s = float(log_every_s)
         self.weight_version = "default"
         self.lock = threading.Lock()
-        # the one thread that runs model work (_on_torch_thread); created first so loading happens elsewhere only
+        # the one thread that runs model work after loading (_on_torch_thread)
         self._torch_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rfpo-embedded-torch")
         self._torch_thread = self._torch_pool.submit(threading.current_thread).result()
         self.progress = 0  # decode steps done since start
@@ -450,11 +450,11 @@ class EmbeddedEngine:
                 self._log(f"decode batch={B} step={steps} running={sum(f is None for f in finish)}")
             if all(finish[b] is not None for b in row_list):
                 break
-            mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
             pos = pos[:, -1:] + 1
-            if lean is not None:
+            if lean is not None:  # the lean cache keeps its own validity mask
                 logits = lean.step(tok.to(self.device), pos[:, 0].to(self.device))
                 continue
+            mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
             self._routing_step()
             logits = self.model(input_ids=tok[:, None].to(self.device), attention_mask=mask.to(self.device),
                                 position_ids=pos.to(self.device), past_key_values=cache, use_cache=True).logits[:, -1, :]
