@@ -38,6 +38,12 @@ def test_score_set_hand_worked():
     m2 = score_set(correct, 2)  # pass@2 from 4 samples with c=1: 1 - C(3,2)/C(4,2) = 0.5
     assert m2["pass@2"] == pytest.approx((0.5 + 0 + 1) / 3)
     assert m2["avg@2"] == pytest.approx((0.5 + 0 + 1) / 3)
+    # the pass@k curve: powers of two below k from the same samples; pass@1 = avg over all n samples
+    assert sorted(m) == ["avg@4", "pass@1", "pass@2", "pass@4"]
+    assert m["pass@1"] == pytest.approx((0.25 + 0 + 1) / 3) and m["pass@2"] == pytest.approx(m2["pass@2"])
+    m6 = score_set([[True] + [False] * 5], 6)  # j in 1, 2, 4, 6: 1 - C(5, j) / C(6, j) = j / 6
+    assert sorted(m6) == ["avg@6", "pass@1", "pass@2", "pass@4", "pass@6"]
+    assert [m6[f"pass@{j}"] for j in (1, 2, 4, 6)] == pytest.approx([1 / 6, 2 / 6, 4 / 6, 1.0])
 
 
 def test_evaluate_sets_through_embedded_engine(tmp_path):
@@ -71,7 +77,9 @@ def test_evaluate_sets_through_embedded_engine(tmp_path):
         corr = [[tok.decode(r.output_ids, skip_special_tokens=True)[:1].isdigit() for r in per] for per in res]
     finally:
         engine.shutdown()
-    assert set(m) == {"eval/easy/avg@3", "eval/easy/pass@3", "eval/easy/response_len_mean"}
+    assert set(m) == {"eval/easy/avg@3", "eval/easy/pass@1", "eval/easy/pass@2", "eval/easy/pass@3",
+                      "eval/easy/response_len_mean"}
+    assert m["eval/easy/pass@1"] == pytest.approx(m["eval/easy/avg@3"])
     assert m["eval/easy/avg@3"] == pytest.approx(sum(map(sum, corr)) / (3 * len(corr)))
     assert m["eval/easy/pass@3"] == pytest.approx(sum(any(c) for c in corr) / len(corr))
     assert get_reward_fn("arithmetic") is not None

@@ -1,7 +1,9 @@
 """GRPO vs RFPO on the tiny CPU task: same warm start, same seeds, same rollout budget; a markdown table and a plot.
 
     python examples/tiny_cpu/compare.py [--seeds 1 2 3] [--steps 100] [--methods rfpo grpo grpo_ds]
-                                        [--parallel 2] [--out outputs/compare] [key=value ...]
+                                        [--parallel 2] [--out outputs/compare] [--warm-start DIR]
+                                        [--pass-k 64] [key=value ...]
+    python examples/tiny_cpu/compare.py --pool OUT1 OUT2 ... --out OUT   # one table over several warm starts
 
 For each seed, RFPO runs `--steps` steps first; its rollout budget is the number of sampled responses it
 generated, fix generations included (`rollout/generations_total`). The baselines then run until they have
@@ -14,7 +16,12 @@ count against the budget) — the baseline peers pick for all-wrong groups. Both
 Writes <out>/compare.md (table: final hard/easy avg@k and pass@k, zero_group_frac, fix_success_rate, R_off
 stats, budget, wall time; mean ± std over seeds), <out>/compare.png (hard-split solve rate and easy-split
 accuracy vs generations, zero_group_frac, fix_success_rate and R_off over steps) and <out>/compare.json.
-Needs the warm-started model: run `python examples/tiny_cpu/prepare.py` first (run_demo.sh does).
+Needs the warm-started model: run `python examples/tiny_cpu/prepare.py` first (run_demo.sh does), or pass
+`--warm-start DIR` (a prepare.py `--out` directory: its model/ and data/ replace the config's). `--pass-k K`
+evaluates the warm start and every run's final checkpoint once more on the hard split with K samples per prompt
+(`rfpo-megatron eval --k K`) and adds the pass@j curve (j = 1, 2, 4, ... K: the capability boundary).
+`--pool` reads several compare.json files (one per warm start) and writes one table with mean ± std over every
+(warm start, seed) pair.
 """
 from __future__ import annotations
 
@@ -69,6 +76,29 @@ def run_one(method: str, seed: int, steps: int, out: str, config: str, eval_inte
     return {"dir": run_dir, "records": recs, "wall_s": time.time() - t0}
 
 
+def hard_file(cfg) -> list[str]:
+    """The hard split among data.eval_files (file stem containing 'hard'), else all of them."""
+    hard = [f for f in cfg.data.eval_files if "hard" in os.path.basename(f)]
+    return hard or list(cfg.data.eval_files)
+
+
+def eval_pass_k(ckpt: str | None, k: int, config: str, overrides: list[str], files: list[str], out: str,
+                seed: int) -> dict:
+    """`rfpo-megatron eval --k k` of a run's final checkpoint (None = the warm start) as a subprocess."""
+    args = [sys.executable, "-m", "rfpo_megatron.cli", "eval", config, *overrides, "--k", str(k), "--files",
+            ",".join(files), "--out", out, "--seed", str(seed)] + (["--checkpoint", ckpt] if ckpt else [])
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("PYTHONWARNINGS", "ignore")
+    print(f"[compare] pass@{k} eval of {ckpt or 'the warm start'}", flush=True)
+    with open(out + ".log", "w") as log:
+        rc = subprocess.call(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if rc != 0:
+        raise SystemExit(f"[compare] eval failed (rc={rc}); see {log.name}")
+    with open(out) as fh:
+        return json.load(fh)
+
+
 def _last(recs: list[dict], key: str) -> float:
     vals = [r[key] for r in recs if r.get(key) is not None]
     return float(vals[-1]) if vals else float("nan")
@@ -102,7 +132,7 @@ def _ms(values: list[float]) -> str:
     return f"{m:.3f} ± {sd:.3f}"
 
 
-def table(summaries: dict, k: int, start: dict) -> str:
+def table(summaries: dict, k: int, start: dict, pooled: str | None = None) -> str:
     rows = [("final hard-split solve rate (avg@%d, no fix prompt)" % k, f"eval_hard/avg@{k}"),
             (f"final hard-split pass@{k}", f"eval_hard/pass@{k}"),
             (f"final easy-split accuracy (avg@{k})", f"eval_easy/avg@{k}"),
@@ -116,16 +146,22 @@ def table(summaries: dict, k: int, start: dict) -> str:
             ("internalization_rate (end)", "rfpo/internalization_rate"),
             ("rollout budget (sampled responses, fixes included)", "generations"),
             ("steps", "steps"), ("wall time (s)", "wall_s")]
+    keys = sorted({key for per in summaries.values() for ss in per.values() for key in ss
+                   if key.startswith("boundary/")}, key=lambda x: int(x.split("@")[1]))
+    rows += [(f"hard split {key.split('/')[1]} (final, {keys[-1].split('@')[1]} samples per prompt)", key)
+             for key in keys]
     methods = [m for m in ("grpo", "grpo_ds", "rfpo") if m in summaries]
     seeds = sorted(next(iter(summaries.values())))
-    lines = [f"| metric (mean ± std over seeds {', '.join(map(str, seeds))}) | "
+    lines = [f"| metric (mean ± std over {'seeds ' + ', '.join(map(str, seeds)) if pooled is None else pooled}) | "
              + " | ".join(LABELS[m] for m in methods) + " |", "|---" * (len(methods) + 1) + "|"]
     if start:
         lines.append(f"| warm start: hard avg@{k} / easy avg@{k} (step 0) | "
                      f"{start.get(f'eval/eval_hard/avg@{k}', float('nan')):.3f} / "
                      f"{start.get(f'eval/eval_easy/avg@{k}', float('nan')):.3f} |" + " same |" * (len(methods) - 1))
     for label, key in rows:
-        lines.append(f"| {label} | " + " | ".join(_ms([summaries[m][s][key] for s in seeds]) for m in methods) + " |")
+        if key.startswith("boundary/") and start.get(key) is not None:
+            label += f" — warm start {start[key]:.3f}"
+        lines.append(f"| {label} | " + " | ".join(_ms([summaries[m][s].get(key, float("nan")) for s in seeds]) for m in methods) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -183,6 +219,35 @@ def plot(runs: dict, k: int, path: str) -> None:
     fig.savefig(path, dpi=100)
 
 
+def pool(dirs: list[str], out: str) -> int:
+    """One table over several compare runs (one per warm start): every (warm start, seed) pair is a sample."""
+    merged: dict = {}
+    starts = []
+    ks = set()
+    for d in dirs:
+        with open(os.path.join(d, "compare.json")) as fh:
+            data = json.load(fh)
+        starts.append(data.get("warm_start") or {})
+        for m, per in data["summaries"].items():
+            for s, summ in per.items():
+                merged.setdefault(m, {})[f"{os.path.basename(os.path.normpath(d))}/{s}"] = summ
+                ks |= {key.split("@")[1] for key in summ if key.startswith("eval_hard/avg@")}
+    k = int(sorted(ks)[0])
+    start = {}
+    for key in {key for st in starts for key in st}:
+        vals = [st[key] for st in starts if isinstance(st.get(key), (int, float))]
+        if vals:
+            start[key] = sum(vals) / len(vals)
+    n = len(next(iter(merged.values())))
+    md = table(merged, k, start, pooled=f"{len(dirs)} warm starts × seeds = {n} runs; warm-start rows: mean")
+    with open(os.path.join(out, "compare.md"), "w") as fh:
+        fh.write(f"Pooled over {', '.join(dirs)}\n\n" + md)
+    with open(os.path.join(out, "compare.json"), "w") as fh:
+        json.dump({"summaries": merged, "warm_start": start, "pooled": dirs}, fh, indent=1, default=str)
+    print(md)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
@@ -193,11 +258,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parallel", type=int, default=2, help="runs at a time (each run: trainer + engine process)")
     p.add_argument("--methods", nargs="+", default=["rfpo", "grpo"], choices=sorted(METHODS),
                    help="rfpo always runs first (it sets the budget); grpo_ds = GRPO + dynamic sampling")
+    p.add_argument("--warm-start", default=None,
+                   help="a prepare.py --out directory: its model/ and data/ replace the config's paths")
+    p.add_argument("--pass-k", type=int, default=0,
+                   help="also evaluate the warm start and each final checkpoint on the hard split with this many "
+                        "samples per prompt (pass@1 ... pass@K); 0 = off")
+    p.add_argument("--pool", nargs="+", default=None,
+                   help="pool these compare output directories (one per warm start) into one table in --out")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides for both methods")
     a = p.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
     sys.path.insert(0, REPO)
+    if a.pool:
+        return pool(a.pool, a.out)
     from rfpo_megatron.config import load_config
+
+    if a.warm_start:
+        w = os.path.abspath(a.warm_start)
+        if not os.path.isfile(os.path.join(w, "model", "config.json")):
+            raise SystemExit(f"--warm-start {a.warm_start}: no model/config.json (a prepare.py --out directory?)")
+        d = os.path.join(w, "data")
+        a.overrides = [f"actor.hf_model_path={w}/model", f"data.train_files=[{d}/train_rl.jsonl]",
+                       f"data.eval_files=[{d}/eval_easy.jsonl,{d}/eval_hard.jsonl]", *a.overrides]
 
     cfg = load_config(a.config, a.overrides)
     k = cfg.trainer.eval_n_samples
@@ -224,6 +306,19 @@ def main(argv: list[str] | None = None) -> int:
         start = evaluate_checkpoint(load_config(a.config, a.overrides), None, seed=a.seeds[0])
     except Exception as exc:  # noqa: BLE001 - the table still stands without it
         print(f"[compare] warm-start eval skipped: {exc}")
+    if a.pass_k:  # the capability boundary: pass@1..K on the hard split, warm start and final checkpoints
+        from concurrent.futures import ThreadPoolExecutor
+
+        files = hard_file(cfg)
+        jobs = [(None, "warm_start", None)] + [(r["dir"] + "/ckpt", m, s) for m, per in runs.items()
+                                                for s, r in per.items()]
+        with ThreadPoolExecutor(max_workers=max(1, a.parallel)) as ex:
+            res = list(ex.map(lambda j: eval_pass_k(j[0], a.pass_k, a.config, a.overrides, files,
+                                                    os.path.join(a.out, f"passk_{j[1]}_{j[2]}.json"),
+                                                    seed=a.seeds[0]), jobs))
+        start.update({f"boundary/{key.split('/')[-1]}": v for key, v in res[0].items() if "/pass@" in key})
+        for (ck, m, s), r in zip(jobs[1:], res[1:]):
+            summaries[m][s].update({f"boundary/{key.split('/')[-1]}": v for key, v in r.items() if "/pass@" in key})
     md = table(summaries, k, start)
     with open(os.path.join(a.out, "compare.md"), "w") as fh:
         fh.write(f"GRPO vs RFPO, tiny CPU addition task ({a.config}; {' '.join(a.overrides)})\n\n" + md)

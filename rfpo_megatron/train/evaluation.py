@@ -4,7 +4,9 @@
 For each prompt k responses are sampled at rollout.temperature (plain prompt, never a fix prompt) and scored by
 data.reward_fn; a response is correct when its reward >= rfpo.fix.success_threshold. avg@k = mean correctness
 over all n·k responses; pass@k = share of prompts with at least one correct response (the unbiased estimator
-1 - C(n-c, k)/C(n, k) with n = k samples). Metrics: eval/<set>/avg@k, eval/<set>/pass@k (set = file stem).
+1 - C(n-c, k)/C(n, k) with n = k samples). Metrics: eval/<set>/avg@k, eval/<set>/pass@k (set = file stem), and
+the pass@k curve from the same samples, eval/<set>/pass@j for every power of two j < k (the capability boundary:
+`rfpo-megatron eval --k 64` gives pass@1 ... pass@64).
 """
 from __future__ import annotations
 
@@ -22,12 +24,15 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def score_set(correct: list[list[bool]], k: int) -> dict[str, float]:
-    """correct: per prompt, n >= k booleans. Returns {"avg@k", "pass@k"} (avg over the first k samples)."""
+    """correct: per prompt, n >= k booleans. Returns {"avg@k", "pass@k"} (avg over the first k samples) and
+    pass@j for every power of two j < k (unbiased, from all n samples of each prompt)."""
+    ks = sorted({k, *(1 << i for i in range(k.bit_length()) if (1 << i) < k)})
     if not correct:
-        return {f"avg@{k}": 0.0, f"pass@{k}": 0.0}
-    avg = sum(sum(c[:k]) / k for c in correct) / len(correct)
-    pk = sum(pass_at_k(len(c), sum(c), k) for c in correct) / len(correct)
-    return {f"avg@{k}": avg, f"pass@{k}": pk}
+        return {f"avg@{k}": 0.0, **{f"pass@{j}": 0.0 for j in ks}}
+    out = {f"avg@{k}": sum(sum(c[:k]) / k for c in correct) / len(correct)}
+    for j in ks:
+        out[f"pass@{j}"] = sum(pass_at_k(len(c), sum(c), j) for c in correct) / len(correct)
+    return out
 
 
 def evaluate_sets(engine: Any, tokenizer: Any, verifier: Any, sets: dict[str, list[dict]], cfg: Any,

@@ -1,0 +1,41 @@
+"""examples/tiny_cpu/compare.py --pool: one table over several warm starts, every (warm start, seed) a sample;
+the pass@k boundary rows. Values hand-worked (mean and sample std of 4 numbers)."""
+import json
+import math
+import os
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "examples", "tiny_cpu"))
+
+import compare  # noqa: E402
+
+
+def _summ(hard: float, p64: float) -> dict:
+    return {"eval_hard/avg@4": hard, "eval_hard/pass@4": hard, "eval_easy/avg@4": 0.9, "eval_easy/pass@4": 1.0,
+            "steps": 60, "generations": 4000, "wall_s": 1.0, "boundary/pass@1": hard, "boundary/pass@64": p64}
+
+
+def test_pool_two_warm_starts(tmp_path):
+    vals = {"w0": {"rfpo": [0.1, 0.3], "grpo": [0.0, 0.2]}, "w1": {"rfpo": [0.5, 0.7], "grpo": [0.2, 0.2]}}
+    for w, per in vals.items():
+        d = tmp_path / w
+        d.mkdir()
+        summaries = {m: {str(s): _summ(v, 2 * v) for s, v in zip((1, 2), xs)} for m, xs in per.items()}
+        start = {"eval/eval_hard/avg@4": 0.1 if w == "w0" else 0.3, "eval/eval_easy/avg@4": 0.9,
+                 "boundary/pass@64": 0.4 if w == "w0" else 0.6}
+        (d / "compare.json").write_text(json.dumps({"summaries": summaries, "warm_start": start}))
+    out = tmp_path / "pooled"
+    out.mkdir()
+    assert compare.pool([str(tmp_path / "w0"), str(tmp_path / "w1")], str(out)) == 0
+    md = (out / "compare.md").read_text()
+    data = json.loads((out / "compare.json").read_text())
+    assert sorted(data["summaries"]["rfpo"]) == ["w0/1", "w0/2", "w1/1", "w1/2"]
+    rf = [0.1, 0.3, 0.5, 0.7]
+    m = sum(rf) / 4
+    sd = math.sqrt(sum((x - m) ** 2 for x in rf) / 3)
+    row = next(line for line in md.splitlines() if line.startswith("| final hard-split solve rate"))
+    assert row.split("|")[1:4][1:] == [" 0.150 ± 0.100 ", f" {m:.3f} ± {sd:.3f} "]  # GRPO [0, .2, .2, .2], RFPO
+    b64 = next(line for line in md.splitlines() if "pass@64" in line and "hard split" in line)
+    assert "warm start 0.500" in b64 and f"{2 * m:.3f} ± {2 * sd:.3f}" in b64
+    assert data["warm_start"]["eval/eval_hard/avg@4"] == 0.2
