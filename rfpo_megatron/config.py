@@ -31,6 +31,7 @@ POLICY_LOSS_NAMES = ("ppo", "gspo", "cispo", "gppo", "aspo", "ecpo", "bapo", "re
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 KL_TYPES = ("k1", "k2", "k3", "k1+", "k3+")
 LOSS_FORMS = ("faithful", "corrected", "weighted")
+OFFPOLICY_SHAPINGS = ("none", "luffy", "guide")  # rfpo.offpolicy_shaping (algos/objective.py: offpolicy_shaped_loss)
 FIX_VARIANTS = ("rewrite", "reward", "error_info", "reference")
 
 
@@ -121,6 +122,8 @@ class RFPOConfig:
     roff_clip: float = 2.0  # log C: |log R_off| <= roff_clip, R_off in [1/C, C]; at most 29.7 (fp32 loss)
     loss_form: str = "weighted"  # weighted (R_off a bounded sequence weight) | faithful (the blog) | corrected
     wrong_advantage: str = "group"  # group (as the estimator gives) | zero: wrong samples of a group with a fix get 0
+    offpolicy_shaping: str = "none"  # none | luffy: fix tokens' loss −A·p/(p+c) | guide: −A·r/(r+c), r per token vs the fix prompt
+    shaping_c: float = 0.1  # c of offpolicy_shaping (LUFFY's 0.1)
     fix: FixConfig = field(default_factory=FixConfig)
 
 
@@ -544,6 +547,8 @@ def validate(cfg: Config) -> Config:
     choice("rfpo.roff_mode", r.roff_mode, ("seq_sum", "seq_mean"))
     choice("rfpo.loss_form", r.loss_form, LOSS_FORMS)
     choice("rfpo.wrong_advantage", r.wrong_advantage, ("group", "zero"))
+    choice("rfpo.offpolicy_shaping", r.offpolicy_shaping, OFFPOLICY_SHAPINGS)
+    rng("rfpo.shaping_c", r.shaping_c, 0, None, lo_open=True)
     rng("rfpo.roff_clip", r.roff_clip, 0, ROFF_CLIP_MAX, lo_open=True)
     if not f.variant:
         raise ConfigError("config field 'rfpo.fix.variant' is empty: name at least one of " + ", ".join(FIX_VARIANTS))

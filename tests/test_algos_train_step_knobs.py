@@ -243,6 +243,39 @@ def test_chord_mu(actor):
     _close(g, _grad_of_coefs(actor, b, coefs))
 
 
+@pytest.mark.parametrize("mode", ["luffy", "guide"])
+def test_offpolicy_shaping_luffy_and_guide(actor, mode):
+    """rfpo.offpolicy_shaping / shaping_c: on fixed rows the policy loss is −A·x/(x+c), x = p_t (luffy) or
+    exp(logp_t − fix_logp_t) (guide, fix_logp = the engine's log-probs under the fix prompt): d/dlogp =
+    −A·c·x/(x+c)² per token; R_off and the clip do not act there; unfixed rows keep the weighted PPO loss."""
+    from rfpo_megatron.config import RFPOConfig
+
+    b, lp = _filled(actor)
+    c = 0.3
+    g = torch.Generator().manual_seed(7)
+    b.rollout_logp = [x.float() - 0.6 * torch.rand(x.shape, generator=g) for x in lp]
+    b.validate()
+    g_on = _grad(actor, b, _algo(), RFPOConfig(loss_form="weighted", offpolicy_shaping=mode, shaping_c=c))
+    g_off = _grad(actor, b, _algo(), _rfpo("weighted"))
+    pg = _pg_coefs(b, lp, _ppo_grad("weighted"), R=_R(b))
+    n = sum(int(b.mask_of(i).sum()) for i in range(len(b)))
+    coefs = []
+    for i, (m, l, o, a, *_rest) in enumerate(_rows(b, lp)):
+        if not bool(b.is_fixed[i]):
+            coefs.append(pg[i])
+            continue
+        f = b.rollout_logp[i].double().tolist()
+        xs = [math.exp(l[t]) if mode == "luffy" else math.exp(l[t] - f[t]) for t in range(len(m))]
+        coefs.append(torch.tensor([-a[t] * c * xs[t] / (xs[t] + c) ** 2 / n if m[t] else 0.0
+                                   for t in range(len(m))], dtype=torch.float64))
+    _close(g_on, _grad_of_coefs(actor, b, coefs))
+    assert float((g_on - g_off).norm()) > 1e-2 * float(g_off.norm())
+    if mode == "guide":  # a fixed row without the engine's log-probs is refused, naming the rows
+        b.rollout_logp[1] = torch.full_like(b.rollout_logp[1], float("nan"))
+        with pytest.raises(ValueError, match=r"fixed rows \[1\]"):
+            _grad(actor, b, _algo(), RFPOConfig(loss_form="weighted", offpolicy_shaping=mode, shaping_c=c))
+
+
 def _loss_grad(name, form):
     """d L_t / d logp_t of the per-token references, in any RFPO form (weighted: R × base)."""
     def base(l, o, a, R, f):

@@ -216,3 +216,37 @@ def test_colocated_release_then_sync_restores_every_weight(env, tmp_path):
     finally:
         rt.engine.shutdown()
     assert before == after and len(set(map(tuple, before))) > 1
+
+
+@pytest.mark.parametrize("mode", ["luffy", "guide"])
+def test_offpolicy_shaping_through_update_policy(env, mode):
+    """rfpo.offpolicy_shaping through the trainer's update (train.update_policy): at the first step (logp = old)
+    the fixed row's per-token loss is −A·x/(x+c), x = exp(old) (luffy) or exp(old − fix_logp) with fix_logp the
+    engine's log-probs of the fix under the fix prompt (−0.5 per token here; guide); the wrong rows keep the
+    weighted PPO loss −A (ratio 1). train/pg_loss (token-mean) against that float64 sum."""
+    from types import SimpleNamespace
+
+    tok, c = env["tok"], 0.5
+    cfg = env["make_cfg"]("rfpo.enabled=true", "rfpo.fix.max_per_group=1", "rfpo.fix.placement=replace",
+                          f"rfpo.offpolicy_shaping={mode}", f"rfpo.shaping_c={c}")
+    actor = T.build_actor(cfg)
+    groups, _ = _fix_with_correct_answer(env, cfg, _wrong_group(tok, RECORD))
+    batch = T.build_batch(groups)
+    old, orig = T.logprob_pass(actor, batch)
+    step = T.make_step(cfg, batch, old, None, None, T.compute_roff(cfg, batch, old, orig),
+                       T.advantages(cfg, batch, old, None))
+    m = T.update_policy(SimpleNamespace(cfg=cfg, actor=actor), step)
+    total, n = 0.0, 0
+    for i, resp in enumerate(batch.response_ids):
+        for t in range(len(resp)):
+            if not bool(step.loss_mask[i, t]):
+                continue
+            a, o = float(step.advantages[i, t]), float(old[i, t])
+            if bool(batch.is_fixed[i]):
+                x = math.exp(o) if mode == "luffy" else math.exp(o - (-0.5))
+                total += -a * x / (x + c)
+            else:
+                total += -a
+            n += 1
+    assert bool(batch.is_fixed.any())
+    assert m["train/pg_loss"] == pytest.approx(total / n, rel=1e-5, abs=1e-7)

@@ -445,7 +445,18 @@ class Actor:
             entropy_coeff=float(_cfg(a, "entropy_coeff", 0.0) or 0.0), use_kl_loss=use_kl,
             kl_loss_coef=float(_cfg(a, "kl_loss_coef", 0.0) or 0.0), kl_loss_type=_cfg(a, "kl_loss_type", "k3"),
             pos_nll_coef=pos_coef, chord_mu=chord_mu,
+            offpolicy_shaping=_cfg(rfpo_cfg, "offpolicy_shaping", "none") if rfpo_cfg is not None else "none",
+            shaping_c=float(_cfg(rfpo_cfg, "shaping_c", 0.1) if rfpo_cfg is not None else 0.1),
         )
+        guide = obj_kw["offpolicy_shaping"] == "guide"
+        if guide and bool(fixed.any()):
+            rl = batch.rollout_logp
+            bad = [i for i in range(len(batch)) if bool(fixed[i])
+                   and (rl is None or bool(torch.isnan(rl[i]).any()))]
+            if bad:
+                raise ValueError(f"rfpo.offpolicy_shaping=guide: fixed rows {bad[:8]} have no rollout log-probs "
+                                 "(the engine's log-probs of the fix under the fix prompt); use an engine that "
+                                 "returns them, or offpolicy_shaping=luffy")
         extra_keys = (("train/pos_nll",) if pos_coef else ()) + (("train/chord_sft",) if chord_mu else ())
 
         def per_sample(values, ids, dev, fill=0.0):
@@ -468,7 +479,10 @@ class Actor:
             total, met = compute_actor_loss(
                 policy, lp, old, adv, mask, log_roff=log_roff, is_fixed=fixed[ids].to(dev),
                 is_positive=pos[ids].to(dev), tis_weights=tis, pg_tokens=pg_tokens, entropy=en,
-                ref_logp=per_sample(batch.ref_logp, ids, dev) if use_kl else None, **obj_kw, **pl_kwargs,
+                ref_logp=per_sample(batch.ref_logp, ids, dev) if use_kl else None,
+                fix_logp=(pad_tokens([batch.rollout_logp[i] if bool(fixed[i]) else torch.zeros(int(masks[i].numel()))
+                                      for i in ids]).to(dev) if guide and bool(fixed.any()) else None),
+                **obj_kw, **pl_kwargs,
             )
             # token-mean style metrics, summed over micro-batches / DP ranks
             frac = mask.sum().float() / n_tok

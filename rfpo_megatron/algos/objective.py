@@ -8,6 +8,11 @@ Add-ons, per token [B, T] (all 0 on padding):
   VAPO pos NLL    +pos_nll_coef · (−logp) on rows with is_positive, token-mean over positive tokens.
   CHORD-φ         total = (1−μ)·policy + μ·SFT, SFT = −sg(p(1−p))·logp on fixed (expert) rows, p = exp(logp),
                   token-mean over fixed tokens (μ = chord_mu; 0 disables).
+Off-policy shaping of the fixed rows (rfpo.offpolicy_shaping; replaces their policy loss, so R_off, the clip and
+TIS do not act on them; aggregated with the rest):
+  luffy           −A·f(p_t),  f(x) = x/(x + c), p_t = exp(logp_t) (LUFFY's policy shaping, off-policy π = 1)
+  guide           −A·f(r_t),  r_t = exp(logp_t − fix_logp_t): the fix token's probability on the plain prompt
+                  over the one it was sampled with under the fix prompt (the engine's log-prob), per token
 Every term divides by WHOLE-step counts (StepCounts) so micro-batch values add up exactly.
 """
 
@@ -55,6 +60,26 @@ def tis_weight(old_logp: Tensor, rollout_logp: Tensor, tis_cap: float, is_fixed:
     return w
 
 
+def offpolicy_shaped_loss(logp: Tensor, advantages: Tensor, mode: str, c: float,
+                          fix_logp: Tensor | None = None) -> Tensor:
+    """Per-token −A·x/(x + c) [B, T] with x = exp(logp) (luffy) or exp(logp − fix_logp) (guide; log-ratio
+    clamped to ±20). d/dlogp = −A·c·x/(x + c)²: largest where x ≈ c, so low-probability fix tokens get the
+    push and tokens the policy already finds likely get little (the gradient never vanishes as the ratio
+    grows the way a clipped ratio's does, and never explodes as an unbounded ratio would)."""
+    if mode == "luffy":
+        x = torch.exp(logp)
+    elif mode == "guide":
+        if fix_logp is None:
+            raise ValueError("rfpo.offpolicy_shaping=guide needs the fix tokens' log-probs under the fix prompt "
+                             "(the rollout engine's log-probs of the fixed rows)")
+        x = torch.exp(torch.clamp(logp - fix_logp.detach(), -20.0, 20.0))
+    else:
+        raise ValueError(f"offpolicy_shaping: unknown mode {mode!r} (luffy | guide)")
+    if not c > 0:
+        raise ValueError(f"rfpo.shaping_c: must be > 0 (got {c})")
+    return -advantages * x / (x + c)
+
+
 def chord_sft_loss(logp: Tensor, response_mask: Tensor, is_fixed: Tensor) -> Tensor:
     """CHORD-φ SFT term per token [B, T]: −sg(p(1−p))·logp on fixed rows' valid tokens, 0 elsewhere."""
     m = response_mask.bool() & is_fixed.bool().unsqueeze(-1)
@@ -96,6 +121,9 @@ def compute_actor_loss(
     is_positive: Tensor | None = None,
     pos_nll_coef: float = 0.0,
     chord_mu: float = 0.0,
+    offpolicy_shaping: str = "none",
+    shaping_c: float = 0.1,
+    fix_logp: Tensor | None = None,
     **loss_kw,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Scalar loss for this (micro-)batch and detached metrics. Shapes: logp/old_logp/advantages/response_mask/
@@ -103,7 +131,9 @@ def compute_actor_loss(
     (default: this batch's). loss_kw go to the policy loss (clip_ratio_low/high/c, ecpo_delta, bapo_*, …).
     tis_weights [B, T]: precomputed TIS weights (instead of tis_cap + rollout_logp). pg_tokens = (per-token
     policy loss [B, T], metrics) computed elsewhere (the fused loss kernel, TIS already applied): used instead
-    of calling the registry loss; every add-on and the aggregation are still done here."""
+    of calling the registry loss; every add-on and the aggregation are still done here. offpolicy_shaping
+    (luffy | guide) replaces the fixed rows' (is_fixed) policy loss by offpolicy_shaped_loss; fix_logp [B, T]
+    (guide) = the engine's log-probs of those rows under the fix prompt."""
     fn = get_policy_loss(policy_loss)
     m = response_mask.bool()
     c = counts or StepCounts.local(m, is_positive, is_fixed)
@@ -122,6 +152,10 @@ def compute_actor_loss(
         w = tis_weight(old_logp, rollout_logp, tis_cap, is_fixed)
         pg = pg * w
         metrics["tis_weight_mean"] = masked_mean(w, m)
+    if offpolicy_shaping != "none" and is_fixed is not None and bool(is_fixed.any()):
+        shaped = offpolicy_shaped_loss(logp, advantages, offpolicy_shaping, shaping_c, fix_logp)
+        rows = is_fixed.bool().unsqueeze(-1) & m
+        pg = torch.where(rows, shaped.to(pg.dtype), pg)
     pg_loss = aggregate(pg, m, loss_agg_mode, **agg)
     metrics["pg_loss"] = pg_loss.detach()
     total = pg_loss if not chord_mu else (1.0 - chord_mu) * pg_loss

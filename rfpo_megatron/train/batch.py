@@ -362,8 +362,9 @@ class Step:
                     self.is_positive[sl], cut(self.ref_logp), cut(self.values), cut(self.returns), cut(self.tis_weights),
                     self.correction_metrics)
 
-    def actor_batch(self, with_roff: bool = True) -> ActorBatch:
-        """The actor's ActorBatch of these rows: per-row fields are views [:T_i] of the [N, T] tensors."""
+    def actor_batch(self, with_roff: bool = True, with_rollout_logp: bool = False) -> ActorBatch:
+        """The actor's ActorBatch of these rows: per-row fields are views [:T_i] of the [N, T] tensors.
+        with_rollout_logp: also the engine's log-probs (rfpo.offpolicy_shaping=guide; NaN rows = none reported)."""
         b = self.batch
         lens = [len(r) for r in b.response_ids]
 
@@ -374,7 +375,10 @@ class Step:
             b.prompt_ids, b.response_ids, advantages=per_row(self.advantages), old_logp=per_row(self.old_logp),
             ref_logp=per_row(self.ref_logp), tis_weights=per_row(self.tis_weights),
             response_mask=per_row(self.loss_mask), log_roff=self.log_roff if with_roff else None,
-            is_fixed=b.is_fixed, is_positive=self.is_positive, routed_experts=b.routed_experts)
+            is_fixed=b.is_fixed, is_positive=self.is_positive, routed_experts=b.routed_experts,
+            rollout_logp=None if not with_rollout_logp else [
+                torch.tensor(x, dtype=torch.float32) if len(x) == L else torch.full((L,), float("nan"))
+                for x, L in zip(b.rollout_logp, lens)])
 
 
 def make_step(cfg: Config, batch: StepBatch, old_logp: Optional[torch.Tensor], ref_logp: Optional[torch.Tensor],
@@ -433,7 +437,8 @@ def update_policy(rt: Runtime, step: Step) -> dict[str, float]:
     def update(mb: Step) -> Optional[dict]:
         if not bool(mb.loss_mask.any()):
             return None  # nothing in the loss (e.g. every row dropped by the estimator's keep mask)
-        return rt.actor.train_step(mb.actor_batch(with_roff=cfg.rfpo.enabled), cfg.algo,
+        guide = cfg.rfpo.enabled and cfg.rfpo.offpolicy_shaping == "guide"
+        return rt.actor.train_step(mb.actor_batch(with_roff=cfg.rfpo.enabled, with_rollout_logp=guide), cfg.algo,
                                    cfg.rfpo if cfg.rfpo.enabled else None, **kw)
 
     out, steps = minibatch_updates(step, cfg.actor.global_batch_size, cfg.actor.ppo_epochs, update)
