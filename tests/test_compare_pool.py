@@ -39,3 +39,27 @@ def test_pool_two_warm_starts(tmp_path):
     b64 = next(line for line in md.splitlines() if "pass@64" in line and "hard split" in line)
     assert "warm start 0.500" in b64 and f"{2 * m:.3f} ± {2 * sd:.3f}" in b64
     assert data["warm_start"]["eval/eval_hard/avg@4"] == 0.2
+
+
+def test_methods_variants_run_steps_baselines_get_rfpo_budget(tmp_path, monkeypatch):
+    """RFPO variants (C3) run --steps steps; GRPO baselines get RFPO's rollout budget of the same seed."""
+    calls = []
+
+    def fake_run_one(method, seed, steps, out, config, eval_interval, overrides):
+        calls.append((method, seed, steps, [o for o in overrides if o.startswith("trainer.max_generations")]))
+        recs = [{"step": 1, "rollout/generations_total": 100 * seed + (7 if method == "rfpo" else 0),
+                 "eval/eval_hard/avg@4": 0.1, "eval/eval_easy/avg@4": 0.9}]
+        return {"dir": str(tmp_path / f"{method}{seed}"), "records": recs, "wall_s": 1.0}
+
+    monkeypatch.setattr(compare, "run_one", fake_run_one)
+    monkeypatch.setattr(compare, "plot", lambda *a, **k: None)
+    cfg = os.path.join(REPO, "examples", "tiny_cpu", "config.yaml")
+    rc = compare.main(["--seeds", "1", "2", "--steps", "5", "--methods", "rfpo_luffy", "grpo", "--parallel", "1",
+                       "--config", cfg, "--out", str(tmp_path / "out"), "actor.hf_model_path=/nonexistent"])
+    assert rc == 0
+    assert [(m, s, st) for m, s, st, _ in calls[:4]] == [("rfpo", 1, 5), ("rfpo", 2, 5), ("rfpo_luffy", 1, 5),
+                                                         ("rfpo_luffy", 2, 5)]
+    assert [(m, s, b) for m, s, _, b in calls[4:]] == [("grpo", 1, ["trainer.max_generations=107"]),
+                                                       ("grpo", 2, ["trainer.max_generations=207"])]
+    md = (tmp_path / "out" / "compare.md").read_text()
+    assert "RFPO LUFFY-style" in md and "| GRPO | RFPO | RFPO LUFFY-style" in md

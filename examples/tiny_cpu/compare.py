@@ -49,8 +49,19 @@ METHODS = {  # method -> its overrides (on top of the config and the command lin
     "rfpo": ["rfpo.enabled=true"],
     "grpo": ["rfpo.enabled=false"],
     "grpo_ds": ["rfpo.enabled=false", "algo.dynamic_sampling=true"],
+    # C3 (issue 20): the R_off weighting at equal fix data -- RFPO variants, each run for --steps like rfpo
+    "rfpo_g0": ["rfpo.enabled=true", "rfpo.gamma=0.0"],
+    "rfpo_faithful": ["rfpo.enabled=true", "rfpo.loss_form=faithful"],
+    "rfpo_corrected": ["rfpo.enabled=true", "rfpo.loss_form=corrected"],
+    "rfpo_guide": ["rfpo.enabled=true", "rfpo.offpolicy_shaping=guide"],
+    "rfpo_luffy": ["rfpo.enabled=true", "rfpo.offpolicy_shaping=luffy"],
+    "rfpo_wzero": ["rfpo.enabled=true", "rfpo.wrong_advantage=zero"],
 }
-LABELS = {"rfpo": "RFPO", "grpo": "GRPO", "grpo_ds": "GRPO + dynamic sampling"}
+LABELS = {"rfpo": "RFPO", "grpo": "GRPO", "grpo_ds": "GRPO + dynamic sampling", "rfpo_g0": "RFPO γ = 0 (naive)",
+          "rfpo_faithful": "RFPO faithful", "rfpo_corrected": "RFPO corrected",
+          "rfpo_guide": "RFPO Guide-style r/(r+c)", "rfpo_luffy": "RFPO LUFFY-style p/(p+0.1)",
+          "rfpo_wzero": "RFPO wrong_advantage=zero"}
+BASELINES = ("grpo", "grpo_ds")  # these get RFPO's rollout budget; every other method runs --steps steps
 
 
 def run_one(method: str, seed: int, steps: int, out: str, config: str, eval_interval: int,
@@ -116,6 +127,7 @@ def summarize(run: dict, k: int) -> dict:
     for split in ("eval_hard", "eval_easy"):
         s[f"{split}/avg@{k}"] = _last(recs, f"eval/{split}/avg@{k}")
         s[f"{split}/pass@{k}"] = _last(recs, f"eval/{split}/pass@{k}")
+    s["train/kl_loss"] = _last(recs, "train/kl_loss")  # KL to the warm start (with the C3 probe: coef 0)
     for key in ("rfpo/zero_group_frac", "rfpo/fix_success_rate", "rollout/reward_mean", "rfpo/internalization_rate"):
         s[key] = _mean(recs, key) if key != "rfpo/internalization_rate" else _last(recs, key)
     for key in ("rfpo/roff_mean", "rfpo/roff_min", "rfpo/roff_max", "rfpo/roff_clamped_frac"):
@@ -144,13 +156,14 @@ def table(summaries: dict, k: int, start: dict, pooled: str | None = None) -> st
             ("R_off min", "rfpo/roff_min"), ("R_off max", "rfpo/roff_max"),
             ("R_off clamped fraction", "rfpo/roff_clamped_frac"),
             ("internalization_rate (end)", "rfpo/internalization_rate"),
+            ("KL to the warm start (k3, last step; `algo.use_kl_loss=true algo.kl_loss_coef=0`)", "train/kl_loss"),
             ("rollout budget (sampled responses, fixes included)", "generations"),
             ("steps", "steps"), ("wall time (s)", "wall_s")]
     keys = sorted({key for per in summaries.values() for ss in per.values() for key in ss
                    if key.startswith("boundary/")}, key=lambda x: int(x.split("@")[1]))
     rows += [(f"hard split {key.split('/')[1]} (final, {keys[-1].split('@')[1]} samples per prompt)", key)
              for key in keys]
-    methods = [m for m in ("grpo", "grpo_ds", "rfpo") if m in summaries]
+    methods = [m for m in ("grpo", "grpo_ds", *(k for k in METHODS if k not in BASELINES)) if m in summaries]
     seeds = sorted(next(iter(summaries.values())))
     lines = [f"| metric (mean ± std over {'seeds ' + ', '.join(map(str, seeds)) if pooled is None else pooled}) | "
              + " | ".join(LABELS[m] for m in methods) + " |", "|---" * (len(methods) + 1) + "|"]
@@ -189,7 +202,9 @@ def plot(runs: dict, k: int, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
-    colors = {"grpo": "tab:blue", "grpo_ds": "tab:green", "rfpo": "tab:red"}
+    colors = {"grpo": "tab:blue", "grpo_ds": "tab:green", "rfpo": "tab:red", "rfpo_g0": "tab:orange",
+              "rfpo_faithful": "tab:purple", "rfpo_corrected": "tab:brown", "rfpo_guide": "tab:pink",
+              "rfpo_luffy": "tab:olive", "rfpo_wzero": "tab:cyan"}
     panels = [(f"eval/eval_hard/avg@{k}", "hard-split solve rate (avg@k, no fix prompt)", "rollout/generations_total"),
               (f"eval/eval_easy/avg@{k}", "easy-split accuracy (avg@k)", "rollout/generations_total"),
               ("rfpo/zero_group_frac", "zero_group_frac", "step"),
@@ -198,7 +213,7 @@ def plot(runs: dict, k: int, path: str) -> None:
               ("rollout/reward_mean", "rollout reward mean", "step")]
     for ax, (key, title, xkey) in zip(axes.flat, panels):
         for method, per_seed in runs.items():
-            if method != "rfpo" and (key.startswith("rfpo/fix") or "roff" in key):
+            if method in BASELINES and (key.startswith("rfpo/fix") or "roff" in key):
                 continue
             fixed_only = "roff" in key
             xs, mean, lo, hi = _series(per_seed, key, xkey, fixed_only)
@@ -284,10 +299,13 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(a.config, a.overrides)
     k = cfg.trainer.eval_n_samples
     per_step = cfg.data.prompts_per_step * cfg.rollout.n_samples
-    done = run_many([("rfpo", s, a.steps, a.out, a.config, a.eval_interval, a.overrides) for s in a.seeds],
-                    a.parallel)
-    runs: dict = {"rfpo": dict(zip(a.seeds, done))}
-    baselines = [m for m in a.methods if m != "rfpo"]
+    if any(m in BASELINES for m in a.methods) and "rfpo" not in a.methods:
+        a.methods = ["rfpo", *a.methods]  # the baselines' budget comes from RFPO's run
+    variants = [m for m in a.methods if m not in BASELINES]
+    done = run_many([(m, s, a.steps, a.out, a.config, a.eval_interval, a.overrides) for m in variants
+                     for s in a.seeds], a.parallel)
+    runs: dict = {m: dict(zip(a.seeds, done[i * len(a.seeds):(i + 1) * len(a.seeds)])) for i, m in enumerate(variants)}
+    baselines = [m for m in a.methods if m in BASELINES]
     jobs = []
     for m in baselines:  # each baseline gets RFPO's rollout budget (fix generations included)
         for seed in a.seeds:
