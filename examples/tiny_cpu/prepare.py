@@ -105,8 +105,9 @@ def parser() -> argparse.ArgumentParser:
                    help="difficulty knob (TASKS): compose (hard = 3-digit sums with a carry; default), "
                         "compose_carry_in, carries (easy = no carry at all) or digits (easy = 1-2 digits)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (1 is fastest on a busy box; 2 helps only on an idle one)")
+    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS") or 1),
+                   help="torch threads (default: OMP_NUM_THREADS, else 1; 1 is fastest on a busy box, 2 helps "
+                        "only on an idle one; the band holds at 1 and 2)")
     p.add_argument("--config", default=os.path.join(HERE, "config.yaml"))
     p.add_argument("--skip-measure", action="store_true")
     p.add_argument("--out", default=ART)
