@@ -56,11 +56,16 @@ METHODS = {  # method -> its overrides (on top of the config and the command lin
     "rfpo_guide": ["rfpo.enabled=true", "rfpo.offpolicy_shaping=guide"],
     "rfpo_luffy": ["rfpo.enabled=true", "rfpo.offpolicy_shaping=luffy"],
     "rfpo_wzero": ["rfpo.enabled=true", "rfpo.wrong_advantage=zero"],
+    # the fix variants (issue 20 item 5); rfpo itself is the config's `reference`
+    "rfpo_error_info": ["rfpo.enabled=true", "rfpo.fix.variant=[error_info]"],
+    "rfpo_reward": ["rfpo.enabled=true", "rfpo.fix.variant=[reward]"],
+    "rfpo_rewrite": ["rfpo.enabled=true", "rfpo.fix.variant=[rewrite]"],
 }
 LABELS = {"rfpo": "RFPO", "grpo": "GRPO", "grpo_ds": "GRPO + dynamic sampling", "rfpo_g0": "RFPO γ = 0 (naive)",
           "rfpo_faithful": "RFPO faithful", "rfpo_corrected": "RFPO corrected",
           "rfpo_guide": "RFPO Guide-style r/(r+c)", "rfpo_luffy": "RFPO LUFFY-style p/(p+0.1)",
-          "rfpo_wzero": "RFPO wrong_advantage=zero"}
+          "rfpo_wzero": "RFPO wrong_advantage=zero", "rfpo_error_info": "RFPO fix: error_info",
+          "rfpo_reward": "RFPO fix: reward", "rfpo_rewrite": "RFPO fix: rewrite"}
 BASELINES = ("grpo", "grpo_ds")  # these get RFPO's rollout budget; every other method runs --steps steps
 
 
@@ -128,7 +133,8 @@ def summarize(run: dict, k: int) -> dict:
         s[f"{split}/avg@{k}"] = _last(recs, f"eval/{split}/avg@{k}")
         s[f"{split}/pass@{k}"] = _last(recs, f"eval/{split}/pass@{k}")
     s["train/kl_loss"] = _last(recs, "train/kl_loss")  # KL to the warm start (with the C3 probe: coef 0)
-    for key in ("rfpo/zero_group_frac", "rfpo/fix_success_rate", "rollout/reward_mean", "rfpo/internalization_rate"):
+    for key in ("rfpo/zero_group_frac", "rfpo/fix_success_rate", "rollout/reward_mean", "rfpo/internalization_rate",
+                "rfpo/fixed_seq_frac"):
         s[key] = _mean(recs, key) if key != "rfpo/internalization_rate" else _last(recs, key)
     for key in ("rfpo/roff_mean", "rfpo/roff_min", "rfpo/roff_max", "rfpo/roff_clamped_frac"):
         s[key] = _mean(recs, key, fixed_only=True)
@@ -152,6 +158,7 @@ def table(summaries: dict, k: int, start: dict, pooled: str | None = None) -> st
             ("rollout reward mean (run average)", "rollout/reward_mean"),
             ("zero_group_frac (run average)", "rfpo/zero_group_frac"),
             ("fix_success_rate (run average)", "rfpo/fix_success_rate"),
+            ("placed-fix share of the trained samples (run average)", "rfpo/fixed_seq_frac"),
             ("R_off mean (steps with fixes)", "rfpo/roff_mean"),
             ("R_off min", "rfpo/roff_min"), ("R_off max", "rfpo/roff_max"),
             ("R_off clamped fraction", "rfpo/roff_clamped_frac"),
@@ -204,7 +211,8 @@ def plot(runs: dict, k: int, path: str) -> None:
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
     colors = {"grpo": "tab:blue", "grpo_ds": "tab:green", "rfpo": "tab:red", "rfpo_g0": "tab:orange",
               "rfpo_faithful": "tab:purple", "rfpo_corrected": "tab:brown", "rfpo_guide": "tab:pink",
-              "rfpo_luffy": "tab:olive", "rfpo_wzero": "tab:cyan"}
+              "rfpo_luffy": "tab:olive", "rfpo_wzero": "tab:cyan", "rfpo_error_info": "tab:gray",
+              "rfpo_reward": "gold", "rfpo_rewrite": "navy"}
     panels = [(f"eval/eval_hard/avg@{k}", "hard-split solve rate (avg@k, no fix prompt)", "rollout/generations_total"),
               (f"eval/eval_easy/avg@{k}", "easy-split accuracy (avg@k)", "rollout/generations_total"),
               ("rfpo/zero_group_frac", "zero_group_frac", "step"),
