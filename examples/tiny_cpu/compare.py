@@ -242,6 +242,37 @@ def plot(runs: dict, k: int, path: str) -> None:
     fig.savefig(path, dpi=100)
 
 
+def boundary_plot(summaries: dict, start: dict, path: str) -> None:
+    """pass@j on the hard split vs j (log scale): mean over runs per method (band: min-max) and the warm start."""
+    keys = sorted({key for per in summaries.values() for ss in per.values() for key in ss
+                   if key.startswith("boundary/")}, key=lambda x: int(x.split("@")[1]))
+    if not keys:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    js = [int(key.split("@")[1]) for key in keys]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if all(key in start for key in keys):
+        ax.plot(js, [start[key] for key in keys], "k--", marker="o", ms=3, label="warm start")
+    for m, per in summaries.items():
+        vals = [[ss[key] for ss in per.values() if ss.get(key) is not None] for key in keys]
+        if not all(vals):
+            continue
+        line, = ax.plot(js, [sum(v) / len(v) for v in vals], marker="o", ms=3,
+                        label=f"{LABELS.get(m, m)} ({len(vals[0])} runs)")
+        ax.fill_between(js, [min(v) for v in vals], [max(v) for v in vals], color=line.get_color(), alpha=0.15)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("k (samples per hard prompt)")
+    ax.set_ylabel("hard-split pass@k")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
 def pool(dirs: list[str], out: str) -> int:
     """One table over several compare runs (one per warm start): every (warm start, seed) pair is a sample."""
     merged: dict = {}
@@ -261,6 +292,19 @@ def pool(dirs: list[str], out: str) -> int:
         vals = [st[key] for st in starts if isinstance(st.get(key), (int, float))]
         if vals:
             start[key] = sum(vals) / len(vals)
+    runs: dict = {}
+    from rfpo_megatron.logging import read_metrics
+
+    for d in dirs:  # the per-step records, for the plot
+        for m, per in merged.items():
+            for key in per:
+                w, sd = key.split("/")
+                path = os.path.join(d, f"{m}_seed{sd}", "logs", "metrics.jsonl")
+                if w == os.path.basename(os.path.normpath(d)) and os.path.isfile(path):
+                    runs.setdefault(m, {})[key] = {"records": read_metrics(path)}
+    if runs:
+        plot(runs, k, os.path.join(out, "compare.png"))
+    boundary_plot(merged, start, os.path.join(out, "boundary.png"))
     n = len(next(iter(merged.values())))
     md = table(merged, k, start, pooled=f"{len(dirs)} warm starts × seeds = {n} runs; warm-start rows: mean")
     with open(os.path.join(out, "compare.md"), "w") as fh:
@@ -351,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     with open(os.path.join(a.out, "compare.json"), "w") as fh:
         json.dump({"summaries": summaries, "warm_start": start}, fh, indent=1, default=str)
     plot(runs, k, os.path.join(a.out, "compare.png"))
+    boundary_plot(summaries, start, os.path.join(a.out, "boundary.png"))
     print(md)
     print(f"[compare] wrote {a.out}/compare.md, compare.png, compare.json")
     return 0
