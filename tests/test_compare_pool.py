@@ -63,3 +63,16 @@ def test_methods_variants_run_steps_baselines_get_rfpo_budget(tmp_path, monkeypa
                                                        ("grpo", 2, ["trainer.max_generations=207"])]
     md = (tmp_path / "out" / "compare.md").read_text()
     assert "RFPO LUFFY-style" in md and "| GRPO | RFPO | RFPO LUFFY-style" in md
+
+
+def test_reproduce_compare_check_uses_the_documented_spread():
+    """tools/reproduce.py c2/c3: a pooled mean passes when within max(documented std, 0.02) of the documented mean."""
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import reproduce
+
+    doc = {"summaries": {"rfpo": {"a/1": {"eval_hard/avg@4": 0.1}, "a/2": {"eval_hard/avg@4": 0.3}}}}
+    near = {"summaries": {"rfpo": {"a/1": {"eval_hard/avg@4": 0.25}, "a/2": {"eval_hard/avg@4": 0.35}}}}
+    far = {"summaries": {"rfpo": {"a/1": {"eval_hard/avg@4": 0.5}, "a/2": {"eval_hard/avg@4": 0.6}}}}
+    assert reproduce.compare_check(near, doc)  # |0.30 - 0.20| = 0.10 <= std 0.141
+    assert not reproduce.compare_check(far, doc)  # 0.35 > 0.141
+    assert not reproduce.compare_check({"summaries": {}}, doc)  # a method that did not run is outside

@@ -142,6 +142,79 @@ def target_bench_step(a: argparse.Namespace) -> bool:
                  "--skip-old-logprob-pass", "both", "actor.micro_batch_size=64"], env={"OMP_NUM_THREADS": "2"}) == 0
 
 
+# ------------------------------------------------------------------------------- c2 / c3 (compare.py)
+# The documented comparisons (docs/benchmarks.md "C2" / "C3"): the three in-band warm starts (seeds 0-2, 1 thread,
+# AVX2 -- the warmstart target's runs, re-made here if missing), compare.py per warm start, then --pool.
+# examples/tiny_cpu/results/<name>.json is the pooled compare.json the docs' table was written from.
+COMPARES = {
+    "c2": dict(seeds=[1, 2, 3], steps=60, methods=["rfpo", "grpo", "grpo_ds"], extra=["--pass-k", "64"],
+               overrides=[], parallel=2),
+    "c3": dict(seeds=[1], steps=40, methods=["rfpo", "rfpo_g0", "rfpo_faithful", "rfpo_corrected", "rfpo_guide",
+                                             "rfpo_luffy", "rfpo_wzero"], extra=[],
+               overrides=["algo.use_kl_loss=true", "algo.kl_loss_coef=0.0"], parallel=1),
+}
+COMPARE_WARM = [0, 1, 2]
+COMPARE_CHECK = ("eval_hard/avg@4", "eval_easy/avg@4", "eval_hard/pass@4", "rfpo/fix_success_rate",
+                 "boundary/pass@64")
+
+
+def _mean_std(vals: list[float]) -> tuple[float, float]:
+    vals = [v for v in vals if isinstance(v, (int, float)) and v == v]
+    if not vals:
+        return float("nan"), float("nan")
+    return statistics.mean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def compare_check(new: dict, doc: dict, floor: float = 0.02) -> bool:
+    """Per (method, metric): the new pooled mean within max(documented std, floor) of the documented mean."""
+    ok = True
+    for m, per in doc["summaries"].items():
+        for key in COMPARE_CHECK:
+            dm, ds = _mean_std([x.get(key) for x in per.values()])
+            if dm != dm:
+                continue
+            nm, _ = _mean_std([x.get(key) for x in new["summaries"].get(m, {}).values()])
+            tol = max(ds, floor)
+            good = nm == nm and abs(nm - dm) <= tol
+            ok &= good
+            log(f"  {m:15s} {key:22s} {nm:7.3f}  documented {dm:.3f} ± {ds:.3f}  {'ok' if good else 'OUTSIDE'}")
+    return ok
+
+
+def target_compare(name: str, a: argparse.Namespace) -> bool:
+    spec = COMPARES[name]
+    out = os.path.join(OUT, name)
+    warm = []
+    for seed in COMPARE_WARM:
+        w = os.path.join(OUT, "warmstart", f"s{seed}_t1_avx2")
+        if not os.path.isfile(os.path.join(w, "warmstart_report.json")):
+            log(f"{name}: warm start seed {seed} missing: making it (≈ 10-20 min)")
+            warmstart_run(seed, 1, "avx2")
+        warm.append(w)
+    dirs = []
+    for w in warm:
+        d = os.path.join(out, os.path.basename(w).split("_")[0])
+        dirs.append(d)
+        cmd = [sys.executable, os.path.join(TINY, "compare.py"), "--seeds", *map(str, spec["seeds"]), "--steps",
+               str(spec["steps"]), "--parallel", str(spec["parallel"]), "--methods", *spec["methods"], *spec["extra"],
+               "--warm-start", w, "--out", d, *spec["overrides"]]
+        log(f"{name}: {' '.join(cmd[1:])}")
+        if _run(cmd, logfile=d + ".log") != 0:
+            log(f"{name}: compare.py failed: see {d}.log")
+            return False
+    pooled = os.path.join(out, "pooled")
+    if _run([sys.executable, os.path.join(TINY, "compare.py"), "--pool", *dirs, "--out", pooled]) != 0:
+        return False
+    with open(os.path.join(pooled, "compare.json")) as f:
+        new = json.load(f)
+    ref = os.path.join(TINY, "results", f"{name}.json")
+    if not os.path.isfile(ref):
+        log(f"{name}: no documented result {ref} to check against (table in {pooled}/compare.md)")
+        return False
+    with open(ref) as f:
+        return compare_check(new, json.load(f))
+
+
 @dataclass(frozen=True)
 class Target:
     what: str
@@ -156,6 +229,10 @@ TARGETS = {
     "accuracy": Target("the accuracy rows of the CPU table (kernels vs float64, TP/PP vs TP 1, HF vs Megatron, "
                        "engine log-probs vs float64)", "≈ 4 min", target_accuracy),
     "bench-step": Target("the trainer step's stage breakdown (issue 18 shape)", "≈ 2 min", target_bench_step),
+    "c2": Target("GRPO vs RFPO vs GRPO + dynamic sampling, 3 warm starts × 3 RL seeds, pass@1..64 (docs 'C2')",
+                 "≈ 50 min (+ the 3 warm starts if missing)", lambda a: target_compare("c2", a)),
+    "c3": Target("the R_off weightings and peer shapings, 3 warm starts × 1 RL seed (docs 'C3')",
+                 "≈ 45 min (+ the 3 warm starts if missing)", lambda a: target_compare("c3", a)),
 }
 
 
