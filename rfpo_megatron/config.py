@@ -549,6 +549,10 @@ def validate(cfg: Config) -> Config:
     choice("rfpo.wrong_advantage", r.wrong_advantage, ("group", "zero"))
     choice("rfpo.offpolicy_shaping", r.offpolicy_shaping, OFFPOLICY_SHAPINGS)
     rng("rfpo.shaping_c", r.shaping_c, 0, None, lo_open=True)
+    if r.offpolicy_shaping == "guide" and f.temperature is not None and f.temperature != cfg.rollout.temperature:
+        raise ConfigError(f"config field 'rfpo.offpolicy_shaping'=guide compares the actor's log-probs at "
+                          f"rollout.temperature={cfg.rollout.temperature} with the engine's fix log-probs at "
+                          f"rfpo.fix.temperature={f.temperature}: set rfpo.fix.temperature=null (or equal)")
     rng("rfpo.roff_clip", r.roff_clip, 0, ROFF_CLIP_MAX, lo_open=True)
     if not f.variant:
         raise ConfigError("config field 'rfpo.fix.variant' is empty: name at least one of " + ", ".join(FIX_VARIANTS))

@@ -87,7 +87,9 @@ def evaluate_checkpoint(cfg: Any, checkpoint: Optional[str], k: Optional[int] = 
                 if ckpt is None:
                     raise FileNotFoundError(f"--checkpoint {checkpoint}: no {T.STATE_FILE} and no 'latest' file")
             from rfpo_megatron.actor.parallel import init_parallel
+            from rfpo_megatron.train.lifecycle import lone_process_port
 
+            lone_process_port()  # two evals at a time must not share torch's default port
             init_parallel(cfg.actor.tensor_model_parallel_size, cfg.actor.pipeline_model_parallel_size,
                           seed=cfg.trainer.seed, vpp=cfg.actor.virtual_pipeline_model_parallel_size,
                          ep=cfg.actor.expert_model_parallel_size, etp=cfg.actor.expert_tensor_parallel_size)

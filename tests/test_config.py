@@ -39,11 +39,14 @@ def test_defaults_and_overrides(tmp_path):
         ("rollout.n_samples=0", ["rollout.n_samples", "allowed range"]),
         ("trainer.stepz=3", ["trainer.stepz", "did you mean 'steps'"]),
         ("noequals", ["section.key=value"]),
+        ("rfpo.offpolicy_shaping=lufy", ["rfpo.offpolicy_shaping", "did you mean 'luffy'"]),
+        ("rfpo.shaping_c=0", ["rfpo.shaping_c", "allowed range"]),
+        ("rfpo.offpolicy_shaping=guide rfpo.fix.temperature=0.5", ["rfpo.offpolicy_shaping", "rfpo.fix.temperature"]),
     ],
 )
 def test_bad_values_name_the_field(override, must_contain):
     with pytest.raises(ConfigError) as info:
-        load_config(None, [override])
+        load_config(None, override.split(" "))
     msg = str(info.value)
     assert "\n" not in msg
     for part in must_contain:

@@ -66,6 +66,7 @@ LABELS = {"rfpo": "RFPO", "grpo": "GRPO", "grpo_ds": "GRPO + dynamic sampling", 
           "rfpo_guide": "RFPO Guide-style r/(r+c)", "rfpo_luffy": "RFPO LUFFY-style p/(p+0.1)",
           "rfpo_wzero": "RFPO wrong_advantage=zero", "rfpo_error_info": "RFPO fix: error_info",
           "rfpo_reward": "RFPO fix: reward", "rfpo_rewrite": "RFPO fix: rewrite"}
+REUSE = False  # --reuse: a run whose directory holds a final checkpoint is read, not re-run
 BASELINES = ("grpo", "grpo_ds")  # these get RFPO's rollout budget; every other method runs --steps steps
 
 
@@ -81,14 +82,19 @@ def run_one(method: str, seed: int, steps: int, out: str, config: str, eval_inte
     env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("PYTHONWARNINGS", "ignore")
     t0 = time.time()
+    from rfpo_megatron.logging import read_metrics
+
+    metrics = os.path.join(run_dir, "logs", "metrics.jsonl")
+    if REUSE and os.path.isfile(os.path.join(run_dir, "ckpt", "latest")) and os.path.isfile(metrics):
+        print(f"[compare] {method} seed {seed}: reusing the finished run in {run_dir} (--reuse)", flush=True)
+        recs = read_metrics(metrics)
+        return {"dir": run_dir, "records": recs, "wall_s": float("nan")}
     print(f"[compare] {method} seed {seed}: {steps} steps -> {run_dir}", flush=True)
     with open(os.path.join(out, f"{method}_seed{seed}.log"), "w") as log:
         rc = subprocess.call(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     if rc != 0:
         raise SystemExit(f"[compare] {method} seed {seed} failed (rc={rc}); see {log.name}")
-    from rfpo_megatron.logging import read_metrics
-
-    recs = read_metrics(os.path.join(run_dir, "logs", "metrics.jsonl"))
+    recs = read_metrics(metrics)
     return {"dir": run_dir, "records": recs, "wall_s": time.time() - t0}
 
 
@@ -275,33 +281,39 @@ def boundary_plot(summaries: dict, start: dict, path: str) -> None:
 
 def pool(dirs: list[str], out: str) -> int:
     """One table over several compare runs (one per warm start): every (warm start, seed) pair is a sample."""
+    from rfpo_megatron.logging import read_metrics
+
+    names = [os.path.basename(os.path.normpath(d)) for d in dirs]
+    if len(set(names)) != len(names):
+        raise SystemExit(f"--pool: the directories' names must differ (they label the runs): {names}")
     merged: dict = {}
+    runs: dict = {}
     starts = []
     ks = set()
-    for d in dirs:
-        with open(os.path.join(d, "compare.json")) as fh:
+    for d, name in zip(dirs, names):
+        path = os.path.join(d, "compare.json")
+        if not os.path.isfile(path):
+            raise SystemExit(f"--pool: {path} is missing (run compare.py --out {d} first)")
+        with open(path) as fh:
             data = json.load(fh)
+        if data.get("pooled"):
+            raise SystemExit(f"--pool: {d} is itself a pooled output; pool the per-warm-start directories")
         starts.append(data.get("warm_start") or {})
         for m, per in data["summaries"].items():
             for s, summ in per.items():
-                merged.setdefault(m, {})[f"{os.path.basename(os.path.normpath(d))}/{s}"] = summ
-                ks |= {key.split("@")[1] for key in summ if key.startswith("eval_hard/avg@")}
-    k = int(sorted(ks)[0])
+                merged.setdefault(m, {})[f"{name}/{s}"] = summ
+                ks |= {int(key.split("@")[1]) for key in summ if key.startswith("eval_hard/avg@")}
+                metrics = os.path.join(d, f"{m}_seed{s}", "logs", "metrics.jsonl")
+                if os.path.isfile(metrics):  # the per-step records, for the plot
+                    runs.setdefault(m, {})[f"{name}/{s}"] = {"records": read_metrics(metrics)}
+    if len(ks) != 1:
+        raise SystemExit(f"--pool: the runs must share one eval k (trainer.eval_n_samples), found {sorted(ks)}")
+    k = ks.pop()
     start = {}
     for key in {key for st in starts for key in st}:
         vals = [st[key] for st in starts if isinstance(st.get(key), (int, float))]
         if vals:
             start[key] = sum(vals) / len(vals)
-    runs: dict = {}
-    from rfpo_megatron.logging import read_metrics
-
-    for d in dirs:  # the per-step records, for the plot
-        for m, per in merged.items():
-            for key in per:
-                w, sd = key.split("/")
-                path = os.path.join(d, f"{m}_seed{sd}", "logs", "metrics.jsonl")
-                if w == os.path.basename(os.path.normpath(d)) and os.path.isfile(path):
-                    runs.setdefault(m, {})[key] = {"records": read_metrics(path)}
     if runs:
         plot(runs, k, os.path.join(out, "compare.png"))
     boundary_plot(merged, start, os.path.join(out, "boundary.png"))
@@ -324,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=os.path.join("outputs", "compare"))
     p.add_argument("--parallel", type=int, default=2, help="runs at a time (each run: trainer + engine process)")
     p.add_argument("--methods", nargs="+", default=["rfpo", "grpo"], choices=sorted(METHODS),
-                   help="rfpo always runs first (it sets the budget); grpo_ds = GRPO + dynamic sampling")
+                   help="RFPO and its variants run --steps steps; the baselines (grpo, grpo_ds = GRPO + dynamic sampling) "
+                        "run until RFPO's rollout budget of the same seed (rfpo is added when a baseline is asked)")
     p.add_argument("--warm-start", default=None,
                    help="a prepare.py --out directory: its model/ and data/ replace the config's paths")
     p.add_argument("--pass-k", type=int, default=0,
@@ -332,8 +345,14 @@ def main(argv: list[str] | None = None) -> int:
                         "samples per prompt (pass@1 ... pass@K); 0 = off")
     p.add_argument("--pool", nargs="+", default=None,
                    help="pool these compare output directories (one per warm start) into one table in --out")
+    p.add_argument("--reuse", action="store_true",
+                   help="read runs that already finished in --out (final checkpoint present) instead of re-running "
+                        "them (e.g. after a failed pass@k eval); their wall time reads n/a")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides for both methods")
     a = p.parse_args(argv)
+    global REUSE
+    REUSE = a.reuse
+    a.methods = list(dict.fromkeys(a.methods))  # a method named twice would run twice into one directory
     os.makedirs(a.out, exist_ok=True)
     sys.path.insert(0, REPO)
     if a.pool:
@@ -369,6 +388,10 @@ def main(argv: list[str] | None = None) -> int:
     for i, m in enumerate(baselines):
         runs[m] = dict(zip(a.seeds, done[i * len(a.seeds):(i + 1) * len(a.seeds)]))
     summaries = {m: {s: summarize(r, k) for s, r in per.items()} for m, per in runs.items()}
+    if not cfg.algo.use_kl_loss:  # train/kl_loss is logged as 0 without the reference pass: not a KL
+        for per in summaries.values():
+            for summ in per.values():
+                summ["train/kl_loss"] = float("nan")
     start = {}
     try:  # the warm start itself, evaluated the same way (step 0)
         from rfpo_megatron.evaluate import evaluate_checkpoint

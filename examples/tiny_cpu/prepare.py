@@ -73,6 +73,12 @@ def make_data(out: str, seed: int, task: str = "compose") -> dict:
 
 
 # the settings that define the warm-start recipe (the band in warmstart_band.json holds for its "recipe" of these)
+def _env_threads() -> int:
+    """OMP_NUM_THREADS's first number ("4,2" -> 4), else 1."""
+    head = (os.environ.get("OMP_NUM_THREADS") or "1").split(",")[0].strip()
+    return int(head) if head.isdigit() and int(head) > 0 else 1
+
+
 RECIPE_KEYS = ("task", "sft_steps", "sft_gate", "sft_decay", "batch_size", "lr", "fix_frac", "hard_fix_n")
 
 
@@ -105,7 +111,7 @@ def parser() -> argparse.ArgumentParser:
                    help="difficulty knob (TASKS): compose (hard = 3-digit sums with a carry; default), "
                         "compose_carry_in, carries (easy = no carry at all) or digits (easy = 1-2 digits)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS") or 1),
+    p.add_argument("--threads", type=int, default=_env_threads(),
                    help="torch threads (default: OMP_NUM_THREADS, else 1; 1 is fastest on a busy box, 2 helps "
                         "only on an idle one; the band holds at 1 and 2)")
     p.add_argument("--config", default=os.path.join(HERE, "config.yaml"))

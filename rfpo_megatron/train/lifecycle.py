@@ -98,6 +98,16 @@ def build_actor(cfg: Config, with_optimizer: bool = True) -> Any:
     return actor
 
 
+def lone_process_port() -> None:
+    """A lone process (WORLD_SIZE / SLURM_NTASKS 1) without MASTER_PORT gets a free port, so two runs or evals on
+    one machine never collide on torch's default 29500."""
+    single = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")) or 1) == 1
+    if single and "MASTER_PORT" not in os.environ:
+        from rfpo_megatron.rollout.procs import free_port
+
+        os.environ["MASTER_PORT"] = str(free_port())
+
+
 def setup(cfg: Config) -> Runtime:
     """Parallel init, tokenizer, data, verifier, actor (+ reference, + critic), engine, resume, logger, signals."""
     from transformers import AutoTokenizer
@@ -115,11 +125,7 @@ def setup(cfg: Config) -> Runtime:
     prompts = load_prompt_sets(list(cfg.data.train_files), **data_kw).records  # bad data fails before init
     eval_sets = {os.path.splitext(os.path.basename(p))[0]: load_prompt_sets([p], **data_kw).records
                  for p in cfg.data.eval_files}
-    single = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")) or 1) == 1
-    if single and "MASTER_PORT" not in os.environ:  # a lone process: never collide on the default port
-        from rfpo_megatron.rollout.procs import free_port
-
-        os.environ["MASTER_PORT"] = str(free_port())
+    lone_process_port()
     info = init_parallel(cfg.actor.tensor_model_parallel_size, cfg.actor.pipeline_model_parallel_size,
                          seed=cfg.trainer.seed, vpp=cfg.actor.virtual_pipeline_model_parallel_size,
                          ep=cfg.actor.expert_model_parallel_size, etp=cfg.actor.expert_tensor_parallel_size)
