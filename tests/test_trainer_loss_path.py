@@ -218,7 +218,9 @@ def test_colocated_release_then_sync_restores_every_weight(env, tmp_path):
     assert before == after and len(set(map(tuple, before))) > 1
 
 
-@pytest.mark.parametrize("mode", ["luffy", "guide"])
+# luffy in the slow lane: the knob test through Actor.train_step covers its formula by default; guide here covers
+# the plumbing luffy does not need (the engine's fix log-probs through Step.actor_batch)
+@pytest.mark.parametrize("mode", [pytest.param("luffy", marks=pytest.mark.slow), "guide"])
 def test_offpolicy_shaping_through_update_policy(env, mode):
     """rfpo.offpolicy_shaping through the trainer's update (train.update_policy): at the first step (logp = old)
     the fixed row's per-token loss is −A·x/(x+c), x = exp(old) (luffy) or exp(old − fix_logp) with fix_logp the
