@@ -301,6 +301,8 @@ def pool(dirs: list[str], out: str) -> int:
         starts.append(data.get("warm_start") or {})
         for m, per in data["summaries"].items():
             for s, summ in per.items():
+                if summ.get("train/kl_loss") == 0.0:  # logged as exactly 0 when the KL probe was off: not a KL
+                    summ["train/kl_loss"] = float("nan")
                 merged.setdefault(m, {})[f"{name}/{s}"] = summ
                 ks |= {int(key.split("@")[1]) for key in summ if key.startswith("eval_hard/avg@")}
                 metrics = os.path.join(d, f"{m}_seed{s}", "logs", "metrics.jsonl")
