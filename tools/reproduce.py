@@ -30,7 +30,7 @@ OUT = os.path.join(REPO, "outputs", "reproduce")
 # The warm-start recipe the band is documented for (prepare.py flags) and the runs: MEASURED is what the band
 # in examples/tiny_cpu/warmstart_band.json was computed from (seeds 0-2 at 1 thread with the default AVX2 kernels,
 # seed 0 with the portable kernels, ATEN_CPU_CAPABILITY=default); FULL adds seeds 3-4 and 2-thread runs (issue 20's
-# matrix, not yet measured in one go on the 2-core box).
+# matrix; seeds 3-4 measured 2026-12-01 outside the band, docs/benchmarks.md; the 2-thread runs not in one go).
 from prepare import recipe_defaults  # noqa: E402  (examples/tiny_cpu, on sys.path above)
 
 RECIPE = recipe_defaults()  # prepare.py's own defaults: the recipe is stated once, there
