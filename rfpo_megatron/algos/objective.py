@@ -27,6 +27,7 @@ from rfpo_megatron.algos.aggregation import aggregate
 from rfpo_megatron.algos.kl import kl_loss
 from rfpo_megatron.algos.registry import get_policy_loss
 from rfpo_megatron.algos.stats import masked_mean
+from rfpo_megatron.config import OFFPOLICY_SHAPINGS, unknown_name_message
 
 
 @dataclass
@@ -74,7 +75,7 @@ def offpolicy_shaped_loss(logp: Tensor, advantages: Tensor, mode: str, c: float,
                              "(the rollout engine's log-probs of the fixed rows)")
         x = torch.exp(torch.clamp(logp - fix_logp.detach(), -20.0, 20.0))
     else:
-        raise ValueError(f"offpolicy_shaping: unknown mode {mode!r} (luffy | guide)")
+        raise ValueError(unknown_name_message("rfpo.offpolicy_shaping", mode, OFFPOLICY_SHAPINGS[1:]))
     if not c > 0:
         raise ValueError(f"rfpo.shaping_c: must be > 0 (got {c})")
     return -advantages * x / (x + c)
