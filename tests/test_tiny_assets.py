@@ -119,6 +119,84 @@ def test_gated_schedule_decays_at_the_cap_when_the_gate_is_never_met():
     assert lrs[798] == pytest.approx(1e-3) and lrs[899] == pytest.approx(0.5e-3)
 
 
+def test_gated_schedule_hold_cap_then_reheat():
+    """Hand-worked: a phase that never meets its gate decays after `hold` steps; reheat(0.5) warms up to half
+    the lr from the next step ((t - phase_start + 1) / warmup), holds, and decays again."""
+    import math
+
+    import torch
+
+    from warmstart import GatedSchedule
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    s, lrs = GatedSchedule(opt, 1e-3, max_steps=10_000, decay=20, warmup=10, hold=50), []
+    while not s.done:
+        s.step()
+        if s.decay_from is None and s.t - s.phase_start >= s.hold:  # what train_sft does at the hold cap
+            s.start_decay(gated=False)
+        lrs.append(opt.param_groups[0]["lr"])
+    assert s.t == 70 and s.decay_from == 50 and s.gated_at is None and lrs[-1] == pytest.approx(0, abs=1e-15)
+    s.reheat(0.5)
+    assert not s.done and s.phase_start == 70
+    s.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5e-3 * 2 / 10)
+    for _ in range(9):
+        s.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5e-3)
+    s.start_decay()
+    assert s.gated_at == 80  # the first gate met, in any phase
+    for _ in range(5):
+        s.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5e-3 * 0.5 * (1 + math.cos(math.pi * 5 / 20)))
+
+
+def _tiny_sft_run(tmp_path, final_check, steps=40):
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    from tiny_assets import build_tokenizer, tiny_qwen2_config
+    from warmstart import train_sft
+
+    tok = build_tokenizer(str(tmp_path / "tok"))
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(tiny_qwen2_config(tok, hidden=16, layers=1, heads=2, kv_heads=1))
+    g = torch.Generator().manual_seed(1)
+    examples = [(torch.randint(5, 40, (4,), generator=g).tolist(), torch.randint(5, 40, (3,), generator=g).tolist())
+                for _ in range(16)]
+
+    def probe(m):  # consumes torch's RNG: train_sft must restore it
+        torch.rand(3)
+        return 1.0
+
+    res = train_sft(model, examples, steps, batch_size=4, lr=1e-2, seed=0, log=lambda _: None, probe=probe,
+                    gate=0.5, probe_every=2, decay=3, hold=100, final_check=final_check, reheat=0.5)
+    return res, torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_train_sft_reheats_until_the_final_check_passes(tmp_path):
+    """A failing final check reheats (the gate is met at the phase's first probe, then 3 decay steps); a
+    passing one ends the run
+    with weights identical to a run without the check (the check runs in eval mode, RNG restored)."""
+    import torch
+
+    calls = []
+
+    def check(m):
+        calls.append(m.training)
+        torch.rand(5)
+        return len(calls) >= 3, {"n": len(calls)}
+
+    res, _ = _tiny_sft_run(tmp_path, check)
+    assert [c[:2] for c in res["checks"]] == [(5, False), (9, False), (13, True)] and res["reheats"] == 2
+    assert len(res["losses"]) == 13 and calls == [False, False, False] and res["gated_at"] == 2
+    res_pass, w_pass = _tiny_sft_run(tmp_path, lambda m: (torch.rand(2) is not None, {}))
+    res_none, w_none = _tiny_sft_run(tmp_path, None)
+    assert len(res_pass["losses"]) == len(res_none["losses"]) == 5 and res_pass["reheats"] == 0
+    assert torch.equal(w_pass, w_none)
+    res_cap, _ = _tiny_sft_run(tmp_path, lambda m: (False, {}), steps=12)  # 12 - 9 < 2 + 3: no third phase
+    assert [c[0] for c in res_cap["checks"]] == [5, 9] and res_cap["reheats"] == 1 and len(res_cap["losses"]) == 9
+
+
 def test_check_band_names_what_is_outside():
     from warmstart import check_band
 

@@ -79,7 +79,8 @@ def _env_threads() -> int:
     return int(head) if head.isdigit() and int(head) > 0 else 1
 
 
-RECIPE_KEYS = ("task", "sft_steps", "sft_gate", "sft_decay", "batch_size", "lr", "fix_frac", "hard_fix_n")
+RECIPE_KEYS = ("task", "sft_steps", "sft_gate", "sft_decay", "sft_hold", "sft_final_easy", "sft_final_fix",
+               "sft_reheat", "batch_size", "lr", "fix_frac", "hard_fix_n")
 
 
 def recipe_defaults() -> dict:
@@ -96,12 +97,21 @@ def main(argv: list[str] | None = None) -> int:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--force", action="store_true", help="rebuild everything")
-    p.add_argument("--sft-steps", type=int, default=5000,
+    p.add_argument("--sft-steps", type=int, default=6000,
                    help="SFT step cap (with --sft-gate) or the cosine length (--sft-gate 0)")
     p.add_argument("--sft-gate", type=float, default=0.9,
                    help="hold the lr until the greedy accuracy on 64 SFT prompts (probed every 200 steps) reaches "
                         "this, then decay; --sft-steps is the cap (0: plain cosine over --sft-steps)")
     p.add_argument("--sft-decay", type=int, default=500, help="decay steps after the gate")
+    p.add_argument("--sft-hold", type=int, default=3000,
+                   help="most steps a phase holds the lr waiting for the gate before it decays anyway")
+    p.add_argument("--sft-final-easy", type=float, default=0.95,
+                   help="final check after each decay: the probe's greedy accuracy must reach this ...")
+    p.add_argument("--sft-final-fix", type=float, default=0.8,
+                   help="... and the greedy `reference` fix success on 64 held-out hard problems this; "
+                        "otherwise the lr reheats (--sft-reheat x the last lr) and the run goes on, "
+                        "within --sft-steps (0 and 0: no final check)")
+    p.add_argument("--sft-reheat", type=float, default=1 / 3, help="lr factor of each reheat phase")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--fix-frac", type=float, default=1.0, help="share of SFT records also given as fix examples")
@@ -130,6 +140,7 @@ def run(a: argparse.Namespace) -> int:
     from rfpo_megatron.fix.templates import VARIANTS
     from rfpo_megatron.rewards import get_reward_fn
     from tiny_assets import build_tokenizer, tiny_qwen2_config
+    from rfpo_megatron.rewards.addition import make_split
     from warmstart import accuracy, fix_rates, hf_generate_fn, sft_examples, train_sft
 
     t0 = time.time()
@@ -154,36 +165,52 @@ def run(a: argparse.Namespace) -> int:
         log(f"data exists ({data_dir})")
 
     # 3) model + warm-start SFT
-    settings = {"v": 4, "task": a.task, "steps": a.sft_steps, "gate": a.sft_gate, "decay": a.sft_decay,
-                "bs": a.batch_size, "lr": a.lr, "fix_frac": a.fix_frac, "hard_fix_n": a.hard_fix_n, "seed": a.seed,
-                "templates": templates}
+    settings = {"v": 5, "task": a.task, "steps": a.sft_steps, "gate": a.sft_gate, "decay": a.sft_decay,
+                "hold": a.sft_hold, "final": [a.sft_final_easy, a.sft_final_fix, a.sft_reheat], "bs": a.batch_size,
+                "lr": a.lr, "fix_frac": a.fix_frac, "hard_fix_n": a.hard_fix_n, "seed": a.seed, "templates": templates}
     if a.force or not _done(model_dir, settings):
         torch.manual_seed(a.seed)
         model = Qwen2ForCausalLM(tiny_qwen2_config(tokenizer))
         n_params = sum(p.numel() for p in model.parameters())
         easy = load_prompt_set(os.path.join(data_dir, "train_easy.jsonl")).records
         examples = sft_examples(easy, tokenizer, templates, a.fix_frac, VARIANTS, seed=a.seed)
+        seen = {r["prompt"] for f in ("train_hard", "eval_hard")
+                for r in load_prompt_set(os.path.join(data_dir, f + ".jsonl")).records}
         if a.hard_fix_n > 0:  # fix-format only: the plain hard prompts are never trained on
-            from rfpo_megatron.rewards.addition import make_split
-
-            seen = {r["prompt"] for f in ("train_hard", "eval_hard")
-                    for r in load_prompt_set(os.path.join(data_dir, f + ".jsonl")).records}
             hard = make_split(a.hard_fix_n, TASKS[a.task]["hard_digits"], a.seed + 99, prefix="sftfix",
                               exclude=seen, min_carries=TASKS[a.task].get("min_carries_hard", 0),
                               carry_kind=TASKS[a.task].get("carry_kind", "carries"))
             examples += [ex for i, ex in enumerate(sft_examples(hard, tokenizer, templates, 1.0, ["reference"],
                                                                 seed=a.seed + 1)) if i % 2 == 1]
+            seen |= {r["prompt"] for r in hard}
         log(f"warm-start SFT: {n_params / 1e6:.2f}M params, {len(examples)} examples "
             f"({len(examples) - len(easy)} fix-format), {a.sft_steps} steps x {a.batch_size}")
+        ver = get_reward_fn(reward_name)
         probe_recs = random.Random(a.seed + 7).sample(easy, 64)  # the gate's probe: SFT prompts, greedy
-        probe = lambda m: accuracy(hf_generate_fn(m, tokenizer, max_new_tokens=64), tokenizer, probe_recs,  # noqa: E731
-                                   get_reward_fn(reward_name), seed=None)
+        fix_recs = make_split(64, TASKS[a.task]["hard_digits"], a.seed + 77, prefix="probefix", exclude=seen,
+                              min_carries=TASKS[a.task].get("min_carries_hard", 0),
+                              carry_kind=TASKS[a.task].get("carry_kind", "carries"))  # never trained on
+
+        def probe(m) -> float:
+            return accuracy(hf_generate_fn(m, tokenizer, max_new_tokens=64), tokenizer, probe_recs, ver, seed=None)
+
+        def final_check(m) -> tuple[bool, dict]:
+            gen = hf_generate_fn(m, tokenizer, max_new_tokens=64)
+            easy_acc = accuracy(gen, tokenizer, probe_recs, ver, seed=None)
+            fix = fix_rates(gen, tokenizer, fix_recs, ver, templates, ["reference"], n=1, attempts=1,
+                            temperature=0.0, seed=3)["reference"]["fix_success_rate"]
+            return (easy_acc >= a.sft_final_easy and fix >= a.sft_final_fix,
+                    {"probe": round(easy_acc, 3), "reference_fix_greedy": round(fix, 3)})
+
+        check = final_check if (a.sft_final_easy > 0 or a.sft_final_fix > 0) else None
         res = train_sft(model, examples, a.sft_steps, a.batch_size, a.lr, a.seed, log=log, probe=probe,
-                        gate=a.sft_gate, decay=a.sft_decay)
+                        gate=a.sft_gate, decay=a.sft_decay, hold=a.sft_hold, final_check=check,
+                        reheat=a.sft_reheat)
         losses = res["losses"]
         os.makedirs(model_dir, exist_ok=True)
         with open(os.path.join(model_dir, "sft_log.json"), "w") as f:
             json.dump({"steps": len(losses), "gated_at": res["gated_at"], "probes": res["probes"],
+                       "checks": res["checks"], "reheats": res["reheats"],
                        "final_loss": sum(losses[-50:]) / len(losses[-50:]),
                        "loss_per_100": [sum(losses[i:i + 100]) / len(losses[i:i + 100])
                                         for i in range(0, len(losses), 100)]}, f)
@@ -216,7 +243,7 @@ def run(a: argparse.Namespace) -> int:
         sft_log = os.path.join(model_dir, "sft_log.json")
         if os.path.exists(sft_log):
             with open(sft_log) as f:
-                rep["sft"] = {k: v for k, v in json.load(f).items() if k not in ("loss_per_100", "probes")}
+                rep["sft"] = {k: v for k, v in json.load(f).items() if k not in ("loss_per_100", "probes", "checks")}
         with open(report_path, "w") as f:
             json.dump(rep, f, indent=1)
         log(f"report -> {report_path}")

@@ -67,18 +67,23 @@ def sft_examples(records: Sequence[dict], tokenizer: Any, templates: dict, fix_f
 
 class GatedSchedule:
     """Warm-up, then a constant lr until `start_decay()` is called (the model has learned the task), then a
-    cosine decay to 0 over `decay` steps. If `start_decay()` has not been called by `max_steps - decay`,
-    the decay starts there anyway and `gated_at` stays None. Call `step()` once per optimizer step.
+    cosine decay to 0 over `decay` steps. The hold is capped: if `start_decay()` has not been called `hold`
+    steps into a phase (or by `max_steps - decay`), the decay starts there anyway and the phase's gate stays
+    unmet. `reheat(factor)` starts a new phase: warm-up to `factor` x the last phase's lr, hold, decay again.
+    Call `step()` once per optimizer step.
 
     Why: the tiny model learns the task in a sudden jump (the SFT loss falls from ≈ 0.25 to ≈ 0.01 when it
     learns to copy digits from the prompt) whose step depends on the seed, the thread count and the math
     kernels; a cosine over a fixed step count can decay the lr before a late jump and leave a half-trained
-    model. Holding the lr until the jump has happened makes every run decay from the same place.
+    model. Holding the lr until the jump has happened makes every run decay from the same place; a reheat at
+    a lower lr finishes a run whose decayed model still misses the final check (`train_sft`).
     """
 
-    def __init__(self, opt, lr: float, max_steps: int, decay: int = 500, warmup: int = 100):
+    def __init__(self, opt, lr: float, max_steps: int, decay: int = 500, warmup: int = 100,
+                 hold: int | None = None):
         self.opt, self.lr, self.max_steps, self.decay, self.warmup = opt, lr, max_steps, decay, warmup
-        self.t, self.decay_from, self.gated_at = 0, None, None
+        self.hold = hold
+        self.t, self.phase_start, self.decay_from, self.gated_at = 0, 0, None, None
         self._set(lr * min(1.0, 1 / warmup))
 
     def _set(self, lr: float) -> None:
@@ -89,16 +94,23 @@ class GatedSchedule:
     def done(self) -> bool:
         return self.decay_from is not None and self.t >= self.decay_from + self.decay
 
-    def start_decay(self) -> None:
+    def start_decay(self, gated: bool = True) -> None:
         if self.decay_from is None:
-            self.decay_from = self.gated_at = self.t
+            self.decay_from = self.t
+            if gated and self.gated_at is None:
+                self.gated_at = self.t
+
+    def reheat(self, factor: float) -> None:
+        """A new phase at `factor` x the current phase's lr, starting at the next step."""
+        self.lr *= factor
+        self.phase_start, self.decay_from = self.t, None
 
     def step(self) -> None:
         self.t += 1
         if self.decay_from is None and self.t >= self.max_steps - self.decay:
             self.decay_from = self.t
         if self.decay_from is None:
-            self._set(self.lr * min(1.0, (self.t + 1) / self.warmup))
+            self._set(self.lr * min(1.0, (self.t - self.phase_start + 1) / self.warmup))
         else:
             self._set(self.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (self.t - self.decay_from) / self.decay))))
 
@@ -106,23 +118,36 @@ class GatedSchedule:
 def train_sft(model, examples: list, steps: int, batch_size: int = 32, lr: float = 3e-3,
               seed: int = 0, log: Callable[[str], None] = print, log_every: int = 100,
               probe: Callable[[Any], float] | None = None, gate: float = 0.0, probe_every: int = 200,
-              decay: int = 500) -> dict:
+              decay: int = 500, hold: int | None = None,
+              final_check: Callable[[Any], tuple[bool, dict]] | None = None, reheat: float = 1 / 3) -> dict:
     """Next-token SFT on response tokens only (AdamW).
 
     gate = 0: warm-up + cosine over `steps` (the old recipe). gate > 0: `GatedSchedule` — constant lr until
     `probe(model)` (a greedy accuracy, run every `probe_every` steps in eval mode, RNG state restored) is
-    >= gate, then `decay` cosine steps; `steps` is the cap.
-    Returns {"losses": [per step], "gated_at": step or None, "probes": [(step, accuracy)]}.
+    >= gate or `hold` steps have passed, then `decay` cosine steps; `steps` is the cap. After a decay,
+    `final_check(model)` -> (ok, numbers) (eval mode, RNG restored); if not ok and at least
+    `probe_every + decay` steps remain, the schedule reheats at `reheat` x the lr and goes on.
+    Returns {"losses": [per step], "gated_at": step or None, "probes": [(step, accuracy)],
+    "checks": [(step, ok, numbers)], "reheats": int}.
     """
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-    gated = GatedSchedule(opt, lr, steps, decay=min(decay, steps // 2)) if gate > 0 else None
+    gated = GatedSchedule(opt, lr, steps, decay=min(decay, steps // 2), hold=hold) if gate > 0 else None
     if gated is None:
         warm = max(1, steps // 20)
         cos = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+
+    def in_eval(fn):
+        rng = torch.get_rng_state()
+        model.eval()
+        out = fn(model)
+        model.train()
+        torch.set_rng_state(rng)
+        return out
+
     model.train()
-    losses, probes, t0 = [], [], time.time()
+    losses, probes, checks, reheats, t0 = [], [], [], 0, time.time()
     # length buckets (less padding): sort by length, 8 batches per bucket; a step samples one bucket
     # with probability proportional to its size, then a batch inside it (~uniform over examples)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]) + len(examples[i][1]))
@@ -152,26 +177,34 @@ def train_sft(model, examples: list, steps: int, batch_size: int = 32, lr: float
         else:
             gated.step()
             if gated.decay_from is None and (step + 1) % probe_every == 0:
-                rng = torch.get_rng_state()
-                model.eval()
-                acc = probe(model)
-                model.train()
-                torch.set_rng_state(rng)
+                acc = in_eval(probe)
                 probes.append((step + 1, acc))
                 log(f"  sft step {step + 1}: probe accuracy {acc:.3f} (gate {gate})")
                 if acc >= gate:
                     gated.start_decay()
                     log(f"  sft step {step + 1}: gate met; cosine decay over {gated.decay} steps")
-            elif gated.decay_from == step + 1 and gated.gated_at is None:
+            if gated.decay_from is None and hold is not None and step + 1 - gated.phase_start >= hold:
+                gated.start_decay(gated=False)
+                log(f"  sft step {step + 1}: WARNING gate NOT met in {hold} steps; decaying anyway")
+            elif gated.decay_from == step + 1 and step + 1 >= steps - gated.decay:
                 log(f"  sft step {step + 1}: WARNING gate NOT met by the step cap; decaying anyway")
         end = gated is not None and gated.done
+        if end and final_check is not None:
+            ok, nums = in_eval(final_check)
+            checks.append((step + 1, ok, nums))
+            log(f"  sft step {step + 1}: final check {'passed' if ok else 'FAILED'} {nums}")
+            if not ok and steps - (step + 1) >= probe_every + gated.decay:
+                gated.reheat(reheat)
+                reheats, end = reheats + 1, False
+                log(f"  sft step {step + 1}: reheat at lr {gated.lr:.2e} (hold, gate, decay again)")
         if (step + 1) % log_every == 0 or step == steps - 1 or end:
             log(f"  sft step {step + 1}/{steps}  loss {sum(losses[-log_every:]) / len(losses[-log_every:]):.4f}"
                 f"  lr {opt.param_groups[0]['lr']:.2e}  ({time.time() - t0:.0f}s)")
         if end:
             break
     model.eval()
-    return {"losses": losses, "gated_at": gated.gated_at if gated else None, "probes": probes}
+    return {"losses": losses, "gated_at": gated.gated_at if gated else None, "probes": probes, "checks": checks,
+            "reheats": reheats}
 
 
 # ------------------------------------------------------------------------------ HF generate callable
