@@ -150,7 +150,7 @@ def test_gated_schedule_hold_cap_then_reheat():
     assert opt.param_groups[0]["lr"] == pytest.approx(0.5e-3 * 0.5 * (1 + math.cos(math.pi * 5 / 20)))
 
 
-def _tiny_sft_run(tmp_path, final_check, steps=40):
+def _tiny_sft_run(tmp_path, final_check, steps=40, probe_acc=1.0, hold=100):
     import torch
     from transformers import Qwen2ForCausalLM
 
@@ -166,10 +166,12 @@ def _tiny_sft_run(tmp_path, final_check, steps=40):
 
     def probe(m):  # consumes torch's RNG: train_sft must restore it
         torch.rand(3)
-        return 1.0
+        return probe_acc
 
+    rng = torch.get_rng_state()
     res = train_sft(model, examples, steps, batch_size=4, lr=1e-2, seed=0, log=lambda _: None, probe=probe,
-                    gate=0.5, probe_every=2, decay=3, hold=100, final_check=final_check, reheat=0.5)
+                    gate=0.5, probe_every=2, decay=3, hold=hold, final_check=final_check, reheat=0.5)
+    assert torch.equal(torch.get_rng_state(), rng)  # probes and checks leave torch's RNG as they found it
     return res, torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
@@ -195,6 +197,44 @@ def test_train_sft_reheats_until_the_final_check_passes(tmp_path):
     assert torch.equal(w_pass, w_none)
     res_cap, _ = _tiny_sft_run(tmp_path, lambda m: (False, {}), steps=12)  # 12 - 9 < 2 + 3: no third phase
     assert [c[0] for c in res_cap["checks"]] == [5, 9] and res_cap["reheats"] == 1 and len(res_cap["losses"]) == 9
+    res_hold, _ = _tiny_sft_run(tmp_path, lambda m: (True, {}), probe_acc=0.0, hold=4)  # gate never met
+    assert res_hold["gated_at"] is None and [p[0] for p in res_hold["probes"]] == [2, 4]
+    assert [c[:2] for c in res_hold["checks"]] == [(7, True)] and len(res_hold["losses"]) == 7  # 4 held + 3 decay
+
+
+def test_sft_restart_is_the_run_a_fresh_init_seed_makes(tmp_path):
+    """A run whose final check fails at the cap restarts from init seed + 1000; the restarted attempt ends
+    with the same weights as a run started with that init seed directly (what --init-seed 1004 reproduces)."""
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    from tiny_assets import build_tokenizer, tiny_qwen2_config
+    from warmstart import sft_with_restarts, train_sft
+
+    tok = build_tokenizer(str(tmp_path / "tok"))
+    g = torch.Generator().manual_seed(1)
+    examples = [(torch.randint(5, 40, (4,), generator=g).tolist(), torch.randint(5, 40, (3,), generator=g).tolist())
+                for _ in range(16)]
+
+    def make(seed):
+        torch.manual_seed(seed)
+        m = Qwen2ForCausalLM(tiny_qwen2_config(tok, hidden=16, layers=1, heads=2, kv_heads=1))
+        m.init_seed = seed
+        return m
+
+    kw = dict(examples=examples, steps=8, batch_size=4, lr=1e-2, probe=lambda m: 1.0, gate=0.5, probe_every=2,
+              decay=3, hold=100, reheat=0.5)
+    logs = []
+    model, res, attempts = sft_with_restarts(make, 4, 2, logs.append,
+                                             final_check=lambda m: (m.init_seed == 1004, {}), **kw)
+    assert [a["init_seed"] for a in attempts] == [4, 1004] and attempts[0]["checks"][-1][1] is False
+    assert any("restarting from a fresh init (init seed 1004)" in x for x in logs)
+    direct = make(1004)
+    train_sft(direct, seed=1004, log=lambda _: None, final_check=lambda m: (True, {}), **kw)
+    flat = lambda m: torch.cat([p.detach().flatten() for p in m.parameters()])  # noqa: E731
+    assert torch.equal(flat(model), flat(direct))
+    _, _, never = sft_with_restarts(make, 0, 1, logs.append, final_check=lambda m: (False, {}), **kw)
+    assert [a["init_seed"] for a in never] == [0, 1000] and "no restart is left" in logs[-1]
 
 
 def test_check_band_names_what_is_outside():

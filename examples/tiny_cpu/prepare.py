@@ -79,8 +79,8 @@ def _env_threads() -> int:
     return int(head) if head.isdigit() and int(head) > 0 else 1
 
 
-RECIPE_KEYS = ("task", "sft_steps", "sft_gate", "sft_decay", "sft_hold", "sft_final_easy", "sft_final_fix",
-               "sft_reheat", "batch_size", "lr", "fix_frac", "hard_fix_n")
+RECIPE_KEYS = ("task", "sft_steps", "sft_gate", "sft_decay", "sft_hold", "sft_final_fix", "sft_reheat",
+               "sft_restarts", "batch_size", "lr", "fix_frac", "hard_fix_n")
 
 
 def recipe_defaults() -> dict:
@@ -104,14 +104,18 @@ def parser() -> argparse.ArgumentParser:
                         "this, then decay; --sft-steps is the cap (0: plain cosine over --sft-steps)")
     p.add_argument("--sft-decay", type=int, default=500, help="decay steps after the gate")
     p.add_argument("--sft-hold", type=int, default=3000,
-                   help="most steps a phase holds the lr waiting for the gate before it decays anyway")
-    p.add_argument("--sft-final-easy", type=float, default=0.95,
-                   help="final check after each decay: the probe's greedy accuracy must reach this ...")
+                   help="most steps a phase holds the lr waiting for the gate before it decays anyway (0: no cap)")
     p.add_argument("--sft-final-fix", type=float, default=0.8,
-                   help="... and the greedy `reference` fix success on 64 held-out hard problems this; "
-                        "otherwise the lr reheats (--sft-reheat x the last lr) and the run goes on, "
-                        "within --sft-steps (0 and 0: no final check)")
-    p.add_argument("--sft-reheat", type=float, default=1 / 3, help="lr factor of each reheat phase")
+                   help="final check after each decay: the probe reaches --sft-gate and the greedy `reference` fix "
+                        "success on 64 held-out hard problems reaches this; otherwise the lr reheats (hold, gate, "
+                        "decay, check again) while --sft-steps leaves room")
+    p.add_argument("--sft-reheat", type=float, default=1 / 3,
+                   help="each reheat phase's lr = this x the previous phase's (1/3, 1/9, ... of --lr)")
+    p.add_argument("--sft-restarts", type=int, default=1,
+                   help="how many times a run that ends with its final check failing starts again from a fresh "
+                        "init (init seed + 1000)")
+    p.add_argument("--init-seed", type=int, default=None,
+                   help="model init and SFT batch order (default: --seed; data and probes follow --seed)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--fix-frac", type=float, default=1.0, help="share of SFT records also given as fix examples")
@@ -141,7 +145,7 @@ def run(a: argparse.Namespace) -> int:
     from rfpo_megatron.rewards import get_reward_fn
     from tiny_assets import build_tokenizer, tiny_qwen2_config
     from rfpo_megatron.rewards.addition import make_split
-    from warmstart import accuracy, fix_rates, hf_generate_fn, sft_examples, train_sft
+    from warmstart import accuracy, fix_rates, hf_generate_fn, sft_examples, sft_with_restarts
 
     t0 = time.time()
     tok_dir, data_dir, model_dir = (os.path.join(a.out, d) for d in ("tokenizer", "data", "model"))
@@ -165,13 +169,12 @@ def run(a: argparse.Namespace) -> int:
         log(f"data exists ({data_dir})")
 
     # 3) model + warm-start SFT
-    settings = {"v": 5, "task": a.task, "steps": a.sft_steps, "gate": a.sft_gate, "decay": a.sft_decay,
-                "hold": a.sft_hold, "final": [a.sft_final_easy, a.sft_final_fix, a.sft_reheat], "bs": a.batch_size,
-                "lr": a.lr, "fix_frac": a.fix_frac, "hard_fix_n": a.hard_fix_n, "seed": a.seed, "templates": templates}
+    init_seed = a.seed if a.init_seed is None else a.init_seed
+    settings = {"v": 6, "task": a.task, "steps": a.sft_steps, "gate": a.sft_gate, "decay": a.sft_decay,
+                "hold": a.sft_hold, "final": [a.sft_final_fix, a.sft_reheat, a.sft_restarts], "bs": a.batch_size,
+                "lr": a.lr, "fix_frac": a.fix_frac, "hard_fix_n": a.hard_fix_n, "seed": a.seed, "init": init_seed,
+                "templates": templates}
     if a.force or not _done(model_dir, settings):
-        torch.manual_seed(a.seed)
-        model = Qwen2ForCausalLM(tiny_qwen2_config(tokenizer))
-        n_params = sum(p.numel() for p in model.parameters())
         easy = load_prompt_set(os.path.join(data_dir, "train_easy.jsonl")).records
         examples = sft_examples(easy, tokenizer, templates, a.fix_frac, VARIANTS, seed=a.seed)
         seen = {r["prompt"] for f in ("train_hard", "eval_hard")
@@ -183,8 +186,6 @@ def run(a: argparse.Namespace) -> int:
             examples += [ex for i, ex in enumerate(sft_examples(hard, tokenizer, templates, 1.0, ["reference"],
                                                                 seed=a.seed + 1)) if i % 2 == 1]
             seen |= {r["prompt"] for r in hard}
-        log(f"warm-start SFT: {n_params / 1e6:.2f}M params, {len(examples)} examples "
-            f"({len(examples) - len(easy)} fix-format), {a.sft_steps} steps x {a.batch_size}")
         ver = get_reward_fn(reward_name)
         probe_recs = random.Random(a.seed + 7).sample(easy, 64)  # the gate's probe: SFT prompts, greedy
         fix_recs = make_split(64, TASKS[a.task]["hard_digits"], a.seed + 77, prefix="probefix", exclude=seen,
@@ -199,18 +200,27 @@ def run(a: argparse.Namespace) -> int:
             easy_acc = accuracy(gen, tokenizer, probe_recs, ver, seed=None)
             fix = fix_rates(gen, tokenizer, fix_recs, ver, templates, ["reference"], n=1, attempts=1,
                             temperature=0.0, seed=3)["reference"]["fix_success_rate"]
-            return (easy_acc >= a.sft_final_easy and fix >= a.sft_final_fix,
+            return (easy_acc >= a.sft_gate and fix >= a.sft_final_fix,
                     {"probe": round(easy_acc, 3), "reference_fix_greedy": round(fix, 3)})
 
-        check = final_check if (a.sft_final_easy > 0 or a.sft_final_fix > 0) else None
-        res = train_sft(model, examples, a.sft_steps, a.batch_size, a.lr, a.seed, log=log, probe=probe,
-                        gate=a.sft_gate, decay=a.sft_decay, hold=a.sft_hold, final_check=check,
-                        reheat=a.sft_reheat)
+        def make_model(seed: int):
+            torch.manual_seed(seed)
+            m = Qwen2ForCausalLM(tiny_qwen2_config(tokenizer))
+            log(f"warm-start SFT (init seed {seed}): {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M params, "
+                f"{len(examples)} examples ({len(examples) - len(easy)} fix-format), cap {a.sft_steps} steps x "
+                f"{a.batch_size}")
+            return m
+
+        model, res, attempts = sft_with_restarts(
+            make_model, init_seed, a.sft_restarts, log, examples=examples, steps=a.sft_steps,
+            batch_size=a.batch_size, lr=a.lr, probe=probe, gate=a.sft_gate, decay=a.sft_decay, hold=a.sft_hold if a.sft_hold > 0 else None,
+            final_check=final_check if a.sft_gate > 0 else None, reheat=a.sft_reheat)
         losses = res["losses"]
         os.makedirs(model_dir, exist_ok=True)
         with open(os.path.join(model_dir, "sft_log.json"), "w") as f:
             json.dump({"steps": len(losses), "gated_at": res["gated_at"], "probes": res["probes"],
-                       "checks": res["checks"], "reheats": res["reheats"],
+                       "checks": res["checks"], "reheats": res["reheats"], "init_seed": attempts[-1]["init_seed"],
+                       "restarts": len(attempts) - 1, "attempts": attempts,
                        "final_loss": sum(losses[-50:]) / len(losses[-50:]),
                        "loss_per_100": [sum(losses[i:i + 100]) / len(losses[i:i + 100])
                                         for i in range(0, len(losses), 100)]}, f)
@@ -243,7 +253,7 @@ def run(a: argparse.Namespace) -> int:
         sft_log = os.path.join(model_dir, "sft_log.json")
         if os.path.exists(sft_log):
             with open(sft_log) as f:
-                rep["sft"] = {k: v for k, v in json.load(f).items() if k not in ("loss_per_100", "probes", "checks")}
+                rep["sft"] = {k: v for k, v in json.load(f).items() if k not in ("loss_per_100", "probes", "checks", "attempts")}
         with open(report_path, "w") as f:
             json.dump(rep, f, indent=1)
         log(f"report -> {report_path}")

@@ -101,7 +101,8 @@ class GatedSchedule:
                 self.gated_at = self.t
 
     def reheat(self, factor: float) -> None:
-        """A new phase at `factor` x the current phase's lr, starting at the next step."""
+        """A new phase at `factor` x the current phase's lr. Its warm-up starts with the next `step()`: the
+        optimizer step right after the call still runs at the decayed lr 0 (it only updates AdamW's moments)."""
         self.lr *= factor
         self.phase_start, self.decay_from = self.t, None
 
@@ -187,7 +188,7 @@ def train_sft(model, examples: list, steps: int, batch_size: int = 32, lr: float
                 gated.start_decay(gated=False)
                 log(f"  sft step {step + 1}: WARNING gate NOT met in {hold} steps; decaying anyway")
             elif gated.decay_from == step + 1 and step + 1 >= steps - gated.decay:
-                log(f"  sft step {step + 1}: WARNING gate NOT met by the step cap; decaying anyway")
+                log(f"  sft step {step + 1}: WARNING gate not met (or not probed) by the step cap; decaying anyway")
         end = gated is not None and gated.done
         if end and final_check is not None:
             ok, nums = in_eval(final_check)
@@ -205,6 +206,29 @@ def train_sft(model, examples: list, steps: int, batch_size: int = 32, lr: float
     model.eval()
     return {"losses": losses, "gated_at": gated.gated_at if gated else None, "probes": probes, "checks": checks,
             "reheats": reheats}
+
+
+def sft_with_restarts(make_model: Callable[[int], Any], init_seed: int, restarts: int,
+                      log: Callable[[str], None] = print, **train_kw) -> tuple[Any, dict, list[dict]]:
+    """`train_sft(make_model(seed), seed=seed, **train_kw)`; when the run ends with its final check failing
+    (no room left under the step cap), start again from `make_model(seed + 1000)`, at most `restarts` times.
+    Each attempt is exactly the run a fresh process would make with that init seed (the model and the batch
+    order follow it; data and probes do not). Returns (model, the last attempt's result, per attempt
+    {"init_seed", "steps", "checks"})."""
+    attempts = []
+    for k in range(restarts + 1):
+        seed = init_seed + 1000 * k
+        model = make_model(seed)
+        res = train_sft(model, seed=seed, log=log, **train_kw)
+        attempts.append({"init_seed": seed, "steps": len(res["losses"]), "checks": res["checks"]})
+        if not res["checks"] or res["checks"][-1][1]:
+            break
+        why = f"the final check still fails with no room left under the step cap ({res['checks'][-1][2]})"
+        if k < restarts:
+            log(f"WARNING {why}; restarting from a fresh init (init seed {seed + 1000})")
+        else:
+            log(f"WARNING {why} and no restart is left: the warm start will likely fall outside the band")
+    return model, res, attempts
 
 
 # ------------------------------------------------------------------------------ HF generate callable
