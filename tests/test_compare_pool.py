@@ -76,3 +76,17 @@ def test_reproduce_compare_check_uses_the_documented_spread():
     assert reproduce.compare_check(near, doc)  # |0.30 - 0.20| = 0.10 <= std 0.141
     assert not reproduce.compare_check(far, doc)  # 0.35 > 0.141
     assert not reproduce.compare_check({"summaries": {}}, doc)  # a method that did not run is outside
+
+
+def test_roff_histogram_sums_steps_then_pools_runs():
+    """summarize sums each log R_off bin over the run's steps (steps without the keys count 0); the table's row
+    pools the runs' counts and prints each bin's share of all placed fixes (hand-worked)."""
+    h = lambda *c: {f"rfpo/log_roff_hist_{i}": float(x) for i, x in enumerate(c)}  # noqa: E731
+    run_a = {"records": [{"step": 1, **h(1, 0, 2)}, {"step": 2}, {"step": 3, **h(0, 1, 0)}], "wall_s": 1.0}
+    run_b = {"records": [{"step": 1, **h(0, 0, 4)}], "wall_s": 1.0}
+    sa, sb = compare.summarize(run_a, 4), compare.summarize(run_b, 4)
+    assert sa["rfpo/log_roff_hist"] == [1, 1, 2] and sb["rfpo/log_roff_hist"] == [0, 0, 4]
+    assert compare._hist([sa, sb]) == "0.12/0.12/0.75 (n=8)"  # [1, 1, 6] / 8
+    assert compare._hist([{}, {}]) == "n/a" and compare._hist([{"rfpo/log_roff_hist": [0, 0]}]) == "no fixes"
+    md = compare.table({"rfpo": {"1": sa, "2": sb}}, 4, {})
+    assert "| log R_off histogram" in md and md.rstrip().endswith("| 0.12/0.12/0.75 (n=8) |")

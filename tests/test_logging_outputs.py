@@ -136,8 +136,12 @@ def test_roff_and_grad_signal_metrics():
     assert m["rfpo/roff_mean"] == pytest.approx((math.exp(0.5) + math.exp(-2.0)) / 2)
     assert m["rfpo/roff_min"] == pytest.approx(math.exp(-2.0)) and m["rfpo/roff_max"] == pytest.approx(math.exp(0.5))
     assert m["rfpo/roff_clamped_frac"] == 0.5
+    hist = lambda mm: [mm[f"rfpo/log_roff_hist_{i}"] for i in range(8)]  # noqa: E731  bins of 0.5 over [-2, 2]
+    assert hist(m) == [1, 0, 0, 0, 0, 1, 0, 0]  # -2.0 -> bin 0 (lower end), 0.5 -> bin 5 ([0.5, 1.0))
+    m2 = roff_metrics(torch.tensor([2.0, 3.0, -0.25, 0.0, 9.0]), torch.tensor([True, True, True, True, False]), 2.0)
+    assert hist(m2) == [0, 0, 0, 1, 1, 0, 0, 2]  # the upper end and a value past the clip land in the last bin
     none = roff_metrics(torch.zeros(3), torch.zeros(3, dtype=torch.bool), clip=2.0)
-    assert none["rfpo/roff_mean"] == 1.0 and none["rfpo/fixed_seq_frac"] == 0.0
+    assert none["rfpo/roff_mean"] == 1.0 and none["rfpo/fixed_seq_frac"] == 0.0 and hist(none) == [0] * 8
     adv = torch.tensor([0.0, 0.0, 1.0, -1.0, 0.0, 0.0])
     gidx = torch.tensor([0, 0, 1, 1, 2, 2])
     assert grad_signal_frac(adv, gidx, 3) == pytest.approx(1 / 3)

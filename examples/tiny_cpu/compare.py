@@ -144,7 +144,21 @@ def summarize(run: dict, k: int) -> dict:
         s[key] = _mean(recs, key) if key != "rfpo/internalization_rate" else _last(recs, key)
     for key in ("rfpo/roff_mean", "rfpo/roff_min", "rfpo/roff_max", "rfpo/roff_clamped_frac"):
         s[key] = _mean(recs, key, fixed_only=True)
+    bins = sorted({key for r in recs for key in r if key.startswith("rfpo/log_roff_hist_")},
+                  key=lambda x: int(x.rsplit("_", 1)[1]))
+    if bins:  # counts of placed fixes per log R_off bin, summed over the run's steps
+        s["rfpo/log_roff_hist"] = [sum(r.get(b) or 0.0 for r in recs) for b in bins]
     return s
+
+
+def _hist(summaries: list[dict]) -> str:
+    """Pooled log R_off histogram of several runs: each bin's share of all placed fixes, `a/b/...`."""
+    counts = [h for h in (ss.get("rfpo/log_roff_hist") for ss in summaries) if h]
+    if not counts:
+        return "n/a"
+    tot = [sum(c) for c in zip(*counts)]
+    n = sum(tot)
+    return "/".join(f"{c / n:.2f}" for c in tot) + f" (n={n:.0f})" if n else "no fixes"
 
 
 def _ms(values: list[float]) -> str:
@@ -188,6 +202,9 @@ def table(summaries: dict, k: int, start: dict, pooled: str | None = None) -> st
         if key.startswith("boundary/") and start.get(key) is not None:
             label += f" — warm start {start[key]:.3f}"
         lines.append(f"| {label} | " + " | ".join(_ms([summaries[m][s].get(key, float("nan")) for s in seeds]) for m in methods) + " |")
+    lines.append("| log R_off histogram: share of the placed fixes in 8 equal bins over [−roff_clip, roff_clip] "
+                 "(clamped ones in the end bins), pooled over steps and runs | "
+                 + " | ".join(_hist([summaries[m][s] for s in seeds]) for m in methods) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -66,20 +66,29 @@ def group_flags(groups: Sequence[Any], threshold: float = 0.0, success_threshold
     return {"rfpo/zero_group_frac": zero / n, "rfpo/full_group_frac": full / n}
 
 
+ROFF_HIST_BINS = 8
+
+
 def roff_metrics(log_roff: torch.Tensor, is_fixed: torch.Tensor, clip: float) -> dict[str, float]:
     """R_off statistics over fixed sequences. log_roff: [N] (clamped), is_fixed: [N] bool.
 
     roff_clamped_frac = share of fixed sequences whose |log R_off| reached the clip bound.
-    With no fixed sequence the stats are R_off = 1 and clamped 0.
+    rfpo/log_roff_hist_{i}, i < ROFF_HIST_BINS: how many fixed sequences have log R_off in the i-th of
+    ROFF_HIST_BINS equal bins over [-clip, clip] (both ends included: clamped values land in the end bins);
+    summed over steps they are the run's R_off histogram (examples/tiny_cpu/compare.py).
+    With no fixed sequence the stats are R_off = 1, clamped 0 and empty bins.
     """
     fixed = is_fixed.bool()
     n = int(fixed.sum())
     out = {"rfpo/fixed_seq_frac": n / max(1, int(is_fixed.numel()))}
+    lr = log_roff.detach().double()[fixed]
+    counts = torch.histc(lr.clamp(-clip, clip), bins=ROFF_HIST_BINS, min=-clip, max=clip) if n else \
+        torch.zeros(ROFF_HIST_BINS, dtype=torch.float64)
+    out.update({f"rfpo/log_roff_hist_{i}": float(c) for i, c in enumerate(counts)})
     if n == 0:
         out.update({"rfpo/roff_mean": 1.0, "rfpo/roff_min": 1.0, "rfpo/roff_max": 1.0,
                     "rfpo/log_roff_mean": 0.0, "rfpo/roff_clamped_frac": 0.0})
         return out
-    lr = log_roff.detach().double()[fixed]
     r = lr.exp()
     out.update({
         "rfpo/roff_mean": float(r.mean()),
