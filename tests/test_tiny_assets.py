@@ -262,6 +262,10 @@ def test_prepare_end_to_end(tmp_path):
         assert (out / d / "DONE.json").exists()
     rep = json.loads((out / "warmstart_report.json").read_text())
     assert set(rep["fix_on_hard"]) == {"rewrite", "reward", "error_info", "reference"}
+    import torch
+    assert rep["machine"] == {"threads": 1, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                              "torch": torch.__version__}  # same env as this process: same kernel path
+    assert "warm start (1 thread(s), " + torch.backends.cpu.get_cpu_capability() + " kernels)" in r.stdout
     r2 = subprocess.run(cmd, capture_output=True, text=True, timeout=600)  # idempotent: nothing rebuilt
     assert r2.returncode == 0 and "exists" in r2.stdout and "warm-start SFT" not in r2.stdout
 

@@ -239,7 +239,9 @@ def run(a: argparse.Namespace) -> int:
         ver = get_reward_fn(reward_name)
         ev_e = load_prompt_set(os.path.join(data_dir, "eval_easy.jsonl")).records
         ev_h = load_prompt_set(os.path.join(data_dir, "eval_hard.jsonl")).records
-        rep = {"reward_fn": reward_name, "easy_acc_greedy": accuracy(gen, tokenizer, ev_e, ver),
+        rep = {"machine": {"threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                           "torch": torch.__version__},  # what the band's runs vary (docs/benchmarks.md "warm start")
+               "reward_fn": reward_name, "easy_acc_greedy": accuracy(gen, tokenizer, ev_e, ver),
                "hard_acc_greedy": accuracy(gen, tokenizer, ev_h, ver),
                "easy_acc_t1": accuracy(gen, tokenizer, ev_e, ver, n=4, temperature=1.0, seed=1),
                "hard_acc_t1": accuracy(gen, tokenizer, ev_h, ver, n=4, temperature=1.0, seed=1)}
@@ -278,7 +280,9 @@ def report_vs_band(report_path: str, a: argparse.Namespace) -> bool:
     with open(report_path) as f:
         rep = json.load(f)
     lines, outside = check_band(rep, band)
-    log(f"warm start vs the documented band ({band['measured']}):")
+    m = rep.get("machine", {})
+    log(f"warm start ({m.get('threads', '?')} thread(s), {m.get('cpu_capability', '?')} kernels) vs the documented "
+        f"band ({band['measured'].split(';')[0]}):")
     for line in lines:
         print("    " + line, flush=True)
     mine = {k: getattr(a, k) for k in RECIPE_KEYS}
