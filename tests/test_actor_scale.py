@@ -236,9 +236,17 @@ def test_bf16_distributed_optimizer_equals_plain_bf16(worlds):
     assert w["plain_bf16_opt"]["outer"] == ["Float16OptimizerWithFloat16Params"]
     assert w["dist_bf16_opt"]["outer"] == ["DistributedOptimizer"]
     _same_metrics(w["plain_bf16"][0], w["dist_bf16"][0])
-    assert _maxdiff(w["plain_bf16"][1], w["dist_bf16"][1]) <= 1e-6
+    # Equal but for a few bf16 roundings: with oneDNN's AVX-512 kernels (AMD EPYC, 2026-12-02) 8 of 155,968
+    # weights differ (max 6.1e-5, mean 3e-9) after 3 steps, with ONEDNN_MAX_CPU_ISA=AVX2 none; bf16 against the
+    # fp32 run differs in every weight (mean 5.5e-5). So: almost no weight differs, and the mean difference is a
+    # small fraction of what bf16 itself changes.
+    plain, dist, fp32 = (torch.cat([d[k].double().flatten() for k in sorted(d)])
+                         for d in (w["plain_bf16"][1], w["dist_bf16"][1], w["plain"][1]))
+    diff, bf16_effect = (plain - dist).abs(), (plain - fp32).abs()
+    assert float((diff > 1e-6).double().mean()) <= 1e-3
+    assert float(diff.mean()) <= 1e-2 * float(bf16_effect.mean())
     # bf16 training really is bf16: it moved away from the fp32 run
-    assert _maxdiff(w["plain_bf16"][1], w["plain"][1]) > 1e-6
+    assert float((bf16_effect > 1e-6).double().mean()) > 0.5
 
 
 def test_cpu_adam_offload_is_megatrons_hybrid_optimizer_and_equals_device_adam(worlds):
