@@ -30,7 +30,8 @@ OUT = os.path.join(REPO, "outputs", "reproduce")
 # The warm-start recipe the band is documented for (prepare.py flags) and the runs: MEASURED is what the band
 # in examples/tiny_cpu/warmstart_band.json was computed from (seeds 0-4 at 1 thread with the AVX2 kernels, seed 0
 # with the portable kernels, ATEN_CPU_CAPABILITY=default; seed 4 ends in its restart, init seed 1004); FULL adds
-# the 2-thread runs and seed 1 with the portable kernels (issue 20's matrix, not run in one go).
+# the 2-thread runs and seed 1 with the portable kernels (issue 20's matrix; measured one by one 2026-12-02: the
+# 2-thread runs equal the 1-thread ones, seed 1 portable is OUTSIDE on the reference fix, docs/benchmarks.md).
 from prepare import recipe_defaults  # noqa: E402  (examples/tiny_cpu, on sys.path above)
 
 RECIPE = recipe_defaults()  # prepare.py's own defaults: the recipe is stated once, there
