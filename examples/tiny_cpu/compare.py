@@ -158,7 +158,9 @@ def _hist(summaries: list[dict]) -> str:
         return "n/a"
     tot = [sum(c) for c in zip(*counts)]
     n = sum(tot)
-    return "/".join(f"{c / n:.2f}" for c in tot) + f" (n={n:.0f})" if n else "no fixes"
+    if not n:
+        return "no fixes"
+    return "/".join(f"{c / n:.2f}" for c in tot) + f" (n={n:.0f})"
 
 
 def _ms(values: list[float]) -> str:

@@ -213,8 +213,9 @@ def run(a: argparse.Namespace) -> int:
 
         model, res, attempts = sft_with_restarts(
             make_model, init_seed, a.sft_restarts, log, examples=examples, steps=a.sft_steps,
-            batch_size=a.batch_size, lr=a.lr, probe=probe, gate=a.sft_gate, decay=a.sft_decay, hold=a.sft_hold if a.sft_hold > 0 else None,
-            final_check=final_check if a.sft_gate > 0 else None, reheat=a.sft_reheat)
+            batch_size=a.batch_size, lr=a.lr, probe=probe, gate=a.sft_gate, decay=a.sft_decay,
+            hold=a.sft_hold if a.sft_hold > 0 else None, final_check=final_check if a.sft_gate > 0 else None,
+            reheat=a.sft_reheat)
         losses = res["losses"]
         os.makedirs(model_dir, exist_ok=True)
         with open(os.path.join(model_dir, "sft_log.json"), "w") as f:
@@ -239,8 +240,8 @@ def run(a: argparse.Namespace) -> int:
         ver = get_reward_fn(reward_name)
         ev_e = load_prompt_set(os.path.join(data_dir, "eval_easy.jsonl")).records
         ev_h = load_prompt_set(os.path.join(data_dir, "eval_hard.jsonl")).records
-        rep = {"machine": {"threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                           "torch": torch.__version__},  # what the band's runs vary (docs/benchmarks.md "warm start")
+        rep = {"machine": {"threads": torch.get_num_threads(), "torch": torch.__version__,
+                           "cpu_capability": torch.backends.cpu.get_cpu_capability()},  # what the band's runs vary (docs/benchmarks.md "warm start")
                "reward_fn": reward_name, "easy_acc_greedy": accuracy(gen, tokenizer, ev_e, ver),
                "hard_acc_greedy": accuracy(gen, tokenizer, ev_h, ver),
                "easy_acc_t1": accuracy(gen, tokenizer, ev_e, ver, n=4, temperature=1.0, seed=1),
@@ -255,7 +256,8 @@ def run(a: argparse.Namespace) -> int:
         sft_log = os.path.join(model_dir, "sft_log.json")
         if os.path.exists(sft_log):
             with open(sft_log) as f:
-                rep["sft"] = {k: v for k, v in json.load(f).items() if k not in ("loss_per_100", "probes", "checks", "attempts")}
+                rep["sft"] = {k: v for k, v in json.load(f).items()
+                              if k not in ("loss_per_100", "probes", "checks", "attempts")}
         with open(report_path, "w") as f:
             json.dump(rep, f, indent=1)
         log(f"report -> {report_path}")
