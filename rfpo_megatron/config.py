@@ -199,6 +199,7 @@ class RolloutConfig:
     sglang_tp: int = 1
     mem_fraction_static: float = 0.7
     colocate: bool = True  # release SGLang memory during training
+    release_memory: str = "auto"  # colocated: free the engine's weights + KV cache while training; auto = yes unless the embedded CPU engine (nothing to free: it shares host RAM), always | never
     server_args: dict = field(default_factory=dict)  # extra `sglang.launch_server` args
     router_args: dict = field(default_factory=dict)  # extra `sglang_router.launch_router` args (docs/rollout.md)
     deterministic_inference: bool = False  # SGLang --enable-deterministic-inference: sampling seeds honoured (slower)
@@ -617,6 +618,7 @@ def validate(cfg: Config) -> Config:
     o = cfg.rollout
     choice("rollout.engine", o.engine, ("embedded", "sglang"))
     choice("rollout.weight_sync", o.weight_sync, ("auto", "tensor", "distributed", "disk"))
+    choice("rollout.release_memory", o.release_memory, ("auto", "always", "never"))
     rng("rollout.n_samples", o.n_samples, 1)
     rng("rollout.temperature", o.temperature, 0, None)
     rng("rollout.top_p", o.top_p, 0, 1, lo_open=True)

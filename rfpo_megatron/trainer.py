@@ -39,7 +39,7 @@ from rfpo_megatron.train.generation import baseline_metrics, dynamic_sampling, f
 from rfpo_megatron.train.runtime import (SEED_EVAL, SEED_FIX, Preempted, Runtime, abortable,  # noqa: F401
                                          broadcast_groups, budget_reached, step_seed, stop_requested, timed, touch)
 from rfpo_megatron.train.lifecycle import setup, teardown
-from rfpo_megatron.train.weight_sync import sync_weights
+from rfpo_megatron.train.weight_sync import releases_memory, sync_weights
 
 # STATE_FILE, latest_trainer_checkpoint, SEED_EVAL and step_seed are re-exported (tests, scripts import them from here).
 
@@ -91,7 +91,7 @@ def train_one_step(rt: Runtime, step: int) -> dict[str, float]:
     """One RL step; returns its metrics (rollout/*, rfpo/*, train/*, perf/*)."""
     cfg, m, t_step = rt.cfg, {}, time.perf_counter()
     groups = next_groups(rt, step, m) if rt.is_rank0 else None  # rollout + reward + fix (rank 0)
-    if rt.is_rank0 and groups is not None and cfg.rollout.colocate:
+    if rt.is_rank0 and groups is not None and releases_memory(cfg):
         rt.engine.release_memory()  # colocated: the engine's weights + KV cache leave the GPUs while we train
     groups = broadcast_groups(rt, groups)
     if groups is None:  # rank 0 was preempted before anything changed: save step-1 and stop
@@ -116,7 +116,7 @@ def train_one_step(rt: Runtime, step: int) -> dict[str, float]:
     if not stop_requested(rt):  # on SIGTERM the engine is going away: the checkpoint holds the weights
         with timed(m, "perf/weight_sync_time"):
             if cfg.trainer.async_mode == "off":
-                sync_weights(rt, resume_memory=cfg.rollout.colocate)
+                sync_weights(rt, resume_memory=releases_memory(cfg))
             else:  # between engine batches: running generations are resumed with the new weights
                 sync_while_paused(rt, step)
 

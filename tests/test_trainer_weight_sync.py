@@ -19,8 +19,8 @@ EXTRA = {"data.reward_fn": "first_char_digit", "data.prompts_per_step": 4, "roll
 
 
 def _run(assets, out, mode, **extra):
-    p = subprocess.run(run_trainer_cmd([CONFIG, *tiny_overrides(assets, out, **EXTRA, **extra,
-                                                                **{"rollout.weight_sync": mode})]),
+    p = subprocess.run(run_trainer_cmd([CONFIG, *tiny_overrides(assets, out, **{**EXTRA, **extra,
+                                                                   "rollout.weight_sync": mode})]),
                        env=trainer_env(), capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stderr[-4000:]
     from rfpo_megatron.logging import read_metrics
@@ -128,3 +128,37 @@ def test_bad_weight_sync_choice_fails_early(monkeypatch):
     assert T.weight_sync_dir(disk) == "/shared/w"
     with pytest.raises(ConfigError, match="rollout.weight_sync"):
         load_config(CONFIG, ["rollout.weight_sync=nfs"])
+
+
+@pytest.mark.parametrize("release", ["auto", "always"])
+def test_colocated_release_policy_keeps_the_run(tensor_run, tmp_path, release):
+    """rollout.colocate with the embedded CPU engine: `auto` never releases (nothing to free, ~20 ms a step),
+    `always` releases before every update and resumes at the sync (the SGLang path). Either way the run is the
+    non-colocated run step for step: the engine ends every sync with the actor's weights. The engine's log
+    records each release / resume."""
+    import glob
+
+    assets, a = tensor_run
+    out = str(tmp_path / release)
+    assert _run(assets, out, "tensor", **{"rollout.colocate": "true", "rollout.release_memory": release}) == a
+    (log,) = glob.glob(os.path.join(out, "logs", "rollout_logs", "embedded_*.log"))
+    text = open(log).read()
+    n_rel, n_res = text.count("released memory"), text.count("resumed memory")
+    assert (n_rel, n_res) == ((0, 0) if release == "auto" else (3, 6))  # resume: weights, then the other tags
+
+
+def test_release_policy_resolution():
+    from rfpo_megatron.config import ConfigError, load_config
+    from rfpo_megatron.train.weight_sync import releases_memory
+
+    def rel(*ov):
+        return releases_memory(load_config(CONFIG, list(ov)))
+
+    assert rel("rollout.colocate=true") is False  # the embedded CPU engine the trainer launches
+    assert rel("rollout.colocate=true", "rollout.engine=sglang") is True
+    assert rel("rollout.colocate=true", "rollout.server_urls=[http://127.0.0.1:1]") is True  # may be SGLang on GPUs
+    assert rel("rollout.colocate=true", "rollout.release_memory=always") is True
+    assert rel("rollout.colocate=true", "rollout.engine=sglang", "rollout.release_memory=never") is False
+    assert rel("rollout.colocate=false", "rollout.release_memory=always") is False
+    with pytest.raises(ConfigError, match="rollout.release_memory"):
+        load_config(CONFIG, ["rollout.release_memory=sometimes"])

@@ -637,6 +637,7 @@ class EmbeddedEngine:
         if self.busy:
             raise RequestError("release_memory_occupation needs an idle server: requests are still running")
         self._on_torch_thread(self._release_locked, tags)
+        self._log(f"released memory {tags}")
 
     def _release_locked(self, tags: list[str]) -> None:
         with self.lock:
@@ -649,7 +650,9 @@ class EmbeddedEngine:
             self.released.update(tags)
 
     def resume_memory(self, tags: list[str] | None) -> None:
-        self._on_torch_thread(self._resume_locked, list(MEMORY_TAGS) if not tags else list(tags))
+        tags = list(MEMORY_TAGS) if not tags else list(tags)
+        self._on_torch_thread(self._resume_locked, tags)
+        self._log(f"resumed memory {tags}")
 
     def _resume_locked(self, tags: list[str]) -> None:
         with self.lock:

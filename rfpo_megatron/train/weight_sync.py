@@ -102,6 +102,18 @@ def _push_distributed(rt: Runtime, bucket_bytes: int, version: str | None = None
                 rt.engine.push_weights_distributed(rt.weight_group, bucket, flush_cache=False, weight_version=version)
 
 
+def releases_memory(cfg: Config) -> bool:
+    """Whether the trainer releases the engine's memory before each update and resumes it at the weight sync:
+    only when colocated, and (rollout.release_memory=auto) unless the engine is the embedded CPU server the
+    trainer launches itself — it shares host RAM with the actor, so a release frees nothing a GPU needs and
+    re-allocating its weights every step costs ~20 ms of a 0.25 s tiny step (docs/benchmarks.md, issue 18).
+    SGLang servers and external servers (rollout.server_urls) are released."""
+    r = cfg.rollout
+    if not r.colocate or r.release_memory == "never":
+        return False
+    return r.release_memory == "always" or r.engine != "embedded" or bool(r.server_urls)
+
+
 def sync_mode(cfg: Config, nodes: int | None = None) -> str:
     """rollout.weight_sync resolved: `tensor` (HTTP, colocated or CPU), `distributed` (a NCCL/gloo group
     trainer -> servers, for servers on other nodes) or `disk` (an HF directory on a filesystem the servers
