@@ -37,7 +37,8 @@ from rfpo_megatron.train.checkpoint import STATE_FILE, capture_state, latest_tra
 from rfpo_megatron.train.critic import update_critic, value_pass
 from rfpo_megatron.train.generation import baseline_metrics, dynamic_sampling, fix_stage, rollout, run_eval
 from rfpo_megatron.train.runtime import (SEED_EVAL, SEED_FIX, Preempted, Runtime, abortable,  # noqa: F401
-                                         broadcast_groups, budget_reached, step_seed, stop_requested, timed, touch)
+                                         broadcast_groups, budget_reached, step_seed, stop_requested, stopping_error,
+                                         timed, touch)
 from rfpo_megatron.train.lifecycle import setup, teardown
 from rfpo_megatron.train.weight_sync import releases_memory, sync_weights
 
@@ -64,7 +65,9 @@ def train(cfg: Config) -> dict[str, float]:
                 try:
                     with abortable(rt):  # rank 0 only, no collectives: SIGTERM just skips it
                         metrics.update(run_eval(rt, step))
-                except Preempted:
+                except Exception as exc:  # noqa: BLE001 - re-raised unless the job is stopping
+                    if not stopping_error(rt, exc):
+                        raise
                     rt.log(f"SIGTERM during the eval of step {step}: eval skipped")
             if rt.is_rank0:
                 rt.logger.log(step, metrics)
@@ -92,7 +95,10 @@ def train_one_step(rt: Runtime, step: int) -> dict[str, float]:
     cfg, m, t_step = rt.cfg, {}, time.perf_counter()
     groups = next_groups(rt, step, m) if rt.is_rank0 else None  # rollout + reward + fix (rank 0)
     if rt.is_rank0 and groups is not None and releases_memory(cfg):
-        rt.engine.release_memory()  # colocated: the engine's weights + KV cache leave the GPUs while we train
+        try:
+            rt.engine.release_memory()  # colocated: the engine's weights + KV cache leave the GPUs while we train
+        except Exception as exc:  # noqa: BLE001 - re-raised unless the job is stopping
+            groups = _preempted(rt, exc)
     groups = broadcast_groups(rt, groups)
     if groups is None:  # rank 0 was preempted before anything changed: save step-1 and stop
         raise Preempted()
@@ -146,10 +152,8 @@ def next_groups(rt: Runtime, step: int, m: dict) -> Optional[list[RolloutGroup]]
     try:
         with abortable(rt), timed(m, "perf/rollout_wait_time"):
             item = rt.producer.get(step, timeout_s=deadline_s)
-    except Preempted:
-        if rt.world_size == 1:
-            raise
-        return None
+    except Exception as exc:  # noqa: BLE001 - re-raised unless the job is stopping
+        return _preempted(rt, exc)
     return consume(rt, item, step, m)
 
 
@@ -178,10 +182,19 @@ def collect_groups(rt: Runtime, step: int, m: dict) -> Optional[list[RolloutGrou
         if hasattr(rt.verifier, "pop_errors"):  # data.reward_error_policy=zero: items scored 0 after an error
             m["rollout/reward_errors"] = float(rt.verifier.pop_errors())
         return groups
-    except Preempted:
-        if rt.world_size == 1:
-            raise
-        return None
+    except Exception as exc:  # noqa: BLE001 - re-raised unless the job is stopping
+        return _preempted(rt, exc)
+
+
+def _preempted(rt: Runtime, exc: Exception) -> None:
+    """Rank 0's rollout stage raised `exc`: re-raise it unless the job is stopping (SIGTERM, or an engine error
+    that came with it, train/runtime.stopping_error); then None, which the broadcast turns into "preempted"
+    on every rank (a single process raises Preempted)."""
+    if not stopping_error(rt, exc):
+        raise exc
+    if rt.world_size == 1:
+        raise exc if isinstance(exc, Preempted) else Preempted() from exc
+    return None
 
 
 def summary(rt: Runtime) -> str:

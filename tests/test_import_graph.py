@@ -16,7 +16,7 @@ PKG = "rfpo_megatron"
 # The declared layers, bottom first: a unit (a subpackage or a top-level module of rfpo_megatron) may import
 # only units of LOWER layers. Units of one layer are independent of each other.
 LAYERS = [
-    ["config"],
+    ["config", "aio"],
     ["algos", "kernels", "data", "logging", "convert", "rewards", "rollout"],
     ["actor", "fix", "plan", "bench_baselines"],
     ["offline", "train"],

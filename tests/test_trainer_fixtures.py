@@ -138,6 +138,25 @@ if __name__ == "__main__":  # subprocess entry: python tests/test_trainer_fixtur
             return real(self, *a, **kw)
 
         Actor.train_step = train_step
+    if os.environ.get("RFPO_TEST_ENGINE_STOPS"):  # "STAGE:STEP": what Slurm does to a job step -- at STAGE
+        import signal                                # (rollout | sync) of STEP the rollout server gets SIGTERM
+        import threading                             # and dies first; rank 0's own SIGTERM comes 0.3 s later
+
+        import rfpo_megatron.trainer as T
+
+        stage, at = os.environ["RFPO_TEST_ENGINE_STOPS"].split(":")
+        target = {"rollout": "rollout", "sync": "sync_weights"}[stage]
+        real_fn = getattr(T, target)
+
+        def stop_the_engine_then(rt, *a, **kw):
+            if rt.step + 1 == int(at) and rt.is_rank0:
+                for proc in rt.engine.processes:
+                    proc.popen.send_signal(signal.SIGTERM)
+                    proc.popen.wait(30)
+                threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+            return real_fn(rt, *a, **kw)
+
+        setattr(T, target, stop_the_engine_then)
     if os.environ.get("RFPO_TEST_TRAIN_SLEEP_S"):  # a slow actor: every optimizer step sleeps this long first
         import time
 

@@ -24,6 +24,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from rfpo_megatron.aio import run_blocking
 from rfpo_megatron.config import ConfigError
 from rfpo_megatron.rewards.base import OutcomeScorer, RewardResult, ScoreItem
 
@@ -183,7 +184,7 @@ def _run(value: Any) -> Any:
     if inspect.isawaitable(value):
         async def _await() -> Any:
             return await value
-        return asyncio.run(_await())
+        return run_blocking(_await(), name="custom-reward")
     return value
 
 

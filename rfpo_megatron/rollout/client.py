@@ -34,6 +34,8 @@ from typing import Any, Iterable
 import requests
 import torch
 
+from rfpo_megatron.aio import run_blocking
+
 from . import weights as W
 from .base import (EngineConnectionError, EngineError, EngineRequestError, EngineTimeoutError, GenerateResult,
                    SamplingParams, decode_routed_experts, derive_seed, parse_finish_reason)
@@ -269,14 +271,9 @@ class EngineClient:
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, rid_prefix: str | None = None
                  ) -> list[list[GenerateResult]]:
-        """Blocking wrapper of agenerate (usable with or without a running event loop)."""
-        coro = self.agenerate(prompts, params, rid_prefix)
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return asyncio.run(coro)
-        with concurrent.futures.ThreadPoolExecutor(1) as ex:
-            return ex.submit(asyncio.run, coro).result()
+        """Blocking wrapper of agenerate (usable with or without a running event loop; the loop runs on a worker
+        thread, so a SIGTERM handler's exception reaches the caller, rfpo_megatron/aio.py)."""
+        return run_blocking(self.agenerate(prompts, params, rid_prefix), name="engine-generate")
 
     async def agenerate(self, prompts: list[list[int]], params: SamplingParams, rid_prefix: str | None = None
                         ) -> list[list[GenerateResult]]:

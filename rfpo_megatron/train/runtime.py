@@ -63,6 +63,7 @@ class Runtime:
     step: int = 0
     snapshot: dict[str, Any] = field(default_factory=dict)  # capture_state() of the last completed step
     stop: bool = False  # SIGTERM seen
+    engine_lost: bool = False  # SIGTERM: the rollout servers went away with it (the weight sync skips them)
     abortable: bool = False  # the current stage may be abandoned (no state changed yet)
     cleanup: list[Callable[[], Any]] = field(default_factory=list)
     counters: dict[str, float] = field(default_factory=dict)  # generations / tokens (rollout budget), KL β
@@ -133,6 +134,27 @@ def any_rank(rt: Runtime, flag: bool) -> bool:
     t = torch.tensor([1 if flag else 0], dtype=torch.int32)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+STOP_GRACE_S = 2.0  # how long an engine error waits for the SIGTERM that may be on its way (stopping_error)
+
+
+def stopping_error(rt: Runtime, exc: BaseException) -> bool:
+    """Whether `exc`, raised by rank 0's engine-facing work (rollout, fix stage, eval, weight sync), is the job
+    stopping rather than a failure: a SIGTERM was seen, or arrives within STOP_GRACE_S of an engine error.
+    Slurm signals every process of the job step, the trainer's own rollout servers too: a server that the
+    signal stopped fails a request that may reach the trainer before the trainer's own signal does."""
+    if isinstance(exc, Preempted):
+        return True
+    from rfpo_megatron.rollout.base import EngineError
+
+    if not rt.stop and isinstance(exc, EngineError):
+        deadline = time.monotonic() + STOP_GRACE_S
+        while not rt.stop and time.monotonic() < deadline:
+            time.sleep(0.05)
+    if rt.stop:
+        rt.log(f"SIGTERM: {type(exc).__name__} ({str(exc)[:200]}) taken as the job stopping")
+    return rt.stop
 
 
 def stop_requested(rt: Runtime) -> bool:
