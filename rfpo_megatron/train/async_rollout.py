@@ -29,7 +29,7 @@ from typing import Any, Callable, Optional
 
 from rfpo_megatron.data.types import RolloutGroup
 from rfpo_megatron.train.runtime import Preempted, Runtime
-from rfpo_megatron.train.weight_sync import sync_weights
+from rfpo_megatron.train.weight_sync import engine_call, sync_weights
 
 GEN_COUNTERS = ("generations", "generated_tokens")  # the rollout-budget counters the producer advances
 
@@ -170,11 +170,11 @@ def sync_while_paused(rt: Runtime, step: int) -> None:
     have, the producer resumes them afterwards), every rank syncs (version = step), generation continues."""
     paused = rt.is_rank0 and rt.engine is not None
     if paused:
-        rt.engine.pause_generation()
+        engine_call(rt, rt.engine.pause_generation)  # engine_call: after SIGTERM a stopped server is skipped
     try:
         sync_weights(rt, weight_version=step)
     finally:
         if paused:
-            rt.engine.continue_generation()
+            engine_call(rt, rt.engine.continue_generation)
     if rt.producer is not None:
         rt.producer.set_version(step)

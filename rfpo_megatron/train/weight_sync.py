@@ -30,17 +30,17 @@ def sync_weights(rt: Runtime, resume_memory: bool = False, weight_version: int |
     with contextlib.ExitStack() as session:
         if rt.is_rank0 and rt.engine is not None:
             if resume_memory:
-                _engine_call(rt, rt.engine.resume_memory, ["weights"])
+                engine_call(rt, rt.engine.resume_memory, ["weights"])
             if mode != "disk":
                 cm = rt.engine.weight_update_session()
-                if _engine_call(rt, cm.__enter__) is not _LOST:  # closed (end_weight_update) at the block's end
-                    session.push(lambda *exc: _engine_call(rt, cm.__exit__, *exc) is True)
+                if engine_call(rt, cm.__enter__) is not _LOST:  # closed (end_weight_update) at the block's end
+                    session.push(lambda *exc: engine_call(rt, cm.__exit__, *exc) is True)
         barrier(rt)
         bucket_bytes = int(rt.cfg.rollout.weight_sync_bucket_mb) * (1 << 20)
         if mode == "disk":
             path = write_weights_dir(rt, bucket_bytes)
             if rt.is_rank0 and rt.engine is not None:
-                _engine_call(rt, rt.engine.update_weights_from_disk, path, weight_version=version)
+                engine_call(rt, rt.engine.update_weights_from_disk, path, weight_version=version)
                 _remove_old_dirs(os.path.dirname(path), keep=os.path.basename(path))
         elif mode == "distributed":
             _push_distributed(rt, bucket_bytes, version)
@@ -49,14 +49,14 @@ def sync_weights(rt: Runtime, resume_memory: bool = False, weight_version: int |
         barrier(rt)
     if rt.is_rank0 and rt.engine is not None:
         if resume_memory:
-            _engine_call(rt, rt.engine.resume_memory, [t for t in rt.engine.memory_tags if t != "weights"])
-        _engine_call(rt, rt.engine.flush_cache)
+            engine_call(rt, rt.engine.resume_memory, [t for t in rt.engine.memory_tags if t != "weights"])
+        engine_call(rt, rt.engine.flush_cache)
 
 
-_LOST = object()  # what _engine_call returns once the engine went away
+_LOST = object()  # what engine_call returns once the engine went away
 
 
-def _engine_call(rt: Runtime, fn, *args, **kwargs) -> Any:
+def engine_call(rt: Runtime, fn, *args, **kwargs) -> Any:
     """One engine call of the sync (rank 0, or a later stage's sender). When it fails because the job is
     stopping (train/runtime.stopping_error: SIGTERM came with it, the servers got the same signal) the engine
     is marked lost and not called again, while the ranks' collectives go on to the step's end, where the
@@ -79,7 +79,7 @@ def _push_tensors(rt: Runtime, bucket_bytes: int, version: str | None = None) ->
     sender = rt.engine is not None and _is_sync_sender()
     for bucket in iter_hf_weights(rt.actor.modules, rt.actor.hf_config, bucket_bytes):
         if sender:
-            _engine_call(rt, rt.engine.update_weights_from_tensors, list(bucket), flush_cache=False,
+            engine_call(rt, rt.engine.update_weights_from_tensors, list(bucket), flush_cache=False,
                          **({} if version is None else {"weight_version": version}))
 
 
@@ -98,7 +98,7 @@ def _push_distributed(rt: Runtime, bucket_bytes: int, version: str | None = None
     sender = _is_sync_sender()
     for bucket in iter_hf_weights(rt.actor.modules, rt.actor.hf_config, bucket_bytes):
         if rt.is_rank0:
-            _engine_call(rt, rt.engine.push_weights_distributed, rt.weight_group, list(bucket), flush_cache=False,
+            engine_call(rt, rt.engine.push_weights_distributed, rt.weight_group, list(bucket), flush_cache=False,
                          weight_version=version)
         elif sender:
             dist.send_object_list([[(n, list(t.shape), t.dtype) for n, t in bucket]], dst=0)
@@ -121,7 +121,7 @@ def _push_distributed(rt: Runtime, bucket_bytes: int, version: str | None = None
                     t = torch.empty(shape, dtype=dtype, device=device)
                     dist.recv(t, src=src)
                     bucket.append((name, t))
-                _engine_call(rt, rt.engine.push_weights_distributed, rt.weight_group, bucket, flush_cache=False,
+                engine_call(rt, rt.engine.push_weights_distributed, rt.weight_group, bucket, flush_cache=False,
                              weight_version=version)
 
 
